@@ -1,0 +1,41 @@
+"""admm_kernels: fast and optimal layer-wise weight update (ADMM) for pruning large language models.
+
+Public API (stable names; see SPEC §2). Submodules are imported lazily so `import admm_kernels` stays
+cheap and never needs transformers, triton or the compiled extension.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from . import _ops  # noqa: F401  (defines the torch.library ops)
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "gram": "gram",
+    "GramAccumulator": "gram",
+    "prune_layer": "solver",
+    "PruneResult": "solver",
+    "reconstruction_error": "solver",
+    "prune_model": "models",
+    "evaluate_perplexity": "eval",
+    "sparsify": "sparse",
+    "SparseLinear": "sparse",
+    "save_sparse": "sparse",
+    "load_sparse": "sparse",
+}
+
+__all__ = sorted(_LAZY) + ["__version__"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'admm_kernels' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

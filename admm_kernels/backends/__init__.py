@@ -1,0 +1,83 @@
+"""The kernel registry: which implementation of each op runs for a tensor's device.
+
+Backends (one module each): ``reference`` (pure torch, any device, always there), ``cpu`` (C++ kernels in
+``admm_kernels._C``), ``triton`` (Triton kernels, CUDA tensors), ``cuda`` (CUDA C++ kernels in ``_C``).
+Every backend module exposes ``NAME``, ``is_available()``, ``supports(device)`` and a function per op it
+implements (same signature as the reference). An op a backend lacks falls through to the next one.
+
+Selection for a device: the first available backend in ``PREFERENCE[device.type]`` that implements the
+op; when that is the reference although a faster backend was expected, one log line says why.
+``ADMM_KERNELS_BACKEND=reference|cpu|triton|cuda`` forces one backend for every op it implements (ops
+it lacks use the reference); a forced backend that is unavailable or cannot run on the device raises.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from types import ModuleType
+from typing import Callable
+
+import torch
+
+log = logging.getLogger("admm_kernels")
+
+BACKENDS = ("reference", "cpu", "triton", "cuda")
+OPS = ("gram_update", "prune_mask", "nm_mask", "admm_dual_step")
+# Fastest first, by measurement (see benchmarks/RESULTS.md).
+PREFERENCE = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
+ENV_VAR = "ADMM_KERNELS_BACKEND"
+
+_warned: set[tuple[str, str]] = set()
+
+
+def get(name: str) -> ModuleType:
+    """The backend module `name` (imported lazily). Raises ValueError for an unknown name."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
+    return importlib.import_module(f"{__name__}.{name}")
+
+
+def available() -> list[str]:
+    """Names of the backends that can run on this machine."""
+    return [b for b in BACKENDS if get(b).is_available()]
+
+
+def _forced() -> str | None:
+    name = os.environ.get(ENV_VAR, "").strip().lower()
+    return name or None
+
+
+def select(op: str, device: torch.device | str) -> tuple[str, Callable]:
+    """(backend name, implementation) of `op` for tensors on `device`."""
+    if op not in OPS and not hasattr(get("reference"), op):
+        raise ValueError(f"unknown op {op!r}")
+    device = torch.device(device)
+    forced = _forced()
+    if forced is not None:
+        mod = get(forced)
+        if not mod.is_available():
+            raise RuntimeError(f"{ENV_VAR}={forced!r} but that backend is not available: {mod.unavailable_reason()}")
+        if not mod.supports(device):
+            raise RuntimeError(f"{ENV_VAR}={forced!r} cannot run on device {device}")
+        fn = getattr(mod, op, None)
+        if fn is not None:
+            return forced, fn
+        return "reference", getattr(get("reference"), op)
+    prefs = PREFERENCE.get(device.type, ("reference",))
+    for name in prefs:
+        mod = get(name)
+        fn = getattr(mod, op, None)
+        if fn is not None and mod.is_available() and mod.supports(device):
+            if name == "reference" and prefs[0] != "reference" and (op, device.type) not in _warned:
+                _warned.add((op, device.type))
+                why = get(prefs[0]).unavailable_reason() if hasattr(get(prefs[0]), "unavailable_reason") else ""
+                log.info("admm_kernels: %s on %s uses the pure-torch reference (%s)", op, device.type, why)
+            return name, fn
+    return "reference", getattr(get("reference"), op)
+
+
+def implementation(op: str, device: torch.device | str) -> Callable:
+    """Shorthand for select(op, device)[1]."""
+    return select(op, device)[1]
