@@ -29,7 +29,7 @@ test: install
 	$(PY) -m pytest -q tests
 
 lint: venv
-	$(VENV)/bin/ruff check admm_kernels tests benchmarks setup.py
+	$(VENV)/bin/ruff check admm_kernels tests benchmarks tools setup.py
 
 check-cuda: venv
 	$(PY) tools/check_cuda_syntax.py

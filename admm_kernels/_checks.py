@@ -1,0 +1,176 @@
+"""Argument validation shared by the solver, the masks and the baselines.
+
+Every helper raises ValueError (bad value or shape) or TypeError (bad type or dtype) with a message that
+names the argument and the offending value, and never modifies its input.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+import torch
+
+METHODS = ("admm", "sparsegpt", "wanda", "magnitude")
+SCHEDULES = ("constant", "cubic")
+
+# Relative tolerance of the Gram symmetry check: |G - G^T| <= tol * max|diag G|. Grams built by
+# GramAccumulator are exactly symmetric; x.T @ x from a BLAS may differ by a few ulps between triangles.
+_SYM_RTOL = 1e-4
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+
+
+def check_tensor(x: object, name: str) -> torch.Tensor:
+    """x must be a torch.Tensor."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+def check_finite(x: torch.Tensor, name: str) -> None:
+    """Raise ValueError when x contains NaN or Inf, saying how many and where the first one is."""
+    bad = ~torch.isfinite(x)
+    if bool(bad.any()):
+        count = int(bad.sum())
+        first = tuple(int(i) for i in torch.nonzero(bad)[0])
+        value = float(x[first])
+        raise ValueError(f"{name} contains NaN or Inf ({count} entries; {name}{list(first)} = {value})")
+
+
+def check_weight(weight: object, name: str = "weight") -> torch.Tensor:
+    """weight: a finite 2-D floating-point tensor (out_features, in_features) of any float dtype."""
+    w = check_tensor(weight, name)
+    if not w.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor (float32, bfloat16, float16, float64), "
+                        f"got dtype {w.dtype}")
+    if w.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (out_features, in_features), got shape {_shape(w)}")
+    if w.numel() == 0:
+        raise ValueError(f"{name} must not be empty, got shape {_shape(w)}")
+    check_finite(w, name)
+    return w
+
+
+def check_gram(gram: object, in_features: int, name: str = "gram") -> torch.Tensor:
+    """gram: a finite, symmetric (in_features, in_features) floating-point tensor."""
+    g = check_tensor(gram, name)
+    if not g.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {g.dtype}")
+    if g.dim() != 2 or g.shape[0] != g.shape[1]:
+        raise ValueError(f"{name} must be a square 2-D matrix, got shape {_shape(g)}")
+    if g.shape[0] != in_features:
+        raise ValueError(f"shape mismatch: {name} has shape {_shape(g)} but weight has in_features="
+                         f"{in_features}; expected ({in_features}, {in_features})")
+    check_finite(g, name)
+    scale = float(g.diagonal().abs().max()) if g.numel() else 0.0
+    asym = float((g - g.T).abs().max())
+    if asym > _SYM_RTOL * max(scale, 1e-30):
+        raise ValueError(f"{name} is not symmetric: max |{name} - {name}.T| = {asym:.3g} "
+                         f"(max |diag| = {scale:.3g}); pass the full symmetric Gram matrix")
+    return g
+
+
+def check_sparsity(sparsity: object, name: str = "sparsity") -> float:
+    """A real number in [0, 1)."""
+    if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real):
+        raise TypeError(f"{name} must be a float in [0, 1), got {sparsity!r} ({type(sparsity).__name__})")
+    s = float(sparsity)
+    if not (math.isfinite(s) and 0.0 <= s < 1.0):
+        raise ValueError(f"{name} must be in [0, 1), got {sparsity!r}")
+    return s
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """A parsed sparsity pattern: kind is "unstructured" (per layer), "per-row" or "nm" (n of every m)."""
+
+    kind: str
+    n: int = 0
+    m: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}" if self.kind == "nm" else self.kind
+
+    def sparsity(self, requested: float) -> float:
+        """The sparsity this pattern prunes to: `requested`, or 1 - n/m for N:M (which fixes it)."""
+        return 1.0 - self.n / self.m if self.kind == "nm" else requested
+
+
+def parse_pattern(pattern: object, in_features: int, name: str = "pattern") -> Pattern:
+    """ "unstructured" | "per-row" | "N:M" (integers 1 <= N < M, M dividing in_features)."""
+    if isinstance(pattern, Pattern):
+        pattern = str(pattern)
+    if not isinstance(pattern, str):
+        raise TypeError(f"{name} must be a str ('unstructured', 'per-row' or 'N:M'), got {pattern!r}")
+    p = pattern.strip().lower()
+    if p in ("unstructured", "per-layer"):
+        return Pattern("unstructured")
+    if p in ("per-row", "per_row", "row"):
+        return Pattern("per-row")
+    if ":" in p:
+        parts = p.split(":")
+        if len(parts) != 2 or not all(x.strip().isdigit() for x in parts):
+            raise ValueError(f"{name} {pattern!r} is not of the form 'N:M' with integers N and M")
+        n, m = (int(x) for x in parts)
+        if n < 1 or n >= m:
+            raise ValueError(f"{name} {pattern!r}: N:M needs 1 <= N < M, got N={n}, M={m}")
+        if in_features % m != 0:
+            raise ValueError(f"{name} {pattern!r}: M={m} does not divide in_features={in_features}")
+        return Pattern("nm", n, m)
+    raise ValueError(f"unknown {name} {pattern!r}; expected 'unstructured', 'per-row' or 'N:M' (e.g. '2:4')")
+
+
+def check_mask(mask: object, shape: torch.Size, device: torch.device, name: str = "mask") -> torch.Tensor:
+    """mask: a bool tensor of exactly `shape` (True = kept); moved to `device` if elsewhere (a copy)."""
+    mk = check_tensor(mask, name)
+    if mk.dtype != torch.bool:
+        raise TypeError(f"{name} must be a bool tensor (True = kept), got dtype {mk.dtype}")
+    if tuple(mk.shape) != tuple(shape):
+        raise ValueError(f"{name} has shape {_shape(mk)} but weight has shape ({', '.join(map(str, shape))})")
+    return mk.to(device)
+
+
+def check_method(method: object, name: str = "method") -> str:
+    if not isinstance(method, str):
+        raise TypeError(f"{name} must be a str, one of {METHODS}, got {method!r}")
+    m = method.strip().lower()
+    if m not in METHODS:
+        raise ValueError(f"unknown {name} {method!r}; expected one of {METHODS}")
+    return m
+
+
+def check_schedule(schedule: object, name: str = "schedule") -> str:
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown {name} {schedule!r}; expected one of {SCHEDULES}")
+    return str(schedule)
+
+
+def check_int(value: object, name: str, minimum: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int >= {minimum}, got {value!r} ({type(value).__name__})")
+    if int(value) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_float(value: object, name: str, minimum: float = 0.0, strict: bool = False) -> float:
+    """A finite real >= minimum (> minimum when strict)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float, got {value!r} ({type(value).__name__})")
+    v = float(value)
+    if not math.isfinite(v) or v < minimum or (strict and v == minimum):
+        op = ">" if strict else ">="
+        raise ValueError(f"{name} must be a finite number {op} {minimum}, got {value!r}")
+    return v
+
+
+def check_options(options: dict, allowed: tuple[str, ...], method: str) -> None:
+    """Unknown keyword options raise TypeError naming them (as Python does for unexpected keywords)."""
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise TypeError(f"unknown option(s) {', '.join(repr(u) for u in unknown)} for method {method!r}; "
+                        f"allowed: {', '.join(allowed)}")

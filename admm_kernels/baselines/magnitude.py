@@ -1,0 +1,22 @@
+"""Magnitude pruning: drop the entries of smallest |W|, per layer, per row or per N:M group (data-free)."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .. import masks
+from .._checks import Pattern, check_options
+
+
+def prune(weight: torch.Tensor, G: torch.Tensor, pattern: Pattern, sparsity: float,
+          mask: torch.Tensor | None = None, **options) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """weight (out, in) any float dtype; G is unused (data-free). A given mask is applied."""
+    check_options(options, (), "magnitude")
+    t0 = time.perf_counter()
+    used: dict[str, str] = {}
+    if mask is None:
+        mask = masks.select(weight.abs().float(), pattern, pattern.sparsity(sparsity), used=used)
+    pruned = weight.masked_fill(~mask, 0)
+    return pruned, mask, {"seconds": {"mask": time.perf_counter() - t0}, "backends": used}

@@ -1,0 +1,101 @@
+"""SparseGPT (Frantar & Alistarh 2023): blocked Optimal Brain Surgeon with the Cholesky factor of H^-1.
+
+H = G + λI with λ = percdamp * mean(diag G) [percdamp 0.01]; U = the upper Cholesky factor of H^-1 (its
+rows are the OBS update directions in the order the columns are processed). Columns are visited left to
+right in blocks of `blocksize` [128]; pruning column j sets the pruned entries to 0 and spreads the error
+(w_j - q_j) / U_jj over the later columns of the block along U_j; after each block the accumulated
+errors update all later columns with one GEMM (the "lazy batch" of the paper).
+
+Mask selection, as in the paper, is adaptive and made on the partially updated weights with the OBS
+score w^2 / U_jj^2:
+- unstructured: at the start of each block, the smallest scores of the whole block (all rows) are pruned;
+  the block's count is int(out*i2*s) - int(out*i1*s) for columns [i1, i2), so the layer total is exactly
+  int(out*in*s);
+- per-row: the same within each row of the block (int(i2*s) - int(i1*s) per row, int(in*s) in total);
+- N:M: when the first column of each group of M is reached, the N best of the group are kept.
+A given mask (update-only) skips the selection and runs the OBS updates on exactly that mask.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .. import masks
+from .._checks import Pattern, check_float, check_int, check_options
+
+OPTIONS = ("percdamp", "blocksize", "compute_dtype")
+
+
+def prune(weight: torch.Tensor, G: torch.Tensor, pattern: Pattern, sparsity: float,
+          mask: torch.Tensor | None = None, **options) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """weight (out, in) any float dtype, G (in, in). Computes in float32 (or compute_dtype=torch.float64)."""
+    check_options(options, OPTIONS, "sparsegpt")
+    percdamp = check_float(options.get("percdamp", 0.01), "percdamp")
+    blocksize = check_int(options.get("blocksize", 128), "blocksize", 1)
+    cd = options.get("compute_dtype", torch.float32)
+    if cd not in (torch.float32, torch.float64):
+        raise TypeError(f"compute_dtype must be torch.float32 or torch.float64, got {cd!r}")
+    ref = cd == torch.float64
+    used: dict[str, str] = {}
+    t0 = time.perf_counter()
+    out_f, in_f = weight.shape
+    s = pattern.sparsity(sparsity)
+
+    W = weight.to(cd).clone()
+    H = G.to(cd).clone()
+    dead = H.diagonal() <= 0
+    H.diagonal()[dead] = 1.0  # dead inputs: an identity block, so no error flows into or out of them
+    H.diagonal().add_(percdamp * float(H.diagonal().mean()))
+    L, info = torch.linalg.cholesky_ex(H)
+    if int(info) != 0:
+        raise ValueError(f"gram + damping is not positive definite (Cholesky failed at column {int(info)}); "
+                         f"increase percdamp (got {percdamp})")
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    del H, L
+    t_factor = time.perf_counter()
+
+    if pattern.kind == "nm":  # blocks must hold whole groups
+        blocksize = max(pattern.m, blocksize // pattern.m * pattern.m)
+    keep = torch.ones(out_f, in_f, dtype=torch.bool, device=W.device) if mask is None else mask
+    t_mask = 0.0
+    for i1 in range(0, in_f, blocksize):
+        i2 = min(i1 + blocksize, in_f)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        U1 = Hinv[i1:i2, i1:i2]
+        dg = U1.diagonal()
+        if mask is None and pattern.kind != "nm":
+            tm = time.perf_counter()
+            sc = masks.with_dead(W1.pow(2) / dg.pow(2), dead[i1:i2])
+            if pattern.kind == "unstructured":
+                k = int(out_f * i2 * s) - int(out_f * i1 * s)
+                keep[:, i1:i2] = masks.op("prune_mask", W.device, ref, used)(sc, k, False)
+            else:
+                k = int(i2 * s) - int(i1 * s)
+                keep[:, i1:i2] = masks.op("prune_mask", W.device, ref, used)(sc, k, True)
+            t_mask += time.perf_counter() - tm
+        for j in range(i2 - i1):
+            if mask is None and pattern.kind == "nm" and j % pattern.m == 0:
+                tm = time.perf_counter()
+                g = slice(j, j + pattern.m)
+                sc = masks.with_dead(W1[:, g].pow(2) / dg[g].pow(2), dead[i1 + j:i1 + j + pattern.m])
+                keep[:, i1 + j:i1 + j + pattern.m] = masks.op("nm_mask", W.device, ref, used)(
+                    sc, pattern.n, pattern.m)
+                t_mask += time.perf_counter() - tm
+            w = W1[:, j].clone()
+            q = w.masked_fill(~keep[:, i1 + j], 0)
+            err = (w - q) / dg[j]
+            W1[:, j:].addr_(err, U1[j, j:], alpha=-1)
+            W1[:, j] = q
+            Err1[:, j] = err
+        W[:, i1:i2] = W1
+        if i2 < in_f:
+            W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)
+    pruned = W.masked_fill_(~keep, 0).to(weight.dtype)
+    t_end = time.perf_counter()
+    seconds = {"factor": t_factor - t0, "mask": t_mask, "iterations": t_end - t_factor - t_mask}
+    stats = {"percdamp": percdamp, "blocksize": blocksize, "dead_inputs": int(dead.sum()),
+             "seconds": seconds, "backends": used}
+    return pruned, keep, stats
