@@ -1,6 +1,7 @@
 """Shared test fixtures."""
 
 import os
+import sys
 
 import pytest
 import torch
@@ -16,6 +17,32 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def _import_triton_for_interpreter() -> None:
+    """[gpu-kernels] Without CUDA, import triton once with TRITON_INTERPRET=1, then restore the variable.
+
+    Triton reads TRITON_INTERPRET when a function is decorated with @triton.jit, and its standard library
+    (tl.zeros, tl.cumsum, ...) is decorated when triton.language is first imported: if any test module
+    imported triton first without the variable, tests/test_triton.py's interpreted kernels would fail
+    ("Cannot call @triton.jit'd outside of the scope of a kernel"). No effect with a GPU or without triton.
+    """
+    if torch.cuda.is_available() or "triton" in sys.modules:
+        return
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import triton.language  # noqa: F401
+    except ImportError:
+        pass
+    finally:
+        if old is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+
+
+_import_triton_for_interpreter()
+
+
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
@@ -28,3 +55,16 @@ def no_forced_backend(monkeypatch):
     """Tests that check backend selection must not inherit ADMM_KERNELS_BACKEND from the shell."""
     monkeypatch.delenv("ADMM_KERNELS_BACKEND", raising=False)
     return os.environ
+
+
+def correlated_inputs(n: int, in_features: int, outliers: int = 8, seed: int = 0,
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(n, in_features) calibration inputs shaped like LLM activations: features correlated through a
+    shared low-rank component, plus `outliers` features whose scale is ~20x the rest. [solver]"""
+    g = torch.Generator().manual_seed(seed)
+    rank = max(1, in_features // 8)
+    mix = torch.randn(rank, in_features, generator=g) / rank ** 0.5
+    x = torch.randn(n, rank, generator=g) @ mix + 0.5 * torch.randn(n, in_features, generator=g)
+    scale = torch.ones(in_features)
+    scale[torch.randperm(in_features, generator=g)[:outliers]] = 20.0
+    return (x * scale).to(dtype)

@@ -35,3 +35,36 @@ def unavailable_reason() -> str:
 def supports(device: torch.device) -> bool:
     device = torch.device(device)
     return device.type == "cuda" or (device.type == "cpu" and _interpret())
+
+
+# Launch functions, same signatures as backends/reference.py. The kernel modules import triton, so they
+# are imported on first use: importing this package works without triton installed.
+
+def gram_update(G: torch.Tensor, x: torch.Tensor) -> None:
+    """G += upper triangle of xᵀx (see triton/gram.py)."""
+    from .gram import gram_update as impl
+
+    impl(G, x)
+
+
+def prune_mask(scores: torch.Tensor, k: int, per_row: bool) -> torch.Tensor:
+    """Exact top-k pruning mask by radix select (see triton/topk.py)."""
+    from .topk import prune_mask as impl
+
+    return impl(scores, k, per_row)
+
+
+def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """N:M mask, any n <= m (see triton/nm.py)."""
+    from .nm import nm_mask as impl
+
+    return impl(scores, n, m)
+
+
+def admm_dual_step(
+    W: torch.Tensor, U: torch.Tensor, M: torch.Tensor, B: torch.Tensor, rho: float, R: torch.Tensor
+) -> None:
+    """Fused ADMM element-wise step, in place on U and R (see triton/dual_step.py)."""
+    from .dual_step import admm_dual_step as impl
+
+    impl(W, U, M, B, rho, R)
