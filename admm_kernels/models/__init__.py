@@ -1,0 +1,9 @@
+"""Whole-model pruning of transformers causal LMs: block discovery, input capture, the sequential
+pipeline (`prune_model`) with resumable state, and model loading (incl. the embedded SmolLM2 default)."""
+
+from .discovery import find_blocks, get_weight, is_prunable, prunable_layers, set_weight
+from .loading import default_model_path, load_model, max_positions
+from .pipeline import default_state_dir, prune_model
+
+__all__ = ["default_model_path", "default_state_dir", "find_blocks", "get_weight", "is_prunable",
+           "load_model", "max_positions", "prunable_layers", "prune_model", "set_weight"]

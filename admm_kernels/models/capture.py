@@ -1,0 +1,161 @@
+"""Catching what the decoder blocks receive: the first block's hidden states for every calibration
+window, and every block's other arguments (attention mask, position ids, rotary position embeddings,
+cache arguments, ...), exactly as the model's own forward builds them.
+
+How: the blocks are temporarily replaced by parameter-free stubs that record their call and pass the
+hidden states through (so `model.to(device)` then moves only the embeddings, rotary tables and head:
+the dense blocks never have to fit on the device). For the first window every stub records its
+arguments, because they can differ per block (Gemma 2 / Qwen sliding-window layers get another mask);
+the last stub raises to stop the forward before the LM head. For the other windows the first stub
+raises at once. Windows are run one at a time (batch 1), so the recorded arguments fit every window.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+class _Stop(Exception):
+    """Raised by a stub to end the model's forward early."""
+
+
+@dataclass
+class BlockCall:
+    """How one block is called, minus its hidden states: block(h, *args, **kwargs) or
+    block(hidden_states=h, **kwargs) when the model passes the hidden states by keyword."""
+
+    args: tuple
+    kwargs: dict
+    by_keyword: bool
+
+    def __call__(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        if self.by_keyword:
+            out = block(*self.args, hidden_states=hidden, **self.kwargs)
+        else:
+            out = block(hidden, *self.args, **self.kwargs)
+        return block_output(out)
+
+
+def block_output(out) -> torch.Tensor:
+    """The hidden states of a block's output: the tensor itself (transformers 5.x) or the first item
+    of a tuple / ModelOutput (older versions)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) or hasattr(out, "to_tuple"):
+        return out[0]
+    raise TypeError(f"cannot find the hidden states in a block output of type {type(out).__name__}")
+
+
+def _no_cache(value):
+    # A cache object recorded by a block would be mutated by every later call: never keep one.
+    return None if type(value).__name__.endswith("Cache") else value
+
+
+def _split(args: tuple, kwargs: dict) -> tuple[torch.Tensor, BlockCall]:
+    kwargs = {k: _no_cache(v) for k, v in kwargs.items()}
+    if args:
+        hidden, rest, by_kw = args[0], tuple(_no_cache(a) for a in args[1:]), False
+    elif "hidden_states" in kwargs:
+        hidden, rest, by_kw = kwargs.pop("hidden_states"), (), True
+    else:
+        raise ValueError("cannot find the hidden states among the block's arguments "
+                         f"(no positional argument and no 'hidden_states' keyword; got {sorted(kwargs)})")
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3 or hidden.shape[0] != 1:
+        raise ValueError("expected the block's hidden states as a (1, seqlen, hidden) tensor, got "
+                         f"{getattr(hidden, 'shape', type(hidden).__name__)}")
+    return hidden, BlockCall(rest, kwargs, by_kw)
+
+
+class _Recorder:
+    def __init__(self, n_blocks: int):
+        self.n_blocks = n_blocks
+        self.calls: list[BlockCall | None] = [None] * n_blocks
+        self.hidden: torch.Tensor | None = None
+        self.all_blocks = False          # record every block (first window) or stop at block 0
+        self.as_tuple = False            # return (h,) instead of h (older transformers index [0])
+        self.last: torch.Tensor | None = None
+        self.broken = False
+
+    def __call__(self, index: int, args: tuple, kwargs: dict):
+        hidden, call = _split(args, kwargs)
+        if index == 0:
+            self.hidden = hidden
+        elif (self.last is None or hidden.shape != self.last.shape
+              or hidden.data_ptr() != self.last.data_ptr()):
+            self.broken = True           # the model changed the hidden states between blocks
+            raise _Stop
+        if not self.all_blocks:
+            self.calls[0] = call
+            raise _Stop
+        self.calls[index] = call
+        if index == self.n_blocks - 1:
+            raise _Stop
+        self.last = hidden
+        return (hidden,) if self.as_tuple else hidden
+
+
+class _Stub(nn.Module):
+    def __init__(self, index: int, recorder: _Recorder):
+        super().__init__()
+        self.index = index
+        self.recorder = recorder
+
+    def forward(self, *args, **kwargs):
+        return self.recorder(self.index, args, kwargs)
+
+
+def _run(model: nn.Module, ids: torch.Tensor) -> None:
+    try:
+        model(input_ids=ids, use_cache=False)
+    except _Stop:
+        return
+    raise RuntimeError("the model's forward did not call its decoder blocks")
+
+
+@torch.no_grad()
+def capture_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor,
+                   device: torch.device, act_device: torch.device,
+                   windows: range | None = None) -> tuple[torch.Tensor | None, list[BlockCall]]:
+    """Run the model's stem on every calibration window; return (hidden, calls).
+
+    input_ids: (N, L) int64. hidden: (N, L, hidden) in the model's activation dtype on act_device, the
+    inputs of block 0 (None when windows is an empty range, i.e. only the calls are wanted, as on
+    resume). calls[i]: how block i is called (its tensors live on `device`).
+    The model is returned to its original device; the blocks are never moved.
+    """
+    n = input_ids.shape[0]
+    windows = range(n) if windows is None else windows
+    originals = list(blocks)
+    rec = _Recorder(len(originals))
+    home = next((p.device for p in model.parameters()), torch.device("cpu"))
+    for i in range(len(originals)):
+        blocks[i] = _Stub(i, rec)
+    try:
+        model.to(device)
+        ids = input_ids.to(device)
+        rec.all_blocks = True
+        for as_tuple in (False, True):
+            rec.as_tuple, rec.broken, rec.last = as_tuple, False, None
+            _run(model, ids[:1])
+            if not rec.broken:
+                break
+        if rec.broken:
+            raise ValueError(f"unsupported model {type(model).__name__}: its forward modifies the hidden "
+                             "states between decoder blocks, so blocks cannot be pruned one at a time")
+        calls = list(rec.calls)
+        rec.all_blocks = False
+        hidden = None
+        for j in windows:
+            _run(model, ids[j:j + 1])
+            h = rec.hidden
+            if hidden is None:
+                hidden = torch.empty((n, *h.shape[1:]), dtype=h.dtype, device=act_device)
+            hidden[j] = h[0].to(act_device)
+    finally:
+        model.to(home)   # while the stubs are in place: moves only the stem and head back
+        for i, b in enumerate(originals):
+            blocks[i] = b
+    return hidden, calls

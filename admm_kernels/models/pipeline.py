@@ -1,0 +1,402 @@
+"""Sequential whole-model pruning (SPEC §1 "Model pipeline"), as SparseGPT / Wanda / the seed paper do.
+
+For each decoder block in turn: move it to the compute device; run the calibration windows through it
+once with forward pre-hooks that add every selected linear's input to a Gram accumulator (layers that
+receive the same input tensor, e.g. q/k/v or gate/up, share one accumulator); prune every selected
+linear with `prune_layer`; run the windows through the *pruned* block to make the next block's inputs;
+move the block back. Only one block is ever on the device. With a state folder, everything needed to
+continue bit-identically is saved after each block.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .._checks import check_sparsity, parse_pattern
+from ..gram import GramAccumulator
+from .capture import BlockCall, capture_inputs
+from .discovery import LayerFilter, find_blocks, get_weight, select_all, set_weight
+from .loading import max_positions
+from .state import PipelineState, fingerprint
+
+
+def versions() -> dict:
+    """Versions of the software that produced a result (for reports)."""
+    from .. import __version__
+    out = {"admm_kernels": __version__, "torch": torch.__version__, "python": platform.python_version()}
+    try:
+        import transformers
+        out["transformers"] = transformers.__version__
+    except ImportError:  # pragma: no cover - transformers is needed for real models only
+        pass
+    return out
+
+
+def check_calibration(calibration, model: nn.Module) -> torch.Tensor:
+    """calibration: int token ids (N, L) (or a list of N (L,) tensors) -> int64 (N, L) CPU tensor."""
+    if isinstance(calibration, (list, tuple)):
+        if not calibration or not all(isinstance(t, torch.Tensor) for t in calibration):
+            raise TypeError("calibration must be an int tensor (nsamples, seqlen) or a non-empty list of "
+                            f"(seqlen,) int tensors, got {type(calibration).__name__}")
+        if len({tuple(t.shape) for t in calibration}) != 1:
+            raise ValueError("calibration windows must all have the same length, got lengths "
+                             f"{sorted({t.shape[-1] for t in calibration})}")
+        calibration = torch.stack([t.reshape(-1) for t in calibration])
+    if not isinstance(calibration, torch.Tensor):
+        raise TypeError("calibration must be an int tensor (nsamples, seqlen), "
+                        f"got {type(calibration).__name__}")
+    if calibration.is_floating_point() or calibration.is_complex() or calibration.dtype == torch.bool:
+        raise TypeError(f"calibration must hold integer token ids, got dtype {calibration.dtype}")
+    if calibration.dim() != 2 or calibration.numel() == 0:
+        raise ValueError("calibration must have shape (nsamples, seqlen) with both > 0, "
+                         f"got {tuple(calibration.shape)}")
+    ids = calibration.detach().to("cpu", torch.int64)
+    limit = max_positions(model)
+    if limit is not None and ids.shape[1] > limit:
+        raise ValueError(f"calibration seqlen {ids.shape[1]} exceeds the model's maximum of {limit} "
+                         "positions")
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(emb, "num_embeddings", None)
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or (vocab is not None and hi >= vocab):
+        raise ValueError(f"calibration token ids must be in [0, {vocab}), got values in [{lo}, {hi}]")
+    return ids
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class GramHooks:
+    """Forward pre-hooks that feed each selected layer's input into a Gram accumulator.
+
+    Grouping: during the first window every layer's inputs are kept; layers whose inputs are the very
+    same tensors (same storage, offset, shape and strides: q/k/v, gate/up) form a group with one
+    accumulator, filled by the group's first layer only (a 4096-wide q/k/v group costs 1/3 of three
+    separate Grams)."""
+
+    def __init__(self, layers: dict[str, nn.Module], device: torch.device, gram_dtype: torch.dtype):
+        self.layers = layers
+        self.device = device
+        self.gram_dtype = gram_dtype
+        self.first: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
+        self.group_of: dict[str, str] = {}
+        self.acc: dict[str, GramAccumulator] = {}
+        self.grouped = False
+        self.seconds = 0.0
+        self.handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in layers.items()]
+
+    def _hook(self, name: str):
+        def hook(module, args):
+            x = args[0] if args else None
+            if not isinstance(x, torch.Tensor):
+                raise ValueError(f"layer {name} was called without a tensor input")
+            if not self.grouped:
+                self.first[name].append(x)
+            elif self.group_of.get(name) == name:
+                self._add(name, x)
+        return hook
+
+    def _add(self, leader: str, x: torch.Tensor) -> None:
+        _sync(self.device)
+        t = time.perf_counter()
+        self.acc[leader].add(x.detach())
+        _sync(self.device)
+        self.seconds += time.perf_counter() - t
+
+    def finish_first_window(self) -> None:
+        def key(xs):
+            return tuple((x.untyped_storage().data_ptr(), x.storage_offset(), tuple(x.shape), x.stride(),
+                          x.dtype) for x in xs)
+        leaders: dict[tuple, str] = {}
+        for name, xs in self.first.items():
+            if not xs:
+                continue  # never called: left unpruned, reported by the caller
+            k = key(xs)
+            leader = leaders.setdefault(k, name)
+            self.group_of[name] = leader
+            if leader == name:
+                self.acc[name] = GramAccumulator(xs[0].shape[-1], device=self.device, dtype=self.gram_dtype)
+                for x in xs:
+                    self._add(name, x)
+        self.first = {}
+        self.grouped = True
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _validate_options(sparsity: float, pattern: str, method: str, options: dict) -> None:
+    """Run prune_layer once on a tiny random layer so a bad method or option fails before any work."""
+    from ..solver import prune_layer
+
+    tail = pattern.split(":")[-1].strip() if isinstance(pattern, str) else ""
+    in_f = int(tail) * 2 if tail.isdigit() and int(tail) > 0 else 8
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(4, in_f, generator=g)
+    x = torch.randn(4 * in_f, in_f, generator=g)
+    prune_layer(w, x.T @ x, sparsity=sparsity, pattern=pattern, method=method, **options)
+
+
+def _validate_layers(selected: list[dict[str, nn.Module]], blocks_name: str, pattern: str,
+                     sparsity: float) -> None:
+    """Check the pattern against every selected layer before any work (not after hours)."""
+    for i, layers in enumerate(selected):
+        for rel, module in layers.items():
+            out_f, in_f = get_weight(module).shape
+            try:
+                pat = parse_pattern(pattern, in_f)
+            except ValueError as exc:
+                raise ValueError(f"pattern {pattern!r} is invalid for layer {blocks_name}.{i}.{rel} "
+                                 f"(weight {out_f}x{in_f}): {exc}") from None
+            if pat.kind != "nm" and int(sparsity * (in_f if pat.kind == "per-row" else in_f * out_f)) == 0 \
+                    and sparsity > 0:
+                raise ValueError(f"sparsity {sparsity} prunes no weight of layer {blocks_name}.{i}.{rel} "
+                                 f"(weight {out_f}x{in_f})")
+
+
+def check_prunable(model: nn.Module, sparsity: float, pattern: str, method: str = "admm",
+                   layers: LayerFilter = None, **options) -> None:
+    """Raise ValueError / TypeError now if prune_model would reject these settings for this model
+    (no decoder blocks, a layer pattern matching nothing, N:M not dividing a layer's in_features,
+    an unknown method or option)."""
+    blocks_name, blocks = find_blocks(model)
+    sparsity = check_sparsity(sparsity)
+    _validate_layers(select_all(blocks, blocks_name, layers), blocks_name, pattern, sparsity)
+    _validate_options(sparsity, pattern, method, options)
+
+
+def _callable_name(f) -> str:
+    return getattr(f, "__qualname__", repr(f))
+
+
+def prune_model(model: nn.Module, calibration, sparsity: float = 0.5, pattern: str = "unstructured",
+                method: str = "admm", *, layers: LayerFilter = None, device: torch.device | str | None = None,
+                offload: bool = False, gram_dtype: torch.dtype = torch.float32, progress: bool = False,
+                state_dir: str | os.PathLike | None = None,
+                callback: Callable[[int, dict], None] | None = None, **options) -> dict:
+    """Prune every selected linear layer of a causal LM in place, block by block; return a report.
+
+    model: a transformers decoder-only causal LM (any dtype; its blocks are moved to `device` one at a
+        time and back). calibration: int token ids (nsamples, seqlen), e.g. from
+        admm_kernels.data.calibration_windows. sparsity / pattern / method / **options: as prune_layer
+        (sparsity is ignored by N:M patterns). layers: None (every nn.Linear / Conv1D inside the blocks;
+        never the embeddings or LM head), a list of glob patterns ("self_attn.*", "mlp.down_proj") or a
+        callable(full_name, module) -> bool. device: compute device (default: the model's).
+        offload: keep the (nsamples, seqlen, hidden) activations on the CPU instead of the device.
+        gram_dtype: torch.float32 or torch.float64. progress: tqdm bars over blocks and layers.
+        state_dir: folder for resumable state; a run started with the same settings continues from the
+        last finished block with a bit-identical result (pass the original dense model, freshly
+        loaded: the pruned blocks are restored from the state folder).
+        callback(block_index, report): called after each finished block (and its state save).
+
+    Returns a JSON-able dict: model, blocks, method, pattern, sparsity, options, nsamples, seqlen,
+    layers (per layer: name, block, shape, group, error, seconds, sparsity), achieved_sparsity
+    (over the pruned layers), timings (capture, forward, gram, solve, state, total seconds), versions.
+    """
+    t_start = time.perf_counter()
+    blocks_name, blocks = find_blocks(model)
+    if gram_dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"gram_dtype must be torch.float32 or torch.float64, got {gram_dtype}")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable, got {type(callback).__name__}")
+    ids = check_calibration(calibration, model)
+    sparsity = check_sparsity(sparsity)
+    selected = select_all(blocks, blocks_name, layers)
+    _validate_layers(selected, blocks_name, pattern, sparsity)
+    _validate_options(sparsity, pattern, method, options)
+    home = next(model.parameters()).device
+    device = torch.device(device) if device is not None else home
+    act_device = torch.device("cpu") if offload else device
+    first_weight = get_weight(next(m for sel in selected for m in sel.values()))
+    fp = fingerprint(
+        model=type(model).__name__,
+        config=model.config.to_json_string() if hasattr(model, "config") else None,
+        blocks=f"{blocks_name}[{len(blocks)}]", dense_weights=first_weight,
+        method=method, pattern=pattern, sparsity=sparsity, options=options,
+        layers=_callable_name(layers) if callable(layers) else layers,
+        calibration=ids, gram_dtype=gram_dtype, device=device.type,
+    )
+    store = PipelineState(state_dir) if state_dir is not None else None
+    state = store.load(fp) if store is not None else None
+
+    timings = {"capture": 0.0, "forward": 0.0, "gram": 0.0, "solve": 0.0, "state": 0.0}
+    report_layers: list[dict] = []
+    start = 0
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        if state is not None:
+            start = state["next_block"]
+            report_layers = list(state["report"]["layers"])
+            for b in range(start):
+                for rel, w in store.block_weights(state, b).items():
+                    set_weight(selected[b][rel], w)
+        t = time.perf_counter()
+        if start < len(blocks) and any(selected[start:]):
+            windows = range(0) if state is not None else None
+            acts, calls = capture_inputs(model, blocks, ids, device, act_device, windows)
+            if state is not None:
+                acts = store.activations(state).to(act_device)
+        timings["capture"] = time.perf_counter() - t
+
+        # Blocks after the last one with selected layers need no work at all.
+        end = max(i for i, sel in enumerate(selected) if sel) + 1
+        bar = _Bars(end, min(start, end), progress)
+        try:
+            for b in range(start, end):
+                block_report = _prune_block(
+                    blocks[b], b, blocks_name, selected[b], calls[b], acts, device, gram_dtype,
+                    dict(sparsity=sparsity, pattern=pattern, method=method, **options),
+                    last=(b == end - 1), bar=bar, timings=timings)
+                report_layers.extend(block_report)
+                if store is not None:
+                    t = time.perf_counter()
+                    weights = {rel: get_weight(m) for rel, m in selected[b].items()}
+                    state = store.save(fp, b + 1, weights, acts if b + 1 < end else None,
+                                       {"layers": report_layers}, state)
+                    timings["state"] += time.perf_counter() - t
+                bar.block_done()
+                if callback is not None:
+                    callback(b, {"layers": block_report})
+        finally:
+            bar.close()
+    model.train(was_training)
+
+    kept = sum(r["kept"] for r in report_layers)
+    total = sum(r["numel"] for r in report_layers)
+    timings["total"] = time.perf_counter() - t_start
+    return {
+        "model": type(model).__name__, "blocks": len(blocks), "blocks_name": blocks_name,
+        "method": method, "pattern": pattern, "sparsity": sparsity,
+        "options": fingerprint(**options), "nsamples": int(ids.shape[0]), "seqlen": int(ids.shape[1]),
+        "device": str(device), "offload": offload,
+        "resumed_from_block": start if state_dir and start else None,
+        "layers": report_layers, "achieved_sparsity": 1.0 - kept / total if total else 0.0,
+        "timings": timings, "versions": versions(),
+    }
+
+
+def _prune_block(block: nn.Module, index: int, blocks_name: str, layers: dict[str, nn.Module],
+                 call: BlockCall, acts: torch.Tensor, device: torch.device, gram_dtype: torch.dtype,
+                 prune_kwargs: dict, last: bool, bar: _Bars, timings: dict) -> list[dict]:
+    """Prune one block in place and overwrite `acts` with its (pruned) outputs unless it is the last."""
+    from ..solver import prune_layer
+
+    home = next(block.parameters()).device
+    block.to(device)
+    n = acts.shape[0]
+    bar.start_block(index, (n if layers else 0) + len(layers) + (0 if last else n))
+    hooks = GramHooks(layers, device, gram_dtype)
+    try:
+        t = time.perf_counter()
+        for j in range(n if layers else 0):  # a block with nothing to prune only propagates
+            call(block, acts[j:j + 1].to(device))
+            if j == 0:
+                hooks.finish_first_window()
+            bar.step("gram")
+        _sync(device)
+        timings["forward"] += time.perf_counter() - t - hooks.seconds
+        timings["gram"] += hooks.seconds
+    finally:
+        hooks.remove()
+
+    out = []
+    grams: dict[str, torch.Tensor] = {}  # one symmetric Gram per group, built once
+    remaining = {}
+    for rel in layers:
+        leader = hooks.group_of.get(rel)
+        remaining[leader] = remaining.get(leader, 0) + 1
+    for rel, module in layers.items():
+        full = f"{blocks_name}.{index}.{rel}"
+        leader = hooks.group_of.get(rel)
+        w = get_weight(module)
+        if leader is None:  # the block's forward never called it: nothing to calibrate on
+            out.append({"name": full, "block": index, "shape": list(w.shape), "group": None, "error": None,
+                        "seconds": 0.0, "sparsity": 0.0, "kept": w.numel(), "numel": w.numel(),
+                        "skipped": "not called by the block's forward"})
+            bar.step("prune")
+            continue
+        t = time.perf_counter()
+        try:
+            if leader not in grams:
+                grams[leader] = hooks.acc.pop(leader).gram
+            res = prune_layer(w, grams[leader], **prune_kwargs)
+        except (ValueError, TypeError) as exc:
+            raise type(exc)(f"layer {full}: {exc}") from exc
+        set_weight(module, res.weight)
+        remaining[leader] -= 1
+        if not remaining[leader]:
+            del grams[leader]  # free (in, in) fp32 as soon as its group is done
+        _sync(device)
+        seconds = time.perf_counter() - t
+        timings["solve"] += seconds
+        kept = int(res.mask.sum())
+        out.append({"name": full, "block": index, "shape": list(w.shape),
+                    "group": f"{blocks_name}.{index}.{leader}",
+                    "error": float(res.error), "seconds": seconds, "sparsity": 1.0 - kept / w.numel(),
+                    "kept": kept, "numel": w.numel(), "backends": res.stats.get("backends")})
+        bar.step("prune", f"{rel} err={res.error:.3g}")
+    del hooks
+
+    if not last:
+        t = time.perf_counter()
+        for j in range(n):
+            acts[j] = call(block, acts[j:j + 1].to(device))[0].to(acts.device)
+            bar.step("forward")
+        _sync(device)
+        timings["forward"] += time.perf_counter() - t
+    block.to(home)
+    return out
+
+
+class _Bars:
+    """tqdm bars: one over blocks, one over the steps of the current block (windows and layers)."""
+
+    def __init__(self, n_blocks: int, start: int, enabled: bool):
+        self.enabled = enabled
+        self.outer = self.inner = None
+        if enabled:
+            from tqdm.auto import tqdm
+            self._tqdm = tqdm
+            self.outer = tqdm(total=n_blocks, initial=start, desc="blocks", unit="block", file=sys.stderr)
+
+    def start_block(self, index: int, steps: int) -> None:
+        self.index = index
+        if self.enabled:
+            if self.inner is not None:
+                self.inner.close()
+            self.inner = self._tqdm(total=steps, desc=f"block {index}", unit="step", leave=False,
+                                    file=sys.stderr)
+
+    def step(self, stage: str, postfix: str | None = None) -> None:
+        if self.inner is not None:
+            self.inner.set_description_str(f"block {self.index} {stage}", refresh=False)
+            if postfix:
+                self.inner.set_postfix_str(postfix, refresh=False)
+            self.inner.update(1)
+
+    def block_done(self) -> None:
+        if self.outer is not None:
+            self.outer.update(1)
+
+    def close(self) -> None:
+        for b in (self.inner, self.outer):
+            if b is not None:
+                b.close()
+
+
+def default_state_dir(out: str | os.PathLike) -> Path:
+    """Where the CLI keeps the resumable state of a run writing to `out`: a sibling folder."""
+    p = Path(out)
+    return p.with_name(p.name + ".state")

@@ -1,0 +1,209 @@
+"""Whole-model quality and speed: perplexity of dense / magnitude / Wanda / SparseGPT / ADMM-Grad at
+several sparsities and N:M patterns, and the end-to-end time of each method through the same pipeline
+(forward passes, Gram accumulation, solves).
+
+Default: the embedded SmolLM2-135M, calibrated on Shakespeare calibration plays and evaluated on the
+held-out plays (admm_kernels.data). Every method sees the same calibration windows and the same
+evaluation windows; the dense weights are restored between runs.
+
+    python benchmarks/model_quality.py --out benchmarks/results/model_quality          # full run
+    python benchmarks/model_quality.py --max-blocks 1 --nsamples 2 --seqlen 64 \\
+        --eval-windows 2 --settings 0.5 --out /tmp/mq                                   # smoke check
+
+Writes DIR/model_quality.md (tables) and DIR/model_quality.json (every number and per-layer report).
+The full default run (4 settings x 4 methods, 32 x 512 calibration tokens, 32 evaluation windows of
+512) needs roughly an hour on 2 CPU cores; use --settings / --methods to run a part.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+METHODS = ("magnitude", "wanda", "sparsegpt", "admm")
+LABELS = {"dense": "dense", "magnitude": "magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT",
+          "admm": "ADMM-Grad"}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="transformers model folder (default: embedded SmolLM2-135M)")
+    p.add_argument("--nsamples", type=int, default=32, help="calibration windows (default 32)")
+    p.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
+    p.add_argument("--eval-windows", type=int, default=32, help="evaluation windows (default 32)")
+    p.add_argument("--settings", default="0.5,0.6,0.7,2:4",
+                   help="comma-separated sparsities and N:M patterns (default 0.5,0.6,0.7,2:4)")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {METHODS}")
+    p.add_argument("--max-blocks", type=int, default=None,
+                   help="prune only the first N blocks (smoke checks)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output folder for the markdown and JSON files")
+    args = p.parse_args(argv)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        p.error(f"--methods: unknown {bad}; choose from {METHODS}")
+    args.methods = methods
+    args.settings = [s.strip() for s in args.settings.split(",") if s.strip()]
+    for s in args.settings:
+        if ":" not in s:
+            try:
+                v = float(s)
+            except ValueError:
+                p.error(f"--settings: {s!r} is neither a sparsity nor an N:M pattern")
+            if not 0 <= v < 1:
+                p.error(f"--settings: sparsity {s} is not in [0, 1)")
+    for name in ("nsamples", "seqlen", "eval_windows"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be positive")
+    return args
+
+
+def machine() -> dict:
+    commit = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "commit": commit,
+            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def setting_kwargs(setting: str) -> dict:
+    """'0.6' -> unstructured 60 %; '2:4' -> the N:M pattern."""
+    if ":" in setting:
+        return {"pattern": setting, "sparsity": 0.5}
+    return {"pattern": "unstructured", "sparsity": float(setting)}
+
+
+def run(args) -> dict:
+    from admm_kernels import data, prune_model
+    from admm_kernels.eval import evaluate_perplexity
+    from admm_kernels.models import find_blocks, load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tok, path = load_model(args.model)
+    device = torch.device(args.device)
+    calib = data.calibration_tokens(tok, args.nsamples, args.seqlen, seed=args.seed)
+    ev = data.evaluation_tokens(tok)
+    dense_state = {k: v.clone() for k, v in model.state_dict().items()}
+    blocks_name, blocks = find_blocks(model)
+    n_blocks = len(blocks) if args.max_blocks is None else min(args.max_blocks, len(blocks))
+    prefixes = tuple(f"{blocks_name}.{i}." for i in range(n_blocks))
+
+    def ppl() -> float:
+        return evaluate_perplexity(model, ev, seqlen=args.seqlen, max_windows=args.eval_windows,
+                                   device=device)
+
+    t = time.perf_counter()
+    results = {"dense": {"perplexity": ppl(), "eval_seconds": time.perf_counter() - t}}
+    print(f"dense: perplexity {results['dense']['perplexity']:.3f}", flush=True)
+    for setting in args.settings:
+        for method in args.methods:
+            model.load_state_dict(dense_state)
+            t = time.perf_counter()
+            report = prune_model(model, calib, method=method, device=device,
+                                 layers=(lambda name, m: name.startswith(prefixes)),
+                                 **setting_kwargs(setting))
+            wall = time.perf_counter() - t
+            value = ppl()
+            errors = [r["error"] for r in report["layers"] if r["error"] is not None]
+            results[f"{method}@{setting}"] = {
+                "method": method, "setting": setting, "perplexity": value, "wall_seconds": wall,
+                "timings": report["timings"], "achieved_sparsity": report["achieved_sparsity"],
+                "mean_layer_error": sum(errors) / len(errors), "layers": report["layers"],
+            }
+            tm = report["timings"]
+            print(f"{method:>9} @ {setting:<4}: perplexity {value:9.3f}  time {wall:7.1f} s "
+                  f"(forward {tm['forward']:.1f}, gram {tm['gram']:.1f}, solve {tm['solve']:.1f})",
+                  flush=True)
+    model.load_state_dict(dense_state)
+    eval_tokens = min(ev.numel() // args.seqlen, args.eval_windows) * args.seqlen
+    return {"model": str(path), "nsamples": args.nsamples, "seqlen": args.seqlen,
+            "eval_windows": args.eval_windows, "eval_tokens": eval_tokens,
+            "blocks_pruned": n_blocks, "blocks": len(blocks), "seed": args.seed,
+            "machine": machine(), "results": results}
+
+
+def markdown(res: dict, methods: list[str], settings: list[str]) -> str:
+    r = res["results"]
+    m = res["machine"]
+    lines = [
+        "# Whole-model quality and speed",
+        "",
+        f"Model `{Path(res['model']).name}`, {res['blocks_pruned']}/{res['blocks']} blocks pruned; "
+        f"calibration {res['nsamples']} x {res['seqlen']} tokens (Shakespeare calibration plays, seed "
+        f"{res['seed']}); perplexity on {res['eval_tokens']} held-out tokens (windows of {res['seqlen']}). "
+        f"{m['date']}, commit {m['commit']}, {m['cores']} cores ({m['cpu']}), torch {m['torch']} with "
+        f"{m['torch_threads']} threads{', GPU ' + m['cuda'] if m['cuda'] else ''}.",
+        "",
+        "## Perplexity (lower is better)",
+        "",
+        "| method | " + " | ".join(settings) + " |",
+        "|---|" + "---|" * len(settings),
+        "| dense | " + " | ".join(f"{r['dense']['perplexity']:.2f}" for _ in settings) + " |",
+    ]
+    for meth in methods:
+        cells = [f"{r[f'{meth}@{s}']['perplexity']:.2f}" for s in settings]
+        lines.append(f"| {LABELS[meth]} | " + " | ".join(cells) + " |")
+    if {"admm", "sparsegpt", "wanda"} <= set(methods):
+        def beats(s: str) -> str:
+            best_baseline = min(r[f"sparsegpt@{s}"]["perplexity"], r[f"wanda@{s}"]["perplexity"])
+            return "yes" if r[f"admm@{s}"]["perplexity"] < best_baseline else "NO"
+        lines += ["", "ADMM-Grad better than SparseGPT and Wanda: "
+                  + ", ".join(f"{s}: {beats(s)}" for s in settings)]
+    lines += ["", "## End-to-end time (seconds) and breakdown", "",
+              "| method | setting | total | capture | forward | Gram | solve | ADMM / SparseGPT |",
+              "|---|---|---|---|---|---|---|---|"]
+    for s in settings:
+        for meth in methods:
+            e = r[f"{meth}@{s}"]
+            t = e["timings"]
+            ratio = ""
+            if meth == "admm" and "sparsegpt" in methods:
+                ratio = f"{e['wall_seconds'] / r[f'sparsegpt@{s}']['wall_seconds']:.2f}x"
+            lines.append(f"| {LABELS[meth]} | {s} | {e['wall_seconds']:.1f} | {t['capture']:.1f} | "
+                         f"{t['forward']:.1f} | {t['gram']:.1f} | {t['solve']:.1f} | {ratio} |")
+    lines += ["", "Mean relative layer error tr(dW G dW^T)/tr(W G W^T):", "",
+              "| method | " + " | ".join(settings) + " |", "|---|" + "---|" * len(settings)]
+    for meth in methods:
+        lines.append(f"| {LABELS[meth]} | " + " | ".join(f"{r[f'{meth}@{s}']['mean_layer_error']:.4f}"
+                                                        for s in settings) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    res = run(args)
+    _atomic_write(out / "model_quality.json", json.dumps(res, indent=1, default=str) + "\n")
+    md = markdown(res, args.methods, args.settings)
+    _atomic_write(out / "model_quality.md", md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

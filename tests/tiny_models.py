@@ -1,0 +1,89 @@
+"""Tiny random causal LMs of every supported architecture, built from configs (no download).
+
+Sizes are chosen so that every linear's in_features is a multiple of 8 (N:M patterns up to 4:8) and a
+whole pipeline run takes well under a second per model. Sliding windows (Mistral, Qwen2/3, Gemma 2)
+are shorter than the test sequences, so layers with different attention masks are exercised.
+"""
+
+from __future__ import annotations
+
+import torch
+
+VOCAB = 96
+MAX_POS = 64
+SLIDING = 8
+
+_COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_POS)
+
+
+def _configs() -> dict:
+    import transformers as tf
+
+    return {
+        "llama": lambda: tf.LlamaConfig(**_COMMON),
+        "mistral": lambda: tf.MistralConfig(**_COMMON, sliding_window=SLIDING),
+        "qwen2": lambda: tf.Qwen2Config(**_COMMON, use_sliding_window=True, sliding_window=SLIDING,
+                                        max_window_layers=1),
+        "qwen3": lambda: tf.Qwen3Config(**_COMMON, head_dim=8, use_sliding_window=True,
+                                        sliding_window=SLIDING, max_window_layers=1),
+        "gemma2": lambda: tf.Gemma2Config(**_COMMON, head_dim=8, sliding_window=SLIDING,
+                                          query_pre_attn_scalar=8),
+        "phi3": lambda: tf.Phi3Config(**_COMMON, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                      original_max_position_embeddings=MAX_POS),
+        "opt": lambda: tf.OPTConfig(vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=3,
+                                    num_attention_heads=4, max_position_embeddings=MAX_POS,
+                                    word_embed_proj_dim=32, pad_token_id=1),
+        "gpt2": lambda: tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=3, n_head=4, n_positions=MAX_POS,
+                                      bos_token_id=1, eos_token_id=2),
+        "gpt_neox": lambda: tf.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=3, num_attention_heads=4,
+                                             max_position_embeddings=MAX_POS),
+    }
+
+
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3", "opt", "gpt2", "gpt_neox")
+
+
+def tiny_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A random tiny causal LM of architecture `arch` (one of ARCHS), eval mode, on the CPU."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = _configs()[arch]()
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    # Random init gives near-uniform attention; larger weights make the layers' inputs correlated
+    # and the pruning problem non-trivial.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(4.0)
+    return model.eval()
+
+
+def tiny_tokens(n: int, length: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (n, length), generator=g)
+
+
+def tiny_tokenizer():
+    """A character-level fast tokenizer over printable ASCII (95 symbols + [UNK] = VOCAB ids)."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [chr(c) for c in range(32, 127)]
+    vocab = {"[UNK]": 0, **{ch: i + 1 for i, ch in enumerate(chars)}}
+    assert len(vocab) == VOCAB
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", model_max_length=MAX_POS)
+
+
+def tiny_text(n_words: int, seed: int = 0) -> str:
+    """Seeded pseudo-English text (about 6 characters = 6 tokens per word)."""
+    import random
+
+    rng = random.Random(seed)
+    words = ["the", "king", "queen", "sword", "night", "love", "death", "crown", "speak", "thou",
+             "art", "my", "lord", "fair", "sweet", "heaven", "blood", "time", "come", "go"]
+    return " ".join(rng.choice(words) for _ in range(n_words)) + "\n"
