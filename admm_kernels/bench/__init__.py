@@ -1,0 +1,24 @@
+"""`admm-prune bench`: compare pruning methods on a model's real layers (and optionally end to end).
+
+Modules, one job each:
+    grams.py      per-layer Grams from real calibration text (one dense pass, cached on disk by content hash)
+    methods.py    method specs ("admm-grad", "sparsegpt", "admm:iters=5", ...) -> prune_layer arguments
+    layers.py     methods x sparsities x patterns on those layers: error, seconds, sparsity, gap to optimum
+    machine.py    the machine's measured fp32 matmul GFLOP/s and copy GB/s (roofline denominators)
+    journal.py    the resumable row journal of a run
+    report.py     tables, CSV + JSON (versions, seed, machine, commit), PNG plots
+    results_md.py regenerates benchmarks/RESULTS.md sections from output folders
+    cli.py        the `bench` subcommand: register(subparsers), run(args)
+"""
+
+from __future__ import annotations
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point used by `admm-prune bench ...` (argv without the word "bench")."""
+    from .cli import main as _main
+
+    return _main(argv)
+
+
+__all__ = ["main"]

@@ -1,0 +1,266 @@
+"""The `admm-prune bench` subcommand: `register(subparsers)` adds it to admm-prune's parser, `run(args)`
+executes it; `main(argv)` runs it standalone (python -m admm_kernels.bench.cli ...).
+
+    admm-prune bench                                   # embedded SmolLM2-135M, default methods, 50 %
+    admm-prune bench MODEL --methods wanda sparsegpt admm-grad admm:iters=5 --sparsities 0.5 0.7 \
+        --patterns unstructured 2:4 --layers 'mlp.*' --max-layers 12 --out out/bench --resume
+
+Everything cheap is validated before the model is loaded (errors: one line, exit status 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import shutil
+import sys
+from pathlib import Path
+
+PROG = "admm-prune bench"
+DESCRIPTION = (
+    "Compare pruning methods (magnitude, Wanda, SparseGPT, ADMM variants) x sparsities x patterns on a "
+    "causal LM's real layers: per-layer Grams from real calibration text (one dense pass, cached on disk by "
+    "a content hash), relative reconstruction error, seconds, achieved sparsity, ADMM's gap to the exact "
+    "least-squares optimum on its own mask, roofline fractions; optionally end-to-end perplexity. Prints a "
+    "summary table and writes layers.csv, summary.csv, results.json, errors.png and times.png to --out. "
+    "Give MODEL first: the list options (--methods, --sparsities, ...) take every word that follows them. "
+    "Regenerate benchmarks/RESULTS.md from output folders with: python -m admm_kernels.bench.results_md "
+    "OUTDIR...")
+
+
+class BenchError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+def _split(values: list[str]) -> list[str]:
+    return [p.strip() for v in values for p in v.split(",") if p.strip()]
+
+
+def _positive(flag: str):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            v = 0
+        if v < 1:
+            raise argparse.ArgumentTypeError(f"{flag} must be a positive integer, got {text!r}")
+        return v
+    return parse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..cli import EMBEDDED_EVAL_WINDOWS, EMBEDDED_NSAMPLES, EMBEDDED_SEQLEN
+    from .methods import ALIASES, DEFAULT_METHODS
+
+    p.add_argument("model", nargs="?", default=None,
+                   help="local transformers model folder (default: the embedded SmolLM2-135M)")
+    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), metavar="SPEC",
+                   help=f"methods: {', '.join(ALIASES)}, each optionally with options as NAME:key=value,... "
+                        f"(e.g. admm:iters=5); default: {' '.join(DEFAULT_METHODS)}")
+    p.add_argument("--sparsities", nargs="+", default=["0.5"], metavar="S",
+                   help="sparsities in [0, 1) for unstructured / per-row patterns (N:M fixes its own); "
+                        "space- or comma-separated (default 0.5)")
+    p.add_argument("--patterns", nargs="+", default=["unstructured"], metavar="P",
+                   help="unstructured, per-row, N:M such as 2:4 (default unstructured)")
+    p.add_argument("--layers", nargs="+", default=None, metavar="GLOB",
+                   help="only linears whose name inside a block (e.g. 'mlp.*', 'self_attn.q_proj') or full "
+                        "name matches (default: every linear in the decoder blocks)")
+    p.add_argument("--max-layers", type=_positive("--max-layers"), default=None, metavar="N",
+                   help="only the first N selected layers, in model order")
+    p.add_argument("--nsamples", type=_positive("--nsamples"), default=None,
+                   help=f"calibration windows (default 128; {EMBEDDED_NSAMPLES} for the embedded model)")
+    p.add_argument("--seqlen", type=_positive("--seqlen"), default=None,
+                   help="tokens per calibration / evaluation window (default 2048 clipped to the model's "
+                        f"maximum; {EMBEDDED_SEQLEN} for the embedded model)")
+    p.add_argument("--calib", metavar="PATH", default=None,
+                   help="calibration text: file, folder, .jsonl or saved dataset (default: Shakespeare "
+                        "calibration plays)")
+    p.add_argument("--perplexity", action="store_true",
+                   help="also prune the selected layers end to end with each method (prune_model) and "
+                        "evaluate perplexity")
+    p.add_argument("--eval", metavar="PATH", default=None, dest="eval_path",
+                   help="evaluation text for --perplexity (default: held-out Shakespeare plays)")
+    p.add_argument("--eval-windows", type=_positive("--eval-windows"), default=None,
+                   help=f"evaluate at most this many windows (default all; {EMBEDDED_EVAL_WINDOWS} for the "
+                        "embedded model)")
+    p.add_argument("--gap", choices=("admm", "all", "none"), default="admm",
+                   help="rows that get the gap to the exact least-squares optimum on their own mask (fp64 "
+                        "row solves): ADMM variants (default), all methods, or none")
+    p.add_argument("--out", metavar="DIR", default=None, help="output folder (default out/bench-<model>)")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse the finished rows in --out (rows.jsonl) and compute only the missing ones")
+    p.add_argument("--overwrite", action="store_true", help="start afresh in a non-empty --out")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration window draw and of every row")
+    p.add_argument("--device", default="cpu", help="compute device, e.g. cpu, cuda (default cpu)")
+    p.add_argument("--dtype", default=None, choices=("auto", "float32", "bfloat16", "float16"),
+                   help="dtype to load the model in (default float32 on the CPU, auto elsewhere)")
+    p.add_argument("--gram-dtype", choices=("float32", "float64"), default="float32",
+                   help="Gram accumulation dtype (default float32)")
+    p.add_argument("--cache-dir", metavar="DIR", default=None,
+                   help="Gram cache folder (default $ADMM_KERNELS_CACHE/bench, else "
+                        "~/.cache/admm_kernels/bench)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars and no log lines")
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    """Add the `bench` subcommand to admm-prune's subparsers; returns its parser."""
+    p = subparsers.add_parser("bench", help="compare pruning methods on a model's real layers",
+                              description=DESCRIPTION)
+    add_arguments(p)
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION)
+    add_arguments(p)
+    return p
+
+
+def _settings(args):
+    """BenchSettings from parsed args; BenchError on a bad value (before any heavy work)."""
+    import torch
+
+    from .._checks import parse_pattern
+    from .layers import check_methods
+    from .methods import parse_methods
+    from .runner import BenchSettings
+
+    try:
+        methods = parse_methods(args.methods)
+        check_methods(methods)  # unknown options fail now, not after loading the model
+        patterns = _split(args.patterns)
+        for pat in patterns:  # syntax only: M must divide in_features, checked per layer later
+            tail = pat.split(":")[-1].strip()
+            parse_pattern(pat, int(tail) if ":" in pat and tail.isdigit() and int(tail) else 1,
+                          name="--patterns")
+    except ValueError as exc:
+        raise BenchError(str(exc)) from None
+    sparsities = []
+    for text in _split(args.sparsities):
+        try:
+            s = float(text)
+        except ValueError:
+            raise BenchError(f"--sparsities must be numbers in [0, 1), got {text!r}") from None
+        if not 0.0 <= s < 1.0:
+            raise BenchError(f"--sparsities must be numbers in [0, 1), got {text!r}")
+        sparsities.append(s)
+    try:
+        device = torch.device(args.device)
+    except (RuntimeError, ValueError):
+        raise BenchError(f"--device {args.device!r} is not a valid device (e.g. cpu, cuda)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BenchError(f"--device {args.device!r}: CUDA is not available on this machine")
+    return BenchSettings(methods=methods, sparsities=sparsities, patterns=patterns, layers=args.layers,
+                         max_layers=args.max_layers, seed=args.seed, device=str(device), gap=args.gap,
+                         perplexity=args.perplexity, eval_windows=args.eval_windows,
+                         gram_dtype=getattr(torch, args.gram_dtype), cache_dir=args.cache_dir,
+                         resume=args.resume, progress=not args.quiet)
+
+
+def _check_out(out: Path, resume: bool, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise BenchError(f"--out {str(out)!r} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not (resume or overwrite):
+        raise BenchError(f"--out {str(out)!r} is not empty; pass --resume to continue its run or "
+                         "--overwrite to start afresh")
+
+
+@contextlib.contextmanager
+def _hf_bars(enabled: bool):
+    """transformers' own "Loading weights" bar, off under --quiet (and restored after)."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        yield
+        return
+    was = hf_logging.is_progress_bar_enabled()
+    if not enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was and not enabled:
+            hf_logging.enable_progress_bar()
+
+
+def run(args: argparse.Namespace) -> int:
+    """Execute `admm-prune bench` with parsed args; returns the exit status."""
+    try:
+        return _run(args)
+    except BenchError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; rerun with --resume to keep the finished rows", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .. import data
+    from ..cli import EMBEDDED_EVAL_WINDOWS, EMBEDDED_NSAMPLES, EMBEDDED_SEQLEN
+    from ..models import max_positions
+    from ..models.loading import check_model_path, load_model, parse_dtype
+    from . import report
+    from .runner import run_bench
+
+    settings = _settings(args)
+    embedded = args.model is None
+    if not embedded:
+        try:
+            check_model_path(args.model, name="MODEL")
+        except (FileNotFoundError, ValueError) as exc:
+            raise BenchError(str(exc)) from None
+    for path, flag in ((args.calib, "--calib"), (args.eval_path, "--eval")):
+        if path is not None and not Path(path).expanduser().exists():
+            raise BenchError(f"{flag} path {path!r} does not exist")
+    name = Path(args.model).name if args.model else "SmolLM2-135M-Instruct"
+    out = Path(args.out) if args.out else Path("out") / f"bench-{name}"
+    _check_out(out, args.resume, args.overwrite)
+    if args.overwrite and not args.resume and out.is_dir():
+        shutil.rmtree(out)
+    if embedded and settings.eval_windows is None:
+        settings.eval_windows = EMBEDDED_EVAL_WINDOWS
+    nsamples = args.nsamples or (EMBEDDED_NSAMPLES if embedded else data.DEFAULT_NSAMPLES)
+    dtype = args.dtype or ("float32" if settings.device == "cpu" else "auto")
+    try:
+        with _hf_bars(not args.quiet):
+            model, tok, path = load_model(args.model, dtype=dtype if dtype == "auto" else parse_dtype(dtype))
+        seqlen = data.resolve_seqlen(args.seqlen or (EMBEDDED_SEQLEN if embedded else None),
+                                     max_positions(model), name="--seqlen")
+        if tok is None:
+            raise BenchError(f"model folder {str(path)!r} has no tokenizer, needed to tokenize text")
+        calib = data.calibration_tokens(tok, nsamples, seqlen, args.calib, seed=args.seed)
+        eval_ids = data.evaluation_tokens(tok, args.eval_path) if settings.perplexity else None
+        if eval_ids is not None and eval_ids.numel() < seqlen:
+            raise BenchError(f"evaluation text is too short: found {eval_ids.numel()} tokens, need at least "
+                             f"--seqlen = {seqlen} tokens for one window")
+        meta = {"command": "admm-prune bench " + " ".join(getattr(args, "argv", []) or sys.argv[2:]),
+                "model_path": str(path), "calibration_source": args.calib or "shakespeare:calibration",
+                "eval_source": (args.eval_path or "shakespeare:evaluation") if settings.perplexity else None}
+        result = run_bench(model, calib, out, settings, eval_ids=eval_ids, seqlen=seqlen, model_name=name,
+                           meta=meta)
+    except (ValueError, FileNotFoundError) as exc:
+        raise BenchError(str(exc)) from None
+    print(report.text_table(result["summary"], report.SUMMARY_COLUMNS))
+    if result["perplexity"]:
+        print()
+        print(report.text_table(result["perplexity"], report.PPL_COLUMNS))
+    peaks, g, r = result["machine"], result["grams"], result["run"]
+    gram_roof = (f", Gram kernel {g['gflops']:.1f} GFLOP/s = {g['frac_matmul']:.2f} of matmul"
+                 if "gflops" in g else "")
+    print(f"\nmachine: fp32 matmul {peaks['matmul_gflops']:.1f} GFLOP/s, copy {peaks['copy_gbps']:.1f} GB/s"
+          f"{gram_roof}; Grams: {g['cache']} ({g['layers']} layers, {g['tokens']} tokens)")
+    print(f"{r['rows']} rows ({r['computed']} computed, {r['reused']} reused) in {r['seconds']:.1f} s; "
+          f"wrote {out}/results.json, layers.csv, summary.csv, errors.png, times.png")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""Benchmark outputs: the summary, text and markdown tables, CSV and JSON files, PNG plots.
+
+Files (each written atomically into the output folder):
+    layers.csv       one row per layer x method x pattern x sparsity (ROW_COLUMNS)
+    summary.csv      one row per method x pattern x sparsity, averaged over layers (SUMMARY_COLUMNS)
+    perplexity.csv   end-to-end rows, when --perplexity was given
+    results.json     {"schema", "meta" (versions, seed, machine, commit, settings), "machine" (measured
+                     peaks), "grams", "rows", "summary", "perplexity"}
+    errors.png       mean relative error vs sparsity per method, one panel per pattern
+    times.png        mean seconds per layer per method, one bar group per pattern
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from pathlib import Path
+
+SCHEMA = "admm_kernels.bench/1"
+ROW_COLUMNS = ("layer", "block", "shape", "method", "pattern", "target_sparsity", "achieved_sparsity",
+               "error", "optimum_error", "gap", "seconds", "gflops", "frac_matmul", "mask_gbps", "frac_copy",
+               "iterations", "mask_sha256", "backends")
+SUMMARY_COLUMNS = ("method", "pattern", "sparsity", "layers", "mean_error", "mean_optimum_error",
+                   "mean_gap", "mean_seconds", "total_seconds", "achieved_sparsity", "frac_matmul",
+                   "frac_copy")
+PPL_COLUMNS = ("method", "pattern", "sparsity", "perplexity", "seconds", "achieved_sparsity")
+
+
+def write_file(path: Path, data: bytes) -> None:
+    """Write atomically (temporary file + rename), with the permissions a plain open() would give
+    (the temporary file is created 0600)."""
+    from ..models.state import atomic_write_bytes
+
+    atomic_write_bytes(Path(path), data)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+_write = write_file
+
+
+def _mean(values) -> float | None:
+    vals = [v for v in values if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Per (method, pattern, sparsity) in first-seen order: means over layers (error, gap, seconds,
+    achieved sparsity, roofline fractions) and the total seconds."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["pattern"], round(r["target_sparsity"], 6)), []).append(r)
+    out = []
+    for (method, pattern, sparsity), rs in groups.items():
+        out.append({
+            "method": method, "pattern": pattern, "sparsity": sparsity, "layers": len(rs),
+            "mean_error": _mean(r["error"] for r in rs),
+            "mean_optimum_error": _mean(r.get("optimum_error") for r in rs),
+            "mean_gap": _mean(r.get("gap") for r in rs),
+            "mean_seconds": _mean(r["seconds"] for r in rs),
+            "total_seconds": sum(r["seconds"] for r in rs),
+            "achieved_sparsity": _mean(r["achieved_sparsity"] for r in rs),
+            "frac_matmul": _mean(r.get("frac_matmul") for r in rs),
+            "frac_copy": _mean(r.get("frac_copy") for r in rs),
+        })
+    return out
+
+
+def _cell(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return str(v)
+    if isinstance(v, float):
+        if v == 0 or not math.isfinite(v):
+            return f"{v:g}"
+        return f"{v:.4g}" if abs(v) >= 1e-3 else f"{v:.3e}"
+    return str(v)
+
+
+def text_table(rows: list[dict], columns: tuple[str, ...]) -> str:
+    """Aligned plain-text table (first column left-aligned, the rest right-aligned)."""
+    cells = [list(columns)] + [[_cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+             for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def markdown_table(rows: list[dict], columns: tuple[str, ...]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(_cell(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_csv(path: Path, rows: list[dict], columns: tuple[str, ...]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({c: ("" if r.get(c) is None else r.get(c)) for c in columns})
+    _write(path, buf.getvalue().encode())
+
+
+def write_json(path: Path, obj: dict) -> None:
+    _write(path, (json.dumps(obj, indent=1, sort_keys=False, default=str) + "\n").encode())
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")  # no display on servers; the PNGs are the output
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save_png(fig, path: Path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80)  # ~30-50 KB per figure: small enough to commit
+    _write(path, buf.getvalue())
+
+
+def plot_errors(summary: list[dict], path: Path) -> bool:
+    """Mean relative error vs sparsity, a line per method, a panel per pattern (N:M patterns share one
+    panel, each at its own sparsity). False when matplotlib is missing."""
+    plt = _pyplot()
+    if plt is None or not summary:
+        return False
+    panels: dict[str, list[dict]] = {}
+    for s in summary:
+        panels.setdefault("N:M" if ":" in s["pattern"] else s["pattern"], []).append(s)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.3), squeeze=False)
+    for ax, (panel, rows) in zip(axes[0], panels.items()):
+        for method in dict.fromkeys(r["method"] for r in rows):
+            pts = sorted((r["sparsity"], r["mean_error"], r["pattern"])
+                         for r in rows if r["method"] == method)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+            if panel == "N:M":
+                for x, y, pat in pts:
+                    ax.annotate(pat, (x, y), fontsize=6, textcoords="offset points", xytext=(3, 3))
+        ax.set_yscale("log")
+        ax.set_xlabel("sparsity")
+        ax.set_ylabel("mean relative error")
+        ax.set_title(panel, fontsize=10)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save_png(fig, path)
+    plt.close(fig)
+    return True
+
+
+def plot_times(summary: list[dict], path: Path) -> bool:
+    """Mean seconds per layer of each method (bars), grouped by pattern and sparsity (log scale)."""
+    plt = _pyplot()
+    if plt is None or not summary:
+        return False
+    keys = list(dict.fromkeys((s["pattern"], s["sparsity"]) for s in summary))
+    methods = list(dict.fromkeys(s["method"] for s in summary))
+    width = 0.8 / len(methods)
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.2 * len(keys) * max(1, len(methods) / 3)), 3.3))
+    for i, m in enumerate(methods):
+        vals = [next((s["mean_seconds"] for s in summary if s["method"] == m
+                      and (s["pattern"], s["sparsity"]) == k), 0.0) for k in keys]
+        ax.bar([j + i * width for j in range(len(keys))], [max(v, 1e-6) for v in vals], width, label=m)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(keys))])
+    ax.set_xticklabels([p if ":" in p else f"{p} {s:g}" for p, s in keys], fontsize=7)
+    ax.set_yscale("log")
+    ax.set_ylabel("seconds per layer")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save_png(fig, path)
+    plt.close(fig)
+    return True
+
+
+def write_outputs(out: Path, result: dict) -> list[Path]:
+    """Write every output file for `result` (the results.json object) into `out`; return the paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / "layers.csv", out / "summary.csv"]
+    write_csv(written[0], result["rows"], ROW_COLUMNS)
+    write_csv(written[1], result["summary"], SUMMARY_COLUMNS)
+    if result.get("perplexity"):
+        written.append(out / "perplexity.csv")
+        write_csv(written[-1], result["perplexity"], PPL_COLUMNS)
+    if plot_errors(result["summary"], out / "errors.png"):
+        written.append(out / "errors.png")
+    if plot_times(result["summary"], out / "times.png"):
+        written.append(out / "times.png")
+    written.append(out / "results.json")
+    write_json(written[-1], result)  # last: its presence means the folder is complete
+    return written

@@ -1,0 +1,264 @@
+"""The benchmark run behind `admm-prune bench`, callable from Python with an in-memory model.
+
+    result = run_bench(model, calib_ids, out, BenchSettings(methods=parse_methods("wanda admm-grad")))
+
+Order of work: validate everything (layers, patterns, method options) -> measure the machine -> Grams
+(cache) -> layer rows (journal: finished rows are reused with --resume) -> optional end-to-end
+perplexity (prune_model + evaluate_perplexity per method x pattern x sparsity, dense weights restored
+after each) -> outputs (report.write_outputs). Every row is computed after torch.manual_seed(seed), so
+a row's result does not depend on which rows ran before it (resume, filters).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import grams as grams_mod
+from . import layers as layers_mod
+from . import machine, report
+from .journal import Journal
+from .methods import DEFAULT_METHODS, MethodSpec, parse_method
+
+
+def _default_methods() -> list[MethodSpec]:
+    return [parse_method(m) for m in DEFAULT_METHODS]
+
+
+@dataclass
+class BenchSettings:
+    """What to run. sparsities apply to unstructured / per-row patterns (N:M fixes its own); layers:
+    glob patterns (None = every linear in the blocks), max_layers: the first N of them; gap: which rows
+    get the exact-optimum gap ("admm": ADMM variants, "all", "none"); eval_windows: perplexity windows."""
+
+    methods: list[MethodSpec] = field(default_factory=_default_methods)
+    sparsities: list[float] = field(default_factory=lambda: [0.5])
+    patterns: list[str] = field(default_factory=lambda: ["unstructured"])
+    layers: list[str] | None = None
+    max_layers: int | None = None
+    seed: int = 0
+    device: str = "cpu"
+    gap: str = "admm"
+    perplexity: bool = False
+    eval_windows: int | None = None
+    gram_dtype: torch.dtype = torch.float32
+    cache_dir: str | os.PathLike | None = None
+    resume: bool = False
+    progress: bool = True
+
+
+def _log(settings: BenchSettings, *msg) -> None:
+    if settings.progress:
+        print(*msg, file=sys.stderr, flush=True)
+
+
+def _bar(total: int, desc: str, enabled: bool, initial: int = 0):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, initial=initial, desc=desc, unit="row", file=sys.stderr, leave=False)
+
+
+def _key(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def _check(settings: BenchSettings) -> None:
+    if settings.gap not in ("admm", "all", "none"):
+        raise ValueError(f"--gap must be 'admm', 'all' or 'none', got {settings.gap!r}")
+    if not settings.methods:
+        raise ValueError("--methods: no method given")
+    if not settings.patterns:
+        raise ValueError("--patterns: no pattern given")
+    for s in settings.sparsities:
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0.0 <= s < 1.0:
+            raise ValueError(f"--sparsities must be numbers in [0, 1), got {s!r}")
+    if not settings.sparsities and any(":" not in p for p in settings.patterns):
+        raise ValueError("--sparsities: no sparsity given for the unstructured / per-row patterns")
+
+
+def _wants_gap(settings: BenchSettings, spec: MethodSpec) -> bool:
+    return settings.gap == "all" or (settings.gap == "admm" and spec.is_admm)
+
+
+def layer_rows(model: nn.Module, store: grams_mod.GramStore, settings: BenchSettings, journal: Journal,
+               peaks: dict, model_name: str) -> tuple[list[dict], int]:
+    """Every layer x pattern x sparsity x method row (reused from the journal where finished);
+    returns (rows, how many were computed now)."""
+    from ..models.discovery import get_weight
+
+    modules = dict(model.named_modules())
+    device = torch.device(settings.device)
+    plan = [(pat, s) for pat in settings.patterns
+            for s in layers_mod.row_sparsities(pat, settings.sparsities)]
+    total = len(store.layers) * len(plan) * len(settings.methods)
+    bar = _bar(total, "layers", settings.progress)
+    rows: list[dict] = []
+    computed = 0
+    try:
+        for lay in store.layers:
+            weight = G = None
+            for pattern, s in plan:
+                for spec in settings.methods:
+                    gap = _wants_gap(settings, spec)
+                    key = _key("layer", lay["name"], spec.label, spec.options, pattern, round(s, 6), gap)
+                    row = journal.get(key)
+                    if row is None:
+                        if weight is None:
+                            weight = get_weight(modules[lay["name"]]).detach().to(device)
+                            G = store.gram(lay["name"]).to(device)
+                        torch.manual_seed(settings.seed)
+                        row = {"key": key, "model": model_name, "layer": lay["name"], "block": lay["block"],
+                               "shape": "x".join(map(str, lay["shape"])), "group": lay["group"],
+                               "method": spec.label, "pattern": pattern,
+                               **layers_mod.run_row(weight, G, spec, pattern, s, peaks, gap)}
+                        journal.add(row)
+                        computed += 1
+                    rows.append(row)
+                    if bar is not None:
+                        bar.set_postfix_str(f"{lay['rel']} {spec.label} err={row['error']:.3g}",
+                                            refresh=False)
+                        bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    return rows, computed
+
+
+@torch.no_grad()
+def perplexity_rows(model: nn.Module, calib_ids: torch.Tensor, eval_ids: torch.Tensor, seqlen: int,
+                    names: list[str], settings: BenchSettings, journal: Journal) -> tuple[list[dict], int]:
+    """Dense perplexity, then per method x pattern x sparsity: prune the selected layers with
+    prune_model, evaluate, restore the dense weights. Returns (rows, how many were computed now)."""
+    from ..eval import evaluate_perplexity
+    from ..models import prune_model
+    from ..models.discovery import get_weight, set_weight
+
+    modules = dict(model.named_modules())
+    dense = {n: get_weight(modules[n]).detach().clone() for n in names}
+    chosen = set(names)
+    device = torch.device(settings.device)
+    plan = [("dense", None, "dense", 0.0)] + [
+        (spec.label, spec, pat, s) for pat in settings.patterns
+        for s in layers_mod.row_sparsities(pat, settings.sparsities) for spec in settings.methods]
+    rows, computed = [], 0
+    for label, spec, pattern, s in plan:
+        key = _key("ppl", label, spec.options if spec else None, pattern, round(s, 6), seqlen,
+                   settings.eval_windows, int(eval_ids.numel()))
+        row = journal.get(key)
+        if row is None:
+            torch.manual_seed(settings.seed)
+            t = time.perf_counter()
+            achieved = 0.0
+            if spec is not None:
+                _log(settings, f"perplexity: pruning with {label}, {pattern}, sparsity {s:g}")
+                try:
+                    rep = prune_model(model, calib_ids, sparsity=s, pattern=pattern, method=spec.method,
+                                      layers=lambda name, module: name in chosen, device=device,
+                                      progress=settings.progress, **spec.options)
+                    achieved = rep["achieved_sparsity"]
+                    ppl = evaluate_perplexity(model, eval_ids, seqlen=seqlen,
+                                              max_windows=settings.eval_windows, device=device,
+                                              progress=settings.progress)
+                finally:
+                    for n, w in dense.items():
+                        set_weight(modules[n], w)
+            else:
+                ppl = evaluate_perplexity(model, eval_ids, seqlen=seqlen, max_windows=settings.eval_windows,
+                                          device=device, progress=settings.progress)
+            row = {"key": key, "kind": "perplexity", "method": label, "pattern": pattern, "sparsity": s,
+                   "perplexity": ppl, "seconds": time.perf_counter() - t, "achieved_sparsity": achieved}
+            journal.add(row)
+            computed += 1
+        rows.append(row)
+    return rows, computed
+
+
+def run_bench(model: nn.Module, calib_ids: torch.Tensor, out: str | os.PathLike,
+              settings: BenchSettings | None = None, eval_ids: torch.Tensor | None = None,
+              seqlen: int | None = None, model_name: str | None = None, meta: dict | None = None) -> dict:
+    """Run the benchmark on `model` (a transformers causal LM) with calibration ids (N, L) int64; write
+    the outputs to `out` and return the results.json object. eval_ids (n,) int64 and seqlen are needed
+    for settings.perplexity. meta: extra entries for result["meta"] (e.g. the command line)."""
+    from ..models.discovery import get_weight
+    from ..models.loading import cache_dir
+    from ..models.pipeline import check_calibration, versions
+
+    settings = settings or BenchSettings()
+    _check(settings)
+    t0 = time.perf_counter()
+    out = Path(out)
+    ids = check_calibration(calib_ids, model)
+    if settings.perplexity and (eval_ids is None or seqlen is None):
+        raise ValueError("perplexity needs eval_ids and seqlen")
+    model_name = model_name or type(model).__name__
+    refs = grams_mod.select_layers(model, settings.layers, settings.max_layers)
+    shapes = {r.name: tuple(get_weight(r.module).shape) for r in refs}
+    layers_mod.check_patterns(shapes, settings.patterns)
+    layers_mod.check_methods(settings.methods)
+    device = torch.device(settings.device)
+    torch.manual_seed(settings.seed)
+
+    _log(settings, "measuring the machine's matmul throughput and copy bandwidth ...")
+    # The GEMM side of the ADMM loop is in_features square; below 512 a matmul is overhead-bound and would
+    # understate the machine (64^3 fp32: ~0.1 GFLOP/s here against ~60 at 1024^3).
+    peaks = machine.measure(device, n=min(2048, max(512, max(s[1] for s in shapes.values()))))
+    root = Path(settings.cache_dir) if settings.cache_dir is not None else cache_dir() / "bench"
+    t = time.perf_counter()
+    store, hit = grams_mod.load_or_compute(model, ids, refs, root, device, settings.gram_dtype,
+                                           settings.progress)
+    gram_seconds = time.perf_counter() - t
+    _log(settings, f"Grams of {len(store.layers)} layers: {'cache hit' if hit else 'computed'} "
+                   f"({gram_seconds:.1f} s) in {store.folder}")
+    idx = store.index
+    if idx["not_called"]:
+        _log(settings, f"skipped (never called by their block's forward): {', '.join(idx['not_called'])}")
+    gram_info = {"cache": "hit" if hit else "computed", "key": store.key, "folder": str(store.folder),
+                 "seconds": gram_seconds, "tokens": idx["tokens"], "nsamples": idx["nsamples"],
+                 "seqlen": idx["seqlen"], "layers": len(store.layers), "not_called": idx["not_called"],
+                 "groups": len({r["group"] for r in store.layers}), "build_seconds": idx["seconds"]}
+    if idx["seconds"]["gram"] > 0:  # the Gram kernel's roofline (from the run that built the cache)
+        gram_info["gflops"] = idx["gram_flops"] / idx["seconds"]["gram"] / 1e9
+        gram_info["frac_matmul"] = gram_info["gflops"] / peaks["matmul_gflops"]
+
+    journal = Journal(out, {"grams": store.key, "device": device.type, "seed": settings.seed},
+                      settings.resume)
+    rows, computed = layer_rows(model, store, settings, journal, peaks, model_name)
+    ppl_rows, ppl_computed = [], 0
+    if settings.perplexity:
+        ppl_rows, ppl_computed = perplexity_rows(model, ids, eval_ids, seqlen,
+                                                 [r["name"] for r in store.layers], settings, journal)
+    result = {
+        "schema": report.SCHEMA,
+        "meta": {
+            "model": model_name, "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "seed": settings.seed,
+            "versions": versions(), "machine": machine.describe(device), "git": machine.git_commit(),
+            "settings": {"methods": [{"label": m.label, "method": m.method, "options": m.options}
+                                     for m in settings.methods],
+                         "sparsities": settings.sparsities, "patterns": settings.patterns,
+                         "layers": settings.layers, "max_layers": settings.max_layers, "gap": settings.gap,
+                         "device": str(device), "gram_dtype": str(settings.gram_dtype),
+                         "perplexity": settings.perplexity, "eval_windows": settings.eval_windows,
+                         "eval_seqlen": seqlen if settings.perplexity else None},
+            "calibration": {"nsamples": int(ids.shape[0]), "seqlen": int(ids.shape[1]),
+                            "tokens_sha256": grams_mod.tokens_digest(ids)},
+            **(meta or {}),
+        },
+        "machine": peaks,
+        "grams": gram_info,
+        "run": {"rows": len(rows), "computed": computed, "reused": len(rows) - computed,
+                "perplexity_computed": ppl_computed, "seconds": time.perf_counter() - t0},
+        "rows": rows,
+        "summary": report.summarize(rows),
+        "perplexity": ppl_rows,
+    }
+    report.write_outputs(out, result)
+    return result
