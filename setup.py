@@ -32,7 +32,8 @@ def _extensions():
     cpp = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     # -march=native: the extension is built on the machine that runs it (AVX2+FMA here, AVX-512 on GPU
     # hosts); -fopenmp so at::parallel_for really runs in parallel (torch's CPU build uses OpenMP).
-    cxx = ["-O3", "-march=native", "-fopenmp", "-std=c++17", "-DNDEBUG"]
+    # -g0: Python's default CFLAGS add -g; debug info of the ATen headers only slows the build down.
+    cxx = ["-O3", "-march=native", "-fopenmp", "-std=c++17", "-DNDEBUG", "-g0"]
     extra = {"cxx": cxx}
     link = ["-fopenmp"]
     if _want_cuda():
@@ -47,7 +48,20 @@ def _extensions():
             "admm_kernels._C", cpp, extra_compile_args=extra, extra_link_args=link,
             include_dirs=[os.path.join(HERE, "csrc")],
         )
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    return [ext], {"build_ext": _persistent_build_dir(BuildExtension.with_options(use_ninja=True))}
+
+
+def _persistent_build_dir(base):
+    """build_ext whose object files live in build/temp.ninja (not pip's throw-away temp directory), so
+    ninja rebuilds only the translation units that changed: a one-file edit recompiles one file (~30 s)
+    instead of all of them (~5 min on the shared 2-core machine, measured)."""
+
+    class PersistentBuild(base):
+        def finalize_options(self):
+            super().finalize_options()
+            self.build_temp = os.path.join(HERE, "build", "temp.ninja")
+
+    return PersistentBuild
 
 
 ext_modules, cmdclass = _extensions()
