@@ -57,6 +57,46 @@ _define(
 # Defined below by the sparse-inference module's section, same pattern: _define(name, schema, ref, fake).
 
 
+def _pack_nm_fake(weight, n, m):
+    rows, cols = weight.shape
+    vals = weight.new_empty((rows, cols // m * n))
+    meta = torch.empty((rows, _ref.nm_meta_bytes(cols, n, m)), dtype=torch.uint8, device=weight.device)
+    return vals, meta
+
+
+def _unpack_nm_fake(values, meta, n, m, cols):
+    return values.new_empty((values.shape[0], cols))
+
+
+def _sparse_nm_mm_fake(x, values, meta, n, m, cols):
+    return x.new_empty((x.shape[0], values.shape[0]))
+
+
+def _csr_mm_fake(x, crow, col, values, cols):
+    return x.new_empty((x.shape[0], crow.shape[0] - 1))
+
+
+_define("pack_nm", "(Tensor weight, int n, int m) -> (Tensor, Tensor)", _ref.pack_nm, _pack_nm_fake)
+_define(
+    "unpack_nm",
+    "(Tensor values, Tensor meta, int n, int m, int cols) -> Tensor",
+    _ref.unpack_nm,
+    _unpack_nm_fake,
+)
+_define(
+    "sparse_nm_mm",
+    "(Tensor x, Tensor values, Tensor meta, int n, int m, int cols) -> Tensor",
+    _ref.sparse_nm_mm,
+    _sparse_nm_mm_fake,
+)
+_define(
+    "csr_mm",
+    "(Tensor x, Tensor crow, Tensor col, Tensor values, int cols) -> Tensor",
+    _ref.csr_mm,
+    _csr_mm_fake,
+)
+
+
 def op(name: str):
     """The dispatcher handle torch.ops.admm_kernels.<name>."""
     return getattr(torch.ops.admm_kernels, name)

@@ -77,3 +77,99 @@ def admm_dual_step(
 
 def unavailable_reason() -> str:
     return ""
+
+
+# === sparse inference ops (admm_kernels/sparse) ======================================================
+# Packed N:M layout (shared by every backend and by the checkpoint format):
+#   values (rows, cols*n/m), the weight's dtype: the n kept entries of each group of m consecutive inputs,
+#     in ascending position order (value j of a row belongs to group j // n).
+#   meta (rows, nm_meta_bytes(cols, n, m)) uint8: the position (0..m-1) of value j inside its group,
+#     nm_meta_bits(m) bits each, at bit offset j*bits of the row's little-endian bit stream (bit i of a
+#     row is bit i % 8 of byte i // 8). For 2:4 that is 2 bits a value: byte j // 4, shift 2*(j % 4).
+# Groups holding fewer than n non-zeros are filled with zero entries at the smallest free positions, so
+# positions inside a group are distinct and unpack is a plain scatter. Zeros are stored as +0.0.
+
+
+def nm_meta_bits(m: int) -> int:
+    """Bits of position metadata per kept value for groups of m: ceil(log2 m), at least 1."""
+    return max(1, (m - 1).bit_length())
+
+
+def nm_meta_bytes(cols: int, n: int, m: int) -> int:
+    """Bytes of metadata per row for a (rows, cols) N:M weight."""
+    return ((cols // m) * n * nm_meta_bits(m) + 7) // 8
+
+
+def _bits_pack(fields: torch.Tensor, bits: int) -> torch.Tensor:
+    """(rows, k) int64 fields < 2**bits -> (rows, ceil(k*bits/8)) uint8 little-endian bit stream."""
+    rows, k = fields.shape
+    dev = fields.device
+    stream = ((fields.unsqueeze(-1) >> torch.arange(bits, device=dev)) & 1).reshape(rows, k * bits)
+    nbytes = (k * bits + 7) // 8
+    stream = torch.nn.functional.pad(stream, (0, nbytes * 8 - k * bits))
+    weights = torch.arange(8, device=dev)
+    return (stream.view(rows, nbytes, 8) << weights).sum(-1).to(torch.uint8)
+
+
+def _bits_unpack(meta: torch.Tensor, k: int, bits: int) -> torch.Tensor:
+    """Inverse of _bits_pack: (rows, nbytes) uint8 -> (rows, k) int64."""
+    rows = meta.shape[0]
+    dev = meta.device
+    stream = (meta.to(torch.int64).unsqueeze(-1) >> torch.arange(8, device=dev)) & 1
+    stream = stream.reshape(rows, -1)[:, : k * bits].view(rows, k, bits)
+    return (stream << torch.arange(bits, device=dev)).sum(-1)
+
+
+def pack_nm(weight: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pack an N:M-sparse weight (rows, cols), cols % m == 0, 1 <= n < m, into (values, meta) (layout above).
+
+    A group with more than n non-zeros keeps its first n non-zeros by position (callers check the pattern
+    first: admm_kernels.sparse.formats does). values keep weight's dtype; meta is uint8.
+    """
+    rows, cols = weight.shape
+    dev = weight.device
+    g = weight.reshape(rows, cols // m, m)
+    # Non-zeros first (by position), then zeros (by position): unique keys, so the sort is deterministic.
+    key = (g == 0).to(torch.int64) * m + torch.arange(m, device=dev)
+    pos = torch.sort(torch.sort(key, dim=2).indices[:, :, :n], dim=2).values
+    vals = torch.gather(g, 2, pos)
+    vals = torch.where(vals == 0, torch.zeros((), dtype=vals.dtype, device=dev), vals)
+    meta = _bits_pack(pos.reshape(rows, -1), nm_meta_bits(m))
+    return vals.reshape(rows, -1).contiguous(), meta
+
+
+def unpack_nm(values: torch.Tensor, meta: torch.Tensor, n: int, m: int, cols: int) -> torch.Tensor:
+    """Dense (rows, cols) weight, values' dtype, from packed (values (rows, cols*n/m), meta uint8)."""
+    rows = values.shape[0]
+    groups = cols // m
+    pos = _bits_unpack(meta, groups * n, nm_meta_bits(m)).view(rows, groups, n)
+    out = torch.zeros(rows, groups, m, dtype=values.dtype, device=values.device)
+    out.scatter_(2, pos, values.reshape(rows, groups, n))
+    return out.view(rows, cols)
+
+
+def sparse_nm_mm(
+    x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, n: int, m: int, cols: int
+) -> torch.Tensor:
+    """y = x @ Wᵀ for a packed N:M weight W (rows, cols). x: (batch, cols) any float dtype.
+
+    Computed in fp32 (values converted on the fly); y: (batch, rows) in x's dtype.
+    """
+    w = unpack_nm(values, meta, n, m, cols).float()
+    return (x.float() @ w.T).to(x.dtype)
+
+
+def csr_mm(
+    x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, cols: int
+) -> torch.Tensor:
+    """y = x @ Wᵀ for a CSR weight W (rows, cols): crow int64 (rows+1), col int16/int32 (nnz), values (nnz).
+
+    Column indices within a row are ascending. x: (batch, cols) any float dtype; fp32 compute; y: (batch,
+    rows) in x's dtype.
+    """
+    rows = crow.numel() - 1
+    counts = crow[1:] - crow[:-1]
+    row_idx = torch.repeat_interleave(torch.arange(rows, device=x.device), counts)
+    w = torch.zeros(rows, cols, dtype=torch.float32, device=x.device)
+    w[row_idx, col.to(torch.int64)] = values.float()
+    return (x.float() @ w.T).to(x.dtype)
