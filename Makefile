@@ -25,7 +25,7 @@ install: build
 demo: install
 	$(VENV)/bin/admm-prune prune
 
-test: install
+test: install lint
 	$(PY) -m pytest -q tests
 
 lint: venv

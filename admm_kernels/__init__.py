@@ -10,11 +10,13 @@ import importlib
 
 from . import _ops  # noqa: F401  (defines the torch.library ops)
 
+# Imported eagerly: the submodule `admm_kernels.gram` shares its name with the function `gram`, and
+# importing the submodule anywhere would otherwise bind the package attribute to the module.
+from .gram import GramAccumulator, gram  # noqa: F401  (public API)
+
 __version__ = "0.1.0"
 
 _LAZY = {
-    "gram": "gram",
-    "GramAccumulator": "gram",
     "prune_layer": "solver",
     "PruneResult": "solver",
     "reconstruction_error": "solver",
@@ -26,7 +28,7 @@ _LAZY = {
     "load_sparse": "sparse",
 }
 
-__all__ = sorted(_LAZY) + ["__version__"]
+__all__ = sorted([*_LAZY, "gram", "GramAccumulator"]) + ["__version__"]
 
 
 def __getattr__(name: str):

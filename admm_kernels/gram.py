@@ -50,7 +50,8 @@ class GramAccumulator:
         """Add x^T x for x of shape (..., in_features), any float dtype."""
         _check_input(x)
         if x.shape[-1] != self.in_features:
-            raise ValueError(f"x has {x.shape[-1]} features in its last dimension, expected {self.in_features}")
+            raise ValueError(
+                f"x has {x.shape[-1]} features in its last dimension, expected {self.in_features}")
         x2 = x.reshape(-1, self.in_features)
         if x2.device != self.device:
             x2 = x2.to(self.device, non_blocking=True)

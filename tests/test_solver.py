@@ -271,3 +271,10 @@ def test_parameter_weights(method):
     res = ak.prune_layer(lin.weight, G, 0.5, method=method)
     assert not res.weight.requires_grad and torch.equal(lin.weight.detach(), W)
     assert torch.equal(res.mask, ak.prune_layer(W, G, 0.5, method=method).mask)
+
+
+def test_public_gram_is_the_function_after_submodule_import():
+    import importlib
+
+    importlib.import_module("admm_kernels.gram")
+    assert callable(ak.gram) and ak.gram.__name__ == "gram"

@@ -16,8 +16,8 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+from collections.abc import Callable
 from types import ModuleType
-from typing import Callable
 
 import torch
 
@@ -58,7 +58,8 @@ def select(op: str, device: torch.device | str) -> tuple[str, Callable]:
     if forced is not None:
         mod = get(forced)
         if not mod.is_available():
-            raise RuntimeError(f"{ENV_VAR}={forced!r} but that backend is not available: {mod.unavailable_reason()}")
+            raise RuntimeError(
+                f"{ENV_VAR}={forced!r} but that backend is not available: {mod.unavailable_reason()}")
         if not mod.supports(device):
             raise RuntimeError(f"{ENV_VAR}={forced!r} cannot run on device {device}")
         fn = getattr(mod, op, None)
@@ -72,7 +73,8 @@ def select(op: str, device: torch.device | str) -> tuple[str, Callable]:
         if fn is not None and mod.is_available() and mod.supports(device):
             if name == "reference" and prefs[0] != "reference" and (op, device.type) not in _warned:
                 _warned.add((op, device.type))
-                why = get(prefs[0]).unavailable_reason() if hasattr(get(prefs[0]), "unavailable_reason") else ""
+                fast = get(prefs[0])
+                why = fast.unavailable_reason() if hasattr(fast, "unavailable_reason") else ""
                 log.info("admm_kernels: %s on %s uses the pure-torch reference (%s)", op, device.type, why)
             return name, fn
     return "reference", getattr(get("reference"), op)
