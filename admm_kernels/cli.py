@@ -73,6 +73,18 @@ def _option(text: str) -> tuple[str, object]:
     return key.strip(), {"true": True, "false": False, "none": None}.get(low, value)
 
 
+def add_calibration_arguments(p: argparse.ArgumentParser) -> None:
+    """--nsamples, --seqlen and --calib, shared by `admm-prune prune` and `admm-prune bench`."""
+    p.add_argument("--nsamples", type=_positive("--nsamples"), default=None,
+                   help=f"calibration windows (default 128; {EMBEDDED_NSAMPLES} for the embedded model)")
+    p.add_argument("--seqlen", type=_positive("--seqlen"), default=None,
+                   help="tokens per calibration / evaluation window (default 2048 clipped to the model's "
+                        f"maximum; {EMBEDDED_SEQLEN} for the embedded model)")
+    p.add_argument("--calib", metavar="PATH", default=None,
+                   help="calibration text: file, folder, .jsonl or saved dataset (default: Shakespeare "
+                        "calibration plays)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="admm-prune", description=(
         "Prune large language models layer by layer with ADMM (Boza 2024) or the SparseGPT / Wanda / "
@@ -98,14 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="'unstructured' (per layer), 'per-row', or N:M such as 2:4 (default unstructured)")
     pr.add_argument("--method", default="admm", choices=("admm", "sparsegpt", "wanda", "magnitude"),
                     help="pruning method (default admm = ADMM-Grad)")
-    pr.add_argument("--nsamples", type=_positive("--nsamples"), default=None,
-                    help=f"calibration windows (default 128; {EMBEDDED_NSAMPLES} for the embedded model)")
-    pr.add_argument("--seqlen", type=_positive("--seqlen"), default=None,
-                    help="tokens per calibration / evaluation window (default 2048 clipped to the model's "
-                         f"maximum; {EMBEDDED_SEQLEN} for the embedded model)")
-    pr.add_argument("--calib", metavar="PATH", default=None,
-                    help="calibration text: file, folder, .jsonl or saved dataset (default: Shakespeare "
-                         "calibration plays)")
+    add_calibration_arguments(pr)
     pr.add_argument("--eval", metavar="PATH", default=None, dest="eval_path",
                     help="evaluation text for perplexity before/after (default: held-out Shakespeare plays)")
     pr.add_argument("--eval-windows", type=_positive("--eval-windows"), default=None,

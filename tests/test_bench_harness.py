@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 pytest.importorskip("transformers")
-from tiny_models import tiny_model, tiny_text, tiny_tokenizer  # noqa: E402
+from tiny_models import save_tiny_folder  # noqa: E402
 
 from admm_kernels.bench import main as bench_main  # noqa: E402
 from admm_kernels.bench import report, results_md  # noqa: E402
@@ -40,13 +40,7 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bench")
-    model_dir = root / "tiny-llama"
-    tiny_model("llama").save_pretrained(model_dir)
-    tiny_tokenizer().save_pretrained(model_dir)
-    (root / "calib.txt").write_text(tiny_text(600, seed=0))
-    (root / "eval.txt").write_text(tiny_text(300, seed=1))
-    return root
+    return save_tiny_folder(tmp_path_factory.mktemp("bench"), 600, 0, 300, 1)
 
 
 def _args(folder: Path, out: str, cache: str, *extra: str) -> list[str]:

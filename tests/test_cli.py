@@ -10,31 +10,18 @@ import torch
 
 pytest.importorskip("transformers")
 
-from tiny_models import MAX_POS, tiny_model, tiny_text, tiny_tokenizer  # noqa: E402
+from tiny_models import MAX_POS, save_tiny_folder  # noqa: E402
 
 from admm_kernels import cli  # noqa: E402
 from admm_kernels.models import state as state_mod  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """See test_models.py: tiny models run 20-50x faster on one thread on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli")
-    model_dir = root / "tiny-llama"
     torch.manual_seed(0)
-    tiny_model("llama").save_pretrained(model_dir)
-    tiny_tokenizer().save_pretrained(model_dir)
-    (root / "calib.txt").write_text(tiny_text(400, seed=1))
-    (root / "eval.txt").write_text(tiny_text(200, seed=2))
-    return root
+    return save_tiny_folder(tmp_path_factory.mktemp("cli"), 400, 1, 200, 2)
 
 
 def _args(root, out, *extra, fast=True):

@@ -15,15 +15,7 @@ from tiny_models import MAX_POS, tiny_model, tiny_text, tiny_tokenizer  # noqa: 
 from admm_kernels import data  # noqa: E402
 from admm_kernels.eval import evaluate_perplexity  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core machine OpenMP's spinning makes
-    each forward 20-50x slower (measured 0.75 s vs 0.01 s for a 16-token tiny LLaMA)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_windows_are_seeded_distinct_and_cut_from_the_stream():

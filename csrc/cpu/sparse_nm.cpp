@@ -29,10 +29,7 @@
 #include <algorithm>
 #include <cstring>
 
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#include <immintrin.h>
-#define ADMM_SPARSE_AVX2 1
-#endif
+#include "simd_load.h"
 
 namespace admm_kernels {
 namespace {
@@ -41,22 +38,9 @@ namespace {
 // live registers (4 acc + index + weights + 2 inputs) well under AVX2's 16.
 constexpr int64_t kBatchChunk = 4;
 
-#ifdef ADMM_SPARSE_AVX2
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const c10::Half* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-inline __m256 load8(const c10::BFloat16* p) {
-  // bf16 is the upper half of an fp32: widen to 32 bits and shift left by 16.
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
+#ifdef ADMM_SIMD_AVX2
+using simd::hsum;
+using simd::load8;
 
 // One output row, BB rows of x (x rows are ldx apart), 2:4 layout. Writes y[b*ldy].
 // xs is x "swizzled" per 16-input block as [0..3, 8..11, 4..7, 12..15] (swizzle_x below), so one aligned
@@ -210,7 +194,7 @@ void rows_24(const float* xs, const float* x, int64_t batch, int64_t cols, const
     }
   }
 }
-#endif  // ADMM_SPARSE_AVX2
+#endif  // ADMM_SIMD_AVX2
 
 // Reads the metadata of one row value by value: the bit offset advances by `bits` per value and the
 // group base by m every n values - no divisions in the loop (a 64-bit division per value made this
@@ -278,18 +262,33 @@ void unpack_rows(const T* vals, const uint8_t* meta, int64_t k, int64_t meta_byt
   }
 }
 
+// Packed N:M geometry of `values` (checked against n, m, cols): bits per position, rows, stored values per
+// row k, metadata bytes per row. `op` prefixes the error messages.
+struct NMShape {
+  int bits;
+  int64_t rows, k, meta_bytes;
+};
+
+NMShape nm_shape(const char* op, const at::Tensor& values, int64_t n, int64_t m, int64_t cols) {
+  TORCH_CHECK(m >= 2 && m <= 256 && n >= 1 && n < m && cols % m == 0, op, ": bad n=", n, " m=", m,
+              " cols=", cols);
+  NMShape s;
+  s.bits = m <= 2 ? 1 : 64 - __builtin_clzll(static_cast<unsigned long long>(m - 1));
+  s.rows = values.size(0);
+  s.k = cols / m * n;
+  s.meta_bytes = (s.k * s.bits + 7) / 8;
+  TORCH_CHECK(values.dim() == 2 && values.size(1) == s.k, op, ": values must be (rows, ", s.k, "), got ",
+              values.sizes());
+  return s;
+}
+
 at::Tensor sparse_nm_mm_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta, int64_t n,
                             int64_t m, int64_t cols) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) == cols, "sparse_nm_mm: x must be (batch, ", cols, "), got ",
               x.sizes());
-  TORCH_CHECK(m >= 2 && m <= 256 && n >= 1 && n < m && cols % m == 0, "sparse_nm_mm: bad n=", n, " m=", m,
-              " cols=", cols);
-  const int bits = m <= 2 ? 1 : 64 - __builtin_clzll(static_cast<unsigned long long>(m - 1));
-  const int64_t rows = values.size(0);
-  const int64_t k = cols / m * n;
-  const int64_t meta_bytes = (k * bits + 7) / 8;
-  TORCH_CHECK(values.dim() == 2 && values.size(1) == k, "sparse_nm_mm: values must be (rows, ", k, "), got ",
-              values.sizes());
+  const NMShape shape = nm_shape("sparse_nm_mm", values, n, m, cols);
+  const int bits = shape.bits;
+  const int64_t rows = shape.rows, k = shape.k, meta_bytes = shape.meta_bytes;
   TORCH_CHECK(meta.scalar_type() == at::kByte && meta.dim() == 2 && meta.size(0) == rows &&
                   meta.size(1) == meta_bytes,
               "sparse_nm_mm: meta must be uint8 (", rows, ", ", meta_bytes, "), got ", meta.scalar_type(), " ",
@@ -303,7 +302,7 @@ at::Tensor sparse_nm_mm_cpu(const at::Tensor& x, const at::Tensor& values, const
   const float* xp = xf.data_ptr<float>();
   const uint8_t* mp = mc.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
-#ifdef ADMM_SPARSE_AVX2
+#ifdef ADMM_SIMD_AVX2
   const bool fast24 = n == 2 && m == 4 && vc.scalar_type() != at::kDouble;
   const at::Tensor xs = fast24 ? swizzle_x(xf) : xf;
   const float* xsp = xs.data_ptr<float>();
@@ -313,7 +312,7 @@ at::Tensor sparse_nm_mm_cpu(const at::Tensor& x, const at::Tensor& values, const
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, vc.scalar_type(), "sparse_nm_mm", [&] {
     const scalar_t* vp = vc.data_ptr<scalar_t>();
     at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
-#ifdef ADMM_SPARSE_AVX2
+#ifdef ADMM_SIMD_AVX2
       if constexpr (!std::is_same_v<scalar_t, double>) {
         if (fast24) {
           rows_24<scalar_t>(xsp, xp, batch, cols, vp, mp, k, meta_bytes, r0, r1, yp, rows);
@@ -328,14 +327,9 @@ at::Tensor sparse_nm_mm_cpu(const at::Tensor& x, const at::Tensor& values, const
 }
 
 at::Tensor unpack_nm_cpu(const at::Tensor& values, const at::Tensor& meta, int64_t n, int64_t m, int64_t cols) {
-  TORCH_CHECK(m >= 2 && m <= 256 && n >= 1 && n < m && cols % m == 0, "unpack_nm: bad n=", n, " m=", m,
-              " cols=", cols);
-  const int bits = m <= 2 ? 1 : 64 - __builtin_clzll(static_cast<unsigned long long>(m - 1));
-  const int64_t rows = values.size(0);
-  const int64_t k = cols / m * n;
-  const int64_t meta_bytes = (k * bits + 7) / 8;
-  TORCH_CHECK(values.dim() == 2 && values.size(1) == k, "unpack_nm: values must be (rows, ", k, "), got ",
-              values.sizes());
+  const NMShape shape = nm_shape("unpack_nm", values, n, m, cols);
+  const int bits = shape.bits;
+  const int64_t rows = shape.rows, k = shape.k, meta_bytes = shape.meta_bytes;
   TORCH_CHECK(meta.scalar_type() == at::kByte && meta.dim() == 2 && meta.size(0) == rows &&
                   meta.size(1) == meta_bytes,
               "unpack_nm: meta must be uint8 (", rows, ", ", meta_bytes, "), got ", meta.sizes());

@@ -19,35 +19,20 @@
 #include <algorithm>
 #include <cstdint>
 
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#include <immintrin.h>
-#define ADMM_CSR_AVX2 1
-#endif
+#include "simd_load.h"
 
 namespace admm_kernels {
 namespace {
 
 constexpr int64_t kMaxPanel = 32;  // batch rows per transposed pass (4 accumulator registers)
 
-#ifdef ADMM_CSR_AVX2
-inline __m256 load8v(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8v(const c10::Half* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-inline __m256 load8v(const c10::BFloat16* p) {
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
+#ifdef ADMM_SIMD_AVX2
+using simd::hsum;
+using simd::load8;
 inline __m256i load8i(const int16_t* p) {
   return _mm256_cvtepi16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 inline __m256i load8i(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
-inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 #endif
 
 // Batch 1: y[r] = sum_j v[j] * x[col[j]].
@@ -56,23 +41,23 @@ float row_dot(const float* __restrict x, const T* __restrict v, const I* __restr
               int64_t hi) {
   float s = 0.f;
   int64_t j = lo;
-#ifdef ADMM_CSR_AVX2
+#ifdef ADMM_SIMD_AVX2
   if constexpr (!std::is_same_v<T, double>) {
     // Two accumulators (FMA latency), folded into `total` every 256 weights (blocked summation).
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), total = _mm256_setzero_ps();
     while (j + 16 <= hi) {
       const int64_t stop = std::min<int64_t>(hi, j + 256);
       for (; j + 16 <= stop; j += 16) {
-        a0 = _mm256_fmadd_ps(load8v(v + j), _mm256_i32gather_ps(x, load8i(col + j), 4), a0);
-        a1 = _mm256_fmadd_ps(load8v(v + j + 8), _mm256_i32gather_ps(x, load8i(col + j + 8), 4), a1);
+        a0 = _mm256_fmadd_ps(load8(v + j), _mm256_i32gather_ps(x, load8i(col + j), 4), a0);
+        a1 = _mm256_fmadd_ps(load8(v + j + 8), _mm256_i32gather_ps(x, load8i(col + j + 8), 4), a1);
       }
       total = _mm256_add_ps(total, _mm256_add_ps(a0, a1));
       a0 = _mm256_setzero_ps();
       a1 = _mm256_setzero_ps();
     }
     for (; j + 8 <= hi; j += 8)
-      a0 = _mm256_fmadd_ps(load8v(v + j), _mm256_i32gather_ps(x, load8i(col + j), 4), a0);
-    s = hsum8(_mm256_add_ps(total, a0));
+      a0 = _mm256_fmadd_ps(load8(v + j), _mm256_i32gather_ps(x, load8i(col + j), 4), a0);
+    s = hsum(_mm256_add_ps(total, a0));
   }
 #endif
   double tail = 0.0;
@@ -84,7 +69,7 @@ float row_dot(const float* __restrict x, const T* __restrict v, const I* __restr
 template <typename T, typename I>
 void row_panel(const float* __restrict xt, int64_t P, const T* __restrict v, const I* __restrict col,
                int64_t lo, int64_t hi, float* __restrict y, int64_t ldy, int64_t nb) {
-#ifdef ADMM_CSR_AVX2
+#ifdef ADMM_SIMD_AVX2
   if constexpr (!std::is_same_v<T, double>) {
     // Blocked summation (partial sums folded every kBlock weights): each lane otherwise chains every
     // weight of the row, several times the error of a dense GEMM's blocked sums.
