@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from admm_kernels._io import atomic_write_text
+
 METHODS = ("magnitude", "wanda", "sparsegpt", "admm")
 LABELS = {"dense": "dense", "magnitude": "magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT",
           "admm": "ADMM-Grad"}
@@ -187,20 +189,14 @@ def markdown(res: dict, methods: list[str], settings: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     res = run(args)
-    _atomic_write(out / "model_quality.json", json.dumps(res, indent=1, default=str) + "\n")
+    atomic_write_text(out / "model_quality.json", json.dumps(res, indent=1, default=str) + "\n")
     md = markdown(res, args.methods, args.settings)
-    _atomic_write(out / "model_quality.md", md)
+    atomic_write_text(out / "model_quality.md", md)
     print(md)
     return 0
 

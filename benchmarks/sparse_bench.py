@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
+from admm_kernels._io import atomic_write_text
 from admm_kernels.backends import cpu
 from admm_kernels.sparse import PackedCSR, PackedNM, SparseLinear, sparsify
 
@@ -188,12 +189,6 @@ def markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def parse_shapes(text: str) -> list[tuple[int, int]]:
     shapes = []
     for part in text.split(","):
@@ -248,9 +243,9 @@ def main(argv: list[str] | None = None) -> int:
         res["decode"] = bench_decode(args.model, args.new_tokens, args.prompt_len)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(out.with_suffix(".json"), json.dumps(res, indent=2))
+    atomic_write_text(out.with_suffix(".json"), json.dumps(res, indent=2))
     md = markdown(res)
-    write_atomic(out.with_suffix(".md"), md)
+    atomic_write_text(out.with_suffix(".md"), md)
     print(md)
     return 0
 

@@ -13,14 +13,10 @@ import json
 import os
 from pathlib import Path
 
+from .._io import atomic_write_text
+
 FORMAT = 1
 NAME = "rows.jsonl"
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    from .report import write_file
-
-    write_file(path, text.encode())
 
 
 class Journal:
@@ -34,7 +30,7 @@ class Journal:
             self._read()
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            _atomic_write_text(self.path, json.dumps({"header": self.settings}, sort_keys=True) + "\n")
+            atomic_write_text(self.path, json.dumps({"header": self.settings}, sort_keys=True) + "\n")
 
     def _read(self) -> None:
         lines = self.path.read_text().splitlines()
@@ -58,7 +54,7 @@ class Journal:
             if isinstance(row, dict) and "key" in row:
                 self.rows[row["key"]] = row
         # Rewrite without the torn line, so the next append starts on a line of its own.
-        _atomic_write_text(self.path, "".join(json.dumps(x, sort_keys=True) + "\n" for x in
+        atomic_write_text(self.path, "".join(json.dumps(x, sort_keys=True) + "\n" for x in
                                               [{"header": self.settings}, *self.rows.values()]))
 
     def get(self, key: str) -> dict | None:

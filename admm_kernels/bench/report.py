@@ -16,7 +16,6 @@ import csv
 import io
 import json
 import math
-import os
 from pathlib import Path
 
 SCHEMA = "admm_kernels.bench/1"
@@ -29,16 +28,7 @@ SUMMARY_COLUMNS = ("method", "pattern", "sparsity", "layers", "mean_error", "mea
 PPL_COLUMNS = ("method", "pattern", "sparsity", "perplexity", "seconds", "achieved_sparsity")
 
 
-def write_file(path: Path, data: bytes) -> None:
-    """Write atomically (temporary file + rename), with the permissions a plain open() would give
-    (the temporary file is created 0600)."""
-    from ..models.state import atomic_write_bytes
-
-    atomic_write_bytes(Path(path), data)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
+from .._io import atomic_write_bytes as write_file  # noqa: E402
 
 _write = write_file
 
