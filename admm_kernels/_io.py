@@ -11,10 +11,14 @@ import tempfile
 from pathlib import Path
 
 
-def _umask() -> int:
+def _read_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+# Read once, at import: setting the umask to read it races with files other threads create meanwhile.
+_UMASK = _read_umask()
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -26,7 +30,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

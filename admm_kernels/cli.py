@@ -11,7 +11,7 @@ Errors are printed as one line "admm-prune: error: ..." with exit status 2.
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import hashlib
 import json
 import os
 import shutil
@@ -171,6 +171,8 @@ def _check_device(name: str):
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
+    if out.resolve() in (Path.cwd().resolve(), *Path.cwd().resolve().parents):
+        raise CliError(f"--out {str(out)!r} is the current folder or above it; name a folder of its own")
     if out.exists() and not out.is_dir():
         raise CliError(f"--out {str(out)!r} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
@@ -260,7 +262,13 @@ def _save(model, tokenizer, out: Path, fmt: str, report: dict, overwrite: bool) 
                 raise CliError(f"--out {str(out)!r} became non-empty during the run; pass --overwrite")
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, old)
-        os.replace(tmp, out)
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            if old is not None:  # put the previous output back: a failed save must not lose it
+                os.replace(old, out)
+                old = None
+            raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None:
@@ -329,15 +337,19 @@ def cmd_prune(args) -> int:
     ppl = {}
     meta_file = state_dir / "cli.json"
     if eval_ids is not None:
-        if args.resume and meta_file.is_file():
-            ppl["before"] = json.loads(meta_file.read_text())["perplexity_before"]
+        # Reused on --resume only when computed on the same tokens, windows and window length.
+        eval_key = {"tokens_sha256": hashlib.sha256(eval_ids.cpu().numpy().tobytes()).hexdigest(),
+                    "seqlen": seqlen, "eval_windows": eval_windows}
+        cached = json.loads(meta_file.read_text()) if args.resume and meta_file.is_file() else {}
+        if cached.get("eval") == eval_key:
+            ppl["before"] = cached["perplexity_before"]
         else:
             t = time.perf_counter()
             ppl["before"] = evaluate_perplexity(model, eval_ids, seqlen=seqlen, max_windows=eval_windows,
                                                 device=device, progress=not args.quiet)
             log(f"perplexity before: {ppl['before']:.3f} ({time.perf_counter() - t:.1f} s)")
             state_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(meta_file, {"perplexity_before": ppl["before"]})
+            atomic_write_json(meta_file, {"perplexity_before": ppl["before"], "eval": eval_key})
 
     try:
         report = prune_model(model, calib, sparsity=args.sparsity, pattern=args.pattern, method=args.method,
@@ -355,7 +367,7 @@ def cmd_prune(args) -> int:
         ppl.update(seqlen=seqlen, windows=min(n_win, eval_windows or n_win),
                    text=args.eval_path or "shakespeare:evaluation")
     report.update({
-        "command": "admm-prune " + " ".join(sys.argv[1:]) if sys.argv else None,
+        "command": "admm-prune " + " ".join(args.argv),
         "model_path": str(path), "seed": args.seed, "perplexity": ppl or None,
         "calibration": {"source": args.calib or "shakespeare:calibration", "nsamples": nsamples,
                         "seqlen": seqlen, "seed": args.seed},
@@ -406,12 +418,9 @@ def cmd_eval(args) -> int:
 
 
 def cmd_bench(argv: list[str]) -> int:
-    if importlib.util.find_spec("admm_kernels.bench") is not None:
-        from . import bench
-        return int(bench.main(argv) or 0)
-    print("admm-prune bench: not yet implemented (issue 6); see benchmarks/ for the benchmark scripts",
-          file=sys.stderr)
-    return 2
+    from .bench.cli import main as bench_main
+
+    return int(bench_main(argv) or 0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -420,6 +429,7 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_bench(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = argv
     if getattr(args, "threads", None):
         import torch
         torch.set_num_threads(args.threads)

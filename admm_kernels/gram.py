@@ -33,7 +33,9 @@ class GramAccumulator:
 
     def __init__(self, in_features: int, device: torch.device | str | None = None,
                  dtype: torch.dtype = torch.float32):
-        if not isinstance(in_features, int) or in_features <= 0:
+        if not isinstance(in_features, int) or isinstance(in_features, bool):
+            raise TypeError(f"in_features must be an int, got {in_features!r}")
+        if in_features <= 0:
             raise ValueError(f"in_features must be a positive int, got {in_features!r}")
         if dtype not in (torch.float32, torch.float64):
             raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
@@ -54,13 +56,14 @@ class GramAccumulator:
                 f"x has {x.shape[-1]} features in its last dimension, expected {self.in_features}")
         x2 = x.reshape(-1, self.in_features)
         if x2.device != self.device:
-            x2 = x2.to(self.device, non_blocking=True)
+            # Asynchronous only host -> device: a device -> host copy must finish before the CPU reads it.
+            x2 = x2.to(self.device, non_blocking=self.device.type == "cuda")
         if not torch.isfinite(x2).all():
             raise ValueError("x contains NaN or Inf")
         update = backends.implementation("gram_update", self.device)
         for start in range(0, x2.shape[0], _CHUNK_ROWS):
             chunk = x2[start:start + _CHUNK_ROWS]
-            if self.device.type == "cpu" and chunk.dtype != torch.float32:
+            if self.device.type == "cpu" and chunk.dtype in (torch.bfloat16, torch.float16):
                 # CPU bf16/fp16 GEMMs are ~90x slower than fp32 here: convert blockwise.
                 chunk = chunk.float()
             update(self._upper, chunk)

@@ -168,7 +168,7 @@ def test_bad_inputs_fail_early_with_clear_messages(tiny_dir, tmp_path, capsys):
         or torch.cuda.is_available()
 
 
-def test_help_and_bench_placeholder(capsys, monkeypatch):
+def test_help_of_prune_and_bench(capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["prune", "--help"])
     assert exc.value.code == 0
@@ -177,7 +177,10 @@ def test_help_and_bench_placeholder(capsys, monkeypatch):
                  "--device", "--out", "--resume", "--overwrite", "--save-format"):
         assert flag in text
     assert "measurement" in text
-    # `bench` belongs to issue 6: delegated to admm_kernels.bench when present, else a clear "not yet".
-    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name: None)
-    assert cli.main(["bench"]) == 2
-    assert "not yet implemented (issue 6)" in capsys.readouterr().err
+    # `bench` is handed to admm_kernels.bench (issue 6) with its own options.
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--methods", "--sparsities", "--patterns", "--perplexity", "--resume"):
+        assert flag in text

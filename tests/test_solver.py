@@ -278,3 +278,12 @@ def test_public_gram_is_the_function_after_submodule_import():
 
     importlib.import_module("admm_kernels.gram")
     assert callable(ak.gram) and ak.gram.__name__ == "gram"
+
+
+def test_gram_float64_is_exact_and_in_features_is_checked():
+    x = torch.randn(300, 17, dtype=torch.float64)
+    assert torch.allclose(ak.gram(x, dtype=torch.float64), x.T @ x, rtol=1e-13, atol=1e-12)
+    with pytest.raises(TypeError, match="in_features must be an int"):
+        ak.GramAccumulator(True)
+    with pytest.raises(ValueError, match="positive"):
+        ak.GramAccumulator(0)

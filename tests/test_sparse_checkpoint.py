@@ -187,3 +187,40 @@ def test_24_pair_code_round_trip_and_rejects_bad_bytes():
         decode_24_meta(bad, 5, 28)
     unsorted = ref._bits_pack(torch.tensor([[3, 1] * 7]), 2)  # positions not ascending: kept as bits
     assert encode_24_meta(unsorted, 28) is None
+
+
+def test_checksum_covers_the_description(tmp_path):
+    from safetensors.torch import save_file
+
+    path = save_sparse(sparsify(_stack()), tmp_path / "m.safetensors")
+    tensors, doc = read_checkpoint(path)
+    doc["model"] = {"class": "LlamaForCausalLM", "config": {"rope_theta": 1.0}}  # tensors untouched
+    edited = tmp_path / "edited.safetensors"
+    save_file(tensors, str(edited), metadata={"admm_kernels.sparse": json.dumps(doc)})
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        load_sparse(edited, model=_stack())
+
+
+@pytest.mark.parametrize("change", ["shape", "missing", "kind"])
+def test_loading_into_a_model_of_another_structure_fails(tmp_path, change):
+    path = save_sparse(sparsify(_stack()), tmp_path / "m.safetensors")
+    target = _stack()
+    if change == "shape":
+        target[3] = nn.Linear(40, 12)
+        match = "stored as 24x40"
+    elif change == "missing":
+        target = nn.Sequential(*list(target)[:3])
+        match = "has no module '3'"
+    else:
+        target[3] = nn.Conv1d(40, 24, 1)
+        match = "not a linear layer"
+    with pytest.raises(ValueError, match=match):
+        load_sparse(path, model=target)
+
+
+def test_load_state_dict_validates_index_data():
+    layer = sparsify(_stack())[3]  # 90 % sparse: CSR
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    state["col"][0] = 30000  # out of range for 40 inputs
+    with pytest.raises(ValueError):
+        layer.load_state_dict(state, assign=True)

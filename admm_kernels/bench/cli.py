@@ -232,7 +232,7 @@ def _run(args: argparse.Namespace) -> int:
                 "eval_source": (args.eval_path or "shakespeare:evaluation") if settings.perplexity else None}
         result = run_bench(model, calib, out, settings, eval_ids=eval_ids, seqlen=seqlen, model_name=name,
                            meta=meta)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, TypeError, OSError) as exc:  # OSError: unwritable --out or cache folder
         raise BenchError(str(exc)) from None
     print(report.text_table(result["summary"], report.SUMMARY_COLUMNS))
     if result["perplexity"]:

@@ -152,7 +152,7 @@ def perplexity_rows(model: nn.Module, calib_ids: torch.Tensor, eval_ids: torch.T
     rows, computed = [], 0
     for label, spec, pattern, s in plan:
         key = _key("ppl", label, spec.options if spec else None, pattern, round(s, 6), seqlen,
-                   settings.eval_windows, int(eval_ids.numel()))
+                   settings.eval_windows, grams_mod.tokens_digest(eval_ids))
         row = journal.get(key)
         if row is None:
             torch.manual_seed(settings.seed)
@@ -163,7 +163,8 @@ def perplexity_rows(model: nn.Module, calib_ids: torch.Tensor, eval_ids: torch.T
                 try:
                     rep = prune_model(model, calib_ids, sparsity=s, pattern=pattern, method=spec.method,
                                       layers=lambda name, module: name in chosen, device=device,
-                                      progress=settings.progress, **spec.options)
+                                      gram_dtype=settings.gram_dtype, progress=settings.progress,
+                                      **spec.options)
                     achieved = rep["achieved_sparsity"]
                     ppl = evaluate_perplexity(model, eval_ids, seqlen=seqlen,
                                               max_windows=settings.eval_windows, device=device,

@@ -36,9 +36,14 @@ VERSION = 1
 META_KEY = "admm_kernels.sparse"
 
 
-def checksum(tensors: dict[str, torch.Tensor]) -> str:
-    """sha256 hex digest over (name, dtype, shape, raw bytes) of every tensor, in name order."""
+def checksum(tensors: dict[str, torch.Tensor], doc: dict | None = None) -> str:
+    """sha256 hex digest over the format description `doc` (without its "checksum" entry, as canonical
+    JSON: layer formats, aliases and the model config are covered too) and (name, dtype, shape, raw
+    bytes) of every tensor, in name order."""
     h = hashlib.sha256()
+    if doc is not None:
+        body = {k: v for k, v in doc.items() if k != "checksum"}
+        h.update(json.dumps(body, sort_keys=True, default=str).encode())
     for name in sorted(tensors):
         t = tensors[name].detach().to("cpu").contiguous()
         h.update(f"{name}|{str(t.dtype)}|{tuple(t.shape)}|".encode())
@@ -168,8 +173,9 @@ def save_sparse(model: nn.Module, path: str | os.PathLike, *, pattern: str | Non
         "layers": layers,
         "aliases": aliases,
         "model": _model_info(model),
-        "checksum": {"algorithm": "sha256", "digest": checksum(tensors)},
     }
+    doc["checksum"] = {"algorithm": "sha256", "digest": checksum(tensors, json.loads(json.dumps(doc,
+                                                                                          default=str)))}
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(doc, default=str)})
@@ -209,7 +215,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
         raise ValueError(f"{str(path)!r}: unsupported format {doc.get('format')!r} version "
             f"{doc.get('version')!r}")
     expected = doc.get("checksum", {}).get("digest")
-    actual = checksum(tensors)
+    actual = checksum(tensors, doc)
     if expected != actual:
         raise ValueError(f"{str(path)!r} is corrupt: checksum mismatch (stored {expected}, computed "
             f"{actual})")
@@ -271,10 +277,13 @@ def load_sparse(path: str | os.PathLike, model: nn.Module | None = None) -> nn.M
             raise ValueError(f"{str(path)!r}: layer {name!r} bias presence does not match its description")
         layer = SparseLinear(packed, bias)  # validates shapes, dtypes, index ranges
         if name:
+            _check_replaceable(model, name, shape, desc["bias"], path)
             set_submodule(model, name, layer)
         else:
             model = layer
     for alias, target in doc.get("aliases", {}).items():
+        if alias in tensors or _is_sparse_key(alias, doc["layers"]):
+            raise ValueError(f"{str(path)!r}: alias {alias!r} would overwrite a stored tensor")
         if target not in tensors:
             raise ValueError(f"{str(path)!r}: alias {alias!r} -> {target!r} names no stored tensor")
         tensors[alias] = tensors[target]
@@ -284,6 +293,23 @@ def load_sparse(path: str | os.PathLike, model: nn.Module | None = None) -> nn.M
         raise ValueError(f"{str(path)!r} does not match the model: missing {missing[:5]}, "
             f"unexpected {unexpected[:5]}")
     return model.eval()
+
+
+def _check_replaceable(model: nn.Module, name: str, shape: tuple[int, int], bias: bool, path: Path) -> None:
+    """The module at `name` must be a linear layer of the stored shape and bias: loading into a model of
+    another structure must fail, not silently add or reshape layers."""
+    try:
+        old = model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(
+            f"{str(path)!r}: the model has no module {name!r} to load a sparse layer into") from None
+    if not isinstance(old, (nn.Linear, SparseLinear)):
+        raise ValueError(f"{str(path)!r}: module {name!r} is a {type(old).__name__}, not a linear layer")
+    has_bias = getattr(old, "bias", None) is not None
+    if (old.out_features, old.in_features) != tuple(shape) or has_bias != bias:
+        raise ValueError(f"{str(path)!r}: layer {name!r} is stored as {shape[0]}x{shape[1]} "
+                         f"(bias={bias}) but the model's is {old.out_features}x{old.in_features} "
+                         f"(bias={has_bias})")
 
 
 def _is_sparse_key(key: str, layers: dict) -> bool:

@@ -74,8 +74,9 @@ class SparseLinear(nn.Module):
         self._semi_cache: dict[tuple, object] = {}          # (device, dtype) -> semi-structured weight
         self._semi_failed: str = ""
         self._plans: dict[torch.device, tuple] = {}  # device -> (mode, bound kernel or None)
-        # load_state_dict(assign=True) swaps the buffers: drop kernels bound to the old ones.
-        self.register_load_state_dict_post_hook(SparseLinear._clear_caches)
+        # load_state_dict(assign=True) swaps the buffers: drop kernels bound to the old ones, and check the
+        # new ones (the C++ kernels trust their index data).
+        self.register_load_state_dict_post_hook(SparseLinear._after_load)
 
     # --- construction -------------------------------------------------------------------------------
     @classmethod
@@ -125,6 +126,10 @@ class SparseLinear(nn.Module):
     def weight(self) -> torch.Tensor:
         """The dense (out, in) weight, materialised on each access (for code that reads .weight)."""
         return self.packed.unpack()
+
+    def _after_load(self, *args) -> None:
+        self._clear_caches()
+        self.packed.validate()
 
     def _clear_caches(self, *args) -> None:
         self._dense_cache.clear()
