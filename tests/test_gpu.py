@@ -136,6 +136,26 @@ def test_cuda_ops_reject_bad_input():
     W = torch.randn(8, 12, device="cuda")
     with pytest.raises(TypeError, match="M must be a bool"):
         torch.ops.admm_kernels.admm_dual_step(W, W.clone(), W, W, 1.0, W.clone())
+    M = torch.rand(8, 12, device="cuda") > 0.5
+    with pytest.raises(ValueError, match="U and R must not share memory"):
+        U = torch.zeros_like(W)
+        torch.ops.admm_kernels.admm_dual_step(W, U, M, W, 1.0, U)
+    with pytest.raises(ValueError, match="internally overlapping"):
+        torch.ops.admm_kernels.admm_dual_step(W, torch.zeros(1, 12, device="cuda").expand(8, 12), M, W, 1.0,
+                                              torch.empty_like(W))
+
+
+def test_cuda_dual_step_reads_inputs_that_alias_an_output_from_copies():
+    _backend("cuda")
+    W = torch.randn(64, 96, device="cuda")
+    M = torch.rand(64, 96, device="cuda") > 0.5
+    U = torch.randn_like(W)
+    U_ref, R_ref = U.clone(), torch.empty_like(W)
+    reference.admm_dual_step(W, U_ref, M, U.clone(), 0.5, R_ref)  # B is U's old value
+    R = torch.empty_like(W)
+    torch.ops.admm_kernels.admm_dual_step(W, U, M, U, 0.5, R)  # B aliases the output U
+    torch.testing.assert_close(U, U_ref)
+    torch.testing.assert_close(R, R_ref)
 
 
 def test_registry_prefers_cuda_backend(no_forced_backend):

@@ -6,6 +6,7 @@
 // tensor-core peak; a hand-written CUDA GEMM would not beat either.
 //
 // Only light headers (no torch/extension.h, no ATen/cuda/*) so `nvcc -fdevice-syntax-only` stays fast.
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/core/DeviceGuard.h>
@@ -38,8 +39,18 @@ void check_cuda_2d(const at::Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(t.dim() == 2, name, " must be 2-D, got shape ", t.sizes());
 }
 
-void admm_dual_step(const at::Tensor& W, const at::Tensor& U, const at::Tensor& M, const at::Tensor& B, double rho,
-                    const at::Tensor& R) {
+void admm_dual_step(const at::Tensor& W_in, const at::Tensor& U, const at::Tensor& M_in, const at::Tensor& B_in,
+                    double rho, const at::Tensor& R) {
+  // The kernels write U and R element by element and promise __restrict__: outputs must not overlap
+  // themselves or each other, and inputs that share memory with an output are read from copies (as on
+  // the CPU).
+  TORCH_CHECK_VALUE(at::has_internal_overlap(U) != at::MemOverlap::Yes,
+                    "U has internally overlapping memory (an expanded view?)");
+  TORCH_CHECK_VALUE(at::has_internal_overlap(R) != at::MemOverlap::Yes,
+                    "R has internally overlapping memory (an expanded view?)");
+  TORCH_CHECK_VALUE(!U.is_alias_of(R), "U and R must not share memory");
+  auto unshared = [&](const at::Tensor& t) { return t.is_alias_of(U) || t.is_alias_of(R) ? t.clone() : t; };
+  const at::Tensor W = unshared(W_in), M = unshared(M_in), B = unshared(B_in);
   const std::pair<const at::Tensor*, const char*> all[] = {{&W, "W"}, {&U, "U"}, {&M, "M"}, {&B, "B"}, {&R, "R"}};
   for (const auto& [t, name] : all) {
     check_cuda_2d(*t, name);
