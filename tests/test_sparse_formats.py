@@ -214,3 +214,17 @@ def test_kernel_rejects_bad_shapes():
         torch.ops.admm_kernels.sparse_nm_mm(torch.randn(2, 12), v, meta, 2, 4, 16)
     with pytest.raises(RuntimeError, match="meta must be uint8"):
         torch.ops.admm_kernels.sparse_nm_mm(torch.randn(2, 16), v, meta[:, :1], 2, 4, 16)
+
+
+@needs_kernels
+def test_cpu_kernels_reject_out_of_range_positions():
+    """With M not a power of two the position bits can encode values >= M: corrupt metadata must raise,
+    never read or write outside the group."""
+    w = nm_weight(4, 6, 1, 3, torch.float32)
+    pk = PackedNM.pack(w, 1, 3)
+    bad = torch.full_like(pk.meta, 255)
+    with pytest.raises(RuntimeError, match="unpack_nm: position 3 out of range for m=3"):
+        torch.ops.admm_kernels.unpack_nm(pk.values, bad, 1, 3, 6)
+    with pytest.raises(RuntimeError, match="sparse_nm_mm: position 3 out of range for m=3"):
+        torch.ops.admm_kernels.sparse_nm_mm(torch.randn(2, 6), pk.values, bad, 1, 3, 6)
+    assert torch.equal(torch.ops.admm_kernels.unpack_nm(pk.values, pk.meta, 1, 3, 6), w)

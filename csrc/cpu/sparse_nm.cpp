@@ -235,6 +235,8 @@ void rows_generic(const float* x, int64_t batch, int64_t cols, const T* vals, co
         const float* xg = xb + g * m;
         for (int64_t t = 0; t < n; ++t, ++j) {
           const unsigned p = rd.next();
+          // Positions of non-power-of-two M can encode values >= M: corrupt metadata must not read past x.
+          TORCH_CHECK(p < static_cast<unsigned>(m), "sparse_nm_mm: position ", p, " out of range for m=", m);
           const float w = static_cast<float>(v[j]);
           for (int64_t b = 0; b < bb; ++b) s[b] += static_cast<double>(w * xg[b * cols + p]);
         }
@@ -258,7 +260,11 @@ void unpack_rows(const T* vals, const uint8_t* meta, int64_t k, int64_t meta_byt
     PosReader rd{meta + r * meta_bytes, bits, mask};
     int64_t j = 0;
     for (int64_t g = 0; g < groups; ++g)
-      for (int64_t t = 0; t < n; ++t, ++j) o[g * m + rd.next()] = v[j];
+      for (int64_t t = 0; t < n; ++t, ++j) {
+        const unsigned p = rd.next();
+        TORCH_CHECK(p < static_cast<unsigned>(m), "unpack_nm: position ", p, " out of range for m=", m);
+        o[g * m + p] = v[j];
+      }
   }
 }
 
