@@ -34,6 +34,7 @@ except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import admm_kernels as ak
 from admm_kernels._io import atomic_write_bytes  # noqa: E402
+from admm_kernels.bench.machine import best_time  # noqa: E402
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
@@ -73,15 +74,6 @@ def layer_weight(out: int, inn: int, seed: int) -> torch.Tensor:
     """Weight (out, in) fp32: Gaussian with per-row scales (rows of a trained layer differ in norm)."""
     g = torch.Generator().manual_seed(seed + 1)
     return torch.randn(out, inn, generator=g) * (0.02 * (1 + torch.rand(out, 1, generator=g)))
-
-
-def best_time(fn, reps: int) -> float:
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 def machine_figures(G: torch.Tensor, out: int, reps: int) -> dict:

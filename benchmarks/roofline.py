@@ -1,9 +1,7 @@
 """The machine's roofline measured in the run (fp32 matmul GFLOP/s, copy GB/s) and the solver kernels
 against it.
 
-As a helper (others import it, e.g. admm_kernels.bench.machine):
-    measure_peaks(device="cpu", n=2048, copy_bytes=256 MiB, reps=3) -> {"matmul_gflops", "copy_gbps", ...}
-    best_time(fn, reps, device) -> seconds (best of reps after one warm-up)
+The measurements themselves (measure_peaks, best_time, ...) live in admm_kernels.bench.machine.
 
 As a script:
     python benchmarks/roofline.py                      # the machine figures only
@@ -19,70 +17,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
-from collections.abc import Callable
 
 import torch
 
-COPY_BYTES = 256 * 2**20  # far beyond any last-level cache, so the copy measures DRAM bandwidth
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def best_time(fn: Callable[[], object], reps: int = 3, device: torch.device | str = "cpu") -> float:
-    """Best wall time in seconds of `fn()` over `reps` runs after one warm-up run.
-
-    The best (not the mean) because the machines these run on are shared: the minimum is the run least
-    disturbed by other processes.
-    """
-    device = torch.device(device)
-    fn()
-    _sync(device)
-    best = float("inf")
-    for _ in range(max(1, int(reps))):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return max(best, 1e-9)
-
-
-def matmul_gflops(n: int = 2048, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                  reps: int = 3) -> float:
-    """GFLOP/s of an (n, n) @ (n, n) matmul of `dtype` (2 n^3 FLOPs)."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive int, got {n!r}")
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    c = torch.empty(n, n, device=device, dtype=dtype)
-    return 2.0 * n**3 / best_time(lambda: torch.mm(a, b, out=c), reps, device) / 1e9
-
-
-def copy_gbps(nbytes: int = COPY_BYTES, device: torch.device | str = "cpu", reps: int = 3) -> float:
-    """GB/s of dst.copy_(src) for fp32 tensors of `nbytes`, counting bytes read + written (2 nbytes)."""
-    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 4:
-        raise ValueError(f"nbytes must be an int >= 4, got {nbytes!r}")
-    src = torch.ones(nbytes // 4, device=device)
-    dst = torch.empty_like(src)
-    return 2.0 * src.numel() * 4 / best_time(lambda: dst.copy_(src), reps, device) / 1e9
-
-
-def measure_peaks(device: torch.device | str = "cpu", n: int = 2048, copy_bytes: int = COPY_BYTES,
-                  reps: int = 3) -> dict:
-    """The roofline denominators measured now: {"matmul_gflops", "matmul_n", "copy_gbps", "copy_bytes",
-    "device"} (fp32 GEMM of side n; copy of copy_bytes, read + write counted)."""
-    device = torch.device(device)
-    return {
-        "matmul_gflops": matmul_gflops(n, device, reps=reps),
-        "matmul_n": n,
-        "copy_gbps": copy_gbps(copy_bytes, device, reps=reps),
-        "copy_bytes": copy_bytes,
-        "device": str(device),
-    }
-
+from admm_kernels.bench.machine import COPY_BYTES, best_time, copy_gbps, matmul_gflops, measure_peaks  # noqa: F401
 
 # --- kernels ------------------------------------------------------------------------------------------
 

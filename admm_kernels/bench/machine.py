@@ -1,26 +1,25 @@
-"""The machine's measured roofline denominators: fp32 matmul GFLOP/s and copy GB/s, and its description.
+"""The machine's measured roofline denominators (fp32 matmul GFLOP/s, copy GB/s), timing, and its
+description: the one implementation every benchmark of the project uses (benchmarks/roofline.py,
+benchmarks/compare.py and `admm-prune bench` import it), so they all divide by the same measurement.
 
 Measured in the run that uses them (SPEC §6: ratios from one run), best of `reps` after a warm-up.
-Sizes: a square fp32 GEMM of side `n` (default 1024: 0.03 s here at ~64 GFLOP/s, ENVIRONMENT.md; the
-benchmark passes the model's largest in_features so the GEMM is the size the ADMM loop runs) and a copy
-of 64 MiB (well beyond the last-level cache, so it measures memory bandwidth; bytes counted = read +
-write). In a checkout, benchmarks/roofline.py's `measure_peaks(device, n, reps=)` (the [cpu-kernels]
-roofline, a 256 MiB copy) is used instead, so every benchmark of the project divides by the same
-measurement; an installed package without the benchmarks folder measures here.
+Sizes: a square fp32 GEMM of side `n` (the bench passes the model's largest in_features, so the GEMM is
+the size the ADMM loop runs) and a copy of 256 MiB (far beyond any last-level cache, so it measures
+memory bandwidth; bytes counted = read + write).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import platform
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-COPY_BYTES = 64 * 2**20
+COPY_BYTES = 256 * 2**20
 
 
 def _sync(device: torch.device) -> None:
@@ -28,57 +27,63 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _best(fn, reps: int, device: torch.device) -> float:
+def best_time(fn: Callable[[], object], reps: int = 3, device: torch.device | str = "cpu") -> float:
+    """Best wall time in seconds of `fn()` over `reps` runs after one warm-up run.
+
+    The best (not the mean) because the machines these run on are shared: the minimum is the run least
+    disturbed by other processes.
+    """
+    device = torch.device(device)
     fn()
     _sync(device)
     best = float("inf")
-    for _ in range(max(1, reps)):
-        t = time.perf_counter()
+    for _ in range(max(1, int(reps))):
+        t0 = time.perf_counter()
         fn()
         _sync(device)
-        best = min(best, time.perf_counter() - t)
+        best = min(best, time.perf_counter() - t0)
     return max(best, 1e-9)
 
 
-def _repo_roofline():
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "roofline.py"
-    if not path.is_file():
-        return None
-    spec = importlib.util.spec_from_file_location("_admm_bench_roofline", path)
-    mod = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(mod)
-    except Exception:  # a broken optional script must not break the benchmark
-        return None
-    return mod if callable(getattr(mod, "measure_peaks", None)) else None
+def matmul_gflops(n: int = 2048, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                  reps: int = 3) -> float:
+    """GFLOP/s of an (n, n) @ (n, n) matmul of `dtype` (2 n^3 FLOPs)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive int, got {n!r}")
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    c = torch.empty(n, n, device=device, dtype=dtype)
+    return 2.0 * n**3 / best_time(lambda: torch.mm(a, b, out=c), reps, device) / 1e9
+
+
+def copy_gbps(nbytes: int = COPY_BYTES, device: torch.device | str = "cpu", reps: int = 3) -> float:
+    """GB/s of dst.copy_(src) for fp32 tensors of `nbytes`, counting bytes read + written (2 nbytes)."""
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 4:
+        raise ValueError(f"nbytes must be an int >= 4, got {nbytes!r}")
+    src = torch.ones(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    return 2.0 * src.numel() * 4 / best_time(lambda: dst.copy_(src), reps, device) / 1e9
+
+
+def measure_peaks(device: torch.device | str = "cpu", n: int = 2048, copy_bytes: int = COPY_BYTES,
+                  reps: int = 3) -> dict:
+    """The roofline denominators measured now: {"matmul_gflops", "matmul_n", "copy_gbps", "copy_bytes",
+    "device"} (fp32 GEMM of side n; copy of copy_bytes, read + write counted)."""
+    device = torch.device(device)
+    return {
+        "matmul_gflops": matmul_gflops(n, device, reps=reps),
+        "matmul_n": n,
+        "copy_gbps": copy_gbps(copy_bytes, device, reps=reps),
+        "copy_bytes": copy_bytes,
+        "device": str(device),
+    }
 
 
 def measure(device: torch.device | str = "cpu", n: int = 1024, reps: int = 3) -> dict:
-    """{"matmul_gflops", "matmul_n", "copy_gbps", "copy_bytes", "source"} measured now on `device`."""
-    device = torch.device(device)
+    """measure_peaks() with a GEMM of side n >= 16, plus "source" (for the bench's records)."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 16:
         raise ValueError(f"n must be an int >= 16, got {n!r}")
-    mod = _repo_roofline()
-    if mod is not None:
-        try:
-            peaks = {k: str(v) if isinstance(v, torch.device) else v
-                     for k, v in mod.measure_peaks(device=device, n=n, reps=reps).items()}
-            if {"matmul_gflops", "copy_gbps"} <= set(peaks):
-                peaks["source"] = "benchmarks/roofline.py"
-                return peaks
-        except Exception:  # a changed signature or failure there: measure here instead
-            pass
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
-    c = torch.empty(n, n, device=device)
-    t_mm = _best(lambda: torch.mm(a, b, out=c), reps, device)
-    src = torch.empty(COPY_BYTES // 4, device=device)
-    src.fill_(1.0)
-    dst = torch.empty_like(src)
-    t_copy = _best(lambda: dst.copy_(src), reps, device)
-    return {"matmul_gflops": 2.0 * n ** 3 / t_mm / 1e9, "matmul_n": n,
-            "copy_gbps": 2.0 * COPY_BYTES / t_copy / 1e9, "copy_bytes": COPY_BYTES,
-            "source": "admm_kernels.bench.machine"}
+    return {**measure_peaks(device, n=n, reps=reps), "source": "admm_kernels.bench.machine"}
 
 
 def describe(device: torch.device | str = "cpu") -> dict:
