@@ -22,7 +22,6 @@ import datetime
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -73,12 +72,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def machine() -> dict:
-    commit = None
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        pass
+    from admm_kernels.bench.machine import git_commit
+
+    sha = git_commit()["commit"]
+    commit = sha[:7] if sha else None
     return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "commit": commit,
             "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
