@@ -13,6 +13,8 @@ import math
 import torch
 from torch import nn
 
+from ._checks import check_compute_device, model_device
+
 
 def _as_tokens(tokens_or_text, tokenizer) -> torch.Tensor:
     if isinstance(tokens_or_text, str):
@@ -41,7 +43,8 @@ def evaluate_perplexity(model: nn.Module, tokens_or_text, seqlen: int | None = N
 
     tokens_or_text: int token ids (n,) / (1, n), or a str (then `tokenizer` is needed). seqlen: window
     length (default: min(2048, the model's maximum)). max_windows: evaluate only the first windows.
-    device: where to run (the model is moved there and back; default: where it is).
+    device: where to run (the model is moved there and back, also on errors; default: where
+    it is; the meta device is refused).
     """
     from .data import resolve_seqlen
     from .models.loading import max_positions
@@ -56,19 +59,19 @@ def evaluate_perplexity(model: nn.Module, tokens_or_text, seqlen: int | None = N
         if isinstance(max_windows, bool) or not isinstance(max_windows, int) or max_windows < 1:
             raise ValueError(f"max_windows must be a positive int or None, got {max_windows!r}")
         n_windows = min(n_windows, max_windows)
-    home = next(model.parameters()).device
-    run_on = torch.device(device) if device is not None else home
+    home = model_device(model)
+    run_on = check_compute_device(device, "device") if device is not None else home
     was_training = model.training
-    model.eval()
-    if run_on != home:
-        model.to(run_on)
     windows = ids[:n_windows * seqlen].view(n_windows, seqlen)
     total, count = 0.0, 0
     it = range(n_windows)
     if progress:
         from tqdm.auto import tqdm
         it = tqdm(it, desc="perplexity", unit="window", leave=False)
-    try:
+    try:  # the model goes back to its device and mode whatever happens
+        model.eval()
+        if run_on != home:
+            model.to(run_on)
         for i in it:
             x = windows[i:i + 1].to(run_on)
             logits = model(input_ids=x, use_cache=False).logits
