@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -160,30 +159,38 @@ def build_parser() -> argparse.ArgumentParser:
 # checks done before any heavy work
 
 def _check_device(name: str):
-    import torch
+    from ._checks import check_compute_device
     try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise CliError(f"--device {name!r} is not a valid device (e.g. cpu, cuda, cuda:0)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CliError(f"--device {name!r}: CUDA is not available on this machine")
-    return device
+        return check_compute_device(name, "--device")
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
+def _check_out(out: Path, overwrite: bool, model_dir: Path, state_dir: Path) -> None:
+    """Refuse, before any work, an --out that would replace or lie inside the input model (even with
+    --overwrite), that is not a folder, is not empty, or cannot be written (a real probe: /proc and
+    read-only mounts fool os.access)."""
+    from ._io import nearest_existing, paths_overlap, probe_writable
+
     if out.resolve() in (Path.cwd().resolve(), *Path.cwd().resolve().parents):
         raise CliError(f"--out {str(out)!r} is the current folder or above it; name a folder of its own")
+    for what, path in (("--out", out), (f"its state folder {str(state_dir)!r} of --out", state_dir)):
+        if paths_overlap(path, model_dir):
+            raise CliError(f"{what} {str(out)!r} ({str(out.resolve())!r}) and the input MODEL "
+                           f"{str(model_dir)!r} ({str(model_dir.resolve())!r}) are the same folder or one "
+                           "contains the other: writing there would replace the input model; choose another "
+                           "--out")
     if out.exists() and not out.is_dir():
         raise CliError(f"--out {str(out)!r} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise CliError(f"--out {str(out)!r} is not empty; pass --overwrite to replace it")
-    probe = out.resolve().parent
-    while not probe.exists():
-        probe = probe.parent
+    probe = nearest_existing(out.absolute().parent)
     if not probe.is_dir():
         raise CliError(f"--out {str(out)!r} cannot be created: {str(probe)!r} is not a folder")
-    if not os.access(probe, os.W_OK | os.X_OK) or (out.exists() and not os.access(out, os.W_OK)):
-        raise CliError(f"--out {str(out)!r} is not writable (no write permission on {str(probe)!r})")
+    error = probe_writable(probe)
+    if error is not None:
+        raise CliError(f"--out {str(out)!r} is not writable: nothing can be created in {str(probe)!r} "
+                       f"({error.strerror or error})")
 
 
 def _check_text_path(path: str | None, flag: str) -> None:
@@ -242,11 +249,11 @@ def _packed_saver():
 
 def _save(model, tokenizer, out: Path, fmt: str, report: dict, overwrite: bool) -> None:
     """Write the model and report into a temporary sibling folder, then rename it onto `out`."""
-    from .models.state import publish_folder
+    from ._io import make_temp_sibling, old_sibling, publish_folder
 
     out = out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = make_temp_sibling(out)  # .OUT.tmp-PID-*: removed by a later run if this process is killed
     old = None
     try:
         if fmt == "packed":
@@ -260,7 +267,7 @@ def _save(model, tokenizer, out: Path, fmt: str, report: dict, overwrite: bool) 
         if out.exists():
             if not overwrite and any(out.iterdir()):
                 raise CliError(f"--out {str(out)!r} became non-empty during the run; pass --overwrite")
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            old = old_sibling(out)
             os.replace(out, old)
         try:
             os.replace(tmp, out)
@@ -276,12 +283,10 @@ def _save(model, tokenizer, out: Path, fmt: str, report: dict, overwrite: bool) 
 
 
 def cmd_prune(args) -> int:
-    from . import data
     from ._checks import parse_pattern
-    from .eval import evaluate_perplexity
-    from .models import default_state_dir, max_positions, prune_model
-    from .models.pipeline import check_prunable
-    from .models.state import atomic_write_json
+    from .models import default_state_dir
+    from .models.loading import default_model_folder
+    from .models.state import PipelineState, StateError
 
     # cheap checks first
     if args.model is not None:
@@ -302,18 +307,42 @@ def cmd_prune(args) -> int:
     _check_text_path(args.calib, "--calib")
     _check_text_path(args.eval_path, "--eval")
     out = Path(args.out) if args.out else _default_out(args)
-    _check_out(out, args.overwrite)
+    state_dir = default_state_dir(out)
+    _check_out(out, args.overwrite, Path(args.model) if args.model else default_model_folder(), state_dir)
+    # One run at a time per --out: the lock on OUT.state covers the state and the final save.
+    try:
+        lock = PipelineState(state_dir).lock()
+    except StateError as exc:
+        raise CliError(f"--out {str(out)!r} cannot be used: {exc}") from None
+    with lock:
+        return _prune_locked(args, device, out, PipelineState(state_dir))
+
+
+def _prune_locked(args, device, out: Path, store) -> int:
+    """The work of `admm-prune prune`, done while holding the lock of the output's state folder."""
+    from . import data
+    from ._digest import model_digest
+    from ._io import clean_stale_siblings
+    from .eval import evaluate_perplexity
+    from .models import max_positions, prune_model
+    from .models.pipeline import check_prunable, versions
+    from .models.state import StateError
+
+    log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
+    for line in clean_stale_siblings(out.resolve()):  # what a killed run left beside --out
+        log(f"admm-prune: {line}")
+        if out.is_dir() and any(out.iterdir()) and not args.overwrite:  # a previous output came back
+            raise CliError(f"{line}; --out {str(out)!r} is not empty now: pass --overwrite to replace it")
     embedded = args.model is None
     nsamples = args.nsamples or (EMBEDDED_NSAMPLES if embedded else data.DEFAULT_NSAMPLES)
     eval_windows = args.eval_windows or (EMBEDDED_EVAL_WINDOWS if embedded else None)
     options = dict(args.option)
-    state_dir = default_state_dir(out)
-    if state_dir.exists() and not args.resume:
+    state_dir = store.folder
+    if store.has_state() and not args.resume:
         if not args.overwrite:  # never throw away hours of work because --resume was forgotten
             raise CliError(f"{str(state_dir)!r} holds the state of an interrupted run: pass --resume to "
                            "continue it, or --overwrite to start over")
-        shutil.rmtree(state_dir)
-    log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
+        store.clear()
 
     t0 = time.perf_counter()
     model, tok, path = _load(args.model, device, args.dtype)
@@ -335,21 +364,27 @@ def cmd_prune(args) -> int:
         raise CliError(str(exc)) from None
 
     ppl = {}
-    meta_file = state_dir / "cli.json"
     if eval_ids is not None:
-        # Reused on --resume only when computed on the same tokens, windows and window length.
+        # Reused on --resume only when computed on the same tokens, windows and window length, by the
+        # same dense model (content digest: 0.4 s for SmolLM2-135M), thread count, device and versions.
+        import torch
         eval_key = {"tokens_sha256": hashlib.sha256(eval_ids.cpu().numpy().tobytes()).hexdigest(),
-                    "seqlen": seqlen, "eval_windows": eval_windows}
-        cached = json.loads(meta_file.read_text()) if args.resume and meta_file.is_file() else {}
-        if cached.get("eval") == eval_key:
+                    "seqlen": seqlen, "eval_windows": eval_windows, "model": model_digest(model),
+                    "threads": torch.get_num_threads(), "device": device.type,
+                    "versions": {k: v for k, v in versions().items() if k != "python"}}
+        try:
+            cached = (store.read_extra("cli.json") if args.resume else None) or {}
+        except StateError as exc:  # only a cache: recompute it
+            log(f"admm-prune: ignoring the cached perplexity: {exc}")
+            cached = {}
+        if cached.get("eval") == eval_key and isinstance(cached.get("perplexity_before"), float):
             ppl["before"] = cached["perplexity_before"]
         else:
             t = time.perf_counter()
             ppl["before"] = evaluate_perplexity(model, eval_ids, seqlen=seqlen, max_windows=eval_windows,
                                                 device=device, progress=not args.quiet)
             log(f"perplexity before: {ppl['before']:.3f} ({time.perf_counter() - t:.1f} s)")
-            state_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(meta_file, {"perplexity_before": ppl["before"], "eval": eval_key})
+            store.write_extra("cli.json", {"perplexity_before": ppl["before"], "eval": eval_key})
 
     try:
         report = prune_model(model, calib, sparsity=args.sparsity, pattern=args.pattern, method=args.method,
@@ -377,7 +412,7 @@ def cmd_prune(args) -> int:
         _save(model, tok, out, args.save_format, report, args.overwrite)
     except OSError as exc:
         raise CliError(f"could not write --out {str(out)!r}: {exc}") from None
-    shutil.rmtree(state_dir, ignore_errors=True)
+    store.remove()
     if not args.quiet:
         print(_layer_table(report))
     t = report["timings"]
