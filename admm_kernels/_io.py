@@ -21,6 +21,11 @@ def _read_umask() -> int:
 _UMASK = _read_umask()
 
 
+def file_mode() -> int:
+    """The mode a plain open() gives a new file: 0o666 minus the process umask (read at import)."""
+    return 0o666 & ~_UMASK
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to `path` atomically (the folder must exist)."""
     path = Path(path)
@@ -30,7 +35,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
