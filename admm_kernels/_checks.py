@@ -13,6 +13,17 @@ from dataclasses import dataclass
 import torch
 
 METHODS = ("admm", "sparsegpt", "wanda", "magnitude")
+# One line per method, saying which grouping its pattern "unstructured" uses; `admm-prune prune --help`
+# prints these, so this is the one place to update when a method's behaviour changes.
+METHOD_SUMMARIES = {
+    "admm": "ADMM-Grad (Boza 2024): gradual mask selection and the ADMM weight update; 'unstructured' "
+            "prunes the layer's smallest scores (one threshold per layer)",
+    "sparsegpt": "SparseGPT: OBS updates in blocks of 128 columns; 'unstructured' prunes each block's share "
+                 "of the layer's count over all its rows (exact per layer)",
+    "wanda": "Wanda: score |W| * ||x||, no weight update; 'unstructured' compares scores within each output "
+             "row, as the paper does (-o per_row=false: one threshold per layer)",
+    "magnitude": "smallest |W|, data-free, no weight update; 'unstructured' uses one threshold per layer",
+}
 SCHEDULES = ("constant", "cubic")
 
 # Relative tolerance of the Gram symmetry check: |G - G^T| <= tol * max|diag G|. Grams built by

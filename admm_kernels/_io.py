@@ -27,6 +27,11 @@ def _read_umask() -> int:
 _UMASK = _read_umask()
 
 
+def file_mode() -> int:
+    """The mode a plain open() gives a new file: 0o666 minus the process umask (read at import)."""
+    return 0o666 & ~_UMASK
+
+
 def fsync_file(path: str | os.PathLike) -> None:
     """Flush a written file's data to the disk."""
     fd = os.open(path, os.O_RDONLY)
@@ -60,7 +65,7 @@ def atomic_write_with(path: str | os.PathLike, write: Callable[[Path], None]) ->
     try:
         write(Path(tmp))
         fsync_file(tmp)
-        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -84,7 +89,7 @@ def publish_folder(folder: str | os.PathLike) -> None:
     (0777 / 0666 minus the umask) before it is renamed into place."""
     os.chmod(folder, 0o777 & ~_UMASK)
     for f in Path(folder).rglob("*"):
-        os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~_UMASK)
+        os.chmod(f, 0o777 & ~_UMASK if f.is_dir() else file_mode())
 
 
 # ---------------------------------------------------------------------------------------------------
