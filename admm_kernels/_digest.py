@@ -10,6 +10,7 @@ tensors); model_digest on SmolLM2 took 0.39 s (0.6-0.8 s while other jobs loaded
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -34,18 +35,24 @@ def tokens_digest(ids: torch.Tensor) -> str:
     return tensor_digest(ids)
 
 
-def model_digest(model: nn.Module) -> str:
+def model_digest(model: nn.Module,
+                 source: Callable[[str, torch.Tensor], torch.Tensor | None] | None = None) -> str:
     """SHA-256 of every parameter and buffer of `model` (non-persistent buffers such as rotary tables
     included; tied weights once): name, dtype, shape and bytes, in module order, plus the class name.
 
-    Whatever changes a forward pass changes this digest; the device does not. Raises ValueError for
-    tensors on the meta device (they hold no data)."""
+    Whatever changes a forward pass changes this digest; the device does not. source(name, tensor), when
+    given, may return the data to hash in place of the model's tensor `name` (a streamed model's blocks
+    are read from its checkpoint: admm_kernels.models.streaming), or None to hash the model's own.
+    Raises ValueError for tensors on the meta device that `source` does not supply (they hold no data)."""
     h = hashlib.sha256(type(model).__name__.encode())
     for kind, named in (("param", model.named_parameters()), ("buffer", model.named_buffers())):
         for name, t in named:
-            if t.device.type == "meta":
-                raise ValueError(f"{kind} {name} is on the meta device (no data): load the model's weights "
-                                 "first")
+            data = source(name, t) if source is not None else None
+            if data is None:
+                if t.device.type == "meta":
+                    raise ValueError(f"{kind} {name} is on the meta device (no data): load the model's "
+                                     "weights first")
+                data = t
             h.update(f"|{kind}:{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-            update_with_tensor(h, t)
+            update_with_tensor(h, data)
     return h.hexdigest()

@@ -59,18 +59,23 @@ def check_token_range(ids: torch.Tensor, vocab: int | None, name: str = "token i
                          "another model's tokenizer?")
 
 
-@torch.no_grad()
-def evaluate_perplexity(model: nn.Module, tokens_or_text, seqlen: int | None = None, tokenizer=None,
-                        max_windows: int | None = None, device: torch.device | str | None = None,
-                        progress: bool = False) -> float:
-    """exp(mean next-token NLL) of `model` over non-overlapping windows of `seqlen` tokens.
+def window_nll(logits: torch.Tensor, x: torch.Tensor) -> float:
+    """Summed next-token NLL of one window: logits (1, L, vocab), token ids x (1, L) -> float."""
+    return float(nn.functional.cross_entropy(logits[0, :-1].float(), x[0, 1:], reduction="sum"))
 
-    tokens_or_text: int token ids (n,) / (1, n), or a str (then `tokenizer` is needed). seqlen: window
-    length (default: min(2048, the model's maximum)). max_windows: evaluate only the first windows.
-    device: where to run (the model is moved there and back, also on errors; default: where it is;
-    the meta device is refused). progress: a tqdm bar over the windows (on stderr). ValueError for
-    token ids outside [0, vocabulary size).
-    """
+
+def perplexity_from(nll: torch.Tensor, seqlen: int) -> float:
+    """exp(mean NLL) from the per-window summed NLLs (float64 (windows,)), added in window order (so a
+    distributed evaluation gives the very same float as one process)."""
+    total = 0.0
+    for v in nll.tolist():
+        total += v
+    return math.exp(total / (nll.numel() * (seqlen - 1)))
+
+
+def evaluation_windows(model: nn.Module, tokens_or_text, seqlen: int | None, tokenizer,
+                       max_windows: int | None) -> torch.Tensor:
+    """The (windows, seqlen) int64 token ids evaluate_perplexity scores (validated)."""
     from .data import resolve_seqlen
     from .models.loading import max_positions
 
@@ -85,12 +90,44 @@ def evaluate_perplexity(model: nn.Module, tokens_or_text, seqlen: int | None = N
         if isinstance(max_windows, bool) or not isinstance(max_windows, int) or max_windows < 1:
             raise ValueError(f"max_windows must be a positive int or None, got {max_windows!r}")
         n_windows = min(n_windows, max_windows)
+    return ids[:n_windows * seqlen].view(n_windows, seqlen)
+
+
+@torch.no_grad()
+def evaluate_perplexity(model, tokens_or_text, seqlen: int | None = None, tokenizer=None,
+                        max_windows: int | None = None, device: torch.device | str | None = None,
+                        progress: bool = False, distributed=None, offload=False) -> float:
+    """exp(mean next-token NLL) of `model` over non-overlapping windows of `seqlen` tokens.
+
+    model: an nn.Module causal LM, or an admm_kernels.models.StreamedModel (then evaluated block by
+    block, each block read from the checkpoint and freed: memory does not grow with the model; the
+    windows' hidden states live where `offload` says: False = on the device, True / "cpu", "disk").
+    tokens_or_text: int token ids (n,) / (1, n), or a str (then `tokenizer` is needed). seqlen: window
+    length (default: min(2048, the model's maximum)). max_windows: evaluate only the first windows.
+    device: where to run (the model is moved there and back, also on errors; default: where it is;
+    the meta device is refused). progress: a tqdm bar over the windows (on stderr). distributed: None =
+    split the windows over the ranks of an initialised torch.distributed process group (every rank must
+    call this), False = this process alone (see admm_kernels.models.distributed.resolve_comm); the
+    per-window losses are summed in window order, so the result is the same float as one process's.
+    ValueError for token ids outside [0, vocabulary size).
+    """
+    from .models.distributed import resolve_comm, shard
+    from .models.streaming import StreamedModel
+
+    comm = resolve_comm(distributed)
+    if isinstance(model, StreamedModel):
+        from .models.layerwise_eval import streamed_perplexity
+
+        windows = evaluation_windows(model.model, tokens_or_text, seqlen, tokenizer, max_windows)
+        run_on = check_compute_device(device, "device") if device is not None else torch.device("cpu")
+        return streamed_perplexity(model, windows, run_on, comm, offload, progress)
+    windows = evaluation_windows(model, tokens_or_text, seqlen, tokenizer, max_windows)
+    n_windows, seqlen = windows.shape
     home = model_device(model)
     run_on = check_compute_device(device, "device") if device is not None else home
     was_training = model.training
-    windows = ids[:n_windows * seqlen].view(n_windows, seqlen)
-    total, count = 0.0, 0
-    it = range(n_windows)
+    nll = torch.zeros(n_windows, dtype=torch.float64)
+    it = shard(n_windows, comm.size, comm.rank)
     if progress:
         from tqdm.auto import tqdm
         it = tqdm(it, desc="perplexity", unit="window", leave=False)
@@ -100,12 +137,10 @@ def evaluate_perplexity(model: nn.Module, tokens_or_text, seqlen: int | None = N
             model.to(run_on)
         for i in it:
             x = windows[i:i + 1].to(run_on)
-            logits = model(input_ids=x, use_cache=False).logits
-            nll = nn.functional.cross_entropy(logits[0, :-1].float(), x[0, 1:], reduction="sum")
-            total += float(nll)
-            count += seqlen - 1
+            nll[i] = window_nll(model(input_ids=x, use_cache=False).logits, x)
     finally:
         if run_on != home:
             model.to(home)
         model.train(was_training)
-    return math.exp(total / count)
+    comm.all_reduce_sum_(nll, "perplexity: summing the windows' losses")
+    return perplexity_from(nll, seqlen)

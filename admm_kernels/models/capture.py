@@ -12,6 +12,8 @@ raises at once. Windows are run one at a time (batch 1), so the recorded argumen
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +32,7 @@ class BlockCall:
     args: tuple
     kwargs: dict
     by_keyword: bool
+    returns_tuple: bool = False  # the model indexes the block's output ([0]): older transformers
 
     def __call__(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         if self.by_keyword:
@@ -115,22 +118,33 @@ def _run(model: nn.Module, ids: torch.Tensor) -> None:
     raise RuntimeError("the model's forward did not call its decoder blocks")
 
 
+def _home(model: nn.Module) -> torch.device:
+    # The stem's device (a streamed model's blocks are on the meta device: skipped).
+    return next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
+
+
 @torch.no_grad()
 def capture_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor,
-                   device: torch.device, act_device: torch.device,
-                   windows: range | None = None) -> tuple[torch.Tensor | None, list[BlockCall]]:
-    """Run the model's stem on every calibration window; return (hidden, calls).
+                   device: torch.device, act_device: torch.device, windows: range | None = None,
+                   empty: Callable[[tuple, torch.dtype], torch.Tensor] | None = None
+                   ) -> tuple[torch.Tensor | None, list[BlockCall]]:
+    """Run the model's stem on the calibration windows `windows` (default: all); return (hidden, calls).
 
-    input_ids: (N, L) int64. hidden: (N, L, hidden) in the model's activation dtype on act_device, the
-    inputs of block 0 (None when windows is an empty range, i.e. only the calls are wanted, as on
+    input_ids: (N, L) int64. hidden: (len(windows), L, hidden) in the model's activation dtype, the inputs
+    of block 0 for those windows in order (row i = window windows[i]), allocated by empty(shape, dtype)
+    (default: torch.empty on act_device); None when windows is empty (only the calls are wanted, as on
     resume). calls[i]: how block i is called (its tensors live on `device`).
-    The model is returned to its original device; the blocks are never moved.
+    The model is returned to its original device; the blocks are never moved (they may be on the meta
+    device: a streamed model's).
     """
     n = input_ids.shape[0]
     windows = range(n) if windows is None else windows
+    if empty is None:
+        def empty(shape, dtype):
+            return torch.empty(shape, dtype=dtype, device=act_device)
     originals = list(blocks)
     rec = _Recorder(len(originals))
-    home = next((p.device for p in model.parameters()), torch.device("cpu"))
+    home = _home(model)
     try:
         for i in range(len(originals)):
             blocks[i] = _Stub(i, rec)
@@ -146,16 +160,61 @@ def capture_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Ten
             raise ValueError(f"unsupported model {type(model).__name__}: its forward modifies the hidden "
                              "states between decoder blocks, so blocks cannot be pruned one at a time")
         calls = list(rec.calls)
+        for c in calls:
+            c.returns_tuple = rec.as_tuple
         rec.all_blocks = False
         hidden = None
-        for j in windows:
+        for row, j in enumerate(windows):
             _run(model, ids[j:j + 1])
             h = rec.hidden
             if hidden is None:
-                hidden = torch.empty((n, *h.shape[1:]), dtype=h.dtype, device=act_device)
-            hidden[j] = h[0].to(act_device)
+                hidden = empty((len(windows), *h.shape[1:]), h.dtype)
+            hidden[row] = h[0].to(hidden.device)
     finally:
         model.to(home)   # while the stubs are in place: moves only the stem and head back
         for i, b in enumerate(originals):
             blocks[i] = b
     return hidden, calls
+
+
+class _Inject(nn.Module):
+    """Stands in for block `index`: passes the hidden states through, except the last block, which returns
+    the given final hidden states (so the model's own norm and head run on them)."""
+
+    def __init__(self, index: int, last: int, final: list, as_tuple: bool):
+        super().__init__()
+        self.index, self.last, self.final, self.as_tuple = index, last, final, as_tuple
+
+    def forward(self, *args, **kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        out = self.final[0] if self.index == self.last else hidden
+        return (out,) if self.as_tuple else out
+
+
+@contextlib.contextmanager
+def head_runner(model: nn.Module, blocks: nn.ModuleList, device: torch.device, as_tuple: bool = False):
+    """Yields run(input_ids (1, L), final (1, L, hidden)) -> the model's logits (1, L, vocab) for one window
+    whose last block produced `final`. The model's own forward runs with every block replaced by a
+    pass-through and the last one returning `final`, so the final norm, head and any logit scaling are
+    exactly the model's. Inside the context the stem and head are on `device`; the blocks are never moved
+    (they may be on the meta device) and are back in place afterwards."""
+    originals = list(blocks)
+    box: list = [None]
+    home = _home(model)
+    try:
+        for i in range(len(originals)):
+            blocks[i] = _Inject(i, len(originals) - 1, box, as_tuple)
+        model.to(device)
+
+        @torch.no_grad()
+        def run(input_ids: torch.Tensor, final: torch.Tensor) -> torch.Tensor:
+            box[0] = final.to(device)
+            try:
+                return model(input_ids=input_ids.to(device), use_cache=False).logits
+            finally:
+                box[0] = None
+        yield run
+    finally:
+        model.to(home)   # while the pass-throughs are in place: moves only the stem and head back
+        for i, b in enumerate(originals):
+            blocks[i] = b

@@ -137,7 +137,7 @@ def check_model_path(path: str | os.PathLike, name: str = "model", packed: bool 
     return p
 
 
-def _safetensors_files(folder: Path) -> list[Path]:
+def safetensors_files(folder: Path) -> list[Path]:
     """The safetensors files a transformers folder loads: model.safetensors, or every shard its
     model.safetensors.index.json names. ValueError naming the index when it is unreadable."""
     index = folder / "model.safetensors.index.json"
@@ -163,7 +163,7 @@ def check_weight_files(folder: str | os.PathLike) -> None:
     is read) and raise ValueError naming the file when one is empty, truncated or not safetensors."""
     from safetensors import SafetensorError, safe_open
 
-    for f in _safetensors_files(Path(folder)):
+    for f in safetensors_files(Path(folder)):
         try:
             with safe_open(f, framework="pt") as fh:
                 fh.keys()

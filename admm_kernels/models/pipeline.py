@@ -1,11 +1,21 @@
-"""Sequential whole-model pruning (SPEC §1 "Model pipeline"), as SparseGPT / Wanda / the seed paper do.
+"""Whole-model pruning (SPEC §1 "Model pipeline"), as SparseGPT / Wanda / the seed paper do, on one
+process or on every rank of a torch.distributed run, with the model in memory or streamed from its
+checkpoint.
 
-For each decoder block in turn: move it to the compute device; run the calibration windows through it
-once with forward pre-hooks that add every selected linear's input to a Gram accumulator (layers that
-receive the same input tensor, e.g. q/k/v or gate/up, share one accumulator); prune every selected
-linear with `prune_layer`; run the windows through the *pruned* block to make the next block's inputs;
-move the block back. Only one block is ever on the device. With a state folder, everything needed to
-continue bit-identically is saved after each block.
+For each decoder block in turn: move it to the compute device; accumulate the Gram of every selected
+linear's input over the calibration windows (layers sharing an input share one Gram); prune every
+selected linear with prune_layer; run the windows through the *pruned* block to make the next block's
+inputs; move the block back (admm_kernels.models.block, with the stages of sequential pruning in
+admm_kernels.models.grams). Only one block is ever on the device.
+
+Distributed (admm_kernels.models.distributed): the windows are split over the ranks, the Grams summed,
+the layers solved by balanced owners and broadcast; every rank holds the identical pruned model. Rank 0
+alone owns the resumable state (lock, verification, saves: other ranks never write), gathering the
+activations from every rank when it saves them, so a saved block is one every rank finished.
+Streamed (admm_kernels.models.streaming.StreamedModel): each block is read from the checkpoint just
+before its turn and written out and freed as soon as it is final.
+
+With a state folder, everything needed to continue bit-identically is saved after each block.
 """
 
 from __future__ import annotations
@@ -23,11 +33,15 @@ from torch import nn
 
 from .._checks import check_compute_device, check_sparsity, model_device, parse_pattern
 from .._digest import model_digest
-from ..gram import GramAccumulator
-from .capture import BlockCall, capture_inputs
+from .activations import ActivationStore, resolve_offload
+from .block import prune_block, solver
+from .capture import capture_inputs
 from .discovery import LayerFilter, find_blocks, get_weight, select_all, set_weight
+from .distributed import Comm, resolve_comm, shard, shard_counts
+from .grams import GramHooks  # noqa: F401  (admm_kernels.bench.grams imports it from here)
 from .loading import max_positions
 from .state import PipelineState, StateLayout, fingerprint
+from .streaming import StreamedModel
 
 
 def versions() -> dict:
@@ -73,81 +87,9 @@ def check_calibration(calibration, model: nn.Module) -> torch.Tensor:
     return ids
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-class GramHooks:
-    """Forward pre-hooks that feed each selected layer's input into a Gram accumulator.
-
-    Grouping: during the first window every layer's inputs are kept; layers whose inputs are the very
-    same tensors (same storage, offset, shape and strides: q/k/v, gate/up) form a group with one
-    accumulator, filled by the group's first layer only (a 4096-wide q/k/v group costs 1/3 of three
-    separate Grams)."""
-
-    def __init__(self, layers: dict[str, nn.Module], device: torch.device, gram_dtype: torch.dtype):
-        self.layers = layers
-        self.device = device
-        self.gram_dtype = gram_dtype
-        self.first: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
-        self.group_of: dict[str, str] = {}
-        self.acc: dict[str, GramAccumulator] = {}
-        self.grouped = False
-        self.seconds = 0.0
-        self.handles = []
-        try:
-            for n, m in layers.items():
-                self.handles.append(m.register_forward_pre_hook(self._hook(n)))
-        except BaseException:
-            self.remove()
-            raise
-
-    def _hook(self, name: str):
-        def hook(module, args):
-            x = args[0] if args else None
-            if not isinstance(x, torch.Tensor):
-                raise ValueError(f"layer {name} was called without a tensor input")
-            if not self.grouped:
-                self.first[name].append(x)
-            elif self.group_of.get(name) == name:
-                self._add(name, x)
-        return hook
-
-    def _add(self, leader: str, x: torch.Tensor) -> None:
-        _sync(self.device)
-        t = time.perf_counter()
-        self.acc[leader].add(x.detach())
-        _sync(self.device)
-        self.seconds += time.perf_counter() - t
-
-    def finish_first_window(self) -> None:
-        def key(xs):
-            return tuple((x.untyped_storage().data_ptr(), x.storage_offset(), tuple(x.shape), x.stride(),
-                          x.dtype) for x in xs)
-        leaders: dict[tuple, str] = {}
-        for name, xs in self.first.items():
-            if not xs:
-                continue  # never called: left unpruned, reported by the caller
-            k = key(xs)
-            leader = leaders.setdefault(k, name)
-            self.group_of[name] = leader
-            if leader == name:
-                self.acc[name] = GramAccumulator(xs[0].shape[-1], device=self.device, dtype=self.gram_dtype)
-                for x in xs:
-                    self._add(name, x)
-        self.first = {}
-        self.grouped = True
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-
-
 def _validate_options(sparsity: float, pattern: str, method: str, options: dict) -> None:
     """Run prune_layer once on a tiny random layer so a bad method or option fails before any work."""
-    from ..solver import prune_layer
-
+    prune_layer = solver()
     tail = pattern.split(":")[-1].strip() if isinstance(pattern, str) else ""
     in_f = int(tail) * 2 if tail.isdigit() and int(tail) > 0 else 8
     g = torch.Generator().manual_seed(0)
@@ -173,12 +115,12 @@ def _validate_layers(selected: list[dict[str, nn.Module]], blocks_name: str, pat
                                  f"(weight {out_f}x{in_f})")
 
 
-def check_prunable(model: nn.Module, sparsity: float, pattern: str, method: str = "admm",
+def check_prunable(model: nn.Module | StreamedModel, sparsity: float, pattern: str, method: str = "admm",
                    layers: LayerFilter = None, **options) -> None:
     """Raise ValueError / TypeError now if prune_model would reject these settings for this model
     (no decoder blocks, a layer pattern matching nothing, N:M not dividing a layer's in_features,
     an unknown method or option)."""
-    blocks_name, blocks = find_blocks(model)
+    blocks_name, blocks = find_blocks(model.model if isinstance(model, StreamedModel) else model)
     sparsity = check_sparsity(sparsity)
     _validate_layers(select_all(blocks, blocks_name, layers), blocks_name, pattern, sparsity)
     _validate_options(sparsity, pattern, method, options)
@@ -190,25 +132,34 @@ def _callable_name(f) -> str:
 
 def run_fingerprint(model: nn.Module, ids: torch.Tensor, blocks_name: str, n_blocks: int, *, method: str,
                     pattern: str, sparsity: float, options: dict, layers: LayerFilter,
-                    gram_dtype: torch.dtype, device: torch.device) -> dict:
+                    gram_dtype: torch.dtype, device: torch.device, dense_model: str | None = None,
+                    world_size: int = 1, sequential: bool = False) -> dict:
     """Everything that determines a pruning run's result, as compared by `--resume`: a content digest
     of every parameter and buffer of the dense model (admm_kernels._digest.model_digest: 0.38 s for the
-    538 MB of SmolLM2-135M here, ~0.1 % of the embedded run), its config, the calibration token ids, the
-    method, pattern, sparsity and options, the layer selection, the Gram dtype, the device type, the
-    torch thread count on the CPU (BLAS reductions are split per thread: 1 vs 2 threads gave perplexity
-    64.238 vs 64.301 for the same run), a forced kernel backend, and the versions of the code."""
+    538 MB of SmolLM2-135M here, ~0.1 % of the embedded run; `dense_model` when the caller has it, e.g.
+    a StreamedModel's digest from its checkpoint, which is the same value), its config, the calibration
+    token ids, the method, pattern, sparsity and options, the layer selection, the Gram dtype, the device
+    type, the torch thread count on the CPU (BLAS reductions are split per thread: 1 vs 2 threads gave
+    perplexity 64.238 vs 64.301 for the same run), a forced kernel backend, the versions of the code,
+    and -- only when not the default, so older single-process states stay valid -- the world size of a
+    distributed run (the Gram sums run in another order) and sequential pruning."""
     from .. import backends
 
+    extra = {}
+    if world_size != 1:
+        extra["world_size"] = world_size
+    if sequential:
+        extra["sequential"] = True
     return fingerprint(
         model=type(model).__name__,
         config=model.config.to_json_string() if hasattr(model, "config") else None,
-        blocks=f"{blocks_name}[{n_blocks}]", dense_model=model_digest(model),
+        blocks=f"{blocks_name}[{n_blocks}]", dense_model=dense_model or model_digest(model),
         method=method, pattern=pattern, sparsity=sparsity, options=options,
         layers=_callable_name(layers) if callable(layers) else layers,
         calibration=ids, gram_dtype=gram_dtype, device=device.type,
         threads=torch.get_num_threads() if device.type == "cpu" else None,
         backend=os.environ.get(backends.ENV_VAR, "").strip().lower() or None,
-        versions={k: v for k, v in versions().items() if k != "python"},
+        versions={k: v for k, v in versions().items() if k != "python"}, **extra,
     )
 
 
@@ -218,205 +169,224 @@ def _layout(selected: list[dict[str, nn.Module]], end: int, ids: torch.Tensor) -
     return StateLayout(blocks=blocks, windows=(int(ids.shape[0]), int(ids.shape[1])))
 
 
-def prune_model(model: nn.Module, calibration, sparsity: float = 0.5, pattern: str = "unstructured",
-                method: str = "admm", *, layers: LayerFilter = None, device: torch.device | str | None = None,
-                offload: bool = False, gram_dtype: torch.dtype = torch.float32, progress: bool = False,
+def _torch_dtype(name: str) -> torch.dtype:
+    value = getattr(torch, name.removeprefix("torch."), None)
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r}")
+    return value
+
+
+def prune_model(model: nn.Module | StreamedModel, calibration, sparsity: float = 0.5,
+                pattern: str = "unstructured", method: str = "admm", *, layers: LayerFilter = None,
+                device: torch.device | str | None = None, offload: bool | str = False,
+                offload_dir: str | os.PathLike | None = None, gram_dtype: torch.dtype = torch.float32,
+                sequential: bool = False, progress: bool = False,
                 state_dir: str | os.PathLike | None = None,
-                callback: Callable[[int, dict], None] | None = None, **options) -> dict:
+                callback: Callable[[int, dict], None] | None = None,
+                distributed: bool | Comm | None = None, **options) -> dict:
     """Prune every selected linear layer of a causal LM in place, block by block; return a report.
 
     model: a transformers decoder-only causal LM (any dtype; its blocks are moved to `device` one at a
-        time and back). calibration: int token ids (nsamples, seqlen), e.g. from
+        time and back), or an admm_kernels.models.StreamedModel (blocks read from the checkpoint before
+        their turn, written to its output folder when final, then freed: host memory does not grow with
+        the number of blocks). calibration: int token ids (nsamples, seqlen), e.g. from
         admm_kernels.data.calibration_windows. sparsity / pattern / method / **options: as prune_layer
         (sparsity is ignored by N:M patterns). layers: None (every nn.Linear / Conv1D inside the blocks;
         never the embeddings or LM head), a list of glob patterns ("self_attn.*", "mlp.down_proj") or a
         callable(full_name, module) -> bool. device: compute device (default: the model's; "meta" and
-        unavailable devices are refused). offload: keep the (nsamples, seqlen, hidden) activations on the
-        CPU instead of the device. gram_dtype: torch.float32 or torch.float64. progress: tqdm bars over
-        blocks and layers.
+        unavailable devices are refused). offload: where the (nsamples, seqlen, hidden) activations live:
+        False = on the device, True / "cpu" = host memory, "disk" = a file in offload_dir (default the
+        temporary folder; see admm_kernels.models.activations). gram_dtype: torch.float32 or
+        torch.float64. sequential: prune a block's layer groups one after the other, each group's Gram
+        taken from the block with the earlier groups already pruned (q/k/v, then o, then gate/up, then
+        down for LLaMA; the rule is in admm_kernels.models.grams). progress: tqdm bars over blocks and
+        layers (rank 0 only).
         state_dir: folder for resumable state, locked for the run (a second run on it fails at once,
         naming the holder's pid). A run started with the same settings continues from the last finished
         block with a bit-identical result. Pass the original dense model, freshly loaded: its content
         digest must equal the interrupted run's (the pruned blocks are restored from the state folder),
-        and so must the calibration ids, every setting and the torch thread count (see run_fingerprint).
-        Corrupt or foreign state raises StateError (a ValueError) before the model is touched.
+        and so must the calibration ids, every setting, the torch thread count and the world size (see
+        run_fingerprint). Corrupt or foreign state raises StateError (a ValueError) before the model is
+        touched. In a distributed run only rank 0 uses it (the others may pass anything).
         callback(block_index, report): called after each finished block (and its state save).
+        distributed: None = run distributed when a torch.distributed process group with several ranks is
+        initialised (every rank must call prune_model with the same arguments), False = this process
+        alone, True = require a process group (admm_kernels.models.distributed.resolve_comm).
 
     On any exception the model is left where and as it was found: every block back on its device, no
     hooks, the original train/eval mode (weights of blocks already pruned stay pruned; with state_dir,
-    rerun on a freshly loaded dense model to continue).
+    rerun on a freshly loaded dense model to continue). A rank of a distributed run whose peer died or
+    hung raises admm_kernels.models.distributed.DistributedError within the process group's timeout.
 
-    Returns a JSON-able dict: model, blocks, method, pattern, sparsity, options, nsamples, seqlen,
-    layers (per layer: name, block, shape, group, error, seconds, sparsity), achieved_sparsity
-    (over the pruned layers), timings (capture, forward, gram, solve, state, total seconds), threads
-    (torch's CPU thread count, part of what makes a run reproducible), versions.
+    Returns a JSON-able dict (the same on every rank): model, blocks, method, pattern, sparsity,
+    options, nsamples, seqlen, layers (per layer: name, block, shape, group, error, seconds, sparsity;
+    "stage" with sequential, "rank" (its solver) when distributed), achieved_sparsity (over the pruned
+    layers), timings (capture, forward, gram, solve, comm, state, total seconds, this rank's), threads
+    (torch's CPU thread count, part of what makes a run reproducible), world_size, ranks (per rank:
+    device, windows, timings; distributed only), versions.
     """
     t_start = time.perf_counter()
-    blocks_name, blocks = find_blocks(model)
+    streamed = model if isinstance(model, StreamedModel) else None
+    net = streamed.model if streamed is not None else model
+    blocks_name, blocks = find_blocks(net)
     if gram_dtype not in (torch.float32, torch.float64):
         raise TypeError(f"gram_dtype must be torch.float32 or torch.float64, got {gram_dtype}")
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable, got {type(callback).__name__}")
-    ids = check_calibration(calibration, model)
+    if not isinstance(sequential, bool):
+        raise TypeError(f"sequential must be a bool, got {sequential!r}")
+    ids = check_calibration(calibration, net)
     sparsity = check_sparsity(sparsity)
     selected = select_all(blocks, blocks_name, layers)
     _validate_layers(selected, blocks_name, pattern, sparsity)
     _validate_options(sparsity, pattern, method, options)
-    home = model_device(model)
+    comm = resolve_comm(distributed)
+    home = torch.device("cpu") if streamed is not None else model_device(net)
     device = check_compute_device(device, "device") if device is not None else home
-    act_device = torch.device("cpu") if offload else device
+    acts_store = ActivationStore(resolve_offload(offload), device, offload_dir)
     # Blocks after the last one with selected layers need no work at all.
     end = max(i for i, sel in enumerate(selected) if sel) + 1
+    n = int(ids.shape[0])
+    if n < comm.size:
+        raise ValueError(f"calibration has {n} windows, fewer than the {comm.size} ranks of the distributed "
+                         "run: every rank needs at least one window (use more --nsamples or fewer ranks)")
+    counts = shard_counts(n, comm.size)
+    mine = shard(n, comm.size, comm.rank)
 
-    store = PipelineState(state_dir) if state_dir is not None else None
-    timings = {"capture": 0.0, "forward": 0.0, "gram": 0.0, "solve": 0.0, "state": 0.0}
-    report_layers: list[dict] = []
-    start = 0
-    was_training = model.training
-    with store.lock() if store is not None else contextlib.nullcontext():
-        state = None
-        if store is not None:
+    def sparsity_of(b: int) -> float:  # the one place that says how sparse block b becomes
+        return sparsity
+
+    def block_options(b: int) -> dict:
+        return dict(sparsity=sparsity_of(b), pattern=pattern, method=method, **options)
+
+    store = PipelineState(state_dir) if state_dir is not None and comm.is_main else None
+    timings = {"capture": 0.0, "forward": 0.0, "gram": 0.0, "solve": 0.0, "comm": 0.0, "state": 0.0}
+    was_training = net.training
+    with contextlib.ExitStack() as stack:
+        state, fp = None, None
+
+        def open_state() -> dict:  # rank 0: lock, fingerprint, verify; the others hear the outcome
+            nonlocal state, fp
+            if store is None:
+                return {"start": 0, "saving": False, "layers": [], "acts": None}
+            stack.enter_context(store.lock())
             t = time.perf_counter()
-            fp = run_fingerprint(model, ids, blocks_name, len(blocks), method=method, pattern=pattern,
+            fp = run_fingerprint(net, ids, blocks_name, len(blocks), method=method, pattern=pattern,
                                  sparsity=sparsity, options=options, layers=layers, gram_dtype=gram_dtype,
-                                 device=device)
+                                 device=device, world_size=comm.size, sequential=sequential,
+                                 dense_model=streamed.digest() if streamed is not None else None)
             state = store.load(fp, _layout(selected, end, ids))  # verified before the model is touched
             timings["state"] += time.perf_counter() - t
-        bar = None
+            if state is None:
+                return {"start": 0, "saving": True, "layers": [], "acts": None}
+            rec = state["files"][state["acts_file"]]["tensors"]["hidden"] if state["acts_file"] else None
+            return {"start": state["next_block"], "saving": True, "layers": list(state["report"]["layers"]),
+                    "acts": (rec["shape"], rec["dtype"]) if rec else None}
+
+        opened = comm.decided_by_main(open_state, "opening the state folder")
+        start, saving, report_layers = opened["start"], opened["saving"], opened["layers"]
+        bar, loaded, full = None, None, None
         try:
-            model.eval()
+            net.eval()
             with torch.no_grad():
-                if state is not None:
-                    start = state["next_block"]
-                    report_layers = list(state["report"]["layers"])
-                    for b in range(start):
-                        for rel, w in store.block_weights(state, b).items():
-                            set_weight(selected[b][rel], w)
                 t = time.perf_counter()
+                acts, calls = None, None
                 if start < end:
-                    windows = range(0) if state is not None else None
-                    acts, calls = capture_inputs(model, blocks, ids, device, act_device, windows)
-                    if state is not None:
-                        acts = store.activations(state).to(act_device)
+                    acts, calls = capture_inputs(net, blocks, ids, device, acts_store.device,
+                                                 range(0) if start else mine, empty=acts_store.empty)
+                    if start:
+                        shape, dtype = opened["acts"]
+                        acts = acts_store.empty((len(mine), *shape[1:]), _torch_dtype(dtype))
+                        saved = store.activations(state) if comm.is_main else None
+                        comm.scatter_rows(saved, counts, acts, "sending the saved activations")
+                        del saved
                 timings["capture"] = time.perf_counter() - t
 
-                bar = _Bars(end, min(start, end), progress)
-                for b in range(start, end):
-                    block_report = _prune_block(
-                        blocks[b], b, blocks_name, selected[b], calls[b], acts, device, gram_dtype,
-                        dict(sparsity=sparsity, pattern=pattern, method=method, **options),
-                        last=(b == end - 1), bar=bar, timings=timings)
-                    report_layers.extend(block_report)
-                    if store is not None:
-                        t = time.perf_counter()
-                        weights = {rel: get_weight(m) for rel, m in selected[b].items()}
-                        state = store.save(fp, b + 1, weights, acts if b + 1 < end else None,
-                                           {"layers": report_layers}, state)
-                        timings["state"] += time.perf_counter() - t
-                    bar.block_done()
-                    if callback is not None:
-                        callback(b, {"layers": block_report})
+                bar = _Bars(end, min(start, end), progress and comm.is_main)
+                for b in range(len(blocks) if streamed is not None else end):
+                    if streamed is not None:
+                        streamed.load_block(b)
+                        loaded = b
+                    if b < start:
+                        _restore_block(store, state, b, selected[b], comm)
+                    elif b < end:
+                        block_report = _prune_block(
+                            blocks[b], b, blocks_name, selected[b], calls[b], acts, device, gram_dtype,
+                            block_options(b), last=(b == end - 1), sequential=sequential, comm=comm, bar=bar,
+                            timings=timings)
+                        report_layers.extend(block_report)
+                        if saving:
+                            t = time.perf_counter()
+                            more = b + 1 < end
+                            if more and comm.distributed and comm.is_main and full is None:
+                                full = acts_store.empty((n, *acts.shape[1:]), acts.dtype)
+                            gathered = comm.gather_rows(acts, counts, full, f"block {b}: collecting the "
+                                                        "activations for the state") if more else None
+                            if comm.is_main:
+                                weights = {rel: get_weight(m) for rel, m in selected[b].items()}
+                                state = store.save(fp, b + 1, weights, gathered, {"layers": report_layers},
+                                                   state)
+                            timings["state"] += time.perf_counter() - t
+                        bar.block_done()
+                        if callback is not None:
+                            callback(b, {"layers": block_report})
+                    if streamed is not None:
+                        streamed.block_done(b)
+                        loaded = None
+                if streamed is not None:
+                    streamed.finish_output()
         finally:
+            if loaded is not None:
+                streamed.release_block(loaded)
             if bar is not None:
                 bar.close()
-            model.train(was_training)
+            net.train(was_training)
 
     kept = sum(r["kept"] for r in report_layers)
     total = sum(r["numel"] for r in report_layers)
     timings["total"] = time.perf_counter() - t_start
-    return {
-        "model": type(model).__name__, "blocks": len(blocks), "blocks_name": blocks_name,
+    timings["comm"] += comm.seconds if comm.distributed else 0.0
+    report = {
+        "model": type(net).__name__, "blocks": len(blocks), "blocks_name": blocks_name,
         "method": method, "pattern": pattern, "sparsity": sparsity,
-        "options": fingerprint(**options), "nsamples": int(ids.shape[0]), "seqlen": int(ids.shape[1]),
-        "device": str(device), "offload": offload,
+        "options": fingerprint(**options), "nsamples": n, "seqlen": int(ids.shape[1]),
+        "device": str(device), "offload": offload, "sequential": sequential, "streamed": streamed is not None,
         "resumed_from_block": start if state_dir and start else None,
         "layers": report_layers, "achieved_sparsity": 1.0 - kept / total if total else 0.0,
-        "timings": timings, "threads": torch.get_num_threads(), "versions": versions(),
+        "timings": timings, "threads": torch.get_num_threads(), "world_size": comm.size,
+        "versions": versions(),
     }
+    if comm.distributed:
+        report["ranks"] = comm.all_gather_objects(
+            {"rank": comm.rank, "device": str(device), "windows": [mine.start, mine.stop],
+             "threads": torch.get_num_threads(), "timings": timings}, "collecting the per-rank timings")
+    return report
 
 
-def _prune_block(block: nn.Module, index: int, blocks_name: str, layers: dict[str, nn.Module],
-                 call: BlockCall, acts: torch.Tensor, device: torch.device, gram_dtype: torch.dtype,
-                 prune_kwargs: dict, last: bool, bar: _Bars, timings: dict) -> list[dict]:
-    """Prune one block in place and overwrite `acts` with its (pruned) outputs unless it is the last.
-    The block is on `device` only inside this call: it goes back to its own device whatever happens."""
+def _restore_block(store: PipelineState | None, state: dict | None, b: int, layers: dict[str, nn.Module],
+                   comm: Comm) -> None:
+    """Write a finished block's pruned weights from the state folder (read by rank 0) into every rank's
+    model."""
+    saved = store.block_weights(state, b) if comm.is_main else {}
+    for rel, module in layers.items():
+        w = get_weight(module)
+        weight = saved[rel] if comm.is_main else torch.empty(w.shape, dtype=w.dtype)
+        comm.broadcast_(weight, 0, f"block {b}: restoring {rel} from the state")
+        set_weight(module, weight)
+
+
+def _prune_block(block: nn.Module, index: int, blocks_name: str, layers: dict[str, nn.Module], call,
+                 acts: torch.Tensor, device: torch.device, gram_dtype: torch.dtype, prune_kwargs: dict, *,
+                 last: bool, sequential: bool, comm: Comm, bar, timings: dict) -> list[dict]:
+    """prune_block with the block on `device` only inside this call: it goes back to its own device
+    whatever happens."""
     home = next(block.parameters()).device
     try:
         block.to(device)
-        return _prune_block_on_device(block, index, blocks_name, layers, call, acts, device, gram_dtype,
-                                      prune_kwargs, last, bar, timings)
+        return prune_block(block, index, blocks_name, layers, call, acts, device, gram_dtype, prune_kwargs,
+                           last=last, sequential=sequential, comm=comm, bar=bar, timings=timings)
     finally:
         block.to(home)
-
-
-def _prune_block_on_device(block: nn.Module, index: int, blocks_name: str, layers: dict[str, nn.Module],
-                           call: BlockCall, acts: torch.Tensor, device: torch.device,
-                           gram_dtype: torch.dtype, prune_kwargs: dict, last: bool, bar: _Bars,
-                           timings: dict) -> list[dict]:
-    from ..solver import prune_layer
-
-    n = acts.shape[0]
-    bar.start_block(index, (n if layers else 0) + len(layers) + (0 if last else n))
-    hooks = GramHooks(layers, device, gram_dtype)
-    try:
-        t = time.perf_counter()
-        for j in range(n if layers else 0):  # a block with nothing to prune only propagates
-            call(block, acts[j:j + 1].to(device))
-            if j == 0:
-                hooks.finish_first_window()
-            bar.step("gram")
-        _sync(device)
-        timings["forward"] += time.perf_counter() - t - hooks.seconds
-        timings["gram"] += hooks.seconds
-    finally:
-        hooks.remove()
-
-    out = []
-    grams: dict[str, torch.Tensor] = {}  # one symmetric Gram per group, built once
-    remaining = {}
-    for rel in layers:
-        leader = hooks.group_of.get(rel)
-        remaining[leader] = remaining.get(leader, 0) + 1
-    for rel, module in layers.items():
-        full = f"{blocks_name}.{index}.{rel}"
-        leader = hooks.group_of.get(rel)
-        w = get_weight(module)
-        if leader is None:  # the block's forward never called it: nothing to calibrate on
-            out.append({"name": full, "block": index, "shape": list(w.shape), "group": None, "error": None,
-                        "seconds": 0.0, "sparsity": 0.0, "kept": w.numel(), "numel": w.numel(),
-                        "skipped": "not called by the block's forward"})
-            bar.step("prune")
-            continue
-        t = time.perf_counter()
-        try:
-            if leader not in grams:
-                grams[leader] = hooks.acc.pop(leader).gram
-            res = prune_layer(w, grams[leader], **prune_kwargs)
-        except (ValueError, TypeError) as exc:
-            raise type(exc)(f"layer {full}: {exc}") from exc
-        set_weight(module, res.weight)
-        remaining[leader] -= 1
-        if not remaining[leader]:
-            del grams[leader]  # free (in, in) fp32 as soon as its group is done
-        _sync(device)
-        seconds = time.perf_counter() - t
-        timings["solve"] += seconds
-        kept = int(res.mask.sum())
-        out.append({"name": full, "block": index, "shape": list(w.shape),
-                    "group": f"{blocks_name}.{index}.{leader}",
-                    "error": float(res.error), "seconds": seconds, "sparsity": 1.0 - kept / w.numel(),
-                    "kept": kept, "numel": w.numel(), "backends": res.stats.get("backends")})
-        bar.step("prune", f"{rel} err={res.error:.3g}")
-    del hooks
-
-    if not last:
-        t = time.perf_counter()
-        for j in range(n):
-            acts[j] = call(block, acts[j:j + 1].to(device))[0].to(acts.device)
-            bar.step("forward")
-        _sync(device)
-        timings["forward"] += time.perf_counter() - t
-    return out
 
 
 class _Bars:
