@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import sys
 import textwrap
 import time
@@ -151,6 +152,38 @@ def add_run_arguments(p: argparse.ArgumentParser, quiet_help: str) -> None:
                         "result are still printed)")
 
 
+def add_stream_argument(p: argparse.ArgumentParser, what: str) -> None:
+    """--stream, for prune and eval."""
+    p.add_argument("--stream", action="store_true", help=f"models larger than memory: {what}")
+
+
+def add_distributed_arguments(p: argparse.ArgumentParser) -> None:
+    """--dist-backend and --dist-timeout, for prune and eval run under torchrun."""
+    from .models.distributed import BACKENDS, DEFAULT_TIMEOUT_S
+
+    p.add_argument("--dist-backend", default="auto", choices=BACKENDS,
+                   help="under torchrun: the torch.distributed backend (auto: gloo for --device cpu, NCCL "
+                        "between GPUs with gloo for host tensors for --device cuda; gloo forces gloo)")
+    p.add_argument("--dist-timeout", type=_seconds("--dist-timeout"), default=DEFAULT_TIMEOUT_S,
+                   metavar="SECONDS",
+                   help="under torchrun: a rank that dies or stops answering for this long makes every other "
+                        f"rank stop with an error (default {DEFAULT_TIMEOUT_S:g}; it must exceed the longest "
+                        "wait of a rank for another, e.g. rank 0 saving a block's state)")
+
+
+def _seconds(flag: str):
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} must be a positive number of seconds, got {text!r}") \
+                from None
+        if not v > 0 or v == float("inf"):
+            raise argparse.ArgumentTypeError(f"{flag} must be a positive number of seconds, got {text!r}")
+        return v
+    return parse
+
+
 def set_threads(threads: int | None) -> None:
     """torch.set_num_threads(threads) when given (--threads)."""
     if threads:
@@ -248,7 +281,20 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--layers", nargs="+", metavar="GLOB", default=None,
                     help="prune only these layers (glob on names inside a block, e.g. 'mlp.*' "
                          "'self_attn.q_proj'); default every linear inside the blocks")
-    pr.add_argument("--offload", action="store_true", help="keep calibration activations on the CPU")
+    pr.add_argument("--offload", nargs="?", const="cpu", default=None, choices=("cpu", "disk"),
+                    help="keep calibration activations off the compute device: in host memory (--offload "
+                         "or --offload cpu) or in a file (--offload disk, in --offload-dir), for calibration "
+                         "sets larger than memory")
+    pr.add_argument("--offload-dir", metavar="DIR", default=None,
+                    help="folder of the --offload disk activation file (default: the temporary folder; the "
+                         "file is unlinked at once, so nothing is left behind)")
+    pr.add_argument("--sequential", action="store_true",
+                    help="prune a block's layers group by group (LLaMA: q/k/v, then o, then gate/up, then "
+                         "down), each group's Gram taken from the block with the earlier groups pruned")
+    add_stream_argument(pr, "each block is read from MODEL's safetensors shards just before its turn, "
+                            "written to --out as soon as it is pruned and freed, so host memory stays at "
+                            "the non-block weights + about two blocks + the activations (--save-format hf)")
+    add_distributed_arguments(pr)
     pr.add_argument("--option", "-o", type=_option, action="append", default=[], metavar="KEY=VALUE",
                     help="method option passed to prune_layer, e.g. -o iters=20 -o rho=1 -o percdamp=0.1 "
                          "-o compute_dtype=float64 (values: int, float, true/false/none, a torch dtype for "
@@ -274,6 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-windows", type=_positive("--max-windows"), dest="eval_windows",
                     action=_deprecated_alias("--eval-windows"), help=argparse.SUPPRESS)
     add_run_arguments(ev, "no progress bars or log lines")
+    add_stream_argument(ev, "the model is evaluated block by block, each block read from MODEL's safetensors "
+                            "shards and freed, so a model larger than memory can be evaluated")
+    add_distributed_arguments(ev)
     ev.add_argument("--json", action="store_true", help="print the result as one JSON object")
 
     # Parsed by admm_kernels.bench.cli (main() hands it every argument after "bench").
@@ -352,13 +401,21 @@ def _check_model(model_arg: str | None, packed: bool = False) -> None:
             raise CliError(str(exc)) from None
 
 
-def _load(model_arg: str | None, device, dtype_arg: str | None, packed: bool = False):
-    from .models.loading import load_model
+def _load(model_arg: str | None, device, dtype_arg: str | None, packed: bool = False, stream: bool = False,
+          output: Path | None = None):
+    """(model, tokenizer or None, path); with stream a StreamedModel writing to `output` (if given)."""
+    from .models.loading import default_model_path, load_model, load_tokenizer
 
     _check_model(model_arg, packed)
     dtype = dtype_arg or ("float32" if device.type == "cpu" else "auto")
     try:
-        return load_model(model_arg, dtype=dtype, packed=packed)
+        if not stream:
+            return load_model(model_arg, dtype=dtype, packed=packed)
+        from .models.streaming import StreamedModel
+
+        path = default_model_path() if model_arg is None else Path(model_arg)
+        streamed = StreamedModel(path, dtype=dtype, output=output)
+        return streamed, load_tokenizer(streamed.path), streamed.path
     except (ValueError, FileNotFoundError) as exc:
         raise CliError(str(exc)) from None
 
@@ -376,16 +433,21 @@ def _layer_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _save(model, tokenizer, out: Path, fmt: str, report: dict, overwrite: bool) -> None:
-    """Write the model and report into a temporary sibling folder, then rename it onto `out`."""
+def _save(model, tokenizer, out: Path, fmt: str, report: dict, overwrite: bool,
+          built: Path | None = None) -> None:
+    """Write the model and report into a temporary sibling folder, then rename it onto `out`.
+    built: a temporary sibling (make_temp_sibling) that already holds the model (a streamed run's
+    shards): only the tokenizer and report are added before the rename."""
     from ._io import make_temp_sibling, old_sibling, publish_folder
 
     out = out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = make_temp_sibling(out)  # .OUT.tmp-PID-*: removed by a later run if this process is killed
+    tmp = built or make_temp_sibling(out)  # .OUT.tmp-PID-*: removed by a later run if this process is killed
     old = None
     try:
-        if fmt == "packed":  # a complete folder: `admm-prune eval` and load_sparse(folder) read it
+        if built is not None:
+            pass
+        elif fmt == "packed":  # a complete folder: `admm-prune eval` and load_sparse(folder) read it
             from .sparse import save_sparse
 
             save_sparse(model, tmp / PACKED_NAME)
@@ -416,13 +478,18 @@ def _save(model, tokenizer, out: Path, fmt: str, report: dict, overwrite: bool) 
             shutil.rmtree(old, ignore_errors=True)
 
 
-def cmd_prune(args) -> int:
+def cmd_prune(args, comm=None) -> int:
+    """`admm-prune prune`. comm: the run's admm_kernels.models.distributed.Comm (LOCAL for one process):
+    rank 0 checks --out, holds its lock, tokenises, writes the state and the output; every rank loads the
+    model and takes its share of the work."""
     from ._checks import parse_pattern
     from .models import default_state_dir
+    from .models.distributed import LOCAL
     from .models.loading import default_model_folder
     from .models.state import PipelineState, StateError
 
-    # cheap checks first
+    comm = comm or LOCAL
+    # cheap checks first (on every rank: the same answer everywhere)
     _check_model(args.model)
     tail = args.pattern.split(":")[-1].strip()
     try:  # syntax only here (M must divide in_features: checked per layer once the model is loaded)
@@ -430,116 +497,179 @@ def cmd_prune(args) -> int:
         pattern = parse_pattern(args.pattern, group, name="--pattern")
     except ValueError as exc:
         raise CliError(str(exc)) from None
-    if args.sparsity is not None and pattern.kind == "nm":
+    if args.stream and args.save_format == "packed":
+        raise CliError("--stream writes a transformers folder block by block; --save-format packed needs the "
+                       "whole model in memory: drop one of them")
+    if args.offload_dir is not None and args.offload != "disk":
+        raise CliError("--offload-dir is only used with --offload disk")
+    if args.sparsity is not None and pattern.kind == "nm" and comm.is_main:
         print(f"admm-prune: warning: --sparsity {args.sparsity:g} is ignored with --pattern {args.pattern}: "
               f"an N:M pattern prunes 1 - N/M = {pattern.sparsity(0.0):g} of the weights", file=sys.stderr)
     if args.sparsity is None:
         args.sparsity = DEFAULT_SPARSITY
     device = _check_device(args.device)
-    _check_text_path(args.calib, "--calib")
-    _check_text_path(args.eval_path, "--eval")
     out = Path(args.out) if args.out else _default_out(args)
     # Without --out, the default folder's previous output (of this command) is replaced: `make demo` and
     # a plain `admm-prune prune` can be run again. An explicit --out is never replaced without --overwrite.
     replace_default = args.out is None and out.is_dir() and _prune_report(out) is not None
     overwrite = args.overwrite or replace_default
     state_dir = default_state_dir(out)
-    _check_out(out, overwrite, Path(args.model) if args.model else default_model_folder(), state_dir)
-    # One run at a time per --out: the lock on OUT.state covers the state and the final save.
-    try:
-        lock = PipelineState(state_dir).lock()
-    except StateError as exc:
-        raise CliError(f"--out {str(out)!r} cannot be used: {exc}") from None
-    with lock:
-        return _prune_locked(args, device, out, PipelineState(state_dir), overwrite, replace_default)
+    held = []
+
+    def prepare() -> None:  # rank 0 only: the output, the texts and the lock live on its machine
+        _check_text_path(args.calib, "--calib")
+        _check_text_path(args.eval_path, "--eval")
+        if args.offload_dir is not None and not Path(args.offload_dir).is_dir():
+            raise CliError(f"--offload-dir {args.offload_dir!r} is not an existing folder")
+        _check_out(out, overwrite, Path(args.model) if args.model else default_model_folder(), state_dir)
+        # One run at a time per --out: the lock on OUT.state covers the state and the final save.
+        try:
+            held.append(PipelineState(state_dir).lock())
+        except StateError as exc:
+            raise CliError(f"--out {str(out)!r} cannot be used: {exc}") from None
+
+    comm.decided_by_main(prepare, "checking --out")
+    with held[0] if held else contextlib.nullcontext():
+        return _prune_locked(args, device, out, PipelineState(state_dir), overwrite, replace_default, comm)
 
 
-def _prune_locked(args, device, out: Path, store, overwrite: bool, replace_default: bool) -> int:
-    """The work of `admm-prune prune`, done while holding the lock of the output's state folder.
+def _prune_locked(args, device, out: Path, store, overwrite: bool, replace_default: bool, comm) -> int:
+    """The work of `admm-prune prune`, done while rank 0 holds the lock of the output's state folder.
     overwrite: the output folder may be replaced (--overwrite, or the default folder's own previous
     output when replace_default)."""
+    from ._io import make_temp_sibling
+
+    log = _logger(args.quiet or not comm.is_main)
+    embedded = args.model is None
+    built = None
+
+    def tidy() -> None:  # rank 0: what a killed run left, and the state of an interrupted one
+        nonlocal built
+        from ._io import clean_stale_siblings
+
+        for line in clean_stale_siblings(out.resolve()):  # what a killed run left beside --out
+            log(f"admm-prune: {line}")
+            if out.is_dir() and any(out.iterdir()) and not overwrite:  # a previous output came back
+                raise CliError(f"{line}; --out {str(out)!r} is not empty now: pass --overwrite to replace it")
+        if store.has_state() and not args.resume:
+            if not args.overwrite:  # never throw away hours of work because --resume was forgotten
+                raise CliError(f"{str(store.folder)!r} holds the state of an interrupted run: pass --resume "
+                               "to continue it, or --overwrite to start over")
+            store.clear()
+        if replace_default:
+            log(f"replacing the previous output in {out} (give --out to keep it)")
+        if args.stream:  # the streamed shards are written here as the blocks are pruned
+            out.resolve().parent.mkdir(parents=True, exist_ok=True)
+            built = make_temp_sibling(out.resolve())
+
+    comm.decided_by_main(tidy, "preparing --out")
+    try:
+        return _prune_run(args, device, out, store, overwrite, comm, log, embedded, built)
+    finally:
+        if built is not None:  # renamed into place on success: only a failed run's folder is removed
+            shutil.rmtree(built, ignore_errors=True)
+
+
+def _prune_run(args, device, out: Path, store, overwrite: bool, comm, log, embedded: bool,
+               built: Path | None) -> int:
+    import torch
+
     from . import data
     from ._digest import model_digest
-    from ._io import clean_stale_siblings
     from .eval import evaluate_perplexity
     from .models import max_positions, prune_model
     from .models.pipeline import check_prunable, versions
     from .models.state import StateError
 
-    log = _logger(args.quiet)
-    for line in clean_stale_siblings(out.resolve()):  # what a killed run left beside --out
-        log(f"admm-prune: {line}")
-        if out.is_dir() and any(out.iterdir()) and not overwrite:  # a previous output came back
-            raise CliError(f"{line}; --out {str(out)!r} is not empty now: pass --overwrite to replace it")
-    embedded = args.model is None
     nsamples = args.nsamples or (EMBEDDED_NSAMPLES if embedded else data.DEFAULT_NSAMPLES)
     eval_windows = args.eval_windows or (EMBEDDED_EVAL_WINDOWS if embedded else None)
     options = dict(args.option)
     state_dir = store.folder
-    if store.has_state() and not args.resume:
-        if not args.overwrite:  # never throw away hours of work because --resume was forgotten
-            raise CliError(f"{str(state_dir)!r} holds the state of an interrupted run: pass --resume to "
-                           "continue it, or --overwrite to start over")
-        store.clear()
-    if replace_default:
-        log(f"replacing the previous output in {out} (give --out to keep it)")
 
     t0 = time.perf_counter()
-    model, tok, path = _load(args.model, device, args.dtype)
-    log(f"loaded {path} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters) "
-        f"in {time.perf_counter() - t0:.1f} s")
-    limit = max_positions(model)
+    model, tok, path = _load(args.model, device, args.dtype, stream=args.stream, output=built)
+    net = model.model if args.stream else model
+    how = ", streamed: blocks read when needed" if args.stream else ""
+    log(f"loaded {path} ({sum(p.numel() for p in net.parameters()) / 1e6:.1f} M parameters{how}) in "
+        f"{time.perf_counter() - t0:.1f} s")
+    limit = max_positions(net)
     try:
         seqlen = data.resolve_seqlen(args.seqlen if args.seqlen or not embedded else EMBEDDED_SEQLEN, limit,
                                      name="--seqlen")
         check_prunable(model, args.sparsity, args.pattern, args.method, args.layers, **options)
-        if tok is None:
-            raise CliError(f"model folder {str(path)!r} has no tokenizer, needed to tokenize text")
-        t = time.perf_counter()
-        calib = data.calibration_tokens(tok, nsamples, seqlen, args.calib, seed=args.seed)
-        eval_ids = None if args.no_eval else data.evaluation_tokens(tok, args.eval_path)
-        log(f"tokenised: {nsamples} calibration windows of {seqlen} tokens"
-            + ("" if eval_ids is None else f", {eval_ids.numel()} evaluation tokens")
-            + f" ({time.perf_counter() - t:.1f} s)")
-        if eval_ids is not None and eval_ids.numel() < seqlen:
-            raise ValueError(f"evaluation text is too short: found {eval_ids.numel()} tokens, need at least "
-                             f"--seqlen = {seqlen} tokens for one window")
-    except (ValueError, TypeError, FileNotFoundError) as exc:
+    except (ValueError, TypeError) as exc:
         raise CliError(str(exc)) from None
+
+    def tokenise():  # rank 0 reads the texts; every rank gets the same token ids
+        try:
+            if tok is None:
+                raise CliError(f"model folder {str(path)!r} has no tokenizer, needed to tokenize text")
+            t = time.perf_counter()
+            calib = data.calibration_tokens(tok, nsamples, seqlen, args.calib, seed=args.seed)
+            eval_ids = None if args.no_eval else data.evaluation_tokens(tok, args.eval_path)
+            log(f"tokenised: {nsamples} calibration windows of {seqlen} tokens"
+                + ("" if eval_ids is None else f", {eval_ids.numel()} evaluation tokens")
+                + f" ({time.perf_counter() - t:.1f} s)")
+            if eval_ids is not None and eval_ids.numel() < seqlen:
+                raise ValueError(f"evaluation text is too short: found {eval_ids.numel()} tokens, need at "
+                                 f"least --seqlen = {seqlen} tokens for one window")
+        except (ValueError, TypeError, FileNotFoundError) as exc:
+            raise CliError(str(exc)) from None
+        return calib, eval_ids
+
+    calib, eval_ids = comm.decided_by_main(tokenise, "tokenising")
+    eval_kwargs = dict(seqlen=seqlen, max_windows=eval_windows, device=device, distributed=comm)
 
     ppl = {}
     if eval_ids is not None:
         # Reused on --resume only when computed on the same tokens, windows and window length, by the
         # same dense model (content digest: 0.4 s for SmolLM2-135M), thread count, device and versions.
-        import torch
-        eval_key = {"tokens_sha256": hashlib.sha256(eval_ids.cpu().numpy().tobytes()).hexdigest(),
-                    "seqlen": seqlen, "eval_windows": eval_windows, "model": model_digest(model),
-                    "threads": torch.get_num_threads(), "device": device.type,
-                    "versions": {k: v for k, v in versions().items() if k != "python"}}
-        try:
-            cached = (store.read_extra("cli.json") if args.resume else None) or {}
-        except StateError as exc:  # only a cache: recompute it
-            log(f"admm-prune: ignoring the cached perplexity: {exc}")
-            cached = {}
-        if cached.get("eval") == eval_key and isinstance(cached.get("perplexity_before"), float):
-            ppl["before"] = cached["perplexity_before"]
-        else:
-            t = time.perf_counter()
-            ppl["before"] = evaluate_perplexity(model, eval_ids, seqlen=seqlen, max_windows=eval_windows,
-                                                device=device, progress=not args.quiet)
-            log(f"perplexity before: {ppl['before']:.3f} ({time.perf_counter() - t:.1f} s)")
-            store.write_extra("cli.json", {"perplexity_before": ppl["before"], "eval": eval_key})
+        def cached_before():
+            key = {"tokens_sha256": hashlib.sha256(eval_ids.cpu().numpy().tobytes()).hexdigest(),
+                   "seqlen": seqlen, "eval_windows": eval_windows,
+                   "model": model.digest() if args.stream else model_digest(model),
+                   "threads": torch.get_num_threads(), "device": device.type,
+                   "versions": {k: v for k, v in versions().items() if k != "python"}}
+            try:
+                cached = (store.read_extra("cli.json") if args.resume else None) or {}
+            except StateError as exc:  # only a cache: recompute it
+                log(f"admm-prune: ignoring the cached perplexity: {exc}")
+                cached = {}
+            hit = cached.get("eval") == key and isinstance(cached.get("perplexity_before"), float)
+            return key, cached["perplexity_before"] if hit else None
 
+        eval_key, ppl["before"] = comm.decided_by_main(cached_before, "reading the cached perplexity")
+        if ppl["before"] is None:
+            t = time.perf_counter()
+            ppl["before"] = evaluate_perplexity(model, eval_ids, progress=not args.quiet and comm.is_main,
+                                                offload=args.offload or False, offload_dir=args.offload_dir,
+                                                **eval_kwargs)
+            log(f"perplexity before: {ppl['before']:.3f} ({time.perf_counter() - t:.1f} s)")
+            if comm.is_main:
+                store.write_extra("cli.json", {"perplexity_before": ppl["before"], "eval": eval_key})
+
+    after = None
+    if eval_ids is not None and args.stream:  # evaluated block by block while the pipeline has it
+        from .eval import evaluation_windows
+        from .models.activations import ActivationStore, resolve_offload
+        from .models.layerwise_eval import LayerwisePerplexity
+
+        windows = evaluation_windows(net, eval_ids, seqlen, None, eval_windows)
+        after = LayerwisePerplexity(net, windows, device, comm,
+                                    ActivationStore(resolve_offload(args.offload), device, args.offload_dir))
+        model.on_block_final.append(after.advance)
     try:
         report = prune_model(model, calib, sparsity=args.sparsity, pattern=args.pattern, method=args.method,
-                             layers=args.layers, device=device, offload=args.offload,
-                             progress=not args.quiet, state_dir=state_dir, **options)
+                             layers=args.layers, device=device, offload=args.offload or False,
+                             offload_dir=args.offload_dir, sequential=args.sequential,
+                             progress=not args.quiet and comm.is_main, state_dir=state_dir, distributed=comm,
+                             **options)
     except (ValueError, TypeError) as exc:
         raise CliError(str(exc)) from None
     if eval_ids is not None:
         t = time.perf_counter()
-        ppl["after"] = evaluate_perplexity(model, eval_ids, seqlen=seqlen, max_windows=eval_windows,
-                                           device=device, progress=not args.quiet)
+        ppl["after"] = after.result() if after is not None else evaluate_perplexity(
+            model, eval_ids, progress=not args.quiet and comm.is_main, **eval_kwargs)
         log(f"perplexity after: {ppl['after']:.3f} ({time.perf_counter() - t:.1f} s)")
     if ppl:
         n_win = eval_ids.numel() // seqlen
@@ -552,16 +682,23 @@ def _prune_locked(args, device, out: Path, store, overwrite: bool, replace_defau
                         "seqlen": seqlen, "seed": args.seed},
         "save_format": args.save_format, "seconds_total": time.perf_counter() - t0,
     })
-    try:
-        _save(model, tok, out, args.save_format, report, overwrite)
-    except OSError as exc:
-        raise CliError(f"could not write --out {str(out)!r}: {exc}") from None
-    store.remove()
+
+    def save() -> None:
+        try:
+            _save(None if args.stream else model, tok, out, args.save_format, report, overwrite, built=built)
+        except OSError as exc:
+            raise CliError(f"could not write --out {str(out)!r}: {exc}") from None
+        store.remove()
+
+    comm.decided_by_main(save, "saving the output")
+    if not comm.is_main:
+        return 0
     if not args.quiet:
         print(_layer_table(report))
     t = report["timings"]
+    ranks = f" on {comm.size} ranks" if comm.distributed else ""
     print(f"pruned {len(report['layers'])} layers to {report['achieved_sparsity']:.4f} sparsity "
-          f"({args.method}, {args.pattern}) in {t['total']:.1f} s "
+          f"({args.method}, {args.pattern}){ranks} in {t['total']:.1f} s "
           f"[forward {t['forward']:.1f} s, gram {t['gram']:.1f} s, solve {t['solve']:.1f} s]")
     if ppl:
         print(f"perplexity ({ppl['windows']} x {seqlen} tokens): before {ppl['before']:.3f}, "
@@ -591,24 +728,33 @@ def _eval_defaults(args) -> tuple[int | None, int | None, str | None, str]:
     return seqlen or ppl.get("seqlen"), windows or ppl.get("windows"), text, source
 
 
-def cmd_eval(args) -> int:
+def cmd_eval(args, comm=None) -> int:
+    """`admm-prune eval`; under torchrun (comm) the windows are split over the ranks, rank 0 tokenises
+    and prints."""
     from . import data
     from .eval import evaluate_perplexity
     from .models import max_positions
+    from .models.distributed import LOCAL
 
-    log = _logger(args.quiet)
+    comm = comm or LOCAL
+    log = _logger(args.quiet or not comm.is_main)
     device = _check_device(args.device)
-    _check_text_path(args.text, "--text")
-    _check_model(args.model, packed=True)
+    if comm.is_main:
+        _check_text_path(args.text, "--text")
+    _check_model(args.model, packed=not args.stream)
     seqlen_arg, windows, text, source = _eval_defaults(args)
     t = time.perf_counter()
-    model, tok, path = _load(args.model, device, args.dtype, packed=True)
+    model, tok, path = _load(args.model, device, args.dtype, packed=not args.stream, stream=args.stream)
     log(f"loaded {path} in {time.perf_counter() - t:.1f} s")
+    net = model.model if args.stream else model
     try:
-        seqlen = data.resolve_seqlen(seqlen_arg, max_positions(model), name="--seqlen")
-        if tok is None:
-            raise CliError(f"model folder {str(path)!r} has no tokenizer, needed to tokenize --text")
-        ids = data.evaluation_tokens(tok, text)
+        seqlen = data.resolve_seqlen(seqlen_arg, max_positions(net), name="--seqlen")
+
+        def tokenise():
+            if tok is None:
+                raise CliError(f"model folder {str(path)!r} has no tokenizer, needed to tokenize --text")
+            return data.evaluation_tokens(tok, text)
+        ids = comm.decided_by_main(tokenise, "tokenising")
         n_win = ids.numel() // seqlen
         n_win = min(n_win, windows or n_win)
         hint = (f" (settings from {source}; --seqlen / --eval-windows change them)" if source else
@@ -616,13 +762,14 @@ def cmd_eval(args) -> int:
         log(f"evaluating {n_win} windows x {seqlen} tokens of {text or 'shakespeare:evaluation'}{hint}")
         t = time.perf_counter()
         ppl = evaluate_perplexity(model, ids, seqlen=seqlen, max_windows=windows, device=device,
-                                  progress=not args.quiet)
+                                  progress=not args.quiet and comm.is_main, distributed=comm)
     except (ValueError, FileNotFoundError) as exc:
         raise CliError(str(exc)) from None
     result = {"model": str(path), "text": text or "shakespeare:evaluation", "seqlen": seqlen,
               "windows": n_win, "perplexity": ppl, "seconds": time.perf_counter() - t}
-    print(json.dumps(result) if args.json else
-          f"perplexity {ppl:.4f} ({n_win} windows x {seqlen} tokens of {result['text']})")
+    if comm.is_main:
+        print(json.dumps(result) if args.json else
+              f"perplexity {ppl:.4f} ({n_win} windows x {seqlen} tokens of {result['text']})")
     return 0
 
 
@@ -637,7 +784,35 @@ def cmd_bench(argv: list[str]) -> int:
     return int(bench_main(argv) or 0)
 
 
+class _Terminated(BaseException):
+    """SIGTERM under torchrun (its agent stops every rank when one fails): unwinds like an exception so
+    temporary output folders are removed."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated
+
+
+def _start_distributed(args):
+    """The Comm of this process: under torchrun with several ranks, the rank's device (cuda ->
+    cuda:LOCAL_RANK) and the process group; else LOCAL."""
+    from .models import distributed
+
+    if distributed.launched_world_size() <= 1:
+        return distributed.LOCAL
+    try:
+        device = distributed.rank_device(_check_device(args.device))
+        args.device = str(device)
+        comm = distributed.init_from_environment(device, args.dist_backend, args.dist_timeout)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    return comm
+
+
 def main(argv: list[str] | None = None) -> int:
+    from .models.distributed import RESUME_HINT, DistributedError, launched_world_size, shutdown
+
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "bench":
         return cmd_bench(argv[1:])
@@ -645,16 +820,29 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.argv = argv
     set_threads(args.threads)
+    many = launched_world_size() > 1
+    who = f" (rank {os.environ.get('RANK', '?')})" if many else ""
     try:
-        with hf_progress_bars(not args.quiet):
-            return cmd_prune(args) if args.command == "prune" else cmd_eval(args)
+        comm = _start_distributed(args)
+        with hf_progress_bars(not args.quiet and comm.is_main):
+            return cmd_prune(args, comm) if args.command == "prune" else cmd_eval(args, comm)
     except CliError as exc:
-        print(f"admm-prune: error: {exc}", file=sys.stderr)
+        print(f"admm-prune: error{who}: {exc}", file=sys.stderr)
         return 2
+    except DistributedError as exc:
+        print(f"admm-prune: error{who}: {exc}", file=sys.stderr)
+        return 3
+    except _Terminated:
+        print(f"admm-prune{who}: terminated (SIGTERM; torchrun stops every rank when one fails: see the "
+              f"failing rank's message); {RESUME_HINT}", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
-        print("admm-prune: interrupted; rerun with --resume to continue from the last finished block",
+        print(f"admm-prune{who}: interrupted; rerun with --resume to continue from the last finished block",
               file=sys.stderr)
         return 130
+    finally:
+        if many:
+            shutdown()
 
 
 if __name__ == "__main__":

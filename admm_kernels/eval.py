@@ -96,12 +96,14 @@ def evaluation_windows(model: nn.Module, tokens_or_text, seqlen: int | None, tok
 @torch.no_grad()
 def evaluate_perplexity(model, tokens_or_text, seqlen: int | None = None, tokenizer=None,
                         max_windows: int | None = None, device: torch.device | str | None = None,
-                        progress: bool = False, distributed=None, offload=False) -> float:
+                        progress: bool = False, distributed=None, offload=False,
+                        offload_dir=None) -> float:
     """exp(mean next-token NLL) of `model` over non-overlapping windows of `seqlen` tokens.
 
     model: an nn.Module causal LM, or an admm_kernels.models.StreamedModel (then evaluated block by
     block, each block read from the checkpoint and freed: memory does not grow with the model; the
-    windows' hidden states live where `offload` says: False = on the device, True / "cpu", "disk").
+    windows' hidden states live where `offload` says: False = on the device, True / "cpu", "disk" in
+    offload_dir, as prune_model's).
     tokens_or_text: int token ids (n,) / (1, n), or a str (then `tokenizer` is needed). seqlen: window
     length (default: min(2048, the model's maximum)). max_windows: evaluate only the first windows.
     device: where to run (the model is moved there and back, also on errors; default: where it is;
@@ -120,7 +122,7 @@ def evaluate_perplexity(model, tokens_or_text, seqlen: int | None = None, tokeni
 
         windows = evaluation_windows(model.model, tokens_or_text, seqlen, tokenizer, max_windows)
         run_on = check_compute_device(device, "device") if device is not None else torch.device("cpu")
-        return streamed_perplexity(model, windows, run_on, comm, offload, progress)
+        return streamed_perplexity(model, windows, run_on, comm, offload, offload_dir, progress)
     windows = evaluation_windows(model, tokens_or_text, seqlen, tokenizer, max_windows)
     n_windows, seqlen = windows.shape
     home = model_device(model)

@@ -70,9 +70,9 @@ class LayerwisePerplexity:
 
 
 def streamed_perplexity(streamed, windows: torch.Tensor, device: torch.device, comm: Comm, offload=False,
-                        progress: bool = False) -> float:
+                        offload_dir=None, progress: bool = False) -> float:
     """Perplexity of a StreamedModel's dense checkpoint: each block is read, evaluated and freed."""
-    store = ActivationStore(resolve_offload(offload), device)
+    store = ActivationStore(resolve_offload(offload), device, offload_dir)
     evaluator = LayerwisePerplexity(streamed.model, windows, device, comm, store)
     it = range(len(streamed.blocks))
     if progress:

@@ -187,7 +187,7 @@ def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype | str =
     with_tokenizer is True only raises when the caller later needs one. packed=True also loads a packed
     model folder (admm_kernels.load_sparse: SparseLinear layers; dtype "auto" keeps the stored dtypes).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     p = default_model_path() if path is None else check_model_path(path, packed=packed)
     if isinstance(dtype, str) and dtype != "auto":
@@ -227,13 +227,17 @@ def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype | str =
             raise ValueError(f"config {str(p / 'config.json')!r} does not match the weights in {str(p)!r}: "
                              + "; ".join(problems) + " (check num_hidden_layers and the layer sizes)")
     model.eval()
-    tok = None
-    if with_tokenizer:
-        try:
-            tok = AutoTokenizer.from_pretrained(p)
-        except (ValueError, OSError, TypeError):
-            tok = None
-    return model, tok, p
+    return model, load_tokenizer(p) if with_tokenizer else None, p
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The tokenizer of a model folder, or None when it has none (or it cannot be read)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (ValueError, OSError, TypeError):
+        return None
 
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
