@@ -67,18 +67,21 @@ def _install_write_log() -> None:
 
 
 def prune_tiny(arch: str, sequential: bool, distributed=None) -> dict:
-    """The API run the distributed tests compare: a tiny model of `arch` pruned on 5 windows (so 2 and 3
-    ranks get unequal shares), then its perplexity. Returns weights, report and perplexity."""
+    """The API run the distributed tests compare: a tiny model of `arch` evaluated, pruned on 5 windows (so
+    2 and 3 ranks get unequal shares) and evaluated again (7 windows: unequal shares too). Returns the
+    weights, report and both perplexities."""
     from tiny_models import tiny_model, tiny_tokens
 
     import admm_kernels as ak
 
     model = tiny_model(arch)
+    eval_ids = tiny_tokens(1, 112, seed=5)[0]
+    dense_ppl = ak.evaluate_perplexity(model, eval_ids, seqlen=16, distributed=distributed)
     report = ak.prune_model(model, tiny_tokens(5, 16), sparsity=0.6, iters=4, T=3, sequential=sequential,
                             distributed=distributed)
-    ppl = ak.evaluate_perplexity(model, tiny_tokens(1, 112, seed=5)[0], seqlen=16, distributed=distributed)
+    ppl = ak.evaluate_perplexity(model, eval_ids, seqlen=16, distributed=distributed)
     return {"weights": {k: v.clone() for k, v in model.state_dict().items()}, "report": report,
-            "perplexity": ppl}
+            "perplexity": ppl, "dense_perplexity": dense_ppl}
 
 
 def _api(result: str, archs: str) -> None:
