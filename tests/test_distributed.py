@@ -219,6 +219,12 @@ def test_hung_rank_times_out_with_a_clear_message(cli_reference):
     assert "rank 0 of 2: block 2" in err0 and "within the 5 s timeout (--dist-timeout)" in err0, err0
     assert not out.exists() and not list(root.glob(".hung.tmp-*"))
     assert json.loads((root / "hung.state" / "state.json").read_text())["next_block"] == 2
+    # Another number of ranks is refused (the Gram sums would run in another order), saying how many.
+    res = subprocess.run([sys.executable, WORKER, *_cli_args(root, out, "--resume")], env=_env(),
+                         capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "world_size: saved 2, now None" in res.stderr and "resume with 2 rank(s) (torchrun " \
+        "--nproc-per-node 2)" in res.stderr, res.stderr[-2000:]
 
 
 def test_rank_zero_refusal_reaches_every_rank(cli_reference, tmp_path):

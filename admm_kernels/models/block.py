@@ -124,7 +124,6 @@ def _solve_stage(leaders: list[str], accs: dict, layers: dict[str, nn.Module], p
     mine = [rel for rel, o in zip(members, owners) if o == comm.rank]
     wanted = {plan.group_of[rel] for rel in mine}
     grams: dict[str, torch.Tensor] = {}
-    t = time.perf_counter()
     for g in leaders:  # one symmetric Gram per group, summed over the ranks, kept only where needed
         acc = accs.pop(g)
         gram = acc.gram
@@ -133,7 +132,6 @@ def _solve_stage(leaders: list[str], accs: dict, layers: dict[str, nn.Module], p
         if g in wanted:
             grams[g] = gram
         del gram
-    timings["comm"] += time.perf_counter() - t
 
     records: dict[str, dict] = {}
     masks: dict[str, torch.Tensor] = {}
@@ -169,7 +167,6 @@ def _solve_stage(leaders: list[str], accs: dict, layers: dict[str, nn.Module], p
     if not comm.distributed:
         return records
 
-    t = time.perf_counter()
     for rel, owner in zip(members, owners):  # the same order on every rank
         module = layers[rel]
         w = get_weight(module)
@@ -189,7 +186,6 @@ def _solve_stage(leaders: list[str], accs: dict, layers: dict[str, nn.Module], p
             bar.step("prune", f"{rel} from rank {owner}")
     for recs in comm.all_gather_objects(records, f"block {index}: collecting the layer reports"):
         records.update(recs)
-    timings["comm"] += time.perf_counter() - t
     return records
 
 

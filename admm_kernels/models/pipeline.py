@@ -260,6 +260,7 @@ def prune_model(model: nn.Module | StreamedModel, calibration, sparsity: float =
         return dict(sparsity=sparsity_of(b), pattern=pattern, method=method, **options)
 
     store = PipelineState(state_dir) if state_dir is not None and comm.is_main else None
+    comm_before = comm.seconds
     timings = {"capture": 0.0, "forward": 0.0, "gram": 0.0, "solve": 0.0, "comm": 0.0, "state": 0.0}
     was_training = net.training
     with contextlib.ExitStack() as stack:
@@ -345,7 +346,7 @@ def prune_model(model: nn.Module | StreamedModel, calibration, sparsity: float =
     kept = sum(r["kept"] for r in report_layers)
     total = sum(r["numel"] for r in report_layers)
     timings["total"] = time.perf_counter() - t_start
-    timings["comm"] += comm.seconds if comm.distributed else 0.0
+    timings["comm"] = comm.seconds - comm_before  # inside collectives, waiting for other ranks included
     report = {
         "model": type(net).__name__, "blocks": len(blocks), "blocks_name": blocks_name,
         "method": method, "pattern": pattern, "sparsity": sparsity,

@@ -347,6 +347,11 @@ class PipelineState:
             if "threads" in diff:
                 hints.append(f"results depend on the torch thread count: resume with "
                              f"{saved.get('threads')} threads (admm-prune --threads, torch.set_num_threads)")
+            if "world_size" in diff:
+                ranks = saved.get("world_size") or 1
+                how = f"torchrun --nproc-per-node {ranks}" if ranks > 1 else "one process, without torchrun"
+                hints.append("a distributed run's Gram sums depend on the number of ranks: resume with "
+                             f"{ranks} rank(s) ({how})")
             hint = "".join(f"; {h}" for h in hints)
             raise StateError(f"state_dir {str(self.folder)!r} belongs to a run with other settings "
                              f"({detail}){hint}; use another state folder or {RECOVER}")
