@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's admm_kernels (and its commit), not an installed one
 
 
 def _machine() -> dict:
@@ -64,69 +65,89 @@ def _run(cmd: list[str], threads: int) -> tuple[float, dict]:
 
 # --- ranks ---------------------------------------------------------------------------------------------
 
+RANK_RUNS = ("1 rank x 2 threads", "2 ranks x 1 thread", "1 rank x 1 thread")
+
+
+def _compare_outputs(folder_a: str, report_a: dict, folder_b: str, report_b: dict) -> dict:
+    """How far two pruned outputs of the same model are apart."""
+    from admm_kernels.models.loading import load_model
+
+    wa, _, _ = load_model(folder_a, with_tokenizer=False)
+    wb, _, _ = load_model(folder_b, with_tokenizer=False)
+    sa, sb = wa.state_dict(), wb.state_dict()
+    keys = [k for k in sa if sa[k].dim() == 2 and k in {f"{r['name']}.weight" for r in report_a["layers"]}]
+    return {"max_relative_weight_difference": max(float((sb[k] - sa[k]).norm() / sa[k].norm()) for k in keys),
+            "mask_entries_differing": sum(int(((sb[k] == 0) != (sa[k] == 0)).sum()) for k in keys),
+            "mask_entries": sum(sa[k].numel() for k in keys),
+            "max_relative_error_difference": max(abs(x["error"] - y["error"]) / x["error"]
+                                                 for x, y in zip(report_a["layers"], report_b["layers"])),
+            "first_block_error_difference": max(abs(x["error"] - y["error"]) / x["error"]
+                                                for x, y in zip(report_a["layers"], report_b["layers"])
+                                                if x["block"] == 0)}
+
+
 def cmd_ranks(args) -> dict:
     import torch
-
-    from admm_kernels.models.loading import load_model
 
     out = Path(args.out)
     common = ["prune", "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--eval-windows",
               str(args.eval_windows), "--quiet", "--overwrite"]
-    one = [sys.executable, "-m", "admm_kernels", *common, "--threads", "2", "--out", str(out / "one-rank")]
-    two = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
-           "127.0.0.1", "--master-port", str(_free_port()), "-m", "admm_kernels", *common, "--threads", "1",
-           "--out", str(out / "two-ranks")]
+    single = [sys.executable, "-m", "admm_kernels", *common]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+                "127.0.0.1", "--master-port", str(_free_port()), "-m", "admm_kernels", *common]
+    commands = {RANK_RUNS[0]: ([*single, "--threads", "2", "--out", str(out / "r1t2")], 2),
+                RANK_RUNS[1]: ([*torchrun, "--threads", "1", "--out", str(out / "r2t1")], 1),
+                RANK_RUNS[2]: ([*single, "--threads", "1", "--out", str(out / "r1t1")], 1)}
     runs = {}
-    for name, cmd, threads in (("1 rank x 2 threads", one, 2), ("2 ranks x 1 thread", two, 1)):
-        print(f"== {name}: {' '.join(cmd)}", flush=True)
-        wall, _ = _run(cmd, threads)
-        folder = Path(cmd[-1])
-        report = json.loads((folder / "prune_report.json").read_text())
-        runs[name] = {"wall_seconds": wall, "folder": str(folder), "report": report}
-    a, b = (runs[k]["report"] for k in runs)
-    wa, _, _ = load_model(runs["1 rank x 2 threads"]["folder"], with_tokenizer=False)
-    wb, _, _ = load_model(runs["2 ranks x 1 thread"]["folder"], with_tokenizer=False)
-    sa, sb = wa.state_dict(), wb.state_dict()
-    weight_diff = max(float((sb[k] - sa[k]).norm() / sa[k].norm()) for k in sa if sa[k].dim() == 2)
-    mask_diff = sum(int(((sb[k] == 0) != (sa[k] == 0)).sum()) for k in sa if sa[k].dim() == 2)
-    numel = sum(sa[k].numel() for k in sa if sa[k].dim() == 2)
-    error_diff = max(abs(x["error"] - y["error"]) / x["error"] for x, y in zip(a["layers"], b["layers"]))
-    result = {"machine": _machine(), "torch": torch.__version__, "nsamples": args.nsamples,
-              "seqlen": args.seqlen, "eval_windows": args.eval_windows,
-              "runs": {k: {"wall_seconds": v["wall_seconds"], "timings": v["report"]["timings"],
-                           "ranks": v["report"].get("ranks"), "perplexity": v["report"]["perplexity"],
-                           "layers": v["report"]["layers"]} for k, v in runs.items()},
-              "time_ratio_two_over_one": runs["2 ranks x 1 thread"]["wall_seconds"]
-              / runs["1 rank x 2 threads"]["wall_seconds"],
-              "max_relative_weight_difference": weight_diff, "mask_entries_differing": mask_diff,
-              "mask_entries": numel, "max_relative_error_difference": error_diff}
-    for k in runs:
-        shutil.rmtree(runs[k]["folder"], ignore_errors=True)
-    return result
+    try:
+        for name, (cmd, threads) in commands.items():
+            print(f"== {name}: {' '.join(cmd)}", flush=True)
+            wall, _ = _run(cmd, threads)
+            folder = Path(cmd[-1])
+            runs[name] = {"wall_seconds": wall, "folder": str(folder),
+                          "report": json.loads((folder / "prune_report.json").read_text())}
+        two = runs[RANK_RUNS[1]]
+        compared = {other: _compare_outputs(runs[other]["folder"], runs[other]["report"], two["folder"],
+                                            two["report"]) for other in (RANK_RUNS[0], RANK_RUNS[2])}
+    finally:
+        for run in runs.values():
+            shutil.rmtree(run["folder"], ignore_errors=True)
+    return {"machine": _machine(), "torch": torch.__version__, "nsamples": args.nsamples,
+            "seqlen": args.seqlen, "eval_windows": args.eval_windows,
+            "runs": {k: {"wall_seconds": v["wall_seconds"], "timings": v["report"]["timings"],
+                         "ranks": v["report"].get("ranks"), "perplexity": v["report"]["perplexity"],
+                         "layers": v["report"]["layers"]} for k, v in runs.items()},
+            "time_ratio_two_ranks_over": {k: two["wall_seconds"] / runs[k]["wall_seconds"]
+                                          for k in (RANK_RUNS[0], RANK_RUNS[2])},
+            "two_ranks_against": compared}
 
 
 def ranks_markdown(r: dict) -> str:
-    one, two = r["runs"]["1 rank x 2 threads"], r["runs"]["2 ranks x 1 thread"]
     m = r["machine"]
     lines = [f"SmolLM2-135M, ADMM-Grad 50 %, {r['nsamples']} x {r['seqlen']} calibration tokens, "
-             f"{r['eval_windows']} evaluation windows; {m['date']}, commit {m['commit']}, "
-             f"load average at the end {m['load_average']}.", "",
+             f"{r['eval_windows']} evaluation windows, run one after the other; {m['date']}, commit "
+             f"{m['commit']}, load average at the end {m['load_average']} (the 2 cores were shared).", "",
              "| run | wall s | prune s | forward s | Gram s | solve s | comm s | ppl before | ppl after |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for name, run in (("1 rank × 2 threads", one), ("2 ranks × 1 thread (rank 0)", two)):
+    for name, run in r["runs"].items():
         t, p = run["timings"], run["perplexity"]
-        lines.append(f"| {name} | {run['wall_seconds']:.1f} | {t['total']:.1f} | {t['forward']:.1f} | "
+        label = name.replace(" x ", " × ") + (" (rank 0)" if run.get("ranks") else "")
+        lines.append(f"| {label} | {run['wall_seconds']:.1f} | {t['total']:.1f} | {t['forward']:.1f} | "
                      f"{t['gram']:.1f} | {t['solve']:.1f} | {t.get('comm', 0.0):.1f} | {p['before']:.4f} | "
                      f"{p['after']:.4f} |")
-    if two.get("ranks"):
-        t1 = two["ranks"][1]["timings"]
-        lines.append(f"| 2 ranks × 1 thread (rank 1) | | {t1['total']:.1f} | {t1['forward']:.1f} | "
-                     f"{t1['gram']:.1f} | {t1['solve']:.1f} | {t1['comm']:.1f} | | |")
-    lines += ["", f"Wall-time ratio 2 ranks / 1 rank: **{r['time_ratio_two_over_one']:.2f}**. Results: "
-              f"largest relative weight difference of a layer {r['max_relative_weight_difference']:.2e}, "
-              f"{r['mask_entries_differing']} of {r['mask_entries']} mask entries differ, largest relative "
-              f"layer-error difference {r['max_relative_error_difference']:.2e} (these include the thread "
-              "count's own effect: 1 and 2 threads sum in different orders)."]
+        for extra in (run.get("ranks") or [])[1:]:
+            e = extra["timings"]
+            lines.append(f"| (rank {extra['rank']}) | | {e['total']:.1f} | {e['forward']:.1f} | "
+                         f"{e['gram']:.1f} | {e['solve']:.1f} | {e['comm']:.1f} | | |")
+    lines.append("")
+    for other, ratio in r["time_ratio_two_ranks_over"].items():
+        c = r["two_ranks_against"][other]
+        lines.append(f"- 2 ranks × 1 thread against {other.replace(' x ', ' × ')}: wall-time ratio "
+                     f"**{ratio:.2f}**; block 0's layer errors differ by at most "
+                     f"{c['first_block_error_difference']:.1e} (relative), over all 30 blocks by "
+                     f"{c['max_relative_error_difference']:.1e}; largest relative weight difference of a "
+                     f"layer {c['max_relative_weight_difference']:.1e}; {c['mask_entries_differing']} of "
+                     f"{c['mask_entries']} mask entries differ.")
     return "\n".join(lines)
 
 
@@ -227,12 +248,13 @@ def block_flops(name: str, tokens: int, seqlen: int) -> dict:
     return {"forward": forward, "gram": gram, "solve": gemms + factor, "largest_layer_solve":
             max(20 * 2 * i * i * o + i ** 3 for _, o, i in layers),
             "gram_bytes": 4 * sum(i * i for i in groups.values()),
-            "weight_bytes_bf16": 2 * sum(o * i for _, o, i in layers)}
+            "weight_bytes_bf16": 2 * sum(o * i for _, o, i in layers),
+            "state_bytes_bf16": 2 * sum(o * i for _, o, i in layers) + 2 * tokens * h}
 
 
 def cmd_project(args) -> dict:
     ranks = json.loads(Path(args.ranks).read_text())
-    run = ranks["runs"]["1 rank x 2 threads"]
+    run = ranks["runs"]["1 rank x 1 thread"]
     t = run["timings"]
     n_blocks = SHAPES["SmolLM2-135M"][0]
     tokens = ranks["nsamples"] * ranks["seqlen"]
@@ -247,10 +269,18 @@ def cmd_project(args) -> dict:
     # reaches 0.78-0.97 of the fp32 matmul rate, the whole prune_layer 1.23-1.47x its 20 GEMMs + Cholesky:
     # RESULTS.md "Layers"), so the solve gets 0.6 / 1.35 of the peak.
     eff_fwd, eff_gemm, overhead = 0.6, 0.6, 1.35
-    out = {"cpu_measured": {"per_block_seconds": {k: t[k] / n_blocks for k in ("forward", "gram", "solve")},
+    # The resumable state (the CLI's default) writes each block's weights and the next block's
+    # activations, fsync'ed and hashed: measured here ~0.14 s for 23 MB a block (~170 MB/s on this VM's
+    # disk); assumed 1 GB/s on a GPU node's NVMe (write + SHA-256 of the written file).
+    state_rate = 1e9
+    state_bytes_here = (2 * f["weight_bytes_bf16"] + 4 * tokens * SHAPES["SmolLM2-135M"][1])  # fp32 run
+    out = {"cpu_measured": {"per_block_seconds": {k: t[k] / n_blocks for k in ("forward", "gram", "solve",
+                                                                               "state")},
+                            "state_mb_per_block": state_bytes_here / 1e6,
                             "achieved_gflops": {k: v / 1e9 for k, v in cpu.items()}, "tokens": tokens},
            "assumptions": {"h200": H200, "forward_efficiency": eff_fwd, "gemm_efficiency": eff_gemm,
                            "solve_overhead": overhead, "passes": passes, "calibration": "128 x 2048 tokens",
+                           "state_bytes_per_second": state_rate,
                            "model_dtype": "bf16", "gram_and_solve": ["fp32", "tf32"]},
            "projections": {}}
     for name in ("LLaMA-2-7B", "LLaMA-2-70B"):
@@ -267,10 +297,13 @@ def cmd_project(args) -> dict:
                 comm = (2 * (gpus - 1) / gpus * fl["gram_bytes"] + 1.5 * fl["weight_bytes_bf16"]) \
                     / H200["nvlink_bus"] if gpus > 1 else 0.0
                 per_block = fwd + gram + solve + comm
+                state = fl["state_bytes_bf16"] / state_rate
                 out["projections"][f"{name} {precision} {gpus}"] = {
                     "model": name, "precision": precision, "gpus": gpus, "blocks": blocks,
-                    "per_block_s": {"forward": fwd, "gram": gram, "solve": solve, "comm": comm},
+                    "per_block_s": {"forward": fwd, "gram": gram, "solve": solve, "comm": comm,
+                                    "state": state},
                     "total_minutes": per_block * blocks / 60,
+                    "total_with_state_minutes": (per_block + state) * blocks / 60,
                     "allreduce_gib_per_block": fl["gram_bytes"] / 2**30,
                     "broadcast_gib_per_block": 1.5 * fl["weight_bytes_bf16"] / 2**30}
     # SparseGPT's published time: OPT-175B / BLOOM-176B in under 4.5 hours on one A100 80GB (Frantar &
@@ -290,10 +323,11 @@ def project_markdown(r: dict) -> str:
     c = r["cpu_measured"]
     a = r["assumptions"]
     sec, rate, h = c["per_block_seconds"], c["achieved_gflops"], a["h200"]
-    lines = ["Measured per-block costs (this CPU, SmolLM2, 1 rank × 2 threads, "
+    lines = ["Measured per-block costs (this CPU, SmolLM2, 1 rank × 1 thread, "
              f"{c['tokens']} calibration tokens): forward {sec['forward']:.2f} s, Gram {sec['gram']:.2f} s, "
              f"ADMM-Grad solves {sec['solve']:.2f} s, i.e. {rate['forward']:.0f} / {rate['gram']:.0f} / "
-             f"{rate['solve']:.0f} GFLOP/s by the FLOP model below.", "",
+             f"{rate['solve']:.0f} GFLOP/s by the FLOP model below; state save {sec['state']:.2f} s for "
+             f"{c['state_mb_per_block']:.0f} MB.", "",
              "Model (per block): forward = 2·params·tokens + 4·seqlen·hidden·tokens per pass, "
              f"{a['passes']} passes (the Gram pass stops after the last needed input, the propagation pass "
              "is whole); Gram = tokens·in² per input group (q/k/v, o, gate/up, down); solve = per layer 20 "
@@ -306,13 +340,16 @@ def project_markdown(r: dict) -> str:
              "GPUs the windows split 8 ways, the 7 layers of a block are solved in parallel, so a block's "
              "solve takes at least its largest layer (down_proj).", "",
              "| model | Gram/solve precision | GPUs | forward s/block | Gram s/block | solve s/block | "
-             "comm s/block | all-reduce GiB/block | total |", "|---|---|---|---|---|---|---|---|---|"]
+             "comm s/block | all-reduce GiB/block | total | state s/block | total with state |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in r["projections"].values():
         b = p["per_block_s"]
-        total = f"{p['total_minutes']:.0f}" if p["total_minutes"] >= 10 else f"{p['total_minutes']:.1f}"
+        total, with_state = (f"{m:.0f}" if m >= 10 else f"{m:.1f}"
+                             for m in (p["total_minutes"], p["total_with_state_minutes"]))
         lines.append(f"| {p['model']} | {p['precision']} | {p['gpus']} | {b['forward']:.2f} | "
                      f"{b['gram']:.2f} | {b['solve']:.2f} | {b['comm']:.3f} | "
-                     f"{p['allreduce_gib_per_block']:.2f} | {total} min |")
+                     f"{p['allreduce_gib_per_block']:.2f} | {total} min | {b['state']:.1f} | "
+                     f"{with_state} min |")
     s7, s70 = r["sparsegpt"]["LLaMA-2-7B"], r["sparsegpt"]["LLaMA-2-70B"]
     lines += ["", "SparseGPT, published: OPT-175B / BLOOM-176B in under 4.5 hours on one A100 80GB (Frantar "
               "& Alistarh 2023, arXiv 2301.00774, abstract). Scaled to LLaMA-2 (derived here, not "
