@@ -281,13 +281,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--layers", nargs="+", metavar="GLOB", default=None,
                     help="prune only these layers (glob on names inside a block, e.g. 'mlp.*' "
                          "'self_attn.q_proj'); default every linear inside the blocks")
-    pr.add_argument("--offload", nargs="?", const="cpu", default=None, choices=("cpu", "disk"),
-                    help="keep calibration activations off the compute device: in host memory (--offload "
-                         "or --offload cpu) or in a file (--offload disk, in --offload-dir), for calibration "
-                         "sets larger than memory")
+    pr.add_argument("--offload", action="store_true", help="keep calibration activations in host memory")
     pr.add_argument("--offload-dir", metavar="DIR", default=None,
-                    help="folder of the --offload disk activation file (default: the temporary folder; the "
-                         "file is unlinked at once, so nothing is left behind)")
+                    help="keep calibration (and --stream evaluation) activations in a file in DIR instead, "
+                         "for calibration sets larger than memory (the file is unlinked at once, so nothing "
+                         "is left behind)")
     pr.add_argument("--sequential", action="store_true",
                     help="prune a block's layers group by group (LLaMA: q/k/v, then o, then gate/up, then "
                          "down), each group's Gram taken from the block with the earlier groups pruned")
@@ -500,8 +498,7 @@ def cmd_prune(args, comm=None) -> int:
     if args.stream and args.save_format == "packed":
         raise CliError("--stream writes a transformers folder block by block; --save-format packed needs the "
                        "whole model in memory: drop one of them")
-    if args.offload_dir is not None and args.offload != "disk":
-        raise CliError("--offload-dir is only used with --offload disk")
+    args.offload = "disk" if args.offload_dir is not None else args.offload  # where activations live
     if args.sparsity is not None and pattern.kind == "nm" and comm.is_main:
         print(f"admm-prune: warning: --sparsity {args.sparsity:g} is ignored with --pattern {args.pattern}: "
               f"an N:M pattern prunes 1 - N/M = {pattern.sparsity(0.0):g} of the weights", file=sys.stderr)

@@ -2,7 +2,7 @@
 
     "device"  on the compute device (the default: no transfers)
     "cpu"     in host memory (prune_model offload=True / "cpu", CLI --offload): the device holds one window
-    "disk"    in a file (offload="disk", CLI --offload disk): an (N, L, hidden) tensor mapped from a file
+    "disk"    in a file (offload="disk", CLI --offload-dir DIR): an (N, L, hidden) tensor mapped from a file
               in `folder` (default: the system's temporary folder), for calibration sets larger than host
               memory. The file is unlinked as soon as it is mapped, so nothing is left behind, whatever
               happens to the process; its pages are file-backed, so the kernel writes them out and drops
