@@ -58,6 +58,15 @@ def _fraction(text: str) -> float:
     return v
 
 
+def _real(flag: str):
+    def parse(text: str) -> float:
+        try:
+            return float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} must be a number, got {text!r}") from None
+    return parse
+
+
 def _positive(flag: str):
     def parse(text: str) -> int:
         try:
@@ -196,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     import torch
 
     from .bench.cli import HELP as BENCH_HELP
+    from .models.sparsity_profile import OWL_LAMBDA, OWL_M
 
     p = argparse.ArgumentParser(prog="admm-prune", description=(
         "Prune large language models layer by layer with ADMM (Boza 2024) or the SparseGPT / Wanda / "
@@ -226,6 +236,19 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default unstructured)")
     pr.add_argument("--method", default="admm", choices=METHODS,
                     help="pruning method (default admm = ADMM-Grad; each is described below)")
+    pr.add_argument("--sparsity-profile", default="uniform", metavar="PROFILE",
+                    help="how sparse each decoder block is pruned: 'uniform' (default, every block at "
+                         "--sparsity); 'owl' (OWL, Yin et al. 2024: blocks with a larger share of outlier "
+                         "Wanda scores are pruned less, the overall sparsity stays --sparsity; one extra "
+                         "dense pass; unstructured and per-row only); or one sparsity per block, "
+                         "comma-separated (0.6,0.7,...) or a JSON file with that list (an earlier "
+                         "prune_report.json works)")
+    pr.add_argument("--owl-m", type=_real("--owl-m"), default=None, metavar="M",
+                    help=f"OWL: a weight is an outlier when its Wanda score exceeds M times its block's mean "
+                         f"score (default {OWL_M:g}, as published)")
+    pr.add_argument("--owl-lambda", type=_real("--owl-lambda"), default=None, metavar="LAMBDA",
+                    help="OWL: the block sparsities span 2*LAMBDA around --sparsity (default "
+                         f"{OWL_LAMBDA:g}, as published for LLaMA-7B at 70%%)")
     add_calibration_arguments(pr)
     pr.add_argument("--eval", metavar="PATH", default=None, dest="eval_path",
                     help="evaluation text for perplexity before/after (default: held-out Shakespeare plays)")
@@ -327,8 +350,32 @@ def _check_text_path(path: str | None, flag: str) -> None:
 def _default_out(args) -> Path:
     name = Path(args.model).name if args.model else "SmolLM2-135M-Instruct"
     pat = args.pattern
-    what = pat.replace(":", "of") if ":" in pat else f"{pat}{round(args.sparsity * 100)}"
+    if ":" in pat:
+        what = pat.replace(":", "of")
+    elif isinstance(args.profile, list):
+        what = f"{pat}{round(100 * sum(args.profile) / len(args.profile))}-blocks"
+    else:
+        what = f"{pat}{round(args.sparsity * 100)}" + ("-owl" if args.profile == "owl" else "")
     return Path("out") / f"{name}-{args.method}-{what}"
+
+
+def _profile_arguments(args) -> dict:
+    """prune_model's sparsity arguments from --sparsity, --sparsity-profile, --owl-m, --owl-lambda."""
+    per_block = isinstance(args.profile, list)
+    return {"sparsity": args.profile if per_block else args.sparsity,
+            "sparsity_profile": "uniform" if per_block else args.profile,
+            "owl_m": args.owl_m, "owl_lambda": args.owl_lambda}
+
+
+def _flag_names(message: str, per_block: bool) -> str:
+    """A profile error of prune_model / check_prunable, with the CLI's flag names for its arguments."""
+    import re
+    message = re.sub(r"\bsparsity_profile\b", "--sparsity-profile", message)
+    message = re.sub(r"\bowl_lambda\b", "--owl-lambda", message)
+    message = re.sub(r"\bowl_m\b", "--owl-m", message)
+    if per_block:  # the per-block list came from --sparsity-profile
+        message = re.sub(r"^sparsity(?=\[| has \d+ per-block)", "--sparsity-profile", message)
+    return message
 
 
 def _prune_report(folder: Path) -> dict | None:
@@ -433,8 +480,22 @@ def cmd_prune(args) -> int:
     if args.sparsity is not None and pattern.kind == "nm":
         print(f"admm-prune: warning: --sparsity {args.sparsity:g} is ignored with --pattern {args.pattern}: "
               f"an N:M pattern prunes 1 - N/M = {pattern.sparsity(0.0):g} of the weights", file=sys.stderr)
-    if args.sparsity is None:
+    from .models.sparsity_profile import check_profile, parse_profile_text
+    try:
+        args.profile = parse_profile_text(args.sparsity_profile)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    per_block = isinstance(args.profile, list)
+    if per_block and args.sparsity is not None:
+        raise CliError(f"--sparsity {args.sparsity:g} and a per-block --sparsity-profile both set the "
+                       "sparsity: give one of them")
+    if args.sparsity is None and not per_block:
         args.sparsity = DEFAULT_SPARSITY
+    try:  # all but the list's length (the model's number of blocks is not known yet)
+        check_profile(**_profile_arguments(args), n_blocks=len(args.profile) if per_block else 1,
+                      pattern=args.pattern)
+    except (ValueError, TypeError) as exc:
+        raise CliError(_flag_names(str(exc), per_block)) from None
     device = _check_device(args.device)
     _check_text_path(args.calib, "--calib")
     _check_text_path(args.eval_path, "--eval")
@@ -492,7 +553,11 @@ def _prune_locked(args, device, out: Path, store, overwrite: bool, replace_defau
     try:
         seqlen = data.resolve_seqlen(args.seqlen if args.seqlen or not embedded else EMBEDDED_SEQLEN, limit,
                                      name="--seqlen")
-        check_prunable(model, args.sparsity, args.pattern, args.method, args.layers, **options)
+        try:
+            check_prunable(model, pattern=args.pattern, method=args.method, layers=args.layers,
+                           **_profile_arguments(args), **options)
+        except (ValueError, TypeError) as exc:
+            raise CliError(_flag_names(str(exc), isinstance(args.profile, list))) from None
         if tok is None:
             raise CliError(f"model folder {str(path)!r} has no tokenizer, needed to tokenize text")
         t = time.perf_counter()
@@ -531,11 +596,11 @@ def _prune_locked(args, device, out: Path, store, overwrite: bool, replace_defau
             store.write_extra("cli.json", {"perplexity_before": ppl["before"], "eval": eval_key})
 
     try:
-        report = prune_model(model, calib, sparsity=args.sparsity, pattern=args.pattern, method=args.method,
-                             layers=args.layers, device=device, offload=args.offload,
-                             progress=not args.quiet, state_dir=state_dir, **options)
+        report = prune_model(model, calib, pattern=args.pattern, method=args.method, layers=args.layers,
+                             device=device, offload=args.offload, progress=not args.quiet,
+                             state_dir=state_dir, **_profile_arguments(args), **options)
     except (ValueError, TypeError) as exc:
-        raise CliError(str(exc)) from None
+        raise CliError(_flag_names(str(exc), isinstance(args.profile, list))) from None
     if eval_ids is not None:
         t = time.perf_counter()
         ppl["after"] = evaluate_perplexity(model, eval_ids, seqlen=seqlen, max_windows=eval_windows,
@@ -563,6 +628,12 @@ def _prune_locked(args, device, out: Path, store, overwrite: bool, replace_defau
     print(f"pruned {len(report['layers'])} layers to {report['achieved_sparsity']:.4f} sparsity "
           f"({args.method}, {args.pattern}) in {t['total']:.1f} s "
           f"[forward {t['forward']:.1f} s, gram {t['gram']:.1f} s, solve {t['solve']:.1f} s]")
+    prof = report["sparsity_profile"]
+    if prof["name"] != "uniform":
+        values = prof["block_sparsity"]
+        extra = f" (M={prof['owl_m']:g}, lambda={prof['owl_lambda']:g})" if prof["name"] == "owl" else ""
+        print(f"sparsity profile {prof['name']}{extra}: block sparsity {min(values):.4f} .. "
+              f"{max(values):.4f}, target {prof['target']:.4f} [profile {t['profile']:.1f} s]")
     if ppl:
         print(f"perplexity ({ppl['windows']} x {seqlen} tokens): before {ppl['before']:.3f}, "
               f"after {ppl['after']:.3f}")

@@ -15,18 +15,19 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .._checks import check_compute_device, check_sparsity, model_device, parse_pattern
+from .._checks import check_compute_device, model_device, parse_pattern
 from .._digest import model_digest
 from ..gram import GramAccumulator
 from .capture import BlockCall, capture_inputs
 from .discovery import LayerFilter, find_blocks, get_weight, select_all, set_weight
 from .loading import max_positions
+from .sparsity_profile import BlockSparsity, check_profile
 from .state import PipelineState, StateLayout, fingerprint
 
 
@@ -157,9 +158,10 @@ def _validate_options(sparsity: float, pattern: str, method: str, options: dict)
 
 
 def _validate_layers(selected: list[dict[str, nn.Module]], blocks_name: str, pattern: str,
-                     sparsity: float) -> None:
+                     block_sparsity: Sequence[float]) -> None:
     """Check the pattern against every selected layer before any work (not after hours)."""
     for i, layers in enumerate(selected):
+        sparsity = block_sparsity[i]
         for rel, module in layers.items():
             out_f, in_f = get_weight(module).shape
             try:
@@ -173,15 +175,16 @@ def _validate_layers(selected: list[dict[str, nn.Module]], blocks_name: str, pat
                                  f"(weight {out_f}x{in_f})")
 
 
-def check_prunable(model: nn.Module, sparsity: float, pattern: str, method: str = "admm",
-                   layers: LayerFilter = None, **options) -> None:
+def check_prunable(model: nn.Module, sparsity: float | Sequence[float], pattern: str, method: str = "admm",
+                   layers: LayerFilter = None, *, sparsity_profile: str = "uniform",
+                   owl_m: float | None = None, owl_lambda: float | None = None, **options) -> None:
     """Raise ValueError / TypeError now if prune_model would reject these settings for this model
     (no decoder blocks, a layer pattern matching nothing, N:M not dividing a layer's in_features,
-    an unknown method or option)."""
+    an unknown method or option, a bad sparsity profile)."""
     blocks_name, blocks = find_blocks(model)
-    sparsity = check_sparsity(sparsity)
-    _validate_layers(select_all(blocks, blocks_name, layers), blocks_name, pattern, sparsity)
-    _validate_options(sparsity, pattern, method, options)
+    planned = check_profile(sparsity, sparsity_profile, len(blocks), pattern, owl_m, owl_lambda).planned()
+    _validate_layers(select_all(blocks, blocks_name, layers), blocks_name, pattern, planned)
+    _validate_options(planned[0], pattern, method, options)
 
 
 def _callable_name(f) -> str:
@@ -189,12 +192,13 @@ def _callable_name(f) -> str:
 
 
 def run_fingerprint(model: nn.Module, ids: torch.Tensor, blocks_name: str, n_blocks: int, *, method: str,
-                    pattern: str, sparsity: float, options: dict, layers: LayerFilter,
+                    pattern: str, sparsity: BlockSparsity, options: dict, layers: LayerFilter,
                     gram_dtype: torch.dtype, device: torch.device) -> dict:
     """Everything that determines a pruning run's result, as compared by `--resume`: a content digest
     of every parameter and buffer of the dense model (admm_kernels._digest.model_digest: 0.38 s for the
     538 MB of SmolLM2-135M here, ~0.1 % of the embedded run), its config, the calibration token ids, the
-    method, pattern, sparsity and options, the layer selection, the Gram dtype, the device type, the
+    method, pattern, target sparsity, sparsity profile (its name and settings, and every block's
+    sparsity) and options, the layer selection, the Gram dtype, the device type, the
     torch thread count on the CPU (BLAS reductions are split per thread: 1 vs 2 threads gave perplexity
     64.238 vs 64.301 for the same run), a forced kernel backend, and the versions of the code."""
     from .. import backends
@@ -203,7 +207,8 @@ def run_fingerprint(model: nn.Module, ids: torch.Tensor, blocks_name: str, n_blo
         model=type(model).__name__,
         config=model.config.to_json_string() if hasattr(model, "config") else None,
         blocks=f"{blocks_name}[{n_blocks}]", dense_model=model_digest(model),
-        method=method, pattern=pattern, sparsity=sparsity, options=options,
+        method=method, pattern=pattern, sparsity=sparsity.target, options=options,
+        sparsity_profile=sparsity.fingerprint(),
         layers=_callable_name(layers) if callable(layers) else layers,
         calibration=ids, gram_dtype=gram_dtype, device=device.type,
         threads=torch.get_num_threads() if device.type == "cpu" else None,
@@ -218,8 +223,10 @@ def _layout(selected: list[dict[str, nn.Module]], end: int, ids: torch.Tensor) -
     return StateLayout(blocks=blocks, windows=(int(ids.shape[0]), int(ids.shape[1])))
 
 
-def prune_model(model: nn.Module, calibration, sparsity: float = 0.5, pattern: str = "unstructured",
-                method: str = "admm", *, layers: LayerFilter = None, device: torch.device | str | None = None,
+def prune_model(model: nn.Module, calibration, sparsity: float | Sequence[float] = 0.5,
+                pattern: str = "unstructured", method: str = "admm", *, sparsity_profile: str = "uniform",
+                owl_m: float | None = None, owl_lambda: float | None = None,
+                layers: LayerFilter = None, device: torch.device | str | None = None,
                 offload: bool = False, gram_dtype: torch.dtype = torch.float32, progress: bool = False,
                 state_dir: str | os.PathLike | None = None,
                 callback: Callable[[int, dict], None] | None = None, **options) -> dict:
@@ -234,6 +241,12 @@ def prune_model(model: nn.Module, calibration, sparsity: float = 0.5, pattern: s
         unavailable devices are refused). offload: keep the (nsamples, seqlen, hidden) activations on the
         CPU instead of the device. gram_dtype: torch.float32 or torch.float64. progress: tqdm bars over
         blocks and layers.
+        sparsity may also be a list of one value in [0, 1) per decoder block. sparsity_profile:
+        "uniform" (every block at `sparsity`) or "owl" (Yin et al. 2024: blocks with a larger share of
+        outlier Wanda scores are pruned less, the model's overall sparsity stays `sparsity`; owl_m = M,
+        the outlier threshold over the block's mean score, default 5; owl_lambda = λ, the block
+        sparsities span 2λ, default 0.08; one extra dense forward of the calibration data;
+        unstructured and per-row patterns only; see admm_kernels.models.owl).
         state_dir: folder for resumable state, locked for the run (a second run on it fails at once,
         naming the holder's pid). A run started with the same settings continues from the last finished
         block with a bit-identical result. Pass the original dense model, freshly loaded: its content
@@ -246,10 +259,12 @@ def prune_model(model: nn.Module, calibration, sparsity: float = 0.5, pattern: s
     hooks, the original train/eval mode (weights of blocks already pruned stay pruned; with state_dir,
     rerun on a freshly loaded dense model to continue).
 
-    Returns a JSON-able dict: model, blocks, method, pattern, sparsity, options, nsamples, seqlen,
+    Returns a JSON-able dict: model, blocks, method, pattern, sparsity (the target: for a per-block
+    list, its mean weighted by the blocks' selected weights), sparsity_profile (name, target,
+    block_sparsity; OWL: owl_m, owl_lambda, outlier_ratios), options, nsamples, seqlen,
     layers (per layer: name, block, shape, group, error, seconds, sparsity), achieved_sparsity
-    (over the pruned layers), timings (capture, forward, gram, solve, state, total seconds), threads
-    (torch's CPU thread count, part of what makes a run reproducible), versions.
+    (over the pruned layers), timings (profile, capture, forward, gram, solve, state, total seconds),
+    threads (torch's CPU thread count, part of what makes a run reproducible), versions.
     """
     t_start = time.perf_counter()
     blocks_name, blocks = find_blocks(model)
@@ -258,10 +273,10 @@ def prune_model(model: nn.Module, calibration, sparsity: float = 0.5, pattern: s
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable, got {type(callback).__name__}")
     ids = check_calibration(calibration, model)
-    sparsity = check_sparsity(sparsity)
+    request = check_profile(sparsity, sparsity_profile, len(blocks), pattern, owl_m, owl_lambda)
     selected = select_all(blocks, blocks_name, layers)
-    _validate_layers(selected, blocks_name, pattern, sparsity)
-    _validate_options(sparsity, pattern, method, options)
+    _validate_layers(selected, blocks_name, pattern, request.planned())
+    _validate_options(request.planned()[0], pattern, method, options)
     home = model_device(model)
     device = check_compute_device(device, "device") if device is not None else home
     act_device = torch.device("cpu") if offload else device
@@ -269,17 +284,25 @@ def prune_model(model: nn.Module, calibration, sparsity: float = 0.5, pattern: s
     end = max(i for i, sel in enumerate(selected) if sel) + 1
 
     store = PipelineState(state_dir) if state_dir is not None else None
-    timings = {"capture": 0.0, "forward": 0.0, "gram": 0.0, "solve": 0.0, "state": 0.0}
+    timings = {"profile": 0.0, "capture": 0.0, "forward": 0.0, "gram": 0.0, "solve": 0.0, "state": 0.0}
     report_layers: list[dict] = []
     start = 0
     was_training = model.training
     with store.lock() if store is not None else contextlib.nullcontext():
         state = None
+        t = time.perf_counter()
+        try:  # before the first block is pruned: OWL's dense pass (eval mode; no weight is changed)
+            block_sparsity = request.resolve(model.eval(), blocks, selected, ids, device, act_device,
+                                             progress)
+        finally:
+            model.train(was_training)
+        _validate_layers(selected, blocks_name, pattern, block_sparsity.values)
+        timings["profile"] = time.perf_counter() - t
         if store is not None:
             t = time.perf_counter()
             fp = run_fingerprint(model, ids, blocks_name, len(blocks), method=method, pattern=pattern,
-                                 sparsity=sparsity, options=options, layers=layers, gram_dtype=gram_dtype,
-                                 device=device)
+                                 sparsity=block_sparsity, options=options, layers=layers,
+                                 gram_dtype=gram_dtype, device=device)
             state = store.load(fp, _layout(selected, end, ids))  # verified before the model is touched
             timings["state"] += time.perf_counter() - t
         bar = None
@@ -304,7 +327,7 @@ def prune_model(model: nn.Module, calibration, sparsity: float = 0.5, pattern: s
                 for b in range(start, end):
                     block_report = _prune_block(
                         blocks[b], b, blocks_name, selected[b], calls[b], acts, device, gram_dtype,
-                        dict(sparsity=sparsity, pattern=pattern, method=method, **options),
+                        dict(sparsity=block_sparsity.of(b), pattern=pattern, method=method, **options),
                         last=(b == end - 1), bar=bar, timings=timings)
                     report_layers.extend(block_report)
                     if store is not None:
@@ -326,7 +349,8 @@ def prune_model(model: nn.Module, calibration, sparsity: float = 0.5, pattern: s
     timings["total"] = time.perf_counter() - t_start
     return {
         "model": type(model).__name__, "blocks": len(blocks), "blocks_name": blocks_name,
-        "method": method, "pattern": pattern, "sparsity": sparsity,
+        "method": method, "pattern": pattern, "sparsity": block_sparsity.target,
+        "sparsity_profile": block_sparsity.report(),
         "options": fingerprint(**options), "nsamples": int(ids.shape[0]), "seqlen": int(ids.shape[1]),
         "device": str(device), "offload": offload,
         "resumed_from_block": start if state_dir and start else None,
