@@ -47,6 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lambdas", type=_floats, default=[0.08],
                    help="OWL λ values (default 0.08, as published)")
     p.add_argument("--no-uniform", action="store_true", help="skip the uniform runs")
+    p.add_argument("--mirrored", action="store_true",
+                   help="also run each OWL allocation mirrored around the target (2s - s_b: blocks with "
+                        "more outliers pruned MORE), a check of the direction OWL assumes")
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--eval-windows", type=int, default=32)
@@ -108,14 +111,19 @@ def run(args, out: Path) -> dict:
         atomic_write_text(out / "owl_sweep.json", json.dumps(res, indent=1, default=str) + "\n")
 
     for method in args.methods:
-        configs = ([] if args.no_uniform else [None]) + [(m, lam) for m in args.ms for lam in args.lambdas]
+        configs = ([] if args.no_uniform else [None]) + [
+            (m, lam, mirrored) for m in args.ms for lam in args.lambdas
+            for mirrored in ((False, True) if args.mirrored else (False,))]
         for cfg in configs:
             model.load_state_dict(dense_state)
             kwargs = {"sparsity": args.sparsity}
             planned = None
             if cfg is not None:
                 planned = list(allocate(ratios[cfg[0]], weights, args.sparsity, cfg[1]))
-                if cfg == (OWL_M, OWL_LAMBDA):  # through the public path, checked against the shortcut
+                if cfg[2]:  # same weighted mean: Σ w (2s - s_b) = 2s Σ w - s Σ w
+                    planned = [2 * args.sparsity - v for v in planned]
+                    kwargs = {"sparsity": planned}
+                elif cfg[:2] == (OWL_M, OWL_LAMBDA):  # the public path, checked against the shortcut
                     kwargs.update(sparsity_profile="owl")
                 else:
                     kwargs = {"sparsity": planned}
@@ -126,9 +134,11 @@ def run(args, out: Path) -> dict:
             if planned is not None and got != planned[:n]:
                 raise AssertionError(f"sparsity_profile='owl' gave {got}, the shortcut {planned[:n]}")
             value = ppl()
-            label = "uniform" if cfg is None else f"owl M={cfg[0]:g} λ={cfg[1]:g}"
+            label = "uniform" if cfg is None else \
+                f"owl{' mirrored' if cfg[2] else ''} M={cfg[0]:g} λ={cfg[1]:g}"
             record({"method": method, "profile": label, "owl_m": None if cfg is None else cfg[0],
-                    "owl_lambda": None if cfg is None else cfg[1], "perplexity": value,
+                    "owl_lambda": None if cfg is None else cfg[1],
+                    "mirrored": None if cfg is None else cfg[2], "perplexity": value,
                     "block_sparsity": got, "achieved_sparsity": report["achieved_sparsity"],
                     "wall_seconds": wall, "timings": report["timings"],
                     "mean_layer_error": sum(r["error"] for r in report["layers"]) / len(report["layers"])})
