@@ -327,3 +327,19 @@ def test_parse_profile_text(tmp_path):
         bad.write_text(text)
         with pytest.raises(ValueError, match="bad.json"):
             parse_profile_text(str(bad))
+
+
+@pytest.mark.gpu
+def test_owl_on_cuda_matches_the_cpu_profile():
+    """The pre-pass moves one block at a time to the device (and back), as the pipeline does: the
+    outlier ratios on CUDA equal the CPU's up to a few borderline scores, the allocation follows."""
+    ids = tiny_tokens(3, 16)
+    cpu = ak.prune_model(_outlier_model(), ids, sparsity=0.7, method="magnitude", sparsity_profile="owl")
+    model = _outlier_model()
+    gpu = ak.prune_model(model, ids, sparsity=0.7, method="magnitude", sparsity_profile="owl", device="cuda")
+    assert next(model.parameters()).device.type == "cpu"  # every block went back
+    n = sum(r["numel"] for r in cpu["layers"]) / 3
+    for a, b in zip(cpu["sparsity_profile"]["outlier_ratios"], gpu["sparsity_profile"]["outlier_ratios"]):
+        assert a == pytest.approx(b, abs=3 / n)
+    s_cpu, s_gpu = cpu["sparsity_profile"]["block_sparsity"], gpu["sparsity_profile"]["block_sparsity"]
+    assert s_gpu[1] == min(s_gpu) and s_gpu == pytest.approx(s_cpu, abs=0.02)
