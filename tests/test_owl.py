@@ -343,3 +343,29 @@ def test_owl_on_cuda_matches_the_cpu_profile():
         assert a == pytest.approx(b, abs=3 / n)
     s_cpu, s_gpu = cpu["sparsity_profile"]["block_sparsity"], gpu["sparsity_profile"]["block_sparsity"]
     assert s_gpu[1] == min(s_gpu) and s_gpu == pytest.approx(s_cpu, abs=0.02)
+
+
+def test_input_hooks_name_a_layer_called_without_a_tensor_and_clean_up():
+    from torch import nn
+
+    from admm_kernels.models.capture import input_hooks
+
+    lin = nn.Linear(4, 4)
+    seen = []
+    handles = input_hooks({"proj": lin}, lambda name, x: seen.append((name, tuple(x.shape))))
+    lin(torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="layer proj was called without a tensor input"):
+        lin(input=torch.zeros(2, 4))
+    assert seen == [("proj", (2, 4))]
+    for h in handles:
+        h.remove()
+
+    class Refuses(nn.Linear):
+        def register_forward_pre_hook(self, hook, **kw):
+            raise RuntimeError("no hooks here")
+
+    first = nn.Linear(4, 4)
+    with pytest.raises(RuntimeError, match="no hooks here"):
+        input_hooks({"a": first, "b": Refuses(4, 4)}, lambda name, x: seen.append(name))
+    first(torch.zeros(1, 4))
+    assert not first._forward_pre_hooks and seen == [("proj", (2, 4))]  # the first hook was removed

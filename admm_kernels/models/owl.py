@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .capture import capture_inputs
+from .capture import capture_inputs, input_hooks
 from .discovery import get_weight
 from .sparsity_profile import BlockSparsity, weighted_mean
 
@@ -39,25 +39,14 @@ class SquareSumHooks:
 
     def __init__(self, layers: dict[str, nn.Module]):
         self.sums: dict[str, torch.Tensor] = {}
-        self.handles = []
-        try:
-            for name, module in layers.items():
-                self.handles.append(module.register_forward_pre_hook(self._hook(name)))
-        except BaseException:
-            self.remove()
-            raise
+        self.handles = input_hooks(layers, self._on_input)
 
-    def _hook(self, name: str):
-        def hook(module, args):
-            x = args[0] if args else None
-            if not isinstance(x, torch.Tensor):
-                raise ValueError(f"layer {name} was called without a tensor input")
-            sq = x.detach().reshape(-1, x.shape[-1]).float().square().sum(0, dtype=torch.float64)
-            if name in self.sums:
-                self.sums[name] += sq
-            else:
-                self.sums[name] = sq
-        return hook
+    def _on_input(self, name: str, x: torch.Tensor) -> None:
+        sq = x.detach().reshape(-1, x.shape[-1]).float().square().sum(0, dtype=torch.float64)
+        if name in self.sums:
+            self.sums[name] += sq
+        else:
+            self.sums[name] = sq
 
     def remove(self) -> None:
         for h in self.handles:

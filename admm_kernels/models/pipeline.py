@@ -24,7 +24,7 @@ from torch import nn
 from .._checks import check_compute_device, model_device, parse_pattern
 from .._digest import model_digest
 from ..gram import GramAccumulator
-from .capture import BlockCall, capture_inputs
+from .capture import BlockCall, capture_inputs, input_hooks
 from .discovery import LayerFilter, find_blocks, get_weight, select_all, set_weight
 from .loading import max_positions
 from .sparsity_profile import BlockSparsity, check_profile
@@ -96,24 +96,13 @@ class GramHooks:
         self.acc: dict[str, GramAccumulator] = {}
         self.grouped = False
         self.seconds = 0.0
-        self.handles = []
-        try:
-            for n, m in layers.items():
-                self.handles.append(m.register_forward_pre_hook(self._hook(n)))
-        except BaseException:
-            self.remove()
-            raise
+        self.handles = input_hooks(layers, self._on_input)
 
-    def _hook(self, name: str):
-        def hook(module, args):
-            x = args[0] if args else None
-            if not isinstance(x, torch.Tensor):
-                raise ValueError(f"layer {name} was called without a tensor input")
-            if not self.grouped:
-                self.first[name].append(x)
-            elif self.group_of.get(name) == name:
-                self._add(name, x)
-        return hook
+    def _on_input(self, name: str, x: torch.Tensor) -> None:
+        if not self.grouped:
+            self.first[name].append(x)
+        elif self.group_of.get(name) == name:
+            self._add(name, x)
 
     def _add(self, leader: str, x: torch.Tensor) -> None:
         _sync(self.device)
