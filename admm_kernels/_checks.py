@@ -1,4 +1,4 @@
-"""Argument validation shared by the solver, the masks and the baselines.
+"""Argument validation shared by prune_layer, the masks and the methods.
 
 Every helper raises ValueError (bad value or shape) or TypeError (bad type or dtype) with a message that
 names the argument and the offending value, and never modifies its input.
@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import torch
 
-METHODS = ("admm", "sparsegpt", "wanda", "magnitude")
 SCHEDULES = ("constant", "cubic")
 
 # Relative tolerance of the Gram symmetry check: |G - G^T| <= tol * max|diag G|. Grams built by
@@ -135,12 +134,20 @@ def check_mask(mask: object, shape: torch.Size, device: torch.device, name: str 
 
 
 def check_method(method: object, name: str = "method") -> str:
-    if not isinstance(method, str):
-        raise TypeError(f"{name} must be a str, one of {METHODS}, got {method!r}")
-    m = method.strip().lower()
-    if m not in METHODS:
-        raise ValueError(f"unknown {name} {method!r}; expected one of {METHODS}")
-    return m
+    """The registered method name (admm_kernels.methods) for `method`; ValueError / TypeError otherwise."""
+    from .methods import get
+
+    return get(method, name).name
+
+
+def __getattr__(name: str):
+    # METHODS reads the method registry (admm_kernels.methods), imported on first use: the methods import
+    # this module, so a module-level import here would be circular.
+    if name == "METHODS":
+        from .methods import names
+
+        return names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def check_schedule(schedule: object, name: str = "schedule") -> str:

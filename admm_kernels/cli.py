@@ -108,8 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "to 1 - N/M)")
     pr.add_argument("--pattern", default="unstructured",
                     help="'unstructured' (per layer), 'per-row', or N:M such as 2:4 (default unstructured)")
-    pr.add_argument("--method", default="admm", choices=("admm", "sparsegpt", "wanda", "magnitude"),
-                    help="pruning method (default admm = ADMM-Grad)")
+    from . import methods  # the method registry: names, summaries and groupings
+
+    pr.add_argument("--method", default="admm", choices=methods.names(),
+                    help="pruning method (default admm = ADMM-Grad). "
+                         + methods.help_text().replace("%", "%%"))
     add_calibration_arguments(pr)
     pr.add_argument("--eval", metavar="PATH", default=None, dest="eval_path",
                     help="evaluation text for perplexity before/after (default: held-out Shakespeare plays)")

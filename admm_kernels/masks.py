@@ -15,7 +15,7 @@ Patterns (SPEC §1):
   int(numel * s_t) smallest of the rest of the layer are pruned (the released code's kthvalue rule).
 Dead inputs (diag G == 0) get the score -1, below every |score|, so they are pruned first.
 (The solver's unstructured ADMM iterations pass |W + U| in its (in, out) solve layout when no input is
-dead, which changes only the index order of exact ties; see solver.admm_prune.)
+dead, which changes only the index order of exact ties; see methods.admm.gradual_mask.)
 Scores may hold +inf (protected N:M entries) and DEAD_SCORE; every backend's kernels must accept both.
 """
 

@@ -50,13 +50,14 @@ def _positive(flag: str):
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..cli import EMBEDDED_EVAL_WINDOWS, add_calibration_arguments
-    from .methods import ALIASES, DEFAULT_METHODS
+    from .methods import DEFAULT_METHODS, aliases
 
     p.add_argument("model", nargs="?", default=None,
                    help="local transformers model folder (default: the embedded SmolLM2-135M)")
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), metavar="SPEC",
-                   help=f"methods: {', '.join(ALIASES)}, each optionally with options as NAME:key=value,... "
-                        f"(e.g. admm:iters=5); default: {' '.join(DEFAULT_METHODS)}")
+                   help=f"methods: {', '.join(aliases())}, each optionally with options as "
+                        f"NAME:key=value,... (e.g. admm:iters=5, admm:preset=NAME); "
+                        f"default: {' '.join(DEFAULT_METHODS)}")
     p.add_argument("--sparsities", nargs="+", default=["0.5"], metavar="S",
                    help="sparsities in [0, 1) for unstructured / per-row patterns (N:M fixes its own); "
                         "space- or comma-separated (default 0.5)")

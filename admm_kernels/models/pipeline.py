@@ -138,7 +138,7 @@ class GramHooks:
 
 def _validate_options(sparsity: float, pattern: str, method: str, options: dict) -> None:
     """Run prune_layer once on a tiny random layer so a bad method or option fails before any work."""
-    from ..solver import prune_layer
+    from ..prune import prune_layer
 
     tail = pattern.split(":")[-1].strip() if isinstance(pattern, str) else ""
     in_f = int(tail) * 2 if tail.isdigit() and int(tail) > 0 else 8
@@ -291,7 +291,7 @@ def _prune_block(block: nn.Module, index: int, blocks_name: str, layers: dict[st
                  call: BlockCall, acts: torch.Tensor, device: torch.device, gram_dtype: torch.dtype,
                  prune_kwargs: dict, last: bool, bar: _Bars, timings: dict) -> list[dict]:
     """Prune one block in place and overwrite `acts` with its (pruned) outputs unless it is the last."""
-    from ..solver import prune_layer
+    from ..prune import prune_layer
 
     home = next(block.parameters()).device
     block.to(device)

@@ -11,7 +11,10 @@ import time
 import torch
 
 from .. import masks
-from .._checks import Pattern, check_options
+from .._checks import Pattern
+from .registry import Method, MethodResult, Option, bool_option
+
+OPTIONS = (Option("per_row", True, bool_option("per_row"), "compare scores within each output row"),)
 
 
 def scores(weight: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
@@ -21,17 +24,22 @@ def scores(weight: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
     return masks.with_dead(s, diag <= 0)
 
 
-def prune(weight: torch.Tensor, G: torch.Tensor, pattern: Pattern, sparsity: float,
-          mask: torch.Tensor | None = None, **options) -> tuple[torch.Tensor, torch.Tensor, dict]:
+def run(weight: torch.Tensor, G: torch.Tensor, pattern: Pattern, sparsity: float, mask: torch.Tensor | None,
+        options: dict) -> MethodResult:
     """Options: per_row (bool, default True): the grouping of "unstructured". A given mask is applied."""
-    check_options(options, ("per_row",), "wanda")
-    per_row = options.get("per_row", True)
-    if not isinstance(per_row, bool):
-        raise TypeError(f"per_row must be a bool, got {per_row!r}")
+    per_row = options["per_row"]
     t0 = time.perf_counter()
     used: dict[str, str] = {}
     if mask is None:
         group = Pattern("per-row") if (pattern.kind == "unstructured" and per_row) else pattern
         mask = masks.select(scores(weight, G), group, pattern.sparsity(sparsity), used=used)
     pruned = weight.masked_fill(~mask, 0)
-    return pruned, mask, {"seconds": {"mask": time.perf_counter() - t0}, "backends": used}
+    return MethodResult(pruned, mask, {"seconds": {"mask": time.perf_counter() - t0}, "backends": used})
+
+
+METHOD = Method(
+    name="wanda", run=run, options=OPTIONS,
+    summary="Wanda (Sun et al. 2023): score |W|*||x||, no weight update",
+    grouping="unstructured = per output row as in the paper, int(in*s) per row (per_row=False: one "
+             "layer threshold)",
+)

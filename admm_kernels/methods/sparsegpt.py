@@ -23,20 +23,20 @@ import time
 import torch
 
 from .. import masks
-from .._checks import Pattern, check_float, check_int, check_options
+from .._checks import Pattern, check_float, check_int
+from .registry import Method, MethodResult, Option, check_compute_dtype
 
-OPTIONS = ("percdamp", "blocksize", "compute_dtype")
+OPTIONS = (
+    Option("percdamp", 0.01, lambda v: check_float(v, "percdamp"), "damping λ = percdamp · mean(diag G)"),
+    Option("blocksize", 128, lambda v: check_int(v, "blocksize", 1), "columns per lazy-update block"),
+    Option("compute_dtype", torch.float32, check_compute_dtype, "torch.float32 or torch.float64"),
+)
 
 
-def prune(weight: torch.Tensor, G: torch.Tensor, pattern: Pattern, sparsity: float,
-          mask: torch.Tensor | None = None, **options) -> tuple[torch.Tensor, torch.Tensor, dict]:
+def run(weight: torch.Tensor, G: torch.Tensor, pattern: Pattern, sparsity: float, mask: torch.Tensor | None,
+        options: dict) -> MethodResult:
     """weight (out, in) any float dtype, G (in, in). Computes in float32 (or compute_dtype=torch.float64)."""
-    check_options(options, OPTIONS, "sparsegpt")
-    percdamp = check_float(options.get("percdamp", 0.01), "percdamp")
-    blocksize = check_int(options.get("blocksize", 128), "blocksize", 1)
-    cd = options.get("compute_dtype", torch.float32)
-    if cd not in (torch.float32, torch.float64):
-        raise TypeError(f"compute_dtype must be torch.float32 or torch.float64, got {cd!r}")
+    percdamp, blocksize, cd = options["percdamp"], options["blocksize"], options["compute_dtype"]
     ref = cd == torch.float64
     used: dict[str, str] = {}
     t0 = time.perf_counter()
@@ -106,4 +106,12 @@ def prune(weight: torch.Tensor, G: torch.Tensor, pattern: Pattern, sparsity: flo
     seconds = {"factor": t_factor - t0, "mask": t_mask, "iterations": t_end - t_factor - t_mask}
     stats = {"percdamp": percdamp, "blocksize": blocksize, "dead_inputs": int(dead.sum()),
              "seconds": seconds, "backends": used}
-    return pruned, keep, stats
+    return MethodResult(pruned, keep, stats)
+
+
+METHOD = Method(
+    name="sparsegpt", run=run, options=OPTIONS,
+    summary="SparseGPT (Frantar & Alistarh 2023): OBS column by column with lazy block updates",
+    grouping="unstructured = per block of columns [i1, i2) over all rows, int(out*i2*s) - int(out*i1*s) "
+             "pruned in each (layer total exactly int(out*in*s))",
+)
