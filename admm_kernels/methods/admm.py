@@ -82,11 +82,8 @@ StopRule = Callable[[int, AdmmState], bool]
 
 def gradual_mask(problem: ScaledProblem, pattern: Pattern, sparsity: float, steps: int, schedule: str,
                  timer: Timer, reference: bool = False, used: dict | None = None) -> MaskSchedule:
-    """The seed's mask schedule: while t < steps, M from |W + U| at s_t (SPEC §1). Unstructured masks
-    without dead inputs are selected in the solve's (in, out) layout: a per-layer top-k does not care about
-    layout, and this saves two transposed copies per update (~8 and ~3 ms each at 1024x1024 against a
-    20-60 ms GEMM); only exact ties in |W + U| see another index order (measure-zero events)."""
-    solve_layout = pattern.kind == "unstructured" and not problem.n_dead
+    """The seed's mask schedule: while t < steps, M from |W + U| at s_t (SPEC §1), selected by
+    ScaledProblem.select_mask (in the solve layout for unstructured masks without dead inputs)."""
     buf: list[torch.Tensor | None] = [None]
 
     def update(t: int, state: AdmmState) -> bool:
@@ -94,15 +91,8 @@ def gradual_mask(problem: ScaledProblem, pattern: Pattern, sparsity: float, step
             return False
         timer.lap("iterations")
         s_t = masks.sparsity_at(t, steps, sparsity, schedule)
-        if solve_layout:
-            S = buf[0] if buf[0] is not None else torch.empty_like(state.W)
-            buf[0] = torch.add(state.W, state.U, out=S).abs_()
-            state.M = masks.select(buf[0], pattern, s_t, reference=reference, used=used)
-            state.Mfull = None
-        else:
-            buf[0] = problem.full_scores(state.W, state.U, buf[0])
-            state.Mfull = masks.select(buf[0], pattern, s_t, reference=reference, used=used)
-            state.M = problem.live_part(state.Mfull)
+        state.M, state.Mfull, buf[0] = problem.select_mask(state.W, state.U, pattern, s_t,
+                                                           reference=reference, used=used, buf=buf[0])
         state.mask_updates += 1
         timer.lap("mask")
         return True

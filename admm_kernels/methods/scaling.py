@@ -96,6 +96,25 @@ class ScaledProblem:
             S.abs_()
         return S
 
+    def select_mask(self, W: torch.Tensor, U: torch.Tensor | None, pattern, sparsity: float, *,
+                    reference: bool = False, used: dict | None = None,
+                    buf: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None,
+                                                              torch.Tensor]:
+        """The pattern's mask of the scores |W + U| (W, U: (in_live, out); U may be None) at `sparsity`.
+
+        Returns (M: bool (in_live, out), Mfull: bool (out, in) or None, the score buffer for the next call).
+        Unstructured masks without dead inputs are selected in the solve's (in, out) layout (Mfull None): a
+        per-layer top-k does not care about layout, and this saves two transposed copies per update (~8 and
+        ~3 ms each at 1024x1024 against a 20-60 ms GEMM); only exact ties in |W + U| then see another index
+        order (measure-zero events). Otherwise the scores go to the weight's layout (dead columns last)."""
+        if pattern.kind == "unstructured" and not self.n_dead:
+            S = buf if buf is not None else torch.empty_like(W)
+            S = torch.abs(W, out=S) if U is None else torch.add(W, U, out=S).abs_()
+            return masks.select(S, pattern, sparsity, reference=reference, used=used), None, S
+        S = self.full_scores(W, U, buf)
+        Mfull = masks.select(S, pattern, sparsity, reference=reference, used=used)
+        return self.live_part(Mfull), Mfull, S
+
     def live_part(self, Mfull: torch.Tensor) -> torch.Tensor:
         """The live columns of an (out, in) mask, in the solve layout (in_live, out)."""
         return (Mfull[:, self.live_idx] if self.n_dead else Mfull).T.contiguous()
