@@ -24,9 +24,12 @@ def _shape(t: torch.Tensor) -> str:
 
 
 def check_tensor(x: object, name: str) -> torch.Tensor:
-    """x must be a torch.Tensor."""
+    """x must be a torch.Tensor holding data (not on the meta device)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.device.type == "meta":
+        raise ValueError(f"{name} is on the meta device (shape {_shape(x)}, no data); materialise it first "
+                         "(e.g. load the checkpoint's weights, or accumulate the Gram on a real device)")
     return x
 
 
@@ -112,8 +115,10 @@ def parse_pattern(pattern: object, in_features: int, name: str = "pattern") -> P
         return Pattern("per-row")
     if ":" in p:
         parts = p.split(":")
-        if len(parts) != 2 or not all(x.strip().isdigit() for x in parts):
-            raise ValueError(f"{name} {pattern!r} is not of the form 'N:M' with integers N and M")
+        # isascii: str.isdigit also accepts '２', '٢' or '²' (int() takes the first two, not the third)
+        if len(parts) != 2 or not all(x.strip().isascii() and x.strip().isdigit() for x in parts):
+            raise ValueError(f"{name} {pattern!r} is not of the form 'N:M' with integers N and M "
+                             "(ASCII digits 0-9)")
         n, m = (int(x) for x in parts)
         if n < 1 or n >= m:
             raise ValueError(f"{name} {pattern!r}: N:M needs 1 <= N < M, got N={n}, M={m}")

@@ -11,6 +11,7 @@ import torch
 
 from . import methods as registry
 from ._checks import check_gram, check_mask, check_sparsity, check_weight, parse_pattern
+from .methods import ranges
 from .methods.error import relative_error
 
 
@@ -76,10 +77,15 @@ def prune_layer(weight: torch.Tensor, gram: torch.Tensor, sparsity: float = 0.5,
     mk = check_mask(mask, w.shape, w.device) if mask is not None else None
     opts = meth.resolve(preset, options)
     G = g.to(w.device)
-    res = meth.run(w, G, pat, s, mk, opts)
+    # Extreme (finite) weights and Grams are solved on exact power-of-two rescalings (methods.ranges).
+    w_run, w_exp = ranges.normalise_weight(w)
+    G_run, g_exp = ranges.normalise_gram(G)
+    res = meth.run(w_run, G_run, pat, s, mk, opts)
     pruned, kept, stats = res.weight, res.mask, res.stats
+    if w_exp:
+        pruned = ranges.finite_cast(pruned, w.dtype, w_exp, stats)
     te = time.perf_counter()
-    error = relative_error(w, pruned, G, res.denominator)
+    error = relative_error(w, pruned, G, None if (w_exp or g_exp) else res.denominator)
     seconds = stats.setdefault("seconds", {})
     seconds["error"] = time.perf_counter() - te
     seconds["total"] = time.perf_counter() - t0
@@ -90,6 +96,7 @@ def prune_layer(weight: torch.Tensor, gram: torch.Tensor, sparsity: float = 0.5,
         "pattern": str(pat), "shape": (out_f, in_f), "dtype": str(w.dtype).replace("torch.", ""),
         "target_sparsity": pat.sparsity(s), "sparsity": 1.0 - float(kept.sum()) / kept.numel(),
         "zeros": float((pruned == 0).sum()) / pruned.numel(), "update_only": mk is not None,
+        "rescaled": {"weight_exponent": w_exp, "gram_exponent": g_exp} if (w_exp or g_exp) else None,
     })
     return PruneResult(pruned, kept, error, stats)
 

@@ -24,6 +24,7 @@ import torch
 
 from .. import masks
 from .._checks import Pattern, check_float, check_int, check_schedule
+from .ranges import finite_cast
 from .refit import masked_cg
 from .registry import Method, MethodResult, Option, bool_option, check_compute_dtype, choice_option
 from .scaling import ScaledProblem, scale
@@ -172,6 +173,7 @@ def run(weight: torch.Tensor, G: torch.Tensor, pattern: Pattern, sparsity: float
     timer.lap("mask")
 
     denominator = None
+    clamp_stats: dict = {}
     iters_run = mask_updates = cg_it = 0
     cg_res = None
     if n_live and (run_admm or exact):
@@ -203,7 +205,7 @@ def run(weight: torch.Tensor, G: torch.Tensor, pattern: Pattern, sparsity: float
         if exact:
             Z, cg_it, cg_res = refit(G_hat, problem.B, M, Z, o["cg_iters"], o["cg_tol"])
             timer.lap("exact")
-        pruned = problem.to_output(Z, Mfull).to(weight.dtype).contiguous()  # row-major (out, in)
+        pruned = finite_cast(problem.to_output(Z, Mfull), weight.dtype, stats=clamp_stats)  # (out, in)
     else:  # mask only (iters = 0), or no live input at all
         pruned = weight.masked_fill(~Mfull, 0)
     timer.lap("output")
@@ -211,6 +213,7 @@ def run(weight: torch.Tensor, G: torch.Tensor, pattern: Pattern, sparsity: float
         "iterations": iters_run, "mask_updates": mask_updates,
         "rho": rho, "percdamp": percdamp, "schedule": schedule, "one_shot": o["one_shot"],
         "solve": o["solve"], "dead_inputs": problem.n_dead, "seconds": timer.seconds, "backends": used,
+        **clamp_stats,
     }
     if exact:
         stats["cg_iterations"], stats["cg_residual"] = cg_it, cg_res

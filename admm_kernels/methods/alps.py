@@ -27,6 +27,8 @@ Where this deviates from the released code, and why:
 - Dead inputs (diag G == 0) are pruned first and kept out of the solve (as every method here): pruning
   them costs no error, while the released code's ridge makes them cost λ·w² and compete for the budget.
   The ridge's mean(diag G) is taken over the live inputs.
+- ε = 1e-8 · min(1, sqrt(mean diag)) in the scaling (methods.scaling) instead of 1e-8, so the result does
+  not depend on the Gram's overall scale (the same d for Grams whose mean diagonal is >= 1).
 - The relative error the released code evaluates every 3 iterations (one extra GEMM, printed only) is
   not computed. Its CG stops on the full (unmasked) residual, which in practice never meets the
   tolerance, so it always runs 10 iterations; here the residual on the support is used (the masked
@@ -42,6 +44,7 @@ import torch
 
 from .. import masks
 from .._checks import Pattern, check_float, check_int
+from .ranges import finite_cast
 from .refit import masked_cg
 from .registry import Method, MethodResult, Option, check_compute_dtype
 from .scaling import scale
@@ -190,7 +193,7 @@ def run(weight: torch.Tensor, G: torch.Tensor, pattern: Pattern, sparsity: float
     Z, cg_it, cg_res = masked_cg(problem.G_hat, target, M, Z, o["cg_iters"], o["cg_tol"])
     Z.masked_fill_(~M, 0)
     timer.lap("refit")
-    pruned = problem.to_output(Z, Mfull).to(weight.dtype).contiguous()
+    pruned = finite_cast(problem.to_output(Z, Mfull), weight.dtype, stats=stats)
     timer.lap("output")
     stats.update({"cg_iterations": cg_it, "cg_residual": cg_res, "seconds": timer.seconds})
     return MethodResult(pruned, Mfull, stats)

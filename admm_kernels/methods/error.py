@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import torch
 
+from . import ranges
+
 # Above this many multiply-adds (out * in^2) a CPU error evaluation uses fp32 GEMMs with fp64 sums (and
 # prune_layer reuses tr(WGW^T) from the solve, so the error costs one GEMM): an fp64 GEMM runs at ~14
 # GFLOP/s here against ~60-150 for fp32 (ENVIRONMENT.md; 2048^3 fp32 GEMM: 0.11 s). Measured at 1024x1024:
@@ -35,7 +37,17 @@ def use_fp64(weight: torch.Tensor) -> bool:
 
 def relative_error(weight: torch.Tensor, pruned: torch.Tensor, G: torch.Tensor,
                    denominator: float | None = None) -> float:
-    """tr(ΔGΔᵀ)/tr(WGWᵀ) as a float; `denominator` = tr(WGWᵀ) if known (used on the fp32 path only)."""
+    """tr(ΔGΔᵀ)/tr(WGWᵀ) as a float; `denominator` = tr(WGWᵀ) if known (used on the fp32 path only).
+
+    Weights or Grams outside ranges.WEIGHT_RANGE / GRAM_DIAG_RANGE are first scaled by powers of two (the
+    ratio does not change; the fp32 path would overflow or underflow otherwise); `denominator` is then
+    ignored."""
+    e_w = ranges.pow2_exponent(float(weight.abs().max()), *ranges.WEIGHT_RANGE)
+    e_g = ranges.pow2_exponent(float(G.diagonal().abs().max()), *ranges.GRAM_DIAG_RANGE, even=True)
+    if e_w or e_g:
+        scale = 2.0 ** -e_w
+        weight, pruned = weight.to(torch.float64) * scale, pruned.to(torch.float64) * scale
+        G, denominator = G.to(torch.float64) * 2.0 ** -e_g, None
     fp64 = use_fp64(weight)
     dt = torch.float64 if fp64 else torch.float32
     num = quad_trace(weight.to(dt) - pruned.to(dt), G, fp64)

@@ -1,7 +1,8 @@
 """The scaled problem shared by ADMM-Grad and ALPS: dead inputs out, unit-diagonal scaling, damping.
 
 SPEC §1 steps 1-2: inputs with diag G == 0 ("dead") are pruned first and kept out of the solve (the data
-says nothing about them, so pruning them costs no error); on the live inputs, d = sqrt(diag G) + ε,
+says nothing about them, so pruning them costs no error); on the live inputs, d = sqrt(diag G) + ε
+(ε: see SCALE_EPS),
 Ĝ = D⁻¹ G D⁻¹ (unit diagonal), V = D Wᵀ (in_live, out), then Ĝ ← Ĝ + λI and B = Ĝ V. Everything is in
 the solve's (in, out) layout and in the compute dtype (float32, or float64).
 """
@@ -14,8 +15,18 @@ import torch
 
 from .. import masks
 
-# The seed's absolute ε in d = sqrt(diag G) + ε.
+# ε in d = sqrt(diag G) + ε: the seed's absolute 1e-8, scaled down with Grams whose mean diagonal m is
+# below 1, ε = 1e-8 · min(1, sqrt(m)), so the result does not depend on the Gram's overall scale (issue 10
+# item 7: with diag G ≈ 1e-14 the absolute 1e-8 outweighed sqrt(diag G) = 1e-7, Ĝ was no longer unit-
+# diagonal and ADMM did no better than magnitude pruning). For Grams with m >= 1 (every Gram of summed
+# calibration tokens we have seen: SmolLM2's are 1e2-1e6) this is exactly the seed's d; below, ε stays
+# 1e-8 · sqrt(m / G_jj) relative to d_j, as for a Gram of mean diagonal 1.
 SCALE_EPS = 1e-8
+
+
+def scale_eps(mean_diag: float) -> float:
+    """ε of the scaling for a live Gram whose mean diagonal entry is `mean_diag` (> 0)."""
+    return SCALE_EPS * min(1.0, mean_diag ** 0.5)
 
 
 @dataclass
@@ -147,7 +158,8 @@ def scale(weight: torch.Tensor, G: torch.Tensor, compute_dtype: torch.dtype,
     if ridge:
         Gl = Gl.clone() if Gl is G else Gl
         Gl.diagonal().add_(ridge)
-    d = torch.sqrt(Gl.diagonal()) + SCALE_EPS
+    diag = Gl.diagonal()
+    d = torch.sqrt(diag) + scale_eps(float(diag.mean()) if diag.numel() else 1.0)
     Wc = weight.to(compute_dtype)
     V = ((Wc[:, live_idx] if n_dead else Wc) * d).T.contiguous()  # (in_live, out)
     return ScaledProblem(weight=Wc, d=d, V=V, gram=Gl, dead=dead, live_idx=live_idx)

@@ -14,6 +14,8 @@ score w^2 / U_jj^2:
 - per-row: the same within each row of the block (int(i2*s) - int(i1*s) per row, int(in*s) in total);
 - N:M: when the first column of each group of M is reached, the N best of the group are kept.
 A given mask (update-only) skips the selection and runs the OBS updates on exactly that mask.
+Dead inputs (diag G == 0) get the live diagonal's mean as their (decoupled) diagonal, not the paper's 1,
+so that the damping does not depend on the Gram's scale.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 
 from .. import masks
 from .._checks import Pattern, check_float, check_int
+from .ranges import finite_cast
 from .registry import Method, MethodResult, Option, check_compute_dtype
 
 OPTIONS = (
@@ -46,7 +49,13 @@ def run(weight: torch.Tensor, G: torch.Tensor, pattern: Pattern, sparsity: float
     W = weight.to(cd).clone()
     H = G.to(cd).clone()
     dead = H.diagonal() <= 0
-    H.diagonal()[dead] = 1.0  # dead inputs: an identity block, so no error flows into or out of them
+    if bool(dead.any()):
+        # Dead inputs: a diagonal block, so no error flows into or out of them. The paper's code puts 1 there,
+        # which enters mean(diag H) below and so makes the damping depend on the Gram's overall scale; the
+        # mean of the live diagonal keeps the result scale-free (and leaves Grams without dead inputs as
+        # they were).
+        live = H.diagonal()[~dead]
+        H.diagonal()[dead] = float(live.mean()) if live.numel() else 1.0
     H.diagonal().add_(percdamp * float(H.diagonal().mean()))
     L, info = torch.linalg.cholesky_ex(H)
     if int(info) != 0:
@@ -101,11 +110,12 @@ def run(weight: torch.Tensor, G: torch.Tensor, pattern: Pattern, sparsity: float
         W[:, i1:i2] = W1
         if i2 < in_f:
             W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)
-    pruned = W.masked_fill_(~keep, 0).to(weight.dtype)
+    stats: dict = {}
+    pruned = finite_cast(W.masked_fill_(~keep, 0), weight.dtype, stats=stats)
     t_end = time.perf_counter()
     seconds = {"factor": t_factor - t0, "mask": t_mask, "iterations": t_end - t_factor - t_mask}
-    stats = {"percdamp": percdamp, "blocksize": blocksize, "dead_inputs": int(dead.sum()),
-             "seconds": seconds, "backends": used}
+    stats.update({"percdamp": percdamp, "blocksize": blocksize, "dead_inputs": int(dead.sum()),
+                  "seconds": seconds, "backends": used})
     return MethodResult(pruned, keep, stats)
 
 

@@ -1,7 +1,10 @@
 """Wanda (Sun et al. 2023): score |W_ij| * ||x_j||_2, pruned per output row, no weight update.
 
-||x_j|| = sqrt(G_jj). The paper compares scores within each output row; so does pattern "unstructured"
-here unless per_row=False (then one layer-wide threshold). N:M keeps the N best of every M inputs.
+||x_j|| = sqrt(G_jj). The paper compares scores within each output row (its LLM results are better that
+way than with one layer threshold), so pattern "unstructured" does too, with the layer's total exact:
+every row prunes int(out*in*s) // out, and the remainder goes to the rows whose next-smallest score is
+lowest (masks.select_rows_balanced); per_row=False uses one layer-wide threshold instead. "per-row" prunes
+int(in*s) in every row (the paper's own count); N:M keeps the N best of every M inputs.
 """
 
 from __future__ import annotations
@@ -31,8 +34,11 @@ def run(weight: torch.Tensor, G: torch.Tensor, pattern: Pattern, sparsity: float
     t0 = time.perf_counter()
     used: dict[str, str] = {}
     if mask is None:
-        group = Pattern("per-row") if (pattern.kind == "unstructured" and per_row) else pattern
-        mask = masks.select(scores(weight, G), group, pattern.sparsity(sparsity), used=used)
+        sc = scores(weight, G)
+        if pattern.kind == "unstructured" and per_row:
+            mask = masks.select_rows_balanced(sc, int(sc.numel() * sparsity), used=used)
+        else:
+            mask = masks.select(sc, pattern, pattern.sparsity(sparsity), used=used)
     pruned = weight.masked_fill(~mask, 0)
     return MethodResult(pruned, mask, {"seconds": {"mask": time.perf_counter() - t0}, "backends": used})
 
@@ -40,6 +46,6 @@ def run(weight: torch.Tensor, G: torch.Tensor, pattern: Pattern, sparsity: float
 METHOD = Method(
     name="wanda", run=run, options=OPTIONS,
     summary="Wanda (Sun et al. 2023): score |W|*||x||, no weight update",
-    grouping="unstructured = per output row as in the paper, int(in*s) per row (per_row=False: one "
-             "layer threshold)",
+    grouping="unstructured = per output row as in the paper: int(out*in*s) // out per row, the remainder on "
+             "the rows with the lowest next score (layer total exact; per_row=False: one layer threshold)",
 )
