@@ -18,11 +18,13 @@ from pathlib import Path
 
 PROG = "admm-prune bench"
 DESCRIPTION = (
-    "Compare pruning methods (magnitude, Wanda, SparseGPT, ADMM variants) x sparsities x patterns on a "
+    "Compare pruning methods (magnitude, Wanda, SparseGPT, ALPS, ADMM variants and presets) x sparsities x "
+    "patterns on a "
     "causal LM's real layers: per-layer Grams from real calibration text (one dense pass, cached on disk by "
     "a content hash), relative reconstruction error, seconds, achieved sparsity, ADMM's gap to the exact "
     "least-squares optimum on its own mask, roofline fractions; optionally end-to-end perplexity. Prints a "
-    "summary table and writes layers.csv, summary.csv, results.json, errors.png and times.png to --out. "
+    "summary table and writes layers.csv, summary.csv, results.json, errors.png, times.png and pareto.png "
+    "(error vs time, with each pattern's Pareto front) to --out. "
     "Give MODEL first: the list options (--methods, --sparsities, ...) take every word that follows them. "
     "Regenerate benchmarks/RESULTS.md from output folders with: python -m admm_kernels.bench.results_md "
     "OUTDIR...")
@@ -245,7 +247,7 @@ def _run(args: argparse.Namespace) -> int:
     print(f"\nmachine: fp32 matmul {peaks['matmul_gflops']:.1f} GFLOP/s, copy {peaks['copy_gbps']:.1f} GB/s"
           f"{gram_roof}; Grams: {g['cache']} ({g['layers']} layers, {g['tokens']} tokens)")
     print(f"{r['rows']} rows ({r['computed']} computed, {r['reused']} reused) in {r['seconds']:.1f} s; "
-          f"wrote {out}/results.json, layers.csv, summary.csv, errors.png, times.png")
+          f"wrote {out}/results.json, layers.csv, summary.csv, errors.png, times.png, pareto.png")
     return 0
 
 
