@@ -54,14 +54,14 @@ def prune_layer(weight: torch.Tensor, gram: torch.Tensor, sparsity: float = 0.5,
     """Prune one linear layer's weight (out, in) given its Gram matrix G = Σ xᵀx (in, in).
 
     sparsity: fraction pruned in [0, 1) (ignored by N:M patterns, whose sparsity is 1 - N/M);
-    pattern: "unstructured" (per layer) | "per-row" | "N:M"; method: a registered name (admm_kernels.methods:
-    "admm" | "sparsegpt" | "wanda" | "magnitude"); mask: bool (out, in), True = kept: update-only on exactly
-    this mask (returned unchanged); preset: None (the method's defaults) or one of the method's presets;
-    options: the method's keyword options (they override the preset's), e.g. for admm: rho=1, iters=20,
-    T=15, percdamp=0.1, schedule ("constant" for unstructured, "cubic" otherwise), one_shot=False, solve
-    ("admm" | "exact": conjugate gradient on the final mask), cg_iters, cg_tol, compute_dtype
-    (torch.float32 | torch.float64). Inputs are never modified; the result's weight has weight's dtype and
-    device.
+    pattern: "unstructured" (per layer) | "per-row" | "N:M"; method: a registered name
+    (admm_kernels.methods: "admm" | "sparsegpt" | "wanda" | "magnitude" | "alps"); mask: bool (out, in),
+    True = kept: update-only on exactly this mask (returned unchanged); preset: None (the method's
+    defaults) or one of the method's presets; options: the method's keyword options (they override the
+    preset's), e.g. for admm: rho=1, iters=20, T=15, percdamp=0.1, schedule ("constant" for unstructured,
+    "cubic" otherwise), one_shot=False, solve ("admm" | "exact": conjugate gradient on the final mask),
+    cg_iters, cg_tol, compute_dtype (torch.float32 | torch.float64). Inputs are never modified; the
+    result's weight has weight's dtype and device.
     """
     t0 = time.perf_counter()
     w = check_weight(weight)

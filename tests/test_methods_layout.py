@@ -144,3 +144,15 @@ def test_masked_cg_jacobi_preconditioning():
         exact = torch.linalg.solve(A[S][:, S], B[S, j])
         torch.testing.assert_close(pre[S, j], exact, rtol=1e-6, atol=1e-8)
         assert bool((pre[~S, j] == 0).all())
+
+
+@pytest.mark.parametrize("method", ["admm", "sparsegpt", "alps"])
+def test_compute_dtype_by_name(method):
+    """-o compute_dtype=float64 on the command line arrives as text."""
+    W, G = layer()
+    by_name = ak.prune_layer(W, G, 0.5, method=method, compute_dtype="float64")
+    by_dtype = ak.prune_layer(W, G, 0.5, method=method, compute_dtype=torch.float64)
+    assert torch.equal(by_name.weight, by_dtype.weight)
+    assert by_name.stats["options"]["compute_dtype"] == "float64"
+    with pytest.raises(TypeError, match=r"compute_dtype must be torch.float32 or torch.float64 \(or 'fl"):
+        ak.prune_layer(W, G, method=method, compute_dtype="float16")

@@ -46,7 +46,7 @@ from .. import masks
 from .._checks import Pattern, check_float, check_int
 from .ranges import finite_cast
 from .refit import masked_cg
-from .registry import Method, MethodResult, Option, check_compute_dtype
+from .registry import Method, MethodResult, Option, check_compute_dtype, float_dtype_option
 from .scaling import scale
 from .timer import Timer
 from .wupdate import WUpdate
@@ -54,12 +54,6 @@ from .wupdate import WUpdate
 
 def _positive_float(name: str):
     return lambda v: check_float(v, name, 0.0, strict=True)
-
-
-def _eigh_dtype(v: object) -> torch.dtype:
-    if v not in (torch.float32, torch.float64):
-        raise TypeError(f"eigh_dtype must be torch.float32 or torch.float64, got {v!r}")
-    return v
 
 
 def _growth(v: object) -> tuple[float, float, float]:
@@ -84,7 +78,7 @@ OPTIONS = (
     Option("rho_max", 1e6, _positive_float("rho_max"), "upper bound of ρ"),
     Option("cg_iters", 10, lambda v: check_int(v, "cg_iters"), "PCG iterations of the final refit"),
     Option("cg_tol", 1e-4, _positive_float("cg_tol"), "PCG relative residual tolerance"),
-    Option("eigh_dtype", torch.float64, _eigh_dtype, "dtype of the eigendecomposition of Ĝ"),
+    Option("eigh_dtype", torch.float64, float_dtype_option("eigh_dtype"), "dtype of the eigendecomposition"),
     Option("compute_dtype", torch.float32, check_compute_dtype, "torch.float32 or torch.float64"),
 )
 

@@ -108,11 +108,22 @@ def choice_option(name: str, choices: tuple[str, ...]) -> Callable[[object], str
     return check
 
 
-def check_compute_dtype(v: object) -> torch.dtype:
-    """compute_dtype: torch.float32 (the kernels) or torch.float64 (the pure-torch reference ops)."""
-    if v not in (torch.float32, torch.float64):
-        raise TypeError(f"compute_dtype must be torch.float32 or torch.float64, got {v!r}")
-    return v
+def float_dtype_option(name: str) -> Callable[[object], torch.dtype]:
+    """Validator of a float32 / float64 dtype option; the names "float32" / "float64" are accepted too, so
+    the option can be given as text (`admm-prune prune -o compute_dtype=float64`, bench specs)."""
+    names = {"float32": torch.float32, "float64": torch.float64}
+
+    def check(v: object) -> torch.dtype:
+        if isinstance(v, str) and v.strip().lower().removeprefix("torch.") in names:
+            return names[v.strip().lower().removeprefix("torch.")]
+        if v not in (torch.float32, torch.float64):
+            raise TypeError(f"{name} must be torch.float32 or torch.float64 (or 'float32' / 'float64'), "
+                            f"got {v!r}")
+        return v
+    return check
+
+
+check_compute_dtype = float_dtype_option("compute_dtype")
 
 
 _REGISTRY: dict[str, Method] = {}
