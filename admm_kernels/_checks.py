@@ -128,6 +128,14 @@ def parse_pattern(pattern: object, in_features: int, name: str = "pattern") -> P
     raise ValueError(f"unknown {name} {pattern!r}; expected 'unstructured', 'per-row' or 'N:M' (e.g. '2:4')")
 
 
+def pattern_group(pattern: object) -> int:
+    """M of an "N:M" pattern string whose M is a positive ASCII integer, else 1: an in_features that any
+    valid pattern divides, for syntax checks before the layers are known:
+    parse_pattern(p, pattern_group(p))."""
+    tail = pattern.split(":")[-1].strip() if isinstance(pattern, str) and ":" in pattern else ""
+    return int(tail) if tail.isascii() and tail.isdigit() and int(tail) > 0 else 1
+
+
 def check_mask(mask: object, shape: torch.Size, device: torch.device, name: str = "mask") -> torch.Tensor:
     """mask: a bool tensor of exactly `shape` (True = kept); moved to `device` if elsewhere (a copy)."""
     mk = check_tensor(mask, name)
@@ -186,3 +194,40 @@ def check_options(options: dict, allowed: tuple[str, ...], method: str) -> None:
     if unknown:
         raise TypeError(f"unknown option(s) {', '.join(repr(u) for u in unknown)} for method {method!r}; "
                         f"allowed: {', '.join(allowed)}")
+
+
+def check_compute_device(device: object, name: str = "device") -> torch.device:
+    """A device that can run kernels: a torch.device, a string such as "cuda:1", or a CUDA index.
+
+    Refuses the meta device (it holds no data: moving a model there destroys its weights) and devices
+    this machine does not have, before any work."""
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"{name} {device!r} is not a valid device (e.g. cpu, cuda, cuda:0)") from None
+    if d.type == "meta":
+        raise ValueError(f"{name} {device!r} is the meta device, which holds no data and cannot compute; "
+                         "use a compute device such as cpu or cuda")
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{name} {device!r}: CUDA is not available on this machine")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise ValueError(f"{name} {device!r}: this machine has {torch.cuda.device_count()} CUDA "
+                             "device(s)")
+    elif d.type != "cpu":  # mps, xpu, ...: refused when torch says they are absent; others pass
+        available = getattr(getattr(torch, d.type, None), "is_available", None)
+        if callable(available) and not available():
+            raise ValueError(f"{name} {device!r}: device type {d.type!r} is not available on this machine")
+    return d
+
+
+def model_device(model: torch.nn.Module, name: str = "model") -> torch.device:
+    """The device of the model's first parameter; ValueError when the model has no parameters or its
+    parameters are on the meta device (no data to prune or evaluate)."""
+    p = next(model.parameters(), None)
+    if p is None:
+        raise ValueError(f"{name} {type(model).__name__} has no parameters")
+    if p.device.type == "meta":
+        raise ValueError(f"{name} {type(model).__name__} has its parameters on the meta device (no data): "
+                         "load its weights first")
+    return p.device

@@ -13,6 +13,8 @@ import math
 import torch
 from torch import nn
 
+from ._checks import check_compute_device, model_device
+
 
 def _as_tokens(tokens_or_text, tokenizer) -> torch.Tensor:
     if isinstance(tokens_or_text, str):
@@ -33,6 +35,30 @@ def _as_tokens(tokens_or_text, tokenizer) -> torch.Tensor:
     return t.to(torch.int64)
 
 
+def vocabulary_size(model: nn.Module) -> int | None:
+    """Rows of the model's input embedding (else config.vocab_size); None when neither is known."""
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    if isinstance(emb, nn.Embedding):
+        return emb.num_embeddings
+    size = getattr(getattr(model, "config", None), "vocab_size", None)
+    return size if isinstance(size, int) and size > 0 else None
+
+
+def check_token_range(ids: torch.Tensor, vocab: int | None, name: str = "token ids") -> None:
+    """ValueError unless every id of `ids` is in [0, vocab): an embedding lookup would raise an
+    IndexError deep inside the model (or read garbage on a GPU) instead."""
+    if vocab is None or ids.numel() == 0:
+        return
+    bad = (ids < 0) | (ids >= vocab)
+    if bool(bad.any()):
+        first = int(torch.nonzero(bad.reshape(-1))[0])
+        raise ValueError(f"{name} must be in [0, {vocab}) (the model's vocabulary size is {vocab}), got ids "
+                         f"in [{int(ids.min())}, {int(ids.max())}]: {int(bad.sum())} out of range, the first "
+                         f"{int(ids.reshape(-1)[first])} at position {first}; was the text tokenised with "
+                         "another model's tokenizer?")
+
+
 @torch.no_grad()
 def evaluate_perplexity(model: nn.Module, tokens_or_text, seqlen: int | None = None, tokenizer=None,
                         max_windows: int | None = None, device: torch.device | str | None = None,
@@ -41,12 +67,15 @@ def evaluate_perplexity(model: nn.Module, tokens_or_text, seqlen: int | None = N
 
     tokens_or_text: int token ids (n,) / (1, n), or a str (then `tokenizer` is needed). seqlen: window
     length (default: min(2048, the model's maximum)). max_windows: evaluate only the first windows.
-    device: where to run (the model is moved there and back; default: where it is).
+    device: where to run (the model is moved there and back, also on errors; default: where it is;
+    the meta device is refused). progress: a tqdm bar over the windows (on stderr). ValueError for
+    token ids outside [0, vocabulary size).
     """
     from .data import resolve_seqlen
     from .models.loading import max_positions
 
     ids = _as_tokens(tokens_or_text, tokenizer)
+    check_token_range(ids, vocabulary_size(model))
     seqlen = resolve_seqlen(seqlen, max_positions(model))
     n_windows = ids.numel() // seqlen
     if n_windows == 0:
@@ -56,19 +85,19 @@ def evaluate_perplexity(model: nn.Module, tokens_or_text, seqlen: int | None = N
         if isinstance(max_windows, bool) or not isinstance(max_windows, int) or max_windows < 1:
             raise ValueError(f"max_windows must be a positive int or None, got {max_windows!r}")
         n_windows = min(n_windows, max_windows)
-    home = next(model.parameters()).device
-    run_on = torch.device(device) if device is not None else home
+    home = model_device(model)
+    run_on = check_compute_device(device, "device") if device is not None else home
     was_training = model.training
-    model.eval()
-    if run_on != home:
-        model.to(run_on)
     windows = ids[:n_windows * seqlen].view(n_windows, seqlen)
     total, count = 0.0, 0
     it = range(n_windows)
     if progress:
         from tqdm.auto import tqdm
         it = tqdm(it, desc="perplexity", unit="window", leave=False)
-    try:
+    try:  # the model goes back to its device and mode whatever happens
+        model.eval()
+        if run_on != home:
+            model.to(run_on)
         for i in it:
             x = windows[i:i + 1].to(run_on)
             logits = model(input_ids=x, use_cache=False).logits

@@ -20,7 +20,7 @@ def layer(out=24, inn=48, seed=0):
 
 def test_one_list_of_methods():
     from admm_kernels.bench.methods import aliases
-    from admm_kernels.cli import build_parser
+    from admm_kernels.cli import _methods_epilog, build_parser
 
     names = methods.names()
     assert names[:4] == ("admm", "sparsegpt", "wanda", "magnitude")
@@ -29,9 +29,10 @@ def test_one_list_of_methods():
     prune = build_parser()._subparsers._group_actions[0].choices["prune"]
     choices = next(a.choices for a in prune._actions if a.dest == "method")
     assert tuple(choices) == names
+    epilog = " ".join(_methods_epilog().split())
     for m in methods.methods().values():
         assert m.grouping.startswith("unstructured") and m.summary
-        assert m.name in methods.help_text()
+        assert f"{m.name}: {m.summary}; {m.grouping}" in epilog
 
 
 def test_unknown_preset_and_bad_preset_type():

@@ -154,3 +154,15 @@ def test_pow2_helpers():
     assert torch.equal(ranges.finite_cast(scaled, torch.float32, e), w)
     with pytest.raises(ValueError, match="produced NaN"):
         ranges.finite_cast(torch.tensor([float("nan")]), torch.float32)
+
+
+@pytest.mark.parametrize("pattern", ["²:4", "2:⁴", "２:４"])
+def test_non_ascii_pattern_digits_are_refused_by_the_commands(pattern, tmp_path, capsys):
+    """The commands' early syntax checks gave int()'s "invalid literal" for '²' (str.isdigit accepts it)."""
+    from admm_kernels.bench.cli import main as bench_main
+    from admm_kernels.cli import main as cli_main
+
+    assert cli_main(["prune", "--pattern", pattern, "--out", str(tmp_path / "o")]) == 2
+    assert bench_main(["--patterns", pattern, "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("(ASCII digits 0-9)") == 2 and "invalid literal" not in err

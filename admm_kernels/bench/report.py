@@ -216,6 +216,8 @@ def plot_pareto(panels: dict[str, list[tuple[str, float, float]]], path: Path,
     plt = _pyplot()
     if plt is None or not panels:
         return False
+    from matplotlib import ticker
+
     n = len(panels)
     cols = min(n, 3)
     nrows = (n + cols - 1) // cols
@@ -241,6 +243,12 @@ def plot_pareto(panels: dict[str, list[tuple[str, float, float]]], path: Path,
             ax.legend(fontsize=6)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.margins(x=0.2, y=0.1)  # room for the labels of the extreme points
+        for axis in (ax.xaxis, ax.yaxis):  # ticks at 1, 2, 5 x 10^k, plainly labelled (no overlap)
+            axis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            axis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+            axis.set_minor_formatter(ticker.NullFormatter())
+        ax.tick_params(labelsize=7)
         ax.set_xlabel(xlabel, fontsize=8)
         ax.set_ylabel(ylabel, fontsize=8)
         ax.set_title(title, fontsize=9)

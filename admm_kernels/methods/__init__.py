@@ -8,10 +8,10 @@ name, options, presets and grouping; this package registers them in the order li
 from __future__ import annotations
 
 from . import admm, alps, magnitude, sparsegpt, wanda
-from .registry import Method, MethodResult, Option, get, help_text, methods, names, register
+from .registry import Method, MethodResult, Option, get, methods, names, register
 
 for _module in (admm, sparsegpt, wanda, magnitude, alps):
     register(_module.METHOD)
 del _module
 
-__all__ = ["Method", "MethodResult", "Option", "get", "help_text", "methods", "names", "register"]
+__all__ = ["Method", "MethodResult", "Option", "get", "methods", "names", "register"]

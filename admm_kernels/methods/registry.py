@@ -161,9 +161,3 @@ def get(method: object, name: str = "method") -> Method:
     if key not in _REGISTRY:
         raise ValueError(f"unknown {name} {method!r}; expected one of {names()}")
     return _REGISTRY[key]
-
-
-def help_text() -> str:
-    """Every method's name, summary and grouping (for --help), then the groupings all methods share."""
-    return "; ".join(f"{m.name}: {m.summary} [{m.grouping}]" for m in _REGISTRY.values()) + (
-        ". Every method: per-row = int(in*s) pruned in each row; N:M = N kept of every M consecutive inputs")
