@@ -90,3 +90,14 @@ def correlated_inputs(n: int, in_features: int, outliers: int = 8, seed: int = 0
     scale = torch.ones(in_features)
     scale[torch.randperm(in_features, generator=g)[:outliers]] = 20.0
     return (x * scale).to(dtype)
+
+
+@pytest.fixture(scope="module")
+def llm_like_layer():
+    """(W (256, 512), G (512, 512)) fp32: a layer whose inputs are correlated_inputs(2048, 512, outliers=8),
+    where the methods' errors are ordered (ADMM-Grad < SparseGPT < Wanda; ALPS < ADMM-Grad)."""
+    import admm_kernels as ak
+
+    x = correlated_inputs(2048, 512, outliers=8, seed=0)
+    W = torch.randn(256, 512, generator=torch.Generator().manual_seed(1))
+    return W, ak.gram(x)

@@ -111,13 +111,6 @@ def test_deterministic(pattern):
     assert torch.equal(a.weight, b.weight) and torch.equal(a.mask, b.mask) and a.error == b.error
 
 
-@pytest.fixture(scope="module")
-def llm_like_layer():
-    x = correlated_inputs(2048, 512, outliers=8, seed=0)
-    W = torch.randn(256, 512, generator=torch.Generator().manual_seed(1))
-    return W, ak.gram(x)
-
-
 @pytest.mark.parametrize("sparsity,pattern", [(0.5, "unstructured"), (0.7, "unstructured"),
                                               (0.6, "per-row"), (0.5, "2:4")])
 def test_error_below_admm_grad(llm_like_layer, sparsity, pattern):
