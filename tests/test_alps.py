@@ -141,6 +141,14 @@ def test_update_only_is_the_refit():
     assert long.stats["cg_residual"] <= 1e-12 and short.stats["cg_iterations"] == 10
 
 
+def test_no_iterations_is_the_wanda_mask_and_the_refit():
+    W, G = layer()
+    res = ak.prune_layer(W, G, 0.5, method="alps", max_iters=0, ridge=0.0)
+    wanda = ak.prune_layer(W, G, 0.5, method="wanda", per_row=False)
+    assert res.stats["iterations"] == 0 and torch.equal(res.mask, wanda.mask)
+    assert bool(torch.isfinite(res.weight).all()) and res.error < wanda.error
+
+
 def test_dead_inputs_pruned_first():
     x = correlated_inputs(512, 64, outliers=4)
     dead = torch.tensor([3, 17, 40])

@@ -96,7 +96,6 @@ def run(weight: torch.Tensor, G: torch.Tensor, pattern: Pattern, sparsity: float
     used: dict[str, str] = {}
     timer = Timer(weight.device)
     s = pattern.sparsity(sparsity)
-    out_f, in_f = weight.shape
 
     Gc = G.to(cd)
     live_diag = Gc.diagonal()[Gc.diagonal() > 0]
@@ -130,7 +129,7 @@ def run(weight: torch.Tensor, G: torch.Tensor, pattern: Pattern, sparsity: float
         D0 = V0.masked_fill(~M0, 0)
         k = max(1, int(M0.sum()))  # kept entries (dead inputs never change)
         D, Y = D0.clone(), torch.zeros_like(V0)
-        B, R, X = torch.empty_like(V0), torch.empty_like(V0), torch.empty_like(V0)
+        B, R, X = V0.clone(), torch.empty_like(V0), torch.empty_like(V0)  # B = Ŵ if no iteration runs
         M_prev = M0
         grown = False
         large, medium, small = o["rho_growth"]
