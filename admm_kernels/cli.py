@@ -85,6 +85,39 @@ def add_calibration_arguments(p: argparse.ArgumentParser) -> None:
                         "calibration plays)")
 
 
+def add_protocol_arguments(p: argparse.ArgumentParser) -> None:
+    """--protocol, --corpus and --text-field, shared by `admm-prune prune` and `admm-prune eval`
+    (what each protocol computes: admm_kernels/protocols.py)."""
+    p.add_argument("--protocol", choices=("default", "sparsegpt"), default="default",
+                   help="how text becomes calibration windows and perplexity windows. default: text joined "
+                        "by blank lines, no special tokens, non-overlapping windows. sparsegpt: the "
+                        "SparseGPT/Wanda/ADMM papers' convention (WikiText-2 test records joined by '\\n\\n' "
+                        "or the C4 validation convention, special tokens, C4-style random calibration "
+                        "windows from random documents); see README 'Evaluation protocols'")
+    p.add_argument("--corpus", choices=("wikitext2", "c4"), default="wikitext2",
+                   help="with --protocol sparsegpt: the evaluation convention of this corpus (wikitext2: "
+                        "all windows of the joined test split; c4: the first 1100 validation documents "
+                        "joined by spaces, first 256 x seqlen tokens) (default wikitext2)")
+    p.add_argument("--text-field", default="text", metavar="FIELD",
+                   help="field / column holding the text in JSON-lines, JSON and datasets sources "
+                        "(default 'text')")
+
+
+def add_task_arguments(p: argparse.ArgumentParser) -> None:
+    """--tasks, --tasks-path, --num-fewshot, --tasks-limit (lm-evaluation-harness) for prune and eval."""
+    p.add_argument("--tasks", default=None, metavar="LIST",
+                   help="lm-evaluation-harness tasks to run, comma-separated (e.g. piqa,arc_easy,hellaswag); "
+                        "needs the 'eval' extra (lm_eval); results in the JSON report and as a table")
+    p.add_argument("--tasks-path", default=None, metavar="DIR",
+                   help="folder of local lm-eval task YAMLs (lm-eval's include path) for offline or private "
+                        "tasks")
+    p.add_argument("--num-fewshot", type=int, default=0, metavar="N",
+                   help="few-shot examples per prompt (default 0: zero-shot, as the pruning papers report)")
+    p.add_argument("--tasks-limit", type=_positive("--tasks-limit"), default=None, metavar="N",
+                   help="evaluate only the first N documents of each task (quick checks; not comparable "
+                        "with published numbers)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="admm-prune", description=(
         "Prune large language models layer by layer with ADMM (Boza 2024) or the SparseGPT / Wanda / "
@@ -117,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"evaluate at most this many windows (default: all; {EMBEDDED_EVAL_WINDOWS} for the "
                          "embedded model)")
     pr.add_argument("--no-eval", action="store_true", help="skip the perplexity evaluation")
+    add_protocol_arguments(pr)
+    add_task_arguments(pr)
     pr.add_argument("--device", default="cpu", help="compute device, e.g. cpu, cuda, cuda:1 (default cpu)")
     pr.add_argument("--dtype", default=None, choices=("auto", "float32", "bfloat16", "float16"),
                     help="dtype to load the model in (default float32 on the CPU, auto elsewhere)")
@@ -139,8 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--quiet", action="store_true", help="no progress bars and no per-layer table")
     pr.add_argument("--threads", type=_positive("--threads"), default=None, help=THREADS_HELP)
 
-    ev = sub.add_parser("eval", help="perplexity of a model on a text")
-    ev.add_argument("model", help="local transformers model folder")
+    ev = sub.add_parser("eval", help="perplexity of a model on a text, and lm-eval zero-shot tasks")
+    ev.add_argument("model", help="local transformers model folder, or a folder written by "
+                                  f"`prune --save-format packed` ({PACKED_NAME})")
     ev.add_argument("--text", metavar="PATH", default=None,
                     help="text file / folder / .jsonl (default: held-out Shakespeare plays)")
     ev.add_argument("--seqlen", type=_positive("--seqlen"), default=None,
@@ -150,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--dtype", default=None, choices=("auto", "float32", "bfloat16", "float16"))
     ev.add_argument("--json", action="store_true", help="print the result as JSON")
+    ev.add_argument("--report", metavar="FILE", default=None, help="also write the JSON result to FILE")
+    add_protocol_arguments(ev)
+    add_task_arguments(ev)
     ev.add_argument("--threads", type=_positive("--threads"), default=None, help=THREADS_HELP)
 
     sub.add_parser("bench", help="benchmarks (issue 6)", add_help=False)
@@ -191,6 +230,36 @@ def _check_text_path(path: str | None, flag: str) -> None:
         raise CliError(f"{flag} path {path!r} does not exist")
 
 
+def _check_tasks(args) -> list[str] | None:
+    """The --tasks names resolved by lm-eval (and --tasks-path) before the model is loaded, or None."""
+    if args.tasks is None:
+        if args.tasks_path is not None:
+            raise CliError("--tasks-path needs --tasks (the task names to run)")
+        return None
+    if args.num_fewshot < 0:
+        raise CliError(f"--num-fewshot must be >= 0, got {args.num_fewshot}")
+    try:
+        from .integrations.lm_eval import check_tasks
+        return check_tasks(args.tasks, args.tasks_path, name="--tasks")
+    except ImportError as exc:
+        raise CliError(str(exc)) from None
+    except (ValueError, TypeError) as exc:
+        raise CliError(str(exc).replace("tasks_path ", "--tasks-path ")) from None
+
+
+def _run_tasks(model, tok, args, names: list[str], device, log) -> dict:
+    from .integrations.lm_eval import evaluate_tasks
+
+    t = time.perf_counter()
+    try:
+        result = evaluate_tasks(model, tok, names, tasks_path=args.tasks_path, num_fewshot=args.num_fewshot,
+                                limit=args.tasks_limit, device=device)
+    except (ValueError, TypeError) as exc:
+        raise CliError(str(exc)) from None
+    log(f"lm-eval tasks {','.join(names)}: {time.perf_counter() - t:.1f} s")
+    return result
+
+
 def _default_out(args) -> Path:
     name = Path(args.model).name if args.model else "SmolLM2-135M-Instruct"
     pat = args.pattern
@@ -203,8 +272,8 @@ def _default_out(args) -> Path:
 def _load(model_arg: str | None, device, dtype_arg: str | None):
     import torch
 
-    from .models.loading import check_model_path, load_model
-    if model_arg is not None:
+    from .models.loading import check_model_path, is_packed_folder, load_any_model
+    if model_arg is not None and not is_packed_folder(model_arg):
         try:
             check_model_path(model_arg, name="MODEL")
         except (FileNotFoundError, ValueError) as exc:
@@ -212,7 +281,7 @@ def _load(model_arg: str | None, device, dtype_arg: str | None):
     dtype = dtype_arg or ("float32" if device.type == "cpu" else "auto")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype, dtype)
     try:
-        return load_model(model_arg, dtype=dtype)
+        return load_any_model(model_arg, dtype=dtype)
     except (ValueError, FileNotFoundError) as exc:
         raise CliError(str(exc)) from None
 
@@ -276,7 +345,7 @@ def _save(model, tokenizer, out: Path, fmt: str, report: dict, overwrite: bool) 
 
 
 def cmd_prune(args) -> int:
-    from . import data
+    from . import data, protocols
     from ._checks import parse_pattern
     from .eval import evaluate_perplexity
     from .models import default_state_dir, max_positions, prune_model
@@ -301,11 +370,14 @@ def cmd_prune(args) -> int:
         _packed_saver()
     _check_text_path(args.calib, "--calib")
     _check_text_path(args.eval_path, "--eval")
+    task_names = _check_tasks(args)
     out = Path(args.out) if args.out else _default_out(args)
     _check_out(out, args.overwrite)
     embedded = args.model is None
     nsamples = args.nsamples or (EMBEDDED_NSAMPLES if embedded else data.DEFAULT_NSAMPLES)
-    eval_windows = args.eval_windows or (EMBEDDED_EVAL_WINDOWS if embedded else None)
+    # the sparsegpt protocol evaluates every window, as the papers do
+    eval_windows = args.eval_windows or (EMBEDDED_EVAL_WINDOWS if embedded and args.protocol == "default"
+                                         else None)
     options = dict(args.option)
     state_dir = default_state_dir(out)
     if state_dir.exists() and not args.resume:
@@ -326,8 +398,11 @@ def cmd_prune(args) -> int:
         check_prunable(model, args.sparsity, args.pattern, args.method, args.layers, **options)
         if tok is None:
             raise CliError(f"model folder {str(path)!r} has no tokenizer, needed to tokenize text")
-        calib = data.calibration_tokens(tok, nsamples, seqlen, args.calib, seed=args.seed)
-        eval_ids = None if args.no_eval else data.evaluation_tokens(tok, args.eval_path)
+        calib = protocols.calibration_windows(tok, args.calib, nsamples=nsamples, seqlen=seqlen,
+                                              seed=args.seed, protocol=args.protocol, field=args.text_field)
+        eval_ids = None if args.no_eval else protocols.evaluation_tokens(
+            tok, args.eval_path, protocol=args.protocol, corpus=args.corpus, seqlen=seqlen,
+            field=args.text_field)
         if eval_ids is not None and eval_ids.numel() < seqlen:
             raise ValueError(f"evaluation text is too short: found {eval_ids.numel()} tokens, need at least "
                              f"--seqlen = {seqlen} tokens for one window")
@@ -350,6 +425,18 @@ def cmd_prune(args) -> int:
             log(f"perplexity before: {ppl['before']:.3f} ({time.perf_counter() - t:.1f} s)")
             state_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_json(meta_file, {"perplexity_before": ppl["before"], "eval": eval_key})
+    tasks = {}
+    if task_names:
+        tasks_key = {"tasks": task_names, "tasks_path": args.tasks_path, "num_fewshot": args.num_fewshot,
+                     "limit": args.tasks_limit}
+        cached = json.loads(meta_file.read_text()) if args.resume and meta_file.is_file() else {}
+        if cached.get("tasks_key") == tasks_key:
+            tasks["before"] = cached["tasks_before"]
+        else:
+            tasks["before"] = _run_tasks(model, tok, args, task_names, device, log)
+            state_dir.mkdir(parents=True, exist_ok=True)
+            current = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+            atomic_write_json(meta_file, {**current, "tasks_key": tasks_key, "tasks_before": tasks["before"]})
 
     try:
         report = prune_model(model, calib, sparsity=args.sparsity, pattern=args.pattern, method=args.method,
@@ -362,15 +449,19 @@ def cmd_prune(args) -> int:
         ppl["after"] = evaluate_perplexity(model, eval_ids, seqlen=seqlen, max_windows=eval_windows,
                                            device=device, progress=not args.quiet)
         log(f"perplexity after: {ppl['after']:.3f} ({time.perf_counter() - t:.1f} s)")
+    if task_names:
+        tasks["after"] = _run_tasks(model, tok, args, task_names, device, log)
     if ppl:
         n_win = eval_ids.numel() // seqlen
         ppl.update(seqlen=seqlen, windows=min(n_win, eval_windows or n_win),
-                   text=args.eval_path or "shakespeare:evaluation")
+                   text=args.eval_path or "shakespeare:evaluation", protocol=args.protocol,
+                   corpus=args.corpus if args.protocol == "sparsegpt" else None,
+                   computed=protocols.describe(args.protocol, args.corpus))
     report.update({
         "command": "admm-prune " + " ".join(args.argv),
-        "model_path": str(path), "seed": args.seed, "perplexity": ppl or None,
+        "model_path": str(path), "seed": args.seed, "perplexity": ppl or None, "tasks": tasks or None,
         "calibration": {"source": args.calib or "shakespeare:calibration", "nsamples": nsamples,
-                        "seqlen": seqlen, "seed": args.seed},
+                        "seqlen": seqlen, "seed": args.seed, "protocol": args.protocol},
         "save_format": args.save_format, "seconds_total": time.perf_counter() - t0,
     })
     try:
@@ -387,33 +478,59 @@ def cmd_prune(args) -> int:
     if ppl:
         print(f"perplexity ({ppl['windows']} x {seqlen} tokens): before {ppl['before']:.3f}, "
               f"after {ppl['after']:.3f}")
+    if tasks:
+        from .integrations.lm_eval import format_table
+        print(format_table([("before", tasks["before"]), ("after", tasks["after"])]))
     print(f"saved to {out} (report: {out / REPORT_NAME})")
     return 0
 
 
 def cmd_eval(args) -> int:
-    from . import data
+    from . import data, protocols
     from .eval import evaluate_perplexity
     from .models import max_positions
 
     device = _check_device(args.device)
     _check_text_path(args.text, "--text")
+    task_names = _check_tasks(args)
+    # Perplexity unless only tasks were asked for (--tasks without --text or --protocol).
+    want_ppl = task_names is None or args.text is not None or args.protocol != "default"
     model, tok, path = _load(args.model, device, args.dtype)
-    try:
-        seqlen = data.resolve_seqlen(args.seqlen, max_positions(model), name="--seqlen")
-        if tok is None:
-            raise CliError(f"model folder {str(path)!r} has no tokenizer, needed to tokenize --text")
-        ids = data.evaluation_tokens(tok, args.text)
-        t = time.perf_counter()
-        ppl = evaluate_perplexity(model, ids, seqlen=seqlen, max_windows=args.max_windows, device=device)
-    except (ValueError, FileNotFoundError) as exc:
-        raise CliError(str(exc)) from None
-    windows = ids.numel() // seqlen
-    windows = min(windows, args.max_windows or windows)
-    result = {"model": str(path), "text": args.text or "shakespeare:evaluation", "seqlen": seqlen,
-              "windows": windows, "perplexity": ppl, "seconds": time.perf_counter() - t}
-    print(json.dumps(result) if args.json else
-          f"perplexity {ppl:.4f} ({windows} windows x {seqlen} tokens of {result['text']})")
+    if tok is None:
+        raise CliError(f"model folder {str(path)!r} has no tokenizer, needed to tokenize text")
+    result: dict = {"model": str(path)}
+    if want_ppl:
+        try:
+            seqlen = data.resolve_seqlen(args.seqlen, max_positions(model), name="--seqlen")
+            ids = protocols.evaluation_tokens(tok, args.text, protocol=args.protocol, corpus=args.corpus,
+                                              seqlen=seqlen, field=args.text_field)
+            t = time.perf_counter()
+            ppl = evaluate_perplexity(model, ids, seqlen=seqlen, max_windows=args.max_windows, device=device)
+        except (ValueError, FileNotFoundError) as exc:
+            raise CliError(str(exc)) from None
+        windows = ids.numel() // seqlen
+        windows = min(windows, args.max_windows or windows)
+        result.update({"text": args.text or "shakespeare:evaluation", "seqlen": seqlen, "windows": windows,
+                       "perplexity": ppl, "seconds": time.perf_counter() - t, "protocol": args.protocol,
+                       "corpus": args.corpus if args.protocol == "sparsegpt" else None,
+                       "computed": protocols.describe(args.protocol, args.corpus)})
+    if task_names:
+        result["tasks"] = _run_tasks(model, tok, args, task_names, device, log=lambda *a: None)
+    if args.report:
+        from .models.state import atomic_write_json
+        try:
+            atomic_write_json(Path(args.report), result)
+        except OSError as exc:
+            raise CliError(f"could not write --report {args.report!r}: {exc}") from None
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    if want_ppl:
+        print(f"perplexity {result['perplexity']:.4f} ({result['windows']} windows x {result['seqlen']} "
+              f"tokens of {result['text']}, protocol {args.protocol})")
+    if task_names:
+        from .integrations.lm_eval import format_table
+        print(format_table(result["tasks"]))
     return 0
 
 

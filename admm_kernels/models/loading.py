@@ -159,3 +159,39 @@ def max_positions(model) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+# `admm-prune prune --save-format packed` writes the model as this one file (admm_kernels.sparse's packed
+# checkpoint) beside the tokenizer files and the report.
+PACKED_NAME = "model.packed.safetensors"
+
+
+def is_packed_folder(path: str | os.PathLike) -> bool:
+    """True when `path` is a folder holding a packed checkpoint (PACKED_NAME)."""
+    return (Path(path).expanduser() / PACKED_NAME).is_file()
+
+
+def load_any_model(path: str | os.PathLike | None = None, dtype: torch.dtype | str = torch.float32):
+    """(model, tokenizer or None, path) for a transformers folder, a packed folder or the default model.
+
+    A packed folder (`admm-prune prune --save-format packed`) is loaded with admm_kernels.load_sparse
+    (SparseLinear layers, tensors as saved); `dtype` converts its floating-point tensors unless "auto".
+    The tokenizer is read from the same folder. Every command that evaluates a model loads it here.
+    """
+    if path is None or not is_packed_folder(path):
+        return load_model(path, dtype=dtype)
+    from transformers import AutoTokenizer
+
+    from ..sparse import load_sparse
+
+    p = Path(path).expanduser()
+    model = load_sparse(p / PACKED_NAME)
+    if isinstance(dtype, str) and dtype != "auto":
+        dtype = parse_dtype(dtype)
+    if isinstance(dtype, torch.dtype):
+        model = model.to(dtype)
+    try:
+        tok = AutoTokenizer.from_pretrained(p)
+    except (ValueError, OSError, TypeError):
+        tok = None
+    return model.eval(), tok, p
