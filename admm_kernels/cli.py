@@ -94,7 +94,7 @@ def add_protocol_arguments(p: argparse.ArgumentParser) -> None:
                         "SparseGPT/Wanda/ADMM papers' convention (WikiText-2 test records joined by '\\n\\n' "
                         "or the C4 validation convention, special tokens, C4-style random calibration "
                         "windows from random documents); see README 'Evaluation protocols'")
-    p.add_argument("--corpus", choices=("wikitext2", "c4"), default="wikitext2",
+    p.add_argument("--corpus", choices=("wikitext2", "c4"), default=None,
                    help="with --protocol sparsegpt: the evaluation convention of this corpus (wikitext2: "
                         "all windows of the joined test split; c4: the first 1100 validation documents "
                         "joined by spaces, first 256 x seqlen tokens) (default wikitext2)")
@@ -228,6 +228,12 @@ def _check_out(out: Path, overwrite: bool) -> None:
 def _check_text_path(path: str | None, flag: str) -> None:
     if path is not None and not Path(path).expanduser().exists():
         raise CliError(f"{flag} path {path!r} does not exist")
+
+
+def _check_protocol(args) -> None:
+    if args.corpus is not None and args.protocol != "sparsegpt":
+        raise CliError(f"--corpus {args.corpus} applies to --protocol sparsegpt only")
+    args.corpus = args.corpus or "wikitext2"
 
 
 def _check_tasks(args) -> list[str] | None:
@@ -370,6 +376,7 @@ def cmd_prune(args) -> int:
         _packed_saver()
     _check_text_path(args.calib, "--calib")
     _check_text_path(args.eval_path, "--eval")
+    _check_protocol(args)
     task_names = _check_tasks(args)
     out = Path(args.out) if args.out else _default_out(args)
     _check_out(out, args.overwrite)
@@ -492,6 +499,7 @@ def cmd_eval(args) -> int:
 
     device = _check_device(args.device)
     _check_text_path(args.text, "--text")
+    _check_protocol(args)
     task_names = _check_tasks(args)
     # Perplexity unless only tasks were asked for (--tasks without --text or --protocol).
     want_ppl = task_names is None or args.text is not None or args.protocol != "default"
