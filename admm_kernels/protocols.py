@@ -92,37 +92,7 @@ def _json_records(path: Path, field: str) -> list[str]:
             rows = [json.loads(line) for line in text.splitlines() if line.strip()]
         except json.JSONDecodeError as exc:
             raise ValueError(f"{str(path)!r} is neither JSON nor JSON lines: {exc}") from None
-    out = []
-    for i, row in enumerate(rows):
-        if isinstance(row, str):
-            out.append(row)
-        elif isinstance(row, dict) and isinstance(row.get(field), str):
-            out.append(row[field])
-        else:
-            raise ValueError(f"record {i} of {str(path)!r} has no string field {field!r}")
-    return out
-
-
-def _dataset_records(path: Path, field: str, split: str) -> list[str]:
-    try:
-        import datasets
-    except ImportError:
-        raise ValueError(f"{str(path)!r} is a Hugging Face datasets folder; reading it needs the 'datasets' "
-                         "package (pip install datasets)") from None
-    ds = datasets.load_from_disk(str(path))
-    if isinstance(ds, datasets.DatasetDict):
-        names = list(ds)
-        if split in ds:
-            ds = ds[split]
-        elif len(names) == 1:
-            ds = ds[names[0]]
-        else:
-            raise ValueError(f"dataset {str(path)!r} has splits {names} and no {split!r} split; give a "
-                             "folder holding one split")
-    if field not in ds.column_names:
-        raise ValueError(f"dataset {str(path)!r} has no column {field!r} (columns: {ds.column_names}); "
-                         "choose one with --text-field")
-    return [t if isinstance(t, str) else "" for t in ds[field]]
+    return data.record_texts(rows, field, path)
 
 
 def read_records(source: str | os.PathLike | list | None, *, field: str = "text", split: str = "test",
@@ -142,7 +112,7 @@ def read_records(source: str | os.PathLike | list | None, *, field: str = "text"
         raise FileNotFoundError(f"{name} path {str(source)!r} does not exist")
     if p.is_dir():
         if (p / "dataset_info.json").is_file() or (p / "dataset_dict.json").is_file():
-            return _dataset_records(p, field, split), True
+            return data.dataset_records(p, field, split), True
         files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in data._TEXT_SUFFIXES)
         if not files:
             raise ValueError(f"{name} folder {str(source)!r} has no text files "

@@ -188,9 +188,8 @@ def test_bad_protocol_input(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     torch.manual_seed(0)
-    root = save_tiny_folder(tmp_path_factory.mktemp("cli-protocol"), 400, 1, 200, 2)
-    bos_tokenizer().save_pretrained(root / "tiny-llama")
-    return root
+    return save_tiny_folder(tmp_path_factory.mktemp("cli-protocol"), 400, 1, 200, 2,
+                            tokenizer=bos_tokenizer())
 
 
 def test_cli_eval_and_prune_with_the_sparsegpt_protocol(tiny_dir, tmp_path, capsys):

@@ -150,9 +150,7 @@ def test_bundled_task_names_resolve_with_local_ones(task_dir):
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     torch.manual_seed(0)
-    root = save_tiny_folder(tmp_path_factory.mktemp("cli-tasks"), 400, 1, 200, 2)
-    eos_tokenizer().save_pretrained(root / "tiny-llama")
-    return root
+    return save_tiny_folder(tmp_path_factory.mktemp("cli-tasks"), 400, 1, 200, 2, tokenizer=eos_tokenizer())
 
 
 def _prune_args(root, out, task_folder, *extra):

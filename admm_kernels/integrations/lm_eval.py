@@ -151,23 +151,15 @@ def evaluate_tasks(model: nn.Module, tokenizer, tasks: str | Sequence[str], *,
         raise ValueError(f"limit must be a positive number or None, got {limit!r}")
     names, manager = _resolve(tasks, tasks_path)
 
-    home = next(model.parameters()).device
-    run_on = torch.device(device) if device is not None else home
-    was_training = model.training
-    model.eval()
-    if run_on != home:
-        model.to(run_on)
+    from ..eval import evaluation_mode
+
     t0 = time.perf_counter()
-    try:
+    with evaluation_mode(model, device):
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         out = evaluator.simple_evaluate(
             model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit, task_manager=manager,
             log_samples=log_samples, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
             fewshot_random_seed=seed)
-    finally:
-        if run_on != home:
-            model.to(home)
-        model.train(was_training)
     seconds = time.perf_counter() - t0
     counts = out.get("n-samples", {})
     results = {}
