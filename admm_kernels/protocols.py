@@ -5,10 +5,10 @@ length and the windows are the same. `admm-prune prune|eval --protocol NAME` cho
 
 "default" (admm_kernels' own; what `ak.evaluate_perplexity` gets from `admm_kernels.data`)
     evaluation: the source's text (file; folder of .txt/.md files in sorted order; JSON lines / JSON
-    records' `--text-field`; a `datasets` folder's column, empty records dropped) joined by "\\n\\n",
-    tokenised once WITHOUT special tokens; non-overlapping windows of seqlen tokens (a partial last
-    window dropped), each one forward pass predicting seqlen-1 tokens; perplexity = exp(mean NLL over
-    all predicted tokens) (--eval-windows / --max-windows: only the first windows).
+    records' `--text-field`, also gzip'd; a `datasets` folder's column, empty records dropped) joined by
+    "\\n\\n", tokenised once WITHOUT special tokens; non-overlapping windows of seqlen tokens (a partial
+    last window dropped), each one forward pass predicting seqlen-1 tokens; perplexity = exp(mean NLL
+    over all predicted tokens) (--eval-windows / --max-windows: only the first windows).
     calibration: the same stream cut into seqlen-token slots after a random offset, nsamples distinct
     slots drawn at random (torch generator seeded with --seed): windows never overlap.
 
@@ -184,13 +184,23 @@ def sparsegpt_calibration_windows(tokenizer, source: str | os.PathLike | None = 
 
 # --- what the CLI calls --------------------------------------------------------------------------------
 
+def _default_text(source, field: str, name: str) -> str:
+    """data.read_text, plus gzip'd JSON / JSON lines (C4's *.json.gz), whose records it joins the same way."""
+    if isinstance(source, (str, os.PathLike)) and Path(source).suffix.lower() == ".gz":
+        p = Path(source).expanduser()
+        if not p.is_file():
+            raise FileNotFoundError(f"{name} path {str(source)!r} does not exist")
+        return "\n\n".join(_json_records(p, field))
+    return data.read_text(source, field, name)
+
+
 def evaluation_tokens(tokenizer, source, *, protocol: str = "default", corpus: str = "wikitext2",
                       seqlen: int = data.DEFAULT_SEQLEN, field: str = "text") -> torch.Tensor:
     """The evaluation token stream (n,) of `protocol` for `source` (None: held-out Shakespeare)."""
     check_protocol(protocol, corpus)
     if protocol == "sparsegpt":
         return sparsegpt_evaluation_tokens(tokenizer, source, corpus=corpus, seqlen=seqlen, field=field)
-    text = data.read_text(data.shakespeare_files("evaluation") if source is None else source, field, "eval")
+    text = _default_text(data.shakespeare_files("evaluation") if source is None else source, field, "eval")
     return data.tokenize(text, tokenizer)
 
 
@@ -203,7 +213,7 @@ def calibration_windows(tokenizer, source, *, nsamples: int, seqlen: int, seed: 
                                              field=field)
     what = ("the default calibration text (Shakespeare)" if source is None
             else f"calibration text {str(source)!r}")
-    text = data.read_text(data.shakespeare_files("calibration") if source is None else source, field, "calib")
+    text = _default_text(data.shakespeare_files("calibration") if source is None else source, field, "calib")
     return data.calibration_windows(data.tokenize(text, tokenizer), nsamples, seqlen, seed, source=what)
 
 

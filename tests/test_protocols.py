@@ -126,6 +126,10 @@ def test_c4_stream_is_the_first_1100_documents_joined_by_spaces_then_256_windows
         ids = protocols.evaluation_tokens(tok, path, protocol="sparsegpt", corpus="c4", seqlen=seqlen)
         assert torch.equal(ids, expected), seqlen
     assert ids.numel() < 256 * 256  # 1100 lines hold fewer than 256 windows of 256: all of them kept
+    # the default protocol reads the compressed records too (joined by blank lines, no special tokens)
+    plain = protocols.evaluation_tokens(tok, path)
+    joined = tok("\n\n".join(docs), add_special_tokens=False, return_tensors="pt").input_ids[0]
+    assert torch.equal(plain, joined)
 
 
 def test_c4_calibration_reproduces_the_papers_windows(tmp_path):
