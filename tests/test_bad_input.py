@@ -206,3 +206,21 @@ def test_failed_calls_leave_inputs_untouched(layer):
         with pytest.raises((ValueError, TypeError)):
             ak.prune_layer(W, G, **kwargs)
     assert torch.equal(W, W0) and torch.equal(G, G0) and bool(mask.all())
+
+
+@pytest.mark.parametrize("bad,first", [(96, 96), (-1, -1), (10_000, 10_000)])
+def test_perplexity_token_ids_outside_the_vocabulary(one_thread, bad, first):
+    pytest.importorskip("transformers")
+    from tiny_models import VOCAB, tiny_model
+
+    from admm_kernels.eval import evaluate_perplexity
+
+    ids = torch.arange(64) % VOCAB
+    ids[37] = bad
+    msg = (rf"token ids must be in \[0, {VOCAB}\) \(the model's vocabulary size is {VOCAB}\).*"
+           rf"1 out of range, the first {first} at position 37")
+    with pytest.raises(ValueError, match=msg):
+        evaluate_perplexity(tiny_model("llama"), ids, seqlen=16)
+    # ids beyond the evaluated windows are checked too: they mean the text was tokenised for another model
+    with pytest.raises(ValueError, match="out of range"):
+        evaluate_perplexity(tiny_model("llama"), ids, seqlen=16, max_windows=1)

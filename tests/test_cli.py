@@ -84,29 +84,77 @@ def test_interrupted_run_resumes_to_the_identical_model(tiny_dir, tmp_path, monk
     assert json.loads((out / cli.REPORT_NAME).read_text())["resumed_from_block"] == 1
 
 
-def test_packed_save_format(tiny_dir, tmp_path, capsys):
+def test_packed_output_is_a_complete_folder_that_eval_and_load_sparse_read(tiny_dir, tmp_path, capsys):
+    import admm_kernels as ak
+
     out = tmp_path / "packed"
-    argv = _args(tiny_dir, out, "--quiet", "--no-eval", "--method", "magnitude", "--save-format", "packed",
-                 fast=False)
-    try:
-        from admm_kernels.sparse import load_sparse, save_sparse  # noqa: F401
-    except ImportError:
-        assert cli.main(argv) == 2
-        assert "--save-format packed needs admm_kernels.sparse.save_sparse" in capsys.readouterr().err
-        return
+    argv = _args(tiny_dir, out, "--quiet", "--method", "magnitude", "--save-format", "packed",
+                 "--eval-windows", "4", fast=False)
     assert cli.main(argv) == 0
-    assert (out / cli.REPORT_NAME).is_file()
-    model = load_sparse(out / cli.PACKED_NAME)
+    names = {p.name for p in out.iterdir()}
+    assert {cli.PACKED_NAME, "config.json", "tokenizer.json", cli.REPORT_NAME} <= names
+    assert "model.safetensors" not in names
+    after = json.loads((out / cli.REPORT_NAME).read_text())["perplexity"]["after"]
+    capsys.readouterr()
+    assert cli.main(["eval", str(out), "--json", "--quiet"]) == 0  # seqlen, windows, text from the report
+    result = json.loads(capsys.readouterr().out)
+    assert (result["seqlen"], result["windows"]) == (32, 4)
+    assert result["perplexity"] == pytest.approx(after, rel=1e-6)
+    model = ak.load_sparse(out)  # the folder, not only the file inside it
+    assert any(isinstance(m, ak.SparseLinear) for m in model.modules())
     with torch.no_grad():
         logits = model(torch.arange(16)[None]).logits
     assert torch.isfinite(logits).all()
+    # a packed folder cannot be pruned again: one clear line
+    err = _error(capsys, ["prune", str(out), "--out", str(tmp_path / "again")])
+    assert "is a packed sparse model folder" in err
 
 
 def test_eval_command(tiny_dir, capsys):
     assert cli.main(["eval", str(tiny_dir / "tiny-llama"), "--text", str(tiny_dir / "eval.txt"),
                      "--seqlen", "32", "--json"]) == 0
-    result = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
     assert result["seqlen"] == 32 and result["windows"] >= 10 and 1 < result["perplexity"] < 1e4
+    assert "perplexity" in captured.err and "window/s" in captured.err  # a progress bar over the windows
+    assert "evaluating" in captured.err and "--eval-windows N evaluates fewer" in captured.err
+    assert cli.main(["eval", str(tiny_dir / "tiny-llama"), "--text", str(tiny_dir / "eval.txt"),
+                     "--seqlen", "32", "--eval-windows", "3", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["windows"] == 3
+    assert cli.main(["eval", str(tiny_dir / "tiny-llama"), "--text", str(tiny_dir / "eval.txt"),
+                     "--seqlen", "32", "--max-windows", "2", "--json"]) == 0  # the deprecated name
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["windows"] == 2
+    assert "--max-windows is deprecated, use --eval-windows" in captured.err
+
+
+def test_eval_without_model_uses_the_embedded_model_with_prunes_defaults(tiny_dir, monkeypatch, capsys):
+    from admm_kernels.models import loading
+
+    # The embedded model stands in for the real one here; its defaults (patched smaller: 256 > MAX_POS)
+    # must be the ones eval uses, as prune does.
+    monkeypatch.setattr(loading, "default_model_path", lambda: tiny_dir / "tiny-llama")
+    monkeypatch.setattr(cli, "EMBEDDED_SEQLEN", 16)
+    monkeypatch.setattr(cli, "EMBEDDED_EVAL_WINDOWS", 3)
+    assert cli.main(["eval", "--text", str(tiny_dir / "eval.txt"), "--json"]) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    assert (result["seqlen"], result["windows"]) == (16, 3)
+    assert "settings from the embedded model's defaults" in captured.err
+
+
+def test_eval_of_a_pruned_folder_reproduces_prunes_perplexity(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "p"
+    assert cli.main(_args(tiny_dir, out, "--quiet", "--method", "magnitude", "--eval-windows", "5",
+                          fast=False)) == 0
+    after = json.loads((out / cli.REPORT_NAME).read_text())["perplexity"]["after"]
+    capsys.readouterr()
+    assert cli.main(["eval", str(out), "--json"]) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    assert (result["seqlen"], result["windows"], result["text"]) == (32, 5, str(tiny_dir / "eval.txt"))
+    assert result["perplexity"] == pytest.approx(after, rel=1e-6)
+    assert f"settings from {out / cli.REPORT_NAME}" in captured.err
 
 
 def test_overwrite_replaces_an_existing_output(tiny_dir, tmp_path):
@@ -184,3 +232,104 @@ def test_help_of_prune_and_bench(capsys):
     text = capsys.readouterr().out
     for flag in ("--methods", "--sparsities", "--patterns", "--perplexity", "--resume"):
         assert flag in text
+
+
+def test_quiet_shows_no_progress_bars(tiny_dir, tmp_path, capsys):
+    """transformers' "Loading weights" and "Writing model shards" bars used to show under --quiet."""
+    assert cli.main(_args(tiny_dir, tmp_path / "q", "--quiet")) == 0
+    err = capsys.readouterr().err
+    assert "%|" not in err and "it/s" not in err, err
+    assert cli.main(["eval", str(tmp_path / "q"), "--quiet"]) == 0
+    assert capsys.readouterr().err == ""
+    from transformers.utils import logging as hf_logging
+    assert hf_logging.is_progress_bar_enabled()  # restored for the rest of the process
+
+
+def test_dtype_options_are_parsed_from_the_command_line(tiny_dir, tmp_path, capsys):
+    from admm_kernels.bench.methods import parse_method
+
+    for text in ("float64", "torch.float64", "double", " float64 "):
+        assert cli._option(f"compute_dtype={text}") == ("compute_dtype", torch.float64)
+    assert cli._option("x=torch.bfloat16") == ("x", torch.bfloat16)  # any option given a torch.NAME dtype
+    assert cli._option("iters=3") == ("iters", 3) and cli._option("one_shot=true") == ("one_shot", True)
+    assert parse_method("admm:compute_dtype=float64").options == {"compute_dtype": torch.float64}
+    with pytest.raises(SystemExit) as exc:
+        cli.main(_args(tiny_dir, tmp_path / "x", "-o", "compute_dtype=float65"))
+    assert exc.value.code == 2
+    assert "option compute_dtype='float65': not a torch dtype" in capsys.readouterr().err
+    out = tmp_path / "fp64"
+    assert cli.main(_args(tiny_dir, out, "--quiet", "--no-eval", "-o", "compute_dtype=float64")) == 0
+    report = json.loads((out / cli.REPORT_NAME).read_text())
+    assert "--no-eval -o compute_dtype=float64" in report["command"]
+    assert report["achieved_sparsity"] == pytest.approx(0.5, abs=1e-3)
+
+
+def test_sparsity_given_with_an_nm_pattern_warns(tiny_dir, tmp_path, capsys):
+    base = ("--quiet", "--no-eval", "--method", "magnitude", "--pattern", "2:4")
+    assert cli.main(_args(tiny_dir, tmp_path / "a", *base, "--sparsity", "0.7", fast=False)) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert warnings == ["admm-prune: warning: --sparsity 0.7 is ignored with --pattern 2:4: an N:M pattern "
+                        "prunes 1 - N/M = 0.5 of the weights"]
+    assert cli.main(_args(tiny_dir, tmp_path / "b", *base, fast=False)) == 0  # the default: no warning
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_prune_without_out_can_run_again(tiny_dir, tmp_path, monkeypatch, capsys):
+    """`make demo` (admm-prune prune, no --out) failed the second time: the default folder existed."""
+    monkeypatch.chdir(tmp_path)
+    argv = _args(tiny_dir, "unused", "--no-eval", "--method", "magnitude", fast=False)
+    argv = argv[:argv.index("--out")] + argv[argv.index("--out") + 2:]
+    default = tmp_path / "out" / "tiny-llama-magnitude-unstructured50"
+    assert cli.main(argv) == 0 and (default / cli.REPORT_NAME).is_file()
+    first = default.stat().st_ino
+    assert cli.main(argv) == 0
+    err = capsys.readouterr().err
+    assert "replacing the previous output in out/tiny-llama-magnitude-unstructured50" in err
+    assert default.stat().st_ino != first  # a new folder was renamed into place
+    # an explicit --out is never replaced without --overwrite, nor a default folder that is not our output
+    assert "is not empty; pass --overwrite" in _error(capsys, argv + ["--out", str(default)])
+    (default / cli.REPORT_NAME).write_text("{}")
+    assert "is not empty; pass --overwrite" in _error(capsys, argv)
+
+
+def test_version_help_texts_and_python_m(capsys):
+    import subprocess
+    import sys
+
+    import admm_kernels
+    from admm_kernels._checks import METHOD_SUMMARIES, METHODS
+
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.startswith(f"admm-prune {admm_kernels.__version__} (torch ")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root}
+    run = subprocess.run([sys.executable, "-m", "admm_kernels", "--version"], capture_output=True, text=True,
+                         cwd=root, env=env, timeout=120)
+    assert run.returncode == 0 and run.stdout.startswith("admm-prune "), run.stderr
+
+    texts = {}
+    for argv in (["--help"], ["prune", "--help"], ["eval", "--help"]):
+        with pytest.raises(SystemExit):
+            cli.main(argv)
+        texts[argv[0]] = " ".join(capsys.readouterr().out.split())
+    assert all("issue 6" not in t for t in texts.values())
+    assert "--version" in texts["--help"] and "compare pruning methods" in texts["--help"]
+    assert set(METHOD_SUMMARIES) == set(METHODS)
+    for m in METHODS:  # each method's "unstructured" grouping is documented, from the one place
+        assert f"{m}: {METHOD_SUMMARIES[m]}" in texts["prune"]
+    eval_parser = cli.build_parser()._subparsers._group_actions[0].choices["eval"]
+    for action in eval_parser._actions:
+        if action.option_strings != ["--max-windows"]:  # the deprecated alias is hidden
+            assert action.help, action.option_strings
+    for flag in ("--eval-windows", "--threads", "--quiet", "--device", "--dtype", "--text", "--seqlen"):
+        assert flag in texts["eval"]
+    assert "--max-windows is a deprecated alias" in texts["eval"]
+
+
+def test_bench_has_threads_and_the_shared_options(capsys):
+    from admm_kernels.bench import cli as bench_cli
+
+    args = bench_cli.build_parser().parse_args(["--threads", "1", "--eval-windows", "2", "--quiet"])
+    assert (args.threads, args.eval_windows, args.quiet) == (1, 2, True)

@@ -10,7 +10,7 @@ from torch import nn
 
 pytest.importorskip("transformers")
 
-from tiny_models import ARCHS, MAX_POS, VOCAB, tiny_model, tiny_tokens  # noqa: E402
+from tiny_models import ARCHS, MAX_POS, VOCAB, Interrupt, stop_after, tiny_model, tiny_tokens  # noqa: E402
 
 import admm_kernels as ak  # noqa: E402
 from admm_kernels.gram import GramAccumulator  # noqa: E402
@@ -154,17 +154,6 @@ def test_only_early_blocks_selected_stops_early():
     assert [r["name"] for r in report["layers"]] == ["model.layers.1.mlp.up_proj"]
 
 
-class _Interrupt(Exception):
-    pass
-
-
-def _stop_after(block):
-    def callback(b, info):
-        if b == block:
-            raise _Interrupt
-    return callback
-
-
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_resume_gives_identical_result(tmp_path, arch):
     ids = tiny_tokens(3, 16)
@@ -173,8 +162,8 @@ def test_resume_gives_identical_result(tmp_path, arch):
 
     state = tmp_path / "state"
     first = tiny_model(arch)
-    with pytest.raises(_Interrupt):
-        ak.prune_model(first, ids, sparsity=0.6, state_dir=state, callback=_stop_after(0), **FAST)
+    with pytest.raises(Interrupt):
+        ak.prune_model(first, ids, sparsity=0.6, state_dir=state, callback=stop_after(0), **FAST)
     assert (state / "state.json").is_file() and (state / "block_0000.safetensors").is_file()
     resumed = tiny_model(arch)  # a fresh dense model, as after a crash
     report = ak.prune_model(resumed, ids, sparsity=0.6, state_dir=state, **FAST)

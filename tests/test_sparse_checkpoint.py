@@ -224,3 +224,44 @@ def test_load_state_dict_validates_index_data():
     state["col"][0] = 30000  # out of range for 40 inputs
     with pytest.raises(ValueError):
         layer.load_state_dict(state, assign=True)
+
+
+def test_saved_file_gets_the_umask_mode_not_0600(tmp_path):
+    path = save_sparse(sparsify(_stack()), tmp_path / "m.safetensors")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_save_into_an_unwritable_place_names_the_destination(tmp_path):
+    model = sparsify(_stack())
+    # /proc refuses new files even for root (chmod read-only does not stop root)
+    with pytest.raises(OSError, match=r"cannot write the sparse checkpoint '/proc/m\.safetensors'") as exc:
+        save_sparse(model, "/proc/m.safetensors")
+    assert ".tmp" not in str(exc.value)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ValueError, match=rf"'{blocker}' is not a directory"):
+        save_sparse(model, blocker / "m.safetensors")
+    if os.geteuid() != 0:
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o555)
+        try:
+            with pytest.raises(PermissionError, match=rf"cannot write the sparse checkpoint '{ro}/m"):
+                save_sparse(model, ro / "m.safetensors")
+        finally:
+            ro.chmod(0o755)
+    assert sorted(os.listdir(tmp_path)) == ["file"] + (["ro"] if os.geteuid() != 0 else [])
+
+
+def test_load_sparse_accepts_a_packed_model_folder(tmp_path):
+    from admm_kernels.sparse.checkpoint import PACKED_FILE
+
+    sparse = sparsify(_stack())
+    save_sparse(sparse, tmp_path / PACKED_FILE)
+    _assert_identical(sparse, load_sparse(tmp_path, model=_stack()))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=rf"'{tmp_path / 'empty'}' is not a packed model folder: it has no "
+                                         rf"{PACKED_FILE}"):
+        load_sparse(tmp_path / "empty", model=_stack())

@@ -99,3 +99,15 @@ def save_tiny_folder(root, calib_words: int, calib_seed: int, eval_words: int, e
     (root / "calib.txt").write_text(tiny_text(calib_words, seed=calib_seed))
     (root / "eval.txt").write_text(tiny_text(eval_words, seed=eval_seed))
     return root
+
+
+class Interrupt(Exception):
+    """Raised by stop_after's callback: simulates a run killed after a block."""
+
+
+def stop_after(block: int):
+    """A prune_model callback that raises Interrupt once block `block` is finished (and saved)."""
+    def callback(b, info):
+        if b == block:
+            raise Interrupt
+    return callback

@@ -11,12 +11,12 @@ Everything cheap is validated before the model is loaded (errors: one line, exit
 from __future__ import annotations
 
 import argparse
-import contextlib
 import shutil
 import sys
 from pathlib import Path
 
 PROG = "admm-prune bench"
+HELP = "compare pruning methods on a model's real layers"
 DESCRIPTION = (
     "Compare pruning methods (magnitude, Wanda, SparseGPT, ADMM variants) x sparsities x patterns on a "
     "causal LM's real layers: per-layer Grams from real calibration text (one dense pass, cached on disk by "
@@ -49,7 +49,7 @@ def _positive(flag: str):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..cli import EMBEDDED_EVAL_WINDOWS, add_calibration_arguments
+    from ..cli import add_calibration_arguments, add_eval_windows_argument, add_run_arguments
     from .methods import ALIASES, DEFAULT_METHODS
 
     p.add_argument("model", nargs="?", default=None,
@@ -73,9 +73,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "evaluate perplexity")
     p.add_argument("--eval", metavar="PATH", default=None, dest="eval_path",
                    help="evaluation text for --perplexity (default: held-out Shakespeare plays)")
-    p.add_argument("--eval-windows", type=_positive("--eval-windows"), default=None,
-                   help=f"evaluate at most this many windows (default all; {EMBEDDED_EVAL_WINDOWS} for the "
-                        "embedded model)")
+    add_eval_windows_argument(p)
     p.add_argument("--gap", choices=("admm", "all", "none"), default="admm",
                    help="rows that get the gap to the exact least-squares optimum on their own mask (fp64 "
                         "row solves): ADMM variants (default), all methods, or none")
@@ -84,21 +82,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="reuse the finished rows in --out (rows.jsonl) and compute only the missing ones")
     p.add_argument("--overwrite", action="store_true", help="start afresh in a non-empty --out")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration window draw and of every row")
-    p.add_argument("--device", default="cpu", help="compute device, e.g. cpu, cuda (default cpu)")
-    p.add_argument("--dtype", default=None, choices=("auto", "float32", "bfloat16", "float16"),
-                   help="dtype to load the model in (default float32 on the CPU, auto elsewhere)")
+    add_run_arguments(p, "no progress bars and no log lines")
     p.add_argument("--gram-dtype", choices=("float32", "float64"), default="float32",
                    help="Gram accumulation dtype (default float32)")
     p.add_argument("--cache-dir", metavar="DIR", default=None,
                    help="Gram cache folder (default $ADMM_KERNELS_CACHE/bench, else "
                         "~/.cache/admm_kernels/bench)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars and no log lines")
 
 
 def register(subparsers) -> argparse.ArgumentParser:
     """Add the `bench` subcommand to admm-prune's subparsers; returns its parser."""
-    p = subparsers.add_parser("bench", help="compare pruning methods on a model's real layers",
-                              description=DESCRIPTION)
+    p = subparsers.add_parser("bench", help=HELP, description=DESCRIPTION)
     add_arguments(p)
     return p
 
@@ -158,28 +152,14 @@ def _check_out(out: Path, resume: bool, overwrite: bool) -> None:
                          "--overwrite to start afresh")
 
 
-@contextlib.contextmanager
-def _hf_bars(enabled: bool):
-    """transformers' own "Loading weights" bar, off under --quiet (and restored after)."""
-    try:
-        from transformers.utils import logging as hf_logging
-    except ImportError:
-        yield
-        return
-    was = hf_logging.is_progress_bar_enabled()
-    if not enabled:
-        hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was and not enabled:
-            hf_logging.enable_progress_bar()
-
-
 def run(args: argparse.Namespace) -> int:
     """Execute `admm-prune bench` with parsed args; returns the exit status."""
+    from ..cli import hf_progress_bars, set_threads
+
+    set_threads(args.threads)
     try:
-        return _run(args)
+        with hf_progress_bars(not args.quiet):
+            return _run(args)
     except BenchError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
@@ -216,8 +196,7 @@ def _run(args: argparse.Namespace) -> int:
     nsamples = args.nsamples or (EMBEDDED_NSAMPLES if embedded else data.DEFAULT_NSAMPLES)
     dtype = args.dtype or ("float32" if settings.device == "cpu" else "auto")
     try:
-        with _hf_bars(not args.quiet):
-            model, tok, path = load_model(args.model, dtype=dtype if dtype == "auto" else parse_dtype(dtype))
+        model, tok, path = load_model(args.model, dtype=dtype if dtype == "auto" else parse_dtype(dtype))
         seqlen = data.resolve_seqlen(args.seqlen or (EMBEDDED_SEQLEN if embedded else None),
                                      max_positions(model), name="--seqlen")
         if tok is None:

@@ -29,6 +29,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .._digest import tokens_digest  # noqa: F401  (re-exported: bench.runner uses it)
+from .._digest import update_with_tensor as _update
+
 FORMAT = 1
 INDEX = "index.json"
 
@@ -42,18 +45,6 @@ class LayerRef:
     block: int
     rel: str
     module: nn.Module
-
-
-def _update(h, t: torch.Tensor) -> None:
-    a = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-    h.update(a.data)
-
-
-def tokens_digest(ids: torch.Tensor) -> str:
-    """SHA-256 of int token ids (N, L) (dtype and shape included)."""
-    h = hashlib.sha256(f"{ids.dtype}{tuple(ids.shape)}".encode())
-    _update(h, ids)
-    return h.hexdigest()
 
 
 def model_fingerprint(model: nn.Module) -> str:

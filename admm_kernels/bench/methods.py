@@ -7,8 +7,9 @@ Grammar: ``NAME[:KEY=VALUE[,KEY=VALUE...]]``, e.g. ``admm-grad``, ``sparsegpt:bl
     admm-oneshot                  one-shot: the Wanda-score mask fixed at t = 0, then the ADMM update
     admm-mask                     mask only (iters = 0): the ADMM-Grad score at t = 0, no update
     admm-exact                    ADMM-Grad then an exact (conjugate-gradient) solve on its final mask
-Values are parsed as int, then float, then true/false/none, else kept as text. The label of a row is the
-spec as written, so ``admm:iters=5`` and ``admm:iters=50`` are separate curves.
+Values are parsed as `admm-prune prune -o` parses them (admm_kernels.cli.parse_option_value: a torch
+dtype for *dtype keys, int, float, true/false/none, else text). The label of a row is the spec as written,
+so ``admm:iters=5`` and ``admm:iters=50`` are separate curves.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .._checks import METHODS
+from ..cli import parse_option_value
 
 ALIASES: dict[str, tuple[str, dict]] = {
     "magnitude": ("magnitude", {}),
@@ -48,15 +50,6 @@ class MethodSpec:
         return self.is_admm and self.options.get("iters", 20) > 0
 
 
-def _value(text: str):
-    for conv in (int, float):
-        try:
-            return conv(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False, "none": None}.get(text.strip().lower(), text)
-
-
 def parse_method(spec: str, name: str = "--methods") -> MethodSpec:
     """Parse one method spec; ValueError naming `name` and the spec on a bad one."""
     if not isinstance(spec, str) or not spec.strip():
@@ -73,7 +66,10 @@ def parse_method(spec: str, name: str = "--methods") -> MethodSpec:
         key, eq, value = item.partition("=")
         if not eq or not key.strip():
             raise ValueError(f"{name}: option {item!r} in {label!r} is not KEY=VALUE")
-        options[key.strip()] = _value(value.strip())
+        try:
+            options[key.strip()] = parse_option_value(key.strip(), value)
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc} in {label!r}") from None
     assert method in METHODS
     return MethodSpec(label, method, options)
 

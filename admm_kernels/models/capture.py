@@ -131,9 +131,9 @@ def capture_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Ten
     originals = list(blocks)
     rec = _Recorder(len(originals))
     home = next((p.device for p in model.parameters()), torch.device("cpu"))
-    for i in range(len(originals)):
-        blocks[i] = _Stub(i, rec)
     try:
+        for i in range(len(originals)):
+            blocks[i] = _Stub(i, rec)
         model.to(device)
         ids = input_ids.to(device)
         rec.all_blocks = True

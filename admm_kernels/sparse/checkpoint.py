@@ -15,18 +15,24 @@ One safetensors file (so one atomic rename publishes it):
 The checksum covers every tensor's name, dtype, shape and bytes in name order: a flipped bit anywhere in
 the data fails loudly on load. A truncated file fails in the safetensors parser (its header names every
 tensor's byte range). Both raise ValueError naming the file.
+
+A packed model folder (what `admm-prune prune --save-format packed` writes) holds PACKED_FILE beside the
+model's config.json and tokenizer files; load_sparse(folder) reads PACKED_FILE from it.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .._io import atomic_write_with
 from ..backends import reference as _ref
 from .formats import PackedCSR, PackedNM, parse_pattern
 from .linear import SparseLinear, eligible_linears, layer_pattern, set_submodule
@@ -34,6 +40,7 @@ from .linear import SparseLinear, eligible_linears, layer_pattern, set_submodule
 FORMAT = "admm_kernels.sparse"
 VERSION = 1
 META_KEY = "admm_kernels.sparse"
+PACKED_FILE = "model.packed.safetensors"  # the checkpoint's name inside a packed model folder
 
 
 def checksum(tensors: dict[str, torch.Tensor], doc: dict | None = None) -> str:
@@ -165,6 +172,11 @@ def save_sparse(model: nn.Module, path: str | os.PathLike, *, pattern: str | Non
         raise ValueError(f"path must be a file name, got the directory {str(path)!r}")
     if not path.parent.exists():
         raise ValueError(f"path {str(path)!r}: directory {str(path.parent)!r} does not exist")
+    if not path.parent.is_dir():
+        raise ValueError(f"path {str(path)!r}: {str(path.parent)!r} is not a directory")
+    if not os.access(path.parent, os.W_OK | os.X_OK):  # before the packing work; root passes, see below
+        raise PermissionError(errno.EACCES, f"cannot write the sparse checkpoint {str(path)!r}: no write "
+                              f"permission on its directory {str(path.parent)!r}")
     state, layers = _packed_state(model, pattern, min_sparsity, dtype)
     tensors, aliases = _dedupe(state)
     doc = {
@@ -176,16 +188,36 @@ def save_sparse(model: nn.Module, path: str | os.PathLike, *, pattern: str | Non
     }
     doc["checksum"] = {"algorithm": "sha256", "digest": checksum(tensors, json.loads(json.dumps(doc,
                                                                                           default=str)))}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(doc, default=str)})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    meta = {META_KEY: json.dumps(doc, default=str)}
+    try:  # fsync'ed temporary file, umask mode (safetensors' own temp file is 0600), rename, fsync folder
+        atomic_write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    except Exception as e:  # SafetensorError is not an OSError
+        err = _write_error(e, path)
+        if err is e:
+            raise
+        raise err from e
     return path
+
+
+# "Error while serializing: I/O error: Permission denied (os error 13) at path "/x/.tmpAbC"": the parts
+# worth keeping are the reason and the errno; the temporary file it names means nothing to the caller.
+_SAFETENSORS_IO = re.compile(r"I/O error: (?P<reason>.*?) \(os error (?P<errno>\d+)\)")
+
+
+def _write_error(exc: Exception, path: Path) -> Exception:
+    """An OSError naming the destination `path` (not a temporary file) for a failed write; other errors
+    (e.g. a TypeError from a tensor safetensors cannot store) are returned unchanged."""
+    from safetensors import SafetensorError
+
+    if isinstance(exc, OSError):
+        code, reason = exc.errno, exc.strerror or str(exc)
+    elif isinstance(exc, SafetensorError):
+        m = _SAFETENSORS_IO.search(str(exc))
+        code, reason = (int(m["errno"]), m["reason"]) if m else (None, str(exc))
+    else:
+        return exc
+    msg = f"cannot write the sparse checkpoint {str(path)!r}: {reason}"
+    return OSError(code, msg) if code else OSError(msg)  # OSError(errno, ...) picks the subclass
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
@@ -243,12 +275,17 @@ def _build_model(doc: dict, path: Path) -> nn.Module:
 
 def load_sparse(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
     """Load a checkpoint written by save_sparse: a module tree with SparseLinear layers, bit-identical
-    tensors, in eval mode.
+    tensors, in eval mode. `path`: the checkpoint file, or a packed model folder holding PACKED_FILE.
 
     model: None rebuilds a transformers model from the stored config (AutoModel-style, by class name);
     otherwise a module of the saved structure to load into (modified in place, like load_state_dict).
     """
     path = Path(path)
+    if path.is_dir():  # a packed model folder
+        path = path / PACKED_FILE
+        if not path.is_file():
+            raise ValueError(f"folder {str(path.parent)!r} is not a packed model folder: it has no "
+                             f"{PACKED_FILE}")
     tensors, doc = read_checkpoint(path)
     if model is None:
         model = _build_model(doc, path)
