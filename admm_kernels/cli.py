@@ -147,9 +147,9 @@ def add_protocol_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --protocol sparsegpt: the evaluation convention of this corpus (wikitext2: "
                         "all windows of the joined test split; c4: the first 1100 validation documents "
                         "joined by spaces, first 256 x seqlen tokens) (default wikitext2)")
-    p.add_argument("--text-field", default="text", metavar="FIELD",
+    p.add_argument("--text-field", default=None, metavar="FIELD",
                    help="field / column holding the text in JSON-lines, JSON and datasets sources "
-                        "(default 'text')")
+                        "(default 'text'; for eval, what MODEL's prune report records)")
 
 
 def add_task_arguments(p: argparse.ArgumentParser) -> None:
@@ -370,6 +370,7 @@ def _check_protocol(args) -> None:
     if args.corpus is not None and args.protocol != "sparsegpt":
         raise CliError(f"--corpus {args.corpus} applies to --protocol sparsegpt only")
     args.corpus = args.corpus or "wikitext2"
+    args.text_field = args.text_field or "text"
 
 
 def _check_tasks(args) -> list[str] | None:
@@ -646,13 +647,14 @@ def _prune_locked(args, device, out: Path, store, overwrite: bool, replace_defau
         n_win = eval_ids.numel() // seqlen
         ppl.update(seqlen=seqlen, windows=min(n_win, eval_windows or n_win),
                    text=args.eval_path or "shakespeare:evaluation", protocol=args.protocol,
-                   corpus=args.corpus if args.protocol == "sparsegpt" else None,
+                   corpus=args.corpus if args.protocol == "sparsegpt" else None, text_field=args.text_field,
                    computed=protocols.describe(args.protocol, args.corpus))
     report.update({
         "command": "admm-prune " + " ".join(args.argv),
         "model_path": str(path), "seed": args.seed, "perplexity": ppl or None, "tasks": tasks or None,
         "calibration": {"source": args.calib or "shakespeare:calibration", "nsamples": nsamples,
-                        "seqlen": seqlen, "seed": args.seed, "protocol": args.protocol},
+                        "seqlen": seqlen, "seed": args.seed, "protocol": args.protocol,
+                        "text_field": args.text_field},
         "save_format": args.save_format, "seconds_total": time.perf_counter() - t0,
     })
     try:
@@ -697,11 +699,11 @@ def _eval_defaults(args) -> tuple[int | None, int | None, str | None, str]:
     return seqlen or ppl.get("seqlen"), windows or ppl.get("windows"), text, source
 
 
-def _recorded_protocol(model_arg: str | None) -> tuple[str, str | None]:
-    """(protocol, corpus) that MODEL's prune report used for its perplexity ("default" if none)."""
+def _recorded_protocol(model_arg: str | None) -> tuple[str, str | None, str | None]:
+    """(protocol, corpus, text field) MODEL's prune report used for its perplexity ("default" if none)."""
     report = _prune_report(Path(model_arg).expanduser()) if model_arg else None
     ppl = (report or {}).get("perplexity") or {}
-    return ppl.get("protocol") or "default", ppl.get("corpus")
+    return ppl.get("protocol") or "default", ppl.get("corpus"), ppl.get("text_field")
 
 
 def cmd_eval(args) -> int:
@@ -714,10 +716,11 @@ def cmd_eval(args) -> int:
     _check_text_path(args.text, "--text")
     _check_model(args.model, packed=True)
     explicit_protocol = args.protocol is not None
-    recorded, recorded_corpus = _recorded_protocol(args.model)
+    recorded, recorded_corpus, recorded_field = _recorded_protocol(args.model)
     if not explicit_protocol:  # as the prune run that wrote MODEL evaluated it
         args.protocol = recorded
         args.corpus = args.corpus or (recorded_corpus if recorded == "sparsegpt" else None)
+    args.text_field = args.text_field or recorded_field
     _check_protocol(args)
     task_names = _check_tasks(args)
     # Perplexity unless only tasks were asked for (--tasks without --text or --protocol).

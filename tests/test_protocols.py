@@ -224,5 +224,11 @@ def test_cli_eval_and_prune_with_the_sparsegpt_protocol(tiny_dir, tmp_path, caps
     assert report["perplexity"]["windows"] == res["windows"]  # every window, as the papers
     assert "sparsegpt/wikitext2" in report["perplexity"]["computed"]
     assert math.isfinite(report["perplexity"]["after"])
+    # eval of the pruned folder reuses the protocol, field, text and windows its report records
+    capsys.readouterr()
+    assert cli.main(["eval", str(out), "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["protocol"] == "sparsegpt" and again["windows"] == res["windows"]
+    assert again["perplexity"] == pytest.approx(report["perplexity"]["after"], rel=1e-6)
     assert cli.main(["eval", str(model_dir), "--corpus", "c4"]) == 2
     assert "--corpus c4 applies to --protocol sparsegpt only" in capsys.readouterr().err
