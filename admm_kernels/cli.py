@@ -535,6 +535,17 @@ def cmd_prune(args) -> int:
         return _prune_locked(args, device, out, PipelineState(state_dir), overwrite, replace_default)
 
 
+def _read_cache(store, name: str, resume: bool, log, what: str) -> dict:
+    """What write_extra(name) stored for --resume, or {} (not resuming; a damaged cache is ignored)."""
+    from .models.state import StateError
+
+    try:
+        return (store.read_extra(name) if resume else None) or {}
+    except StateError as exc:  # only a cache: recompute it
+        log(f"admm-prune: ignoring the cached {what}: {exc}")
+        return {}
+
+
 def _prune_locked(args, device, out: Path, store, overwrite: bool, replace_default: bool) -> int:
     """The work of `admm-prune prune`, done while holding the lock of the output's state folder.
     overwrite: the output folder may be replaced (--overwrite, or the default folder's own previous
@@ -545,7 +556,6 @@ def _prune_locked(args, device, out: Path, store, overwrite: bool, replace_defau
     from .eval import evaluate_perplexity
     from .models import max_positions, prune_model
     from .models.pipeline import check_prunable, versions
-    from .models.state import StateError
 
     log = _logger(args.quiet)
     for line in clean_stale_siblings(out.resolve()):  # what a killed run left beside --out
@@ -602,11 +612,7 @@ def _prune_locked(args, device, out: Path, store, overwrite: bool, replace_defau
                     "seqlen": seqlen, "eval_windows": eval_windows, "model": model_digest(model),
                     "threads": torch.get_num_threads(), "device": device.type,
                     "versions": {k: v for k, v in versions().items() if k != "python"}}
-        try:
-            cached = (store.read_extra("cli.json") if args.resume else None) or {}
-        except StateError as exc:  # only a cache: recompute it
-            log(f"admm-prune: ignoring the cached perplexity: {exc}")
-            cached = {}
+        cached = _read_cache(store, "cli.json", args.resume, log, "perplexity")
         if cached.get("eval") == eval_key and isinstance(cached.get("perplexity_before"), float):
             ppl["before"] = cached["perplexity_before"]
         else:
@@ -619,11 +625,7 @@ def _prune_locked(args, device, out: Path, store, overwrite: bool, replace_defau
     if args.task_names:
         tasks_key = {"tasks": args.task_names, "tasks_path": args.tasks_path, "num_fewshot": args.num_fewshot,
                      "limit": args.tasks_limit, "model": model_digest(model)}
-        try:
-            cached = (store.read_extra("cli-tasks.json") if args.resume else None) or {}
-        except StateError as exc:  # only a cache: recompute it
-            log(f"admm-prune: ignoring the cached task results: {exc}")
-            cached = {}
+        cached = _read_cache(store, "cli-tasks.json", args.resume, log, "task results")
         if cached.get("key") == tasks_key and isinstance(cached.get("before"), dict):
             tasks["before"] = cached["before"]
         else:

@@ -200,3 +200,31 @@ def test_cli_task_errors(tiny_dir, task_dir, capsys):
     assert "--tasks-path needs --tasks" in capsys.readouterr().err
     assert cli.main(["eval", model, "--tasks", TASK, "--tasks-path", str(folder / "nowhere")]) == 2
     assert "--tasks-path" in capsys.readouterr().err
+
+
+def test_resume_reuses_the_task_results_before_pruning(tiny_dir, task_dir, tmp_path, monkeypatch):
+    from admm_kernels.models import state as state_mod
+
+    folder, _ = task_dir
+    calls = []
+    real_run = cli._run_tasks
+    monkeypatch.setattr(cli, "_run_tasks", lambda *a, **kw: calls.append(1) or real_run(*a, **kw))
+    real_save = state_mod.PipelineState.save
+    saves = []
+
+    def crash_after_first_block(self, *a, **kw):
+        result = real_save(self, *a, **kw)
+        saves.append(1)
+        if len(saves) == 1:
+            raise KeyboardInterrupt
+        return result
+
+    monkeypatch.setattr(state_mod.PipelineState, "save", crash_after_first_block)
+    out = tmp_path / "run"
+    assert cli.main(_prune_args(tiny_dir, out, folder, "--no-eval")) == 130
+    assert len(calls) == 1  # before, then interrupted
+    monkeypatch.setattr(state_mod.PipelineState, "save", real_save)
+    assert cli.main(_prune_args(tiny_dir, out, folder, "--no-eval", "--resume")) == 0
+    assert len(calls) == 2  # only "after": "before" came from the state folder
+    report = json.loads((out / cli.REPORT_NAME).read_text())
+    assert report["tasks"]["before"]["results"][TASK]["samples"] == N_ITEMS
