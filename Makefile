@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 JOBS ?= 2
 
-.PHONY: venv build install demo test test-fast lint check-cuda bench clean
+.PHONY: venv build install demo test test-fast test-integration lint check-cuda bench clean
 
 $(VENV)/.deps: requirements.txt requirements-data.txt
 	python3 -m venv $(VENV)
@@ -28,8 +28,12 @@ demo: install
 test: install lint
 	$(PY) -m pytest -q tests
 
+# llm-compressor integration tests in their own venv (cached in ~/.cache/admm_kernels; ~1 min to create).
+test-integration: build
+	tools/run_integration_tests.sh
+
 lint: venv
-	$(VENV)/bin/ruff check admm_kernels tests benchmarks tools setup.py
+	$(VENV)/bin/ruff check admm_kernels tests tests_integration benchmarks tools setup.py
 
 check-cuda: venv
 	$(PY) tools/check_cuda_syntax.py

@@ -22,6 +22,7 @@ _LAZY = {
     "reconstruction_error": "prune",
     "prune_model": "models",
     "evaluate_perplexity": "eval",
+    "evaluate_tasks": "integrations.lm_eval",  # lm-evaluation-harness (the `eval` extra)
     "sparsify": "sparse",
     "SparseLinear": "sparse",
     "save_sparse": "sparse",
