@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="admm-prune", description=(
         "Prune large language models layer by layer with ADMM (Boza 2024) or the SparseGPT / Wanda / "
         "magnitude baselines, and evaluate their perplexity."))
-    sub = p.add_subparsers(dest="command", metavar="{prune,eval,bench}")
+    sub = p.add_subparsers(dest="command", metavar="{prune,eval,bench,doctor}")
     sub.required = True
 
     pr = sub.add_parser("prune", help="prune a causal LM (default: the embedded SmolLM2-135M on Shakespeare)",
@@ -153,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--threads", type=_positive("--threads"), default=None, help=THREADS_HELP)
 
     sub.add_parser("bench", help="benchmarks (issue 6)", add_help=False)
+    sub.add_parser("doctor", add_help=False, help="versions, devices, backends and every kernel's check "
+                   "against the reference on this machine (admm_kernels/doctor.py)")
     return p
 
 
@@ -427,6 +429,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "bench":
         return cmd_bench(argv[1:])
+    if argv and argv[0] == "doctor":
+        from .doctor import main as doctor_main
+
+        return doctor_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = argv
