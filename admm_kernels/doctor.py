@@ -20,6 +20,7 @@ import torch
 
 from . import __version__, backends
 from .backends import _extension, selfcheck
+from .cli import _positive
 
 # Timed repetitions of each check (medians reported): enough for a stable median at these sizes.
 REPEAT = 5
@@ -188,24 +189,14 @@ def format_text(rep: dict) -> str:
     return "\n".join(lines)
 
 
-def _count(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--repeat must be an integer >= 0, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"--repeat must be an integer >= 0, got {text!r}")
-    return v
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """doctor's options (shared by `admm-prune doctor` and `python -m admm_kernels.doctor`)."""
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.add_argument(
         "--repeat",
-        type=_count,
+        type=_positive("--repeat"),
         default=REPEAT,
-        help=f"timed runs of each check, median reported (default {REPEAT}; 0: one untimed run)",
+        help=f"timed runs of each check, median reported (default {REPEAT})",
     )
 
 

@@ -26,8 +26,9 @@ def _load(name: str):
 bf = _load("build_flags")
 
 
-@pytest.mark.parametrize("version,std", [("2.11.0", "c++17"), ("2.13.0+cpu", "c++17"), ("2.14.1+cu130", "c++20"),
-                                         ("2.15.0.dev20261201", "c++20"), ("3.0.0", "c++20")])
+@pytest.mark.parametrize("version,std", [("2.11.0", "c++17"), ("2.13.0+cpu", "c++17"),
+                                         ("2.14.1+cu130", "c++20"), ("2.15.0.dev20261201", "c++20"),
+                                         ("3.0.0", "c++20")])
 def test_cxx_standard_follows_torch(version, std):
     assert bf.cxx_standard(version) == std
     assert f"-std={std}" in bf.cxx_flags(version, "portable")
@@ -119,7 +120,8 @@ def test_ptxas_log_parser():
     assert [(r["kernel"], r["arch"], r["registers"]) for r in rows] == [
         ("_ZN12admm_kernels4cuda14dual_step_flatEv", "sm_90", 32), ("hist", "sm_80", 24),
         ("_dual_step_kernel", "sm_90a", 54)]
-    assert (rows[1]["stack"], rows[1]["spill_stores"], rows[1]["spill_loads"], rows[1]["smem"]) == (16, 8, 12, 1024)
+    hist = rows[1]
+    assert (hist["stack"], hist["spill_stores"], hist["spill_loads"], hist["smem"]) == (16, 8, 12, 1024)
     assert rows[0]["smem"] == 0 and rows[2]["spill_stores"] == 0
 
 

@@ -108,7 +108,8 @@ def test_environment_variable_turns_the_check_off(fake_gpu, monkeypatch):
 def test_forced_backend_that_fails_its_check_raises(fake_gpu, monkeypatch):
     fake_gpu("triton", "nm_mask", _wrong_nm)
     monkeypatch.setenv(backends.ENV_VAR, "triton")
-    with pytest.raises(RuntimeError, match=r"ADMM_KERNELS_BACKEND='triton'.*nm_mask.*self-check.*mask entries differ"):
+    with pytest.raises(RuntimeError,
+                       match=r"ADMM_KERNELS_BACKEND='triton'.*nm_mask.*self-check.*mask entries differ"):
         backends.select("nm_mask", "cpu")
 
 

@@ -21,8 +21,11 @@ Steps (each logged to OUT/<step>.log, OUT = build/gpu-check by default; a summar
 5. triton   for every Triton version of TRITON_VERSIONS (pip --target folders in the cache; the venv's
             own for the one torch pins): tools/triton_aot.py compiles every kernel variant the launchers
             pick for sm_90 (OUT/triton-<version>.json; fails on an error or a spill), and
-            tests/test_triton.py runs the kernels in that version's interpreter. A version that cannot be
-            downloaded is reported as skipped.
+            tests/test_triton.py runs the kernels in that version's interpreter (the pinned version's
+            interpreter tests are part of the step-3 subset). A version that cannot be downloaded is
+            reported as skipped.
+            The ptxas and Triton reports are pure functions of their inputs: a step whose inputs (sources,
+            tools, compiler and torch versions) have the digest of its last passing run is not recomputed.
 6. cpu      the CPU-only extension (ADMM_KERNELS_CUDA=0, in place: native CPU target) against the same
             torch, checked with --expect cpu and tests/test_ops.py.
 
@@ -38,6 +41,7 @@ Usage: python tools/check_gpu_build.py [--out DIR] [--jobs 2] [--skip-triton] [-
 from __future__ import annotations
 
 import argparse
+import fcntl
 import filecmp
 import glob
 import hashlib
@@ -147,7 +151,8 @@ def _digest(*paths: str, extra: str = "") -> str:
 def ensure_venv(steps: Steps, venv: str) -> bool:
     """The torch GPU_TORCH venv with requirements.txt at the lock's versions (torch lines replaced)."""
     req, lock = os.path.join(ROOT, "requirements.txt"), os.path.join(ROOT, "requirements-lock.txt")
-    stamp = os.path.join(venv, f".deps-{_digest(req, lock, extra=GPU_TORCH)}")
+    data = os.path.join(ROOT, "requirements-data.txt")
+    stamp = os.path.join(venv, f".deps-{_digest(req, lock, data, extra=GPU_TORCH)}")
     if os.path.exists(stamp):
         steps.add("venv", "ok", 0.0, f"cached: {venv}")
         return True
@@ -164,23 +169,15 @@ def ensure_venv(steps: Steps, venv: str) -> bool:
     with open(lock, encoding="utf-8") as f, open(os.path.join(work, "constraints.txt"), "w") as g:
         g.writelines(ln for ln in f if keep(ln))
     py = os.path.join(venv, "bin", "python")
-    ok = steps.run(
-        "venv-torch", [py, "-m", "pip", "install", "-q", f"torch=={GPU_TORCH}"], cwd=ROOT
-    ) and steps.run(
-        "venv-requirements",
-        [
-            py,
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            "-r",
-            os.path.join(work, "requirements.txt"),
-            "-c",
-            os.path.join(work, "constraints.txt"),
-            f"torch=={GPU_TORCH}",
-        ],
-        cwd=ROOT,
+    pip = [py, "-m", "pip", "install", "-q", "-c", os.path.join(work, "constraints.txt")]
+    ok = (
+        steps.run("venv-torch", [*pip, f"torch=={GPU_TORCH}"], cwd=ROOT)
+        and steps.run(
+            "venv-requirements",
+            [*pip, "-r", os.path.join(work, "requirements.txt"), f"torch=={GPU_TORCH}"],
+            cwd=ROOT,
+        )
+        and steps.run("venv-data", [*pip, "--no-deps", "-r", data], cwd=ROOT)
     )
     if ok:
         for old in glob.glob(os.path.join(venv, ".deps-*")):
@@ -257,6 +254,213 @@ def unpack_extension(wheel: str, src_dir: str) -> str:
     return wheel
 
 
+def resources_markdown(out: str) -> str:
+    """Markdown tables of OUT/ptxas.json (sm_90 rows) and OUT/triton-*.json (one row per kernel variant;
+    a column per Triton version: registers / spill bytes / shared memory bytes)."""
+    lines = []
+    try:
+        with open(os.path.join(out, "ptxas.json"), encoding="utf-8") as f:
+            px = json.load(f)
+        lines += [
+            f"CUDA kernels, sm_90 (ptxas -v, archs built: {px['arch_list']}; "
+            f"spilling on any arch: {', '.join(px['spilling']) or 'none'}):",
+            "",
+            "| kernel | registers | stack B | spill stores/loads B | static smem B |",
+            "|---|---|---|---|---|",
+        ]
+        for k in px["kernels"]:
+            if k["arch"] == "sm_90":
+                name = k["name"].replace("admm_kernels::cuda::(anonymous namespace)::", "").split("(")[0]
+                lines.append(
+                    f"| `{name}` | {k['registers']} | {k['stack']} | {k['spill_stores']}/{k['spill_loads']} "
+                    f"| {k['smem']} |"
+                )
+        lines.append("")
+    except (OSError, KeyError, ValueError):
+        pass
+    reports = {}
+    for path in sorted(glob.glob(os.path.join(out, "triton-*.json"))):
+        with open(path, encoding="utf-8") as f:
+            rep = json.load(f)
+        reports[rep["triton"]] = rep
+    if reports:
+        versions = sorted(reports, key=lambda v: tuple(int(x) for x in v.split(".")[:3] if x.isdigit()))
+        rows: dict[tuple, dict] = {}
+        for v in versions:
+            for k in reports[v]["kernels"]:
+                cx = ", ".join(f"{a}={b}" for a, b in k["constexprs"].items() if a.isupper())
+                key = (k["kernel"], cx, k["num_warps"], k["launch"])
+                cell = (
+                    f"{k['registers']} / {k['spill_stores']}+{k['spill_loads']} / {k['shared']}"
+                    if k["ok"]
+                    else "FAIL"
+                )
+                rows.setdefault(key, {})[v] = cell
+        lines += [
+            "Triton kernels compiled for sm_90 (registers / spill bytes / shared memory bytes), "
+            "per Triton version:",
+            "",
+            "| kernel | constexprs | warps | launch | " + " | ".join(versions) + " |",
+            "|---|---|---|---|" + "---|" * len(versions),
+        ]
+        for (kernel, cx, warps, launch), cells in rows.items():
+            lines.append(
+                f"| `{kernel}` | {cx} | {warps} | {launch} | "
+                + " | ".join(cells.get(v, "-") for v in versions)
+                + " |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def _inputs_digest(src: str, patterns: list[str], extra: str) -> str:
+    """Digest of the mirror's files matching `patterns` (relative globs) and `extra`: a report step whose
+    inputs have this digest again is not recomputed."""
+    paths = sorted(p for pat in patterns for p in glob.glob(os.path.join(src, pat)))
+    return _digest(*paths, extra=extra + "|" + ",".join(os.path.relpath(p, src) for p in paths))
+
+
+def cached_report(
+    steps: Steps,
+    name: str,
+    digest: str,
+    reports: str,
+    out: str,
+    files: list[str],
+    cmd: list[str],
+    cwd: str,
+    env: dict | None = None,
+) -> bool:
+    """Run `cmd` (which writes `files` into `reports`) unless it already passed for inputs of `digest`;
+    either way copy `files` into `out`. Reports are pure functions of their inputs (sources, flags,
+    compiler versions), so a cached run keeps them without recompiling."""
+    stamp = os.path.join(reports, f"{name}.passed")
+    cached = (
+        os.path.exists(stamp)
+        and open(stamp).read() == digest
+        and all(os.path.exists(os.path.join(reports, f)) for f in files)
+    )
+    if cached:
+        steps.add(name, "ok", 0.0, f"cached: inputs unchanged since the run that wrote {reports}")
+    elif steps.run(name, cmd, cwd=cwd, env=env):
+        with open(stamp, "w") as f:
+            f.write(digest)
+    else:
+        return False
+    for f in files:
+        shutil.copyfile(os.path.join(reports, f), os.path.join(out, f))
+    return True
+
+
+def _pip_target(steps: Steps, py: str, cache: str, requirement: str, cwd: str) -> str | None:
+    """A `pip install --target` folder in the cache holding `requirement` (name==version), or None."""
+    target = os.path.join(cache, requirement.replace("==", "-"))
+    if os.path.isdir(target) and os.listdir(target):
+        return target
+    ok = steps.run(
+        f"{requirement}-install",
+        [py, "-m", "pip", "install", "-q", "--no-deps", "--target", target, requirement],
+        cwd=cwd,
+    )
+    if not ok:
+        name, _, dt, detail = steps.rows[-1]
+        steps.rows[-1] = (name, "skipped (could not install)", dt, detail)
+        shutil.rmtree(target, ignore_errors=True)
+        return None
+    return target
+
+
+def check_triton(steps: Steps, py: str, cache: str, src: str, reports: str, out: str) -> None:
+    """Step 5: each Triton version's ahead-of-time compile (cached by input digest) and, for the versions
+    the main suite does not run, its interpreter tests (the venv's own Triton runs tests/test_triton.py
+    within the cuda-tests subset already)."""
+    pinned = subprocess.run(
+        [py, "-c", "import triton; print(triton.__version__)"], capture_output=True, text=True
+    ).stdout.strip()
+    for version in TRITON_VERSIONS:
+        path = []
+        if version != pinned:
+            target = _pip_target(steps, py, cache, f"triton=={version}", src)
+            if target is None:
+                continue
+            path.append(target)
+        env = {"PYTHONPATH": os.pathsep.join(path)}
+        digest = _inputs_digest(
+            src,
+            ["admm_kernels/backends/triton/*.py", "tools/triton_aot.py", "tools/ptxas_report.py"],
+            f"triton {version}",
+        )
+        name = f"triton-{version}.json"
+        cached_report(
+            steps,
+            f"triton-{version}",
+            digest,
+            reports,
+            out,
+            [name],
+            [py, os.path.join("tools", "triton_aot.py"), "--out", reports],
+            cwd=src,
+            env=env,
+        )
+        if version == pinned:
+            continue
+        extra = INTERPRETER_EXTRA.get(version)
+        if extra:
+            target = _pip_target(steps, py, cache, extra, src)
+            if target is None:
+                continue
+            path.append(target)
+        steps.run(
+            f"triton-{version}-interpreter",
+            [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_triton.py"],
+            cwd=src,
+            env={"PYTHONPATH": os.pathsep.join(path), "OMP_NUM_THREADS": "1"},
+        )
+
+
+def check_cuda_build(steps: Steps, py: str, mirror: str, src: str, out: str, env: dict) -> None:
+    """Step 3: the CUDA wheel (portable CPU target chosen by setup.py itself), its checks and tests."""
+    dist = os.path.join(mirror, "dist")
+    shutil.rmtree(dist, ignore_errors=True)
+    wheel_cmd = [py, "-m", "pip", "wheel", "-v", "--no-build-isolation", "--no-deps", "-w", dist, "."]
+    if not steps.run("cuda-build", wheel_cmd, cwd=src, env={**env, "ADMM_KERNELS_CUDA": "1"}):
+        return
+    with open(os.path.join(out, "cuda-build.log"), encoding="utf-8", errors="replace") as f:
+        portable = "CPU target portable" in f.read()
+    steps.add(
+        "cuda-build-target",
+        "ok" if portable else "FAIL",
+        0.0,
+        "pip wheel chose the portable CPU target" if portable else "pip wheel did not build portable",
+    )
+    unpack_extension(glob.glob(os.path.join(dist, "admm_kernels-*.whl"))[0], src)
+    steps.run("cuda-checks", [py, os.path.join("tools", "gpu_build_checks.py"), "--expect", "cuda"], cwd=src)
+    steps.run(
+        "cuda-tests",
+        [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", *TEST_SUBSET, "tests"],
+        cwd=src,
+        env={"OMP_NUM_THREADS": "1"},
+    )
+
+
+def check_cpu_build(steps: Steps, py: str, src: str, env: dict) -> None:
+    """Step 6: the CPU-only extension in place (native CPU target), its checks and the kernel tests."""
+    if steps.run(
+        "cpu-build",
+        [py, "setup.py", "build_ext", "--inplace"],
+        cwd=src,
+        env={**env, "ADMM_KERNELS_CUDA": "0"},
+    ):
+        steps.run(
+            "cpu-checks", [py, os.path.join("tools", "gpu_build_checks.py"), "--expect", "cpu"], cwd=src
+        )
+        steps.run(
+            "cpu-tests",
+            [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_ops.py"],
+            cwd=src,
+            env={"OMP_NUM_THREADS": "1"},
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=os.path.join(ROOT, "build", "gpu-check"))
@@ -264,21 +468,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-triton", action="store_true", help="leave out step 5")
     p.add_argument("--skip-cpu", action="store_true", help="leave out step 6")
     args = p.parse_args(argv)
+    if not os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")):
+        print(f"no nvcc under CUDA_HOME={CUDA_HOME}: the CUDA build cannot be checked here", file=sys.stderr)
+        return 2
     out = os.path.abspath(args.out)
+    for old in glob.glob(os.path.join(out, "*.log")) + glob.glob(os.path.join(out, "triton-*.json")):
+        os.remove(old)  # only this run's logs and reports
     steps = Steps(out)
     t_start = time.perf_counter()
     cache = cache_root()
     venv = os.path.join(cache, f"venv-torch{GPU_TORCH}")
     mirror = os.path.join(cache, f"gpu-build-torch{GPU_TORCH}")
-    src = os.path.join(mirror, "src")
+    src, reports = os.path.join(mirror, "src"), os.path.join(mirror, "reports")
     py = os.path.join(venv, "bin", "python")
     os.makedirs(src, exist_ok=True)
-    if not os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")):
-        print(f"no nvcc under CUDA_HOME={CUDA_HOME}: the CUDA build cannot be checked here", file=sys.stderr)
-        return 2
+    os.makedirs(reports, exist_ok=True)
     lock_fd = os.open(os.path.join(cache, f"gpu-build-torch{GPU_TORCH}.lock"), os.O_CREAT | os.O_RDWR)
-    import fcntl
-
     fcntl.flock(lock_fd, fcntl.LOCK_EX)  # one check at a time per machine: they share the venv and mirror
     if not ensure_venv(steps, venv):
         print(steps.summary())
@@ -286,115 +491,42 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     copied, removed = sync_mirror(src)
     steps.add("sync", "ok", time.perf_counter() - t0, f"{copied} files copied, {removed} removed into {src}")
-
+    for var in (
+        "TORCH_CUDA_ARCH_LIST",
+        "ADMM_KERNELS_CPU_ARCH",
+        "ADMM_KERNELS_NO_EXT",
+        "ADMM_KERNELS_BACKEND",
+    ):
+        os.environ.pop(var, None)  # the defaults are what is checked
     build_env = {
         "CUDA_HOME": CUDA_HOME,
         "MAX_JOBS": str(args.jobs),
         "PATH": f"{CUDA_HOME}/bin:{os.environ['PATH']}",
     }
-    env_cuda = {**build_env, "ADMM_KERNELS_CUDA": "1"}
-    for var in ("TORCH_CUDA_ARCH_LIST", "ADMM_KERNELS_CPU_ARCH", "ADMM_KERNELS_NO_EXT"):
-        os.environ.pop(var, None)  # the defaults are what is checked
-    dist = os.path.join(mirror, "dist")
-    shutil.rmtree(dist, ignore_errors=True)
-    if steps.run(
-        "cuda-build",
-        [py, "-m", "pip", "wheel", "-v", "--no-build-isolation", "--no-deps", "-w", dist, "."],
-        cwd=src,
-        env=env_cuda,
-    ):
-        with open(os.path.join(out, "cuda-build.log"), encoding="utf-8", errors="replace") as f:
-            log = f.read()
-        portable = "CPU target portable" in log
-        steps.add(
-            "cuda-build-target",
-            "ok" if portable else "FAIL",
-            0.0,
-            "pip wheel chose the portable CPU target" if portable else "pip wheel did not build portable",
-        )
-        wheels = glob.glob(os.path.join(dist, "admm_kernels-*.whl"))
-        unpack_extension(wheels[0], src)
-        steps.run(
-            "cuda-checks", [py, os.path.join("tools", "gpu_build_checks.py"), "--expect", "cuda"], cwd=src
-        )
-        steps.run(
-            "cuda-tests",
-            [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", *TEST_SUBSET, "tests"],
-            cwd=src,
-            env={"OMP_NUM_THREADS": "1"},
-        )
-    steps.run(
+    check_cuda_build(steps, py, mirror, src, out, build_env)
+    nvcc_version = subprocess.run(
+        [os.path.join(CUDA_HOME, "bin", "nvcc"), "--version"], capture_output=True, text=True
+    ).stdout
+    digest = _inputs_digest(
+        src,
+        ["csrc/cuda/*", "tools/ptxas_report.py", "tools/build_flags.py"],
+        f"{nvcc_version}|torch {GPU_TORCH}",
+    )
+    cached_report(
+        steps,
         "ptxas",
-        [py, os.path.join("tools", "ptxas_report.py"), "--out", out, "--jobs", str(args.jobs)],
+        digest,
+        reports,
+        out,
+        ["ptxas.json", "ptxas.txt"],
+        [py, os.path.join("tools", "ptxas_report.py"), "--out", reports, "--jobs", str(args.jobs)],
         cwd=src,
         env=build_env,
     )
     if not args.skip_triton:
-        pinned = subprocess.run(
-            [py, "-c", "import triton; print(triton.__version__)"], capture_output=True, text=True
-        ).stdout.strip()
-        for version in TRITON_VERSIONS:
-            env = {"PYTHONPATH": ""}
-            if version != pinned:
-                target = os.path.join(cache, f"triton-{version}")
-                if not os.path.exists(os.path.join(target, "triton", "__init__.py")):
-                    ok = steps.run(
-                        f"triton-{version}-install",
-                        [
-                            py,
-                            "-m",
-                            "pip",
-                            "install",
-                            "-q",
-                            "--no-deps",
-                            "--target",
-                            target,
-                            f"triton=={version}",
-                        ],
-                        cwd=src,
-                    )
-                    if not ok:
-                        steps.rows[-1] = (
-                            steps.rows[-1][0],
-                            "skipped (could not install)",
-                            *steps.rows[-1][2:],
-                        )
-                        continue
-                env = {"PYTHONPATH": target}
-            steps.run(
-                f"triton-{version}",
-                [py, os.path.join("tools", "triton_aot.py"), "--out", out],
-                cwd=src,
-                env=env,
-            )
-            extra = INTERPRETER_EXTRA.get(version)
-            if extra:
-                target = os.path.join(cache, extra.replace("==", "-"))
-                if not os.path.exists(target) and not steps.run(
-                    f"{extra}-install",
-                    [py, "-m", "pip", "install", "-q", "--no-deps", "--target", target, extra],
-                    cwd=src,
-                ):
-                    continue
-                env = {"PYTHONPATH": os.pathsep.join(p for p in (env["PYTHONPATH"], target) if p)}
-            steps.run(
-                f"triton-{version}-interpreter",
-                [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_triton.py"],
-                cwd=src,
-                env={**env, "OMP_NUM_THREADS": "1"},
-            )
+        check_triton(steps, py, cache, src, reports, out)
     if not args.skip_cpu:
-        env_cpu = {**build_env, "ADMM_KERNELS_CUDA": "0"}
-        if steps.run("cpu-build", [py, "setup.py", "build_ext", "--inplace"], cwd=src, env=env_cpu):
-            steps.run(
-                "cpu-checks", [py, os.path.join("tools", "gpu_build_checks.py"), "--expect", "cpu"], cwd=src
-            )
-            steps.run(
-                "cpu-tests",
-                [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_ops.py"],
-                cwd=src,
-                env={"OMP_NUM_THREADS": "1"},
-            )
+        check_cpu_build(steps, py, src, build_env)
     total = time.perf_counter() - t_start
     text = (
         f"# make check-gpu-build ({time.strftime('%Y-%m-%d %H:%M')}, {total:.0f} s, torch {GPU_TORCH})\n\n"
@@ -402,6 +534,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     with open(os.path.join(out, "summary.md"), "w", encoding="utf-8") as f:
         f.write(text)
+    with open(os.path.join(out, "resources.md"), "w", encoding="utf-8") as f:
+        f.write(resources_markdown(out))
     with open(os.path.join(out, "summary.json"), "w", encoding="utf-8") as f:
         json.dump({"seconds": total, "steps": steps.rows}, f, indent=1)
     print(text)

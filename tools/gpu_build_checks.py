@@ -19,11 +19,15 @@ Usage: python tools/gpu_build_checks.py --expect cuda|cpu
 from __future__ import annotations
 
 import argparse
+import os
+import platform
 import re
 import shutil
 import subprocess
 import sys
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # the checkout (or mirror) this script belongs to, with its built _C
 CPU_KERNEL_OPS = (
     "gram_update",
     "prune_mask",
@@ -122,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if BUILD.get("cpu_arch") == "portable":
         if sys.platform.startswith("linux") and re.search(
-            r"x86_64|amd64", __import__("platform").machine(), re.I
+            r"x86_64|amd64", platform.machine(), re.I
         ):
             try:
                 n_avx2, outside = vex_outside_avx2(mod.__file__)

@@ -331,7 +331,7 @@ def check(
 # --- the registry's cache: one check per (backend, op, device) per process ----------------------------
 
 _results: dict[tuple[str, str, str], CheckResult] = {}
-_lock = threading.Lock()
+_lock = threading.RLock()  # re-entrant: a kernel under check may itself select a kernel
 
 
 def passed(backend: str, op: str, device: torch.device | str, fn: Callable) -> CheckResult:
