@@ -241,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
         "admm_kernels` is the same command."))
     p.add_argument("--version", action="version",
                    version=f"admm-prune {__version__} (torch {torch.__version__})")
-    sub = p.add_subparsers(dest="command", metavar="{prune,eval,bench}")
+    sub = p.add_subparsers(dest="command", metavar="{prune,eval,bench,doctor}")
     sub.required = True
 
     pr = sub.add_parser("prune", help="prune a causal LM (default: the embedded SmolLM2-135M on Shakespeare)",
@@ -324,6 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Parsed by admm_kernels.bench.cli (main() hands it every argument after "bench").
     sub.add_parser("bench", help=f"{BENCH_HELP} (admm-prune bench --help lists its options)", add_help=False)
+    sub.add_parser("doctor", add_help=False, help="versions, devices, backends and every kernel's check "
+                   "against the reference on this machine (admm_kernels/doctor.py)")
     return p
 
 
@@ -795,6 +797,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "bench":
         return cmd_bench(argv[1:])
+    if argv and argv[0] == "doctor":
+        from .doctor import main as doctor_main
+
+        return doctor_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = argv
