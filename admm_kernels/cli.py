@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 from . import __version__
-from ._checks import METHOD_SUMMARIES, METHODS
 from .sparse.checkpoint import PACKED_FILE
 
 # The embedded default run (no MODEL): SmolLM2-135M, 30 blocks, on 2 CPU cores. Measured 2026-11-28 on
@@ -142,6 +141,40 @@ def add_calibration_arguments(p: argparse.ArgumentParser) -> None:
                         "calibration plays)")
 
 
+def add_protocol_arguments(p: argparse.ArgumentParser) -> None:
+    """--protocol, --corpus and --text-field, shared by `admm-prune prune` and `admm-prune eval`
+    (what each protocol computes: admm_kernels/protocols.py)."""
+    p.add_argument("--protocol", choices=("default", "sparsegpt"), default=None,
+                   help="how text becomes calibration windows and perplexity windows. default: text joined "
+                        "by blank lines, no special tokens, non-overlapping windows. sparsegpt: the "
+                        "SparseGPT/Wanda/ADMM papers' convention (WikiText-2 test records joined by '\\n\\n' "
+                        "or the C4 validation convention, special tokens, every window; C4-style random "
+                        "calibration windows from random documents); see README 'Evaluation protocols' "
+                        "(default: default; for eval, what MODEL's prune report records)")
+    p.add_argument("--corpus", choices=("wikitext2", "c4"), default=None,
+                   help="with --protocol sparsegpt: the evaluation convention of this corpus (wikitext2: "
+                        "all windows of the joined test split; c4: the first 1100 validation documents "
+                        "joined by spaces, first 256 x seqlen tokens) (default wikitext2)")
+    p.add_argument("--text-field", default=None, metavar="FIELD",
+                   help="field / column holding the text in JSON-lines, JSON and datasets sources "
+                        "(default 'text'; for eval, what MODEL's prune report records)")
+
+
+def add_task_arguments(p: argparse.ArgumentParser) -> None:
+    """--tasks, --tasks-path, --num-fewshot, --tasks-limit (lm-evaluation-harness) for prune and eval."""
+    p.add_argument("--tasks", default=None, metavar="LIST",
+                   help="lm-evaluation-harness tasks to run, comma-separated (e.g. piqa,arc_easy,hellaswag); "
+                        "needs the 'eval' extra (lm_eval); results in the JSON report and as a table")
+    p.add_argument("--tasks-path", default=None, metavar="DIR",
+                   help="folder of local lm-eval task YAMLs (lm-eval's include path) for offline or private "
+                        "tasks")
+    p.add_argument("--num-fewshot", type=int, default=0, metavar="N",
+                   help="few-shot examples per prompt (default 0: zero-shot, as the pruning papers report)")
+    p.add_argument("--tasks-limit", type=_positive("--tasks-limit"), default=None, metavar="N",
+                   help="evaluate only the first N documents of each task (quick checks; not comparable "
+                        "with published numbers)")
+
+
 def add_eval_windows_argument(p: argparse.ArgumentParser, default_help: str = "") -> None:
     """--eval-windows, shared by prune, eval and bench."""
     p.add_argument("--eval-windows", type=_positive("--eval-windows"), default=None, metavar="N",
@@ -192,12 +225,17 @@ def _help_width() -> int:
 
 
 def _methods_epilog() -> str:
-    """The method list of `prune --help`, one entry per method (from _checks.METHOD_SUMMARIES)."""
+    """The method list of `prune --help`, one entry per method: its summary and the grouping it uses for
+    --pattern unstructured, both read from the method registry (admm_kernels.methods)."""
+    from . import methods
+
     width = _help_width()
     lines = ["methods (--method) and the grouping each uses for --pattern unstructured:"]
-    for m in METHODS:
-        lines.append(textwrap.fill(f"{m}: {METHOD_SUMMARIES[m]}", width, initial_indent="  ",
+    for m in methods.methods().values():
+        lines.append(textwrap.fill(f"{m.name}: {m.summary}; {m.grouping}", width, initial_indent="  ",
                                    subsequent_indent="      ", break_on_hyphens=False))
+    shared = "every method: per-row = int(in*s) pruned in each row; N:M = N kept of every M consecutive input"
+    lines.append(textwrap.fill(shared, width, initial_indent="  ", subsequent_indent="      "))
     return "\n".join(lines)
 
 
@@ -213,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
         "admm_kernels` is the same command."))
     p.add_argument("--version", action="version",
                    version=f"admm-prune {__version__} (torch {torch.__version__})")
-    sub = p.add_subparsers(dest="command", metavar="{prune,eval,bench}")
+    sub = p.add_subparsers(dest="command", metavar="{prune,eval,bench,doctor}")
     sub.required = True
 
     pr = sub.add_parser("prune", help="prune a causal LM (default: the embedded SmolLM2-135M on Shakespeare)",
@@ -234,7 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--pattern", default="unstructured",
                     help="'unstructured' (grouping per method, see --method), 'per-row', or N:M such as 2:4 "
                          "(default unstructured)")
-    pr.add_argument("--method", default="admm", choices=METHODS,
+    from . import methods
+
+    pr.add_argument("--method", default="admm", choices=methods.names(),
                     help="pruning method (default admm = ADMM-Grad; each is described below)")
     pr.add_argument("--sparsity-profile", default="uniform", metavar="PROFILE",
                     help="how sparse each decoder block is pruned: 'uniform' (default, every block at "
@@ -254,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="evaluation text for perplexity before/after (default: held-out Shakespeare plays)")
     add_eval_windows_argument(pr)
     pr.add_argument("--no-eval", action="store_true", help="skip the perplexity evaluation")
+    add_protocol_arguments(pr)
+    add_task_arguments(pr)
     add_run_arguments(pr, "no progress bars and no per-layer table")
     pr.add_argument("--out", metavar="DIR", default=None,
                     help="output folder (default out/<model>-<method>-<pattern or sparsity>; without --out "
@@ -277,7 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "-o compute_dtype=float64 (values: int, float, true/false/none, a torch dtype for "
                          "*dtype keys or torch.NAME, else text)")
 
-    ev = sub.add_parser("eval", help="perplexity of a model on a text (default: the embedded SmolLM2-135M)",
+    ev = sub.add_parser("eval", help="perplexity of a model on a text, lm-eval zero-shot tasks (default: the "
+                                     "embedded SmolLM2-135M)",
                         description=(
         "Perplexity of a causal LM: exp(mean next-token loss) over non-overlapping windows of --seqlen "
         "tokens, with a progress bar over the windows. MODEL may be a transformers folder or a packed "
@@ -298,9 +341,14 @@ def build_parser() -> argparse.ArgumentParser:
                     action=_deprecated_alias("--eval-windows"), help=argparse.SUPPRESS)
     add_run_arguments(ev, "no progress bars or log lines")
     ev.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    ev.add_argument("--report", metavar="FILE", default=None, help="also write the JSON result to FILE")
+    add_protocol_arguments(ev)
+    add_task_arguments(ev)
 
     # Parsed by admm_kernels.bench.cli (main() hands it every argument after "bench").
     sub.add_parser("bench", help=f"{BENCH_HELP} (admm-prune bench --help lists its options)", add_help=False)
+    sub.add_parser("doctor", add_help=False, help="versions, devices, backends and every kernel's check "
+                   "against the reference on this machine (admm_kernels/doctor.py)")
     return p
 
 
@@ -345,6 +393,45 @@ def _check_out(out: Path, overwrite: bool, model_dir: Path, state_dir: Path) -> 
 def _check_text_path(path: str | None, flag: str) -> None:
     if path is not None and not Path(path).expanduser().exists():
         raise CliError(f"{flag} path {path!r} does not exist")
+
+
+def _check_protocol(args) -> None:
+    """--protocol resolved ("default" unless given or set by the caller); --corpus only with sparsegpt."""
+    args.protocol = args.protocol or "default"
+    if args.corpus is not None and args.protocol != "sparsegpt":
+        raise CliError(f"--corpus {args.corpus} applies to --protocol sparsegpt only")
+    args.corpus = args.corpus or "wikitext2"
+    args.text_field = args.text_field or "text"
+
+
+def _check_tasks(args) -> list[str] | None:
+    """The --tasks names resolved by lm-eval (and --tasks-path) before the model is loaded, or None."""
+    if args.tasks is None:
+        if args.tasks_path is not None:
+            raise CliError("--tasks-path needs --tasks (the task names to run)")
+        return None
+    if args.num_fewshot < 0:
+        raise CliError(f"--num-fewshot must be >= 0, got {args.num_fewshot}")
+    try:
+        from .integrations.lm_eval import check_tasks
+        return check_tasks(args.tasks, args.tasks_path, name="--tasks")
+    except ImportError as exc:
+        raise CliError(str(exc)) from None
+    except (ValueError, TypeError) as exc:
+        raise CliError(str(exc).replace("tasks_path ", "--tasks-path ")) from None
+
+
+def _run_tasks(model, tok, args, names: list[str], device, log) -> dict:
+    from .integrations.lm_eval import evaluate_tasks
+
+    t = time.perf_counter()
+    try:
+        result = evaluate_tasks(model, tok, names, tasks_path=args.tasks_path, num_fewshot=args.num_fewshot,
+                                limit=args.tasks_limit, device=device)
+    except (ValueError, TypeError) as exc:
+        raise CliError(str(exc)) from None
+    log(f"lm-eval tasks {','.join(names)}: {time.perf_counter() - t:.1f} s")
+    return result
 
 
 def _default_out(args) -> Path:
@@ -464,23 +551,21 @@ def _save(model, tokenizer, out: Path, fmt: str, report: dict, overwrite: bool) 
 
 
 def cmd_prune(args) -> int:
-    from ._checks import parse_pattern
+    from ._checks import parse_pattern, pattern_group
     from .models import default_state_dir
     from .models.loading import default_model_folder
+    from .models.sparsity_profile import check_profile, parse_profile_text
     from .models.state import PipelineState, StateError
 
     # cheap checks first
     _check_model(args.model)
-    tail = args.pattern.split(":")[-1].strip()
     try:  # syntax only here (M must divide in_features: checked per layer once the model is loaded)
-        group = int(tail) if ":" in args.pattern and tail.isdigit() and int(tail) else 1
-        pattern = parse_pattern(args.pattern, group, name="--pattern")
+        pattern = parse_pattern(args.pattern, pattern_group(args.pattern), name="--pattern")
     except ValueError as exc:
         raise CliError(str(exc)) from None
     if args.sparsity is not None and pattern.kind == "nm":
         print(f"admm-prune: warning: --sparsity {args.sparsity:g} is ignored with --pattern {args.pattern}: "
               f"an N:M pattern prunes 1 - N/M = {pattern.sparsity(0.0):g} of the weights", file=sys.stderr)
-    from .models.sparsity_profile import check_profile, parse_profile_text
     try:
         args.profile = parse_profile_text(args.sparsity_profile)
     except ValueError as exc:
@@ -499,6 +584,8 @@ def cmd_prune(args) -> int:
     device = _check_device(args.device)
     _check_text_path(args.calib, "--calib")
     _check_text_path(args.eval_path, "--eval")
+    _check_protocol(args)
+    args.task_names = _check_tasks(args)
     out = Path(args.out) if args.out else _default_out(args)
     # Without --out, the default folder's previous output (of this command) is replaced: `make demo` and
     # a plain `admm-prune prune` can be run again. An explicit --out is never replaced without --overwrite.
@@ -515,17 +602,27 @@ def cmd_prune(args) -> int:
         return _prune_locked(args, device, out, PipelineState(state_dir), overwrite, replace_default)
 
 
+def _read_cache(store, name: str, resume: bool, log, what: str) -> dict:
+    """What write_extra(name) stored for --resume, or {} (not resuming; a damaged cache is ignored)."""
+    from .models.state import StateError
+
+    try:
+        return (store.read_extra(name) if resume else None) or {}
+    except StateError as exc:  # only a cache: recompute it
+        log(f"admm-prune: ignoring the cached {what}: {exc}")
+        return {}
+
+
 def _prune_locked(args, device, out: Path, store, overwrite: bool, replace_default: bool) -> int:
     """The work of `admm-prune prune`, done while holding the lock of the output's state folder.
     overwrite: the output folder may be replaced (--overwrite, or the default folder's own previous
     output when replace_default)."""
-    from . import data
+    from . import data, protocols
     from ._digest import model_digest
     from ._io import clean_stale_siblings
     from .eval import evaluate_perplexity
     from .models import max_positions, prune_model
     from .models.pipeline import check_prunable, versions
-    from .models.state import StateError
 
     log = _logger(args.quiet)
     for line in clean_stale_siblings(out.resolve()):  # what a killed run left beside --out
@@ -534,7 +631,9 @@ def _prune_locked(args, device, out: Path, store, overwrite: bool, replace_defau
             raise CliError(f"{line}; --out {str(out)!r} is not empty now: pass --overwrite to replace it")
     embedded = args.model is None
     nsamples = args.nsamples or (EMBEDDED_NSAMPLES if embedded else data.DEFAULT_NSAMPLES)
-    eval_windows = args.eval_windows or (EMBEDDED_EVAL_WINDOWS if embedded else None)
+    # the sparsegpt protocol evaluates every window, as the papers do
+    eval_windows = args.eval_windows or (EMBEDDED_EVAL_WINDOWS if embedded and args.protocol == "default"
+                                         else None)
     options = dict(args.option)
     state_dir = store.folder
     if store.has_state() and not args.resume:
@@ -561,8 +660,11 @@ def _prune_locked(args, device, out: Path, store, overwrite: bool, replace_defau
         if tok is None:
             raise CliError(f"model folder {str(path)!r} has no tokenizer, needed to tokenize text")
         t = time.perf_counter()
-        calib = data.calibration_tokens(tok, nsamples, seqlen, args.calib, seed=args.seed)
-        eval_ids = None if args.no_eval else data.evaluation_tokens(tok, args.eval_path)
+        calib = protocols.calibration_windows(tok, args.calib, nsamples=nsamples, seqlen=seqlen,
+                                              seed=args.seed, protocol=args.protocol, field=args.text_field)
+        eval_ids = None if args.no_eval else protocols.evaluation_tokens(
+            tok, args.eval_path, protocol=args.protocol, corpus=args.corpus, seqlen=seqlen,
+            field=args.text_field)
         log(f"tokenised: {nsamples} calibration windows of {seqlen} tokens"
             + ("" if eval_ids is None else f", {eval_ids.numel()} evaluation tokens")
             + f" ({time.perf_counter() - t:.1f} s)")
@@ -581,11 +683,7 @@ def _prune_locked(args, device, out: Path, store, overwrite: bool, replace_defau
                     "seqlen": seqlen, "eval_windows": eval_windows, "model": model_digest(model),
                     "threads": torch.get_num_threads(), "device": device.type,
                     "versions": {k: v for k, v in versions().items() if k != "python"}}
-        try:
-            cached = (store.read_extra("cli.json") if args.resume else None) or {}
-        except StateError as exc:  # only a cache: recompute it
-            log(f"admm-prune: ignoring the cached perplexity: {exc}")
-            cached = {}
+        cached = _read_cache(store, "cli.json", args.resume, log, "perplexity")
         if cached.get("eval") == eval_key and isinstance(cached.get("perplexity_before"), float):
             ppl["before"] = cached["perplexity_before"]
         else:
@@ -594,6 +692,16 @@ def _prune_locked(args, device, out: Path, store, overwrite: bool, replace_defau
                                                 device=device, progress=not args.quiet)
             log(f"perplexity before: {ppl['before']:.3f} ({time.perf_counter() - t:.1f} s)")
             store.write_extra("cli.json", {"perplexity_before": ppl["before"], "eval": eval_key})
+    tasks = {}
+    if args.task_names:
+        tasks_key = {"tasks": args.task_names, "tasks_path": args.tasks_path, "num_fewshot": args.num_fewshot,
+                     "limit": args.tasks_limit, "model": model_digest(model)}
+        cached = _read_cache(store, "cli-tasks.json", args.resume, log, "task results")
+        if cached.get("key") == tasks_key and isinstance(cached.get("before"), dict):
+            tasks["before"] = cached["before"]
+        else:
+            tasks["before"] = _run_tasks(model, tok, args, args.task_names, device, log)
+            store.write_extra("cli-tasks.json", {"key": tasks_key, "before": tasks["before"]})
 
     try:
         report = prune_model(model, calib, pattern=args.pattern, method=args.method, layers=args.layers,
@@ -606,15 +714,20 @@ def _prune_locked(args, device, out: Path, store, overwrite: bool, replace_defau
         ppl["after"] = evaluate_perplexity(model, eval_ids, seqlen=seqlen, max_windows=eval_windows,
                                            device=device, progress=not args.quiet)
         log(f"perplexity after: {ppl['after']:.3f} ({time.perf_counter() - t:.1f} s)")
+    if args.task_names:
+        tasks["after"] = _run_tasks(model, tok, args, args.task_names, device, log)
     if ppl:
         n_win = eval_ids.numel() // seqlen
         ppl.update(seqlen=seqlen, windows=min(n_win, eval_windows or n_win),
-                   text=args.eval_path or "shakespeare:evaluation")
+                   text=args.eval_path or "shakespeare:evaluation", protocol=args.protocol,
+                   corpus=args.corpus if args.protocol == "sparsegpt" else None, text_field=args.text_field,
+                   computed=protocols.describe(args.protocol, args.corpus))
     report.update({
         "command": "admm-prune " + " ".join(args.argv),
-        "model_path": str(path), "seed": args.seed, "perplexity": ppl or None,
+        "model_path": str(path), "seed": args.seed, "perplexity": ppl or None, "tasks": tasks or None,
         "calibration": {"source": args.calib or "shakespeare:calibration", "nsamples": nsamples,
-                        "seqlen": seqlen, "seed": args.seed},
+                        "seqlen": seqlen, "seed": args.seed, "protocol": args.protocol,
+                        "text_field": args.text_field},
         "save_format": args.save_format, "seconds_total": time.perf_counter() - t0,
     })
     try:
@@ -637,6 +750,9 @@ def _prune_locked(args, device, out: Path, store, overwrite: bool, replace_defau
     if ppl:
         print(f"perplexity ({ppl['windows']} x {seqlen} tokens): before {ppl['before']:.3f}, "
               f"after {ppl['after']:.3f}")
+    if tasks:
+        from .integrations.lm_eval import format_table
+        print(format_table([("before", tasks["before"]), ("after", tasks["after"])]))
     print(f"saved to {out} (report: {out / REPORT_NAME})")
     return 0
 
@@ -662,8 +778,15 @@ def _eval_defaults(args) -> tuple[int | None, int | None, str | None, str]:
     return seqlen or ppl.get("seqlen"), windows or ppl.get("windows"), text, source
 
 
+def _recorded_protocol(model_arg: str | None) -> tuple[str, str | None, str | None]:
+    """(protocol, corpus, text field) MODEL's prune report used for its perplexity ("default" if none)."""
+    report = _prune_report(Path(model_arg).expanduser()) if model_arg else None
+    ppl = (report or {}).get("perplexity") or {}
+    return ppl.get("protocol") or "default", ppl.get("corpus"), ppl.get("text_field")
+
+
 def cmd_eval(args) -> int:
-    from . import data
+    from . import data, protocols
     from .eval import evaluate_perplexity
     from .models import max_positions
 
@@ -671,29 +794,62 @@ def cmd_eval(args) -> int:
     device = _check_device(args.device)
     _check_text_path(args.text, "--text")
     _check_model(args.model, packed=True)
+    explicit_protocol = args.protocol is not None
+    recorded, recorded_corpus, recorded_field = _recorded_protocol(args.model)
+    if not explicit_protocol:  # as the prune run that wrote MODEL evaluated it
+        args.protocol = recorded
+        args.corpus = args.corpus or (recorded_corpus if recorded == "sparsegpt" else None)
+    args.text_field = args.text_field or recorded_field
+    _check_protocol(args)
+    task_names = _check_tasks(args)
+    # Perplexity unless only tasks were asked for (--tasks without --text or --protocol).
+    want_ppl = task_names is None or args.text is not None or explicit_protocol
     seqlen_arg, windows, text, source = _eval_defaults(args)
+    if args.protocol != recorded and args.eval_windows is None:
+        windows = None  # another protocol than the recorded one: its own windows (sparsegpt: every one)
     t = time.perf_counter()
     model, tok, path = _load(args.model, device, args.dtype, packed=True)
     log(f"loaded {path} in {time.perf_counter() - t:.1f} s")
-    try:
-        seqlen = data.resolve_seqlen(seqlen_arg, max_positions(model), name="--seqlen")
-        if tok is None:
-            raise CliError(f"model folder {str(path)!r} has no tokenizer, needed to tokenize --text")
-        ids = data.evaluation_tokens(tok, text)
-        n_win = ids.numel() // seqlen
-        n_win = min(n_win, windows or n_win)
-        hint = (f" (settings from {source}; --seqlen / --eval-windows change them)" if source else
-                " (--eval-windows N evaluates fewer)" if windows is None else "")
-        log(f"evaluating {n_win} windows x {seqlen} tokens of {text or 'shakespeare:evaluation'}{hint}")
-        t = time.perf_counter()
-        ppl = evaluate_perplexity(model, ids, seqlen=seqlen, max_windows=windows, device=device,
-                                  progress=not args.quiet)
-    except (ValueError, FileNotFoundError) as exc:
-        raise CliError(str(exc)) from None
-    result = {"model": str(path), "text": text or "shakespeare:evaluation", "seqlen": seqlen,
-              "windows": n_win, "perplexity": ppl, "seconds": time.perf_counter() - t}
-    print(json.dumps(result) if args.json else
-          f"perplexity {ppl:.4f} ({n_win} windows x {seqlen} tokens of {result['text']})")
+    if tok is None:
+        raise CliError(f"model folder {str(path)!r} has no tokenizer, needed to tokenize text")
+    result: dict = {"model": str(path)}
+    if want_ppl:
+        try:
+            seqlen = data.resolve_seqlen(seqlen_arg, max_positions(model), name="--seqlen")
+            ids = protocols.evaluation_tokens(tok, text, protocol=args.protocol, corpus=args.corpus,
+                                              seqlen=seqlen, field=args.text_field)
+            n_win = ids.numel() // seqlen
+            n_win = min(n_win, windows or n_win)
+            hint = (f" (settings from {source}; --seqlen / --eval-windows change them)" if source else
+                    " (--eval-windows N evaluates fewer)" if windows is None else "")
+            log(f"evaluating {n_win} windows x {seqlen} tokens of {text or 'shakespeare:evaluation'} "
+                f"(protocol {args.protocol}){hint}")
+            t = time.perf_counter()
+            ppl = evaluate_perplexity(model, ids, seqlen=seqlen, max_windows=windows, device=device,
+                                      progress=not args.quiet)
+        except (ValueError, FileNotFoundError) as exc:
+            raise CliError(str(exc)) from None
+        result.update({"text": text or "shakespeare:evaluation", "seqlen": seqlen, "windows": n_win,
+                       "perplexity": ppl, "seconds": time.perf_counter() - t, "protocol": args.protocol,
+                       "corpus": args.corpus if args.protocol == "sparsegpt" else None,
+                       "computed": protocols.describe(args.protocol, args.corpus)})
+    if task_names:
+        result["tasks"] = _run_tasks(model, tok, args, task_names, device, log)
+    if args.report:
+        from ._io import atomic_write_bytes
+        try:
+            atomic_write_bytes(Path(args.report), (json.dumps(result, indent=2) + "\n").encode())
+        except OSError as exc:
+            raise CliError(f"could not write --report {args.report!r}: {exc}") from None
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    if want_ppl:
+        print(f"perplexity {result['perplexity']:.4f} ({result['windows']} windows x {result['seqlen']} "
+              f"tokens of {result['text']}, protocol {args.protocol})")
+    if task_names:
+        from .integrations.lm_eval import format_table
+        print(format_table(result["tasks"]))
     return 0
 
 
@@ -712,6 +868,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "bench":
         return cmd_bench(argv[1:])
+    if argv and argv[0] == "doctor":
+        from .doctor import main as doctor_main
+
+        return doctor_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = argv

@@ -8,7 +8,9 @@ exp(sum of window mean losses * seqlen / (windows * seqlen)).
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -59,6 +61,25 @@ def check_token_range(ids: torch.Tensor, vocab: int | None, name: str = "token i
                          "another model's tokenizer?")
 
 
+@contextlib.contextmanager
+def evaluation_mode(model: nn.Module, device: torch.device | str | None = None) -> Iterator[torch.device]:
+    """Inside the block the model is in eval mode on `device` (default: where it is; the meta device is
+    refused); afterwards, whatever happens, it is back on its device with its training flag. Yields the
+    device it runs on."""
+    home = model_device(model)
+    run_on = check_compute_device(device, "device") if device is not None else home
+    was_training = model.training
+    try:
+        model.eval()
+        if run_on != home:
+            model.to(run_on)
+        yield run_on
+    finally:
+        if run_on != home:
+            model.to(home)
+        model.train(was_training)
+
+
 @torch.no_grad()
 def evaluate_perplexity(model: nn.Module, tokens_or_text, seqlen: int | None = None, tokenizer=None,
                         max_windows: int | None = None, device: torch.device | str | None = None,
@@ -85,27 +106,17 @@ def evaluate_perplexity(model: nn.Module, tokens_or_text, seqlen: int | None = N
         if isinstance(max_windows, bool) or not isinstance(max_windows, int) or max_windows < 1:
             raise ValueError(f"max_windows must be a positive int or None, got {max_windows!r}")
         n_windows = min(n_windows, max_windows)
-    home = model_device(model)
-    run_on = check_compute_device(device, "device") if device is not None else home
-    was_training = model.training
     windows = ids[:n_windows * seqlen].view(n_windows, seqlen)
     total, count = 0.0, 0
     it = range(n_windows)
     if progress:
         from tqdm.auto import tqdm
         it = tqdm(it, desc="perplexity", unit="window", leave=False)
-    try:  # the model goes back to its device and mode whatever happens
-        model.eval()
-        if run_on != home:
-            model.to(run_on)
+    with evaluation_mode(model, device) as run_on:  # back to its device and mode whatever happens
         for i in it:
             x = windows[i:i + 1].to(run_on)
             logits = model(input_ids=x, use_cache=False).logits
             nll = nn.functional.cross_entropy(logits[0, :-1].float(), x[0, 1:], reduction="sum")
             total += float(nll)
             count += seqlen - 1
-    finally:
-        if run_on != home:
-            model.to(home)
-        model.train(was_training)
     return math.exp(total / count)

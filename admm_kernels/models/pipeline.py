@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .._checks import check_compute_device, model_device, parse_pattern
+from .._checks import check_compute_device, model_device, parse_pattern, pattern_group
 from .._digest import model_digest
 from ..gram import GramAccumulator
 from .capture import BlockCall, capture_inputs, input_hooks
@@ -136,10 +136,10 @@ class GramHooks:
 
 def _validate_options(sparsity: float, pattern: str, method: str, options: dict) -> None:
     """Run prune_layer once on a tiny random layer so a bad method or option fails before any work."""
-    from ..solver import prune_layer
+    from ..prune import prune_layer
 
-    tail = pattern.split(":")[-1].strip() if isinstance(pattern, str) else ""
-    in_f = int(tail) * 2 if tail.isdigit() and int(tail) > 0 else 8
+    group = pattern_group(pattern)
+    in_f = group * 2 if group > 1 else 8
     g = torch.Generator().manual_seed(0)
     w = torch.randn(4, in_f, generator=g)
     x = torch.randn(4 * in_f, in_f, generator=g)
@@ -366,7 +366,7 @@ def _prune_block_on_device(block: nn.Module, index: int, blocks_name: str, layer
                            call: BlockCall, acts: torch.Tensor, device: torch.device,
                            gram_dtype: torch.dtype, prune_kwargs: dict, last: bool, bar: _Bars,
                            timings: dict) -> list[dict]:
-    from ..solver import prune_layer
+    from ..prune import prune_layer
 
     n = acts.shape[0]
     bar.start_block(index, (n if layers else 0) + len(layers) + (0 if last else n))
