@@ -17,11 +17,12 @@ from .gram import GramAccumulator, gram  # noqa: F401  (public API)
 __version__ = "0.1.0"
 
 _LAZY = {
-    "prune_layer": "solver",
-    "PruneResult": "solver",
-    "reconstruction_error": "solver",
+    "prune_layer": "prune",
+    "PruneResult": "prune",
+    "reconstruction_error": "prune",
     "prune_model": "models",
     "evaluate_perplexity": "eval",
+    "evaluate_tasks": "integrations.lm_eval",  # lm-evaluation-harness (the `eval` extra)
     "sparsify": "sparse",
     "SparseLinear": "sparse",
     "save_sparse": "sparse",

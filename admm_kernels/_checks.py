@@ -1,4 +1,4 @@
-"""Argument validation shared by the solver, the masks and the baselines.
+"""Argument validation shared by prune_layer, the masks and the methods.
 
 Every helper raises ValueError (bad value or shape) or TypeError (bad type or dtype) with a message that
 names the argument and the offending value, and never modifies its input.
@@ -12,18 +12,6 @@ from dataclasses import dataclass
 
 import torch
 
-METHODS = ("admm", "sparsegpt", "wanda", "magnitude")
-# One line per method, saying which grouping its pattern "unstructured" uses; `admm-prune prune --help`
-# prints these, so this is the one place to update when a method's behaviour changes.
-METHOD_SUMMARIES = {
-    "admm": "ADMM-Grad (Boza 2024): gradual mask selection and the ADMM weight update; 'unstructured' "
-            "prunes the layer's smallest scores (one threshold per layer)",
-    "sparsegpt": "SparseGPT: OBS updates in blocks of 128 columns; 'unstructured' prunes each block's share "
-                 "of the layer's count over all its rows (exact per layer)",
-    "wanda": "Wanda: score |W| * ||x||, no weight update; 'unstructured' compares scores within each output "
-             "row, as the paper does (-o per_row=false: one threshold per layer)",
-    "magnitude": "smallest |W|, data-free, no weight update; 'unstructured' uses one threshold per layer",
-}
 SCHEDULES = ("constant", "cubic")
 
 # Relative tolerance of the Gram symmetry check: |G - G^T| <= tol * max|diag G|. Grams built by
@@ -36,9 +24,12 @@ def _shape(t: torch.Tensor) -> str:
 
 
 def check_tensor(x: object, name: str) -> torch.Tensor:
-    """x must be a torch.Tensor."""
+    """x must be a torch.Tensor holding data (not on the meta device)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.device.type == "meta":
+        raise ValueError(f"{name} is on the meta device (shape {_shape(x)}, no data); materialise it first "
+                         "(e.g. load the checkpoint's weights, or accumulate the Gram on a real device)")
     return x
 
 
@@ -124,8 +115,10 @@ def parse_pattern(pattern: object, in_features: int, name: str = "pattern") -> P
         return Pattern("per-row")
     if ":" in p:
         parts = p.split(":")
-        if len(parts) != 2 or not all(x.strip().isdigit() for x in parts):
-            raise ValueError(f"{name} {pattern!r} is not of the form 'N:M' with integers N and M")
+        # isascii: str.isdigit also accepts '２', '٢' or '²' (int() takes the first two, not the third)
+        if len(parts) != 2 or not all(x.strip().isascii() and x.strip().isdigit() for x in parts):
+            raise ValueError(f"{name} {pattern!r} is not of the form 'N:M' with integers N and M "
+                             "(ASCII digits 0-9)")
         n, m = (int(x) for x in parts)
         if n < 1 or n >= m:
             raise ValueError(f"{name} {pattern!r}: N:M needs 1 <= N < M, got N={n}, M={m}")
@@ -133,6 +126,14 @@ def parse_pattern(pattern: object, in_features: int, name: str = "pattern") -> P
             raise ValueError(f"{name} {pattern!r}: M={m} does not divide in_features={in_features}")
         return Pattern("nm", n, m)
     raise ValueError(f"unknown {name} {pattern!r}; expected 'unstructured', 'per-row' or 'N:M' (e.g. '2:4')")
+
+
+def pattern_group(pattern: object) -> int:
+    """M of an "N:M" pattern string whose M is a positive ASCII integer, else 1: an in_features that any
+    valid pattern divides, for syntax checks before the layers are known:
+    parse_pattern(p, pattern_group(p))."""
+    tail = pattern.split(":")[-1].strip() if isinstance(pattern, str) and ":" in pattern else ""
+    return int(tail) if tail.isascii() and tail.isdigit() and int(tail) > 0 else 1
 
 
 def check_mask(mask: object, shape: torch.Size, device: torch.device, name: str = "mask") -> torch.Tensor:
@@ -146,12 +147,20 @@ def check_mask(mask: object, shape: torch.Size, device: torch.device, name: str 
 
 
 def check_method(method: object, name: str = "method") -> str:
-    if not isinstance(method, str):
-        raise TypeError(f"{name} must be a str, one of {METHODS}, got {method!r}")
-    m = method.strip().lower()
-    if m not in METHODS:
-        raise ValueError(f"unknown {name} {method!r}; expected one of {METHODS}")
-    return m
+    """The registered method name (admm_kernels.methods) for `method`; ValueError / TypeError otherwise."""
+    from .methods import get
+
+    return get(method, name).name
+
+
+def __getattr__(name: str):
+    # METHODS reads the method registry (admm_kernels.methods), imported on first use: the methods import
+    # this module, so a module-level import here would be circular.
+    if name == "METHODS":
+        from .methods import names
+
+        return names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def check_schedule(schedule: object, name: str = "schedule") -> str:

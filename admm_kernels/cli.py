@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 from . import __version__
-from ._checks import METHOD_SUMMARIES, METHODS
 from .sparse.checkpoint import PACKED_FILE
 
 # The embedded default run (no MODEL): SmolLM2-135M, 30 blocks, on 2 CPU cores. Measured 2026-11-28 on
@@ -57,6 +56,15 @@ def _fraction(text: str) -> float:
     if not 0.0 <= v < 1.0:
         raise argparse.ArgumentTypeError(f"--sparsity must be in [0, 1), got {text!r}")
     return v
+
+
+def _real(flag: str):
+    def parse(text: str) -> float:
+        try:
+            return float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} must be a number, got {text!r}") from None
+    return parse
 
 
 def _positive(flag: str):
@@ -132,6 +140,40 @@ def add_calibration_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib", metavar="PATH", default=None,
                    help="calibration text: file, folder, .jsonl or saved dataset (default: Shakespeare "
                         "calibration plays)")
+
+
+def add_protocol_arguments(p: argparse.ArgumentParser) -> None:
+    """--protocol, --corpus and --text-field, shared by `admm-prune prune` and `admm-prune eval`
+    (what each protocol computes: admm_kernels/protocols.py)."""
+    p.add_argument("--protocol", choices=("default", "sparsegpt"), default=None,
+                   help="how text becomes calibration windows and perplexity windows. default: text joined "
+                        "by blank lines, no special tokens, non-overlapping windows. sparsegpt: the "
+                        "SparseGPT/Wanda/ADMM papers' convention (WikiText-2 test records joined by '\\n\\n' "
+                        "or the C4 validation convention, special tokens, every window; C4-style random "
+                        "calibration windows from random documents); see README 'Evaluation protocols' "
+                        "(default: default; for eval, what MODEL's prune report records)")
+    p.add_argument("--corpus", choices=("wikitext2", "c4"), default=None,
+                   help="with --protocol sparsegpt: the evaluation convention of this corpus (wikitext2: "
+                        "all windows of the joined test split; c4: the first 1100 validation documents "
+                        "joined by spaces, first 256 x seqlen tokens) (default wikitext2)")
+    p.add_argument("--text-field", default=None, metavar="FIELD",
+                   help="field / column holding the text in JSON-lines, JSON and datasets sources "
+                        "(default 'text'; for eval, what MODEL's prune report records)")
+
+
+def add_task_arguments(p: argparse.ArgumentParser) -> None:
+    """--tasks, --tasks-path, --num-fewshot, --tasks-limit (lm-evaluation-harness) for prune and eval."""
+    p.add_argument("--tasks", default=None, metavar="LIST",
+                   help="lm-evaluation-harness tasks to run, comma-separated (e.g. piqa,arc_easy,hellaswag); "
+                        "needs the 'eval' extra (lm_eval); results in the JSON report and as a table")
+    p.add_argument("--tasks-path", default=None, metavar="DIR",
+                   help="folder of local lm-eval task YAMLs (lm-eval's include path) for offline or private "
+                        "tasks")
+    p.add_argument("--num-fewshot", type=int, default=0, metavar="N",
+                   help="few-shot examples per prompt (default 0: zero-shot, as the pruning papers report)")
+    p.add_argument("--tasks-limit", type=_positive("--tasks-limit"), default=None, metavar="N",
+                   help="evaluate only the first N documents of each task (quick checks; not comparable "
+                        "with published numbers)")
 
 
 def add_eval_windows_argument(p: argparse.ArgumentParser, default_help: str = "") -> None:
@@ -216,12 +258,17 @@ def _help_width() -> int:
 
 
 def _methods_epilog() -> str:
-    """The method list of `prune --help`, one entry per method (from _checks.METHOD_SUMMARIES)."""
+    """The method list of `prune --help`, one entry per method: its summary and the grouping it uses for
+    --pattern unstructured, both read from the method registry (admm_kernels.methods)."""
+    from . import methods
+
     width = _help_width()
     lines = ["methods (--method) and the grouping each uses for --pattern unstructured:"]
-    for m in METHODS:
-        lines.append(textwrap.fill(f"{m}: {METHOD_SUMMARIES[m]}", width, initial_indent="  ",
+    for m in methods.methods().values():
+        lines.append(textwrap.fill(f"{m.name}: {m.summary}; {m.grouping}", width, initial_indent="  ",
                                    subsequent_indent="      ", break_on_hyphens=False))
+    shared = "every method: per-row = int(in*s) pruned in each row; N:M = N kept of every M consecutive input"
+    lines.append(textwrap.fill(shared, width, initial_indent="  ", subsequent_indent="      "))
     return "\n".join(lines)
 
 
@@ -229,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     import torch
 
     from .bench.cli import HELP as BENCH_HELP
+    from .models.sparsity_profile import OWL_LAMBDA, OWL_M
 
     p = argparse.ArgumentParser(prog="admm-prune", description=(
         "Prune large language models layer by layer with ADMM (Boza 2024) or the SparseGPT / Wanda / "
@@ -236,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
         "admm_kernels` is the same command."))
     p.add_argument("--version", action="version",
                    version=f"admm-prune {__version__} (torch {torch.__version__})")
-    sub = p.add_subparsers(dest="command", metavar="{prune,eval,bench}")
+    sub = p.add_subparsers(dest="command", metavar="{prune,eval,bench,doctor}")
     sub.required = True
 
     pr = sub.add_parser("prune", help="prune a causal LM (default: the embedded SmolLM2-135M on Shakespeare)",
@@ -257,13 +305,30 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--pattern", default="unstructured",
                     help="'unstructured' (grouping per method, see --method), 'per-row', or N:M such as 2:4 "
                          "(default unstructured)")
-    pr.add_argument("--method", default="admm", choices=METHODS,
+    from . import methods
+
+    pr.add_argument("--method", default="admm", choices=methods.names(),
                     help="pruning method (default admm = ADMM-Grad; each is described below)")
+    pr.add_argument("--sparsity-profile", default="uniform", metavar="PROFILE",
+                    help="how sparse each decoder block is pruned: 'uniform' (default, every block at "
+                         "--sparsity); 'owl' (OWL, Yin et al. 2024: blocks with a larger share of outlier "
+                         "Wanda scores are pruned less, the overall sparsity stays --sparsity; one extra "
+                         "dense pass; unstructured and per-row only); or one sparsity per block, "
+                         "comma-separated (0.6,0.7,...) or a JSON file with that list (an earlier "
+                         "prune_report.json works)")
+    pr.add_argument("--owl-m", type=_real("--owl-m"), default=None, metavar="M",
+                    help=f"OWL: a weight is an outlier when its Wanda score exceeds M times its block's mean "
+                         f"score (default {OWL_M:g}, as published)")
+    pr.add_argument("--owl-lambda", type=_real("--owl-lambda"), default=None, metavar="LAMBDA",
+                    help="OWL: the block sparsities span 2*LAMBDA around --sparsity (default "
+                         f"{OWL_LAMBDA:g}, as published for LLaMA-7B at 70%%)")
     add_calibration_arguments(pr)
     pr.add_argument("--eval", metavar="PATH", default=None, dest="eval_path",
                     help="evaluation text for perplexity before/after (default: held-out Shakespeare plays)")
     add_eval_windows_argument(pr)
     pr.add_argument("--no-eval", action="store_true", help="skip the perplexity evaluation")
+    add_protocol_arguments(pr)
+    add_task_arguments(pr)
     add_run_arguments(pr, "no progress bars and no per-layer table")
     pr.add_argument("--out", metavar="DIR", default=None,
                     help="output folder (default out/<model>-<method>-<pattern or sparsity>; without --out "
@@ -298,7 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "-o compute_dtype=float64 (values: int, float, true/false/none, a torch dtype for "
                          "*dtype keys or torch.NAME, else text)")
 
-    ev = sub.add_parser("eval", help="perplexity of a model on a text (default: the embedded SmolLM2-135M)",
+    ev = sub.add_parser("eval", help="perplexity of a model on a text, lm-eval zero-shot tasks (default: the "
+                                     "embedded SmolLM2-135M)",
                         description=(
         "Perplexity of a causal LM: exp(mean next-token loss) over non-overlapping windows of --seqlen "
         "tokens, with a progress bar over the windows. MODEL may be a transformers folder or a packed "
@@ -322,9 +388,14 @@ def build_parser() -> argparse.ArgumentParser:
                             "shards and freed, so a model larger than memory can be evaluated")
     add_distributed_arguments(ev)
     ev.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    ev.add_argument("--report", metavar="FILE", default=None, help="also write the JSON result to FILE")
+    add_protocol_arguments(ev)
+    add_task_arguments(ev)
 
     # Parsed by admm_kernels.bench.cli (main() hands it every argument after "bench").
     sub.add_parser("bench", help=f"{BENCH_HELP} (admm-prune bench --help lists its options)", add_help=False)
+    sub.add_parser("doctor", add_help=False, help="versions, devices, backends and every kernel's check "
+                   "against the reference on this machine (admm_kernels/doctor.py)")
     return p
 
 
@@ -371,11 +442,74 @@ def _check_text_path(path: str | None, flag: str) -> None:
         raise CliError(f"{flag} path {path!r} does not exist")
 
 
+def _check_protocol(args) -> None:
+    """--protocol resolved ("default" unless given or set by the caller); --corpus only with sparsegpt."""
+    args.protocol = args.protocol or "default"
+    if args.corpus is not None and args.protocol != "sparsegpt":
+        raise CliError(f"--corpus {args.corpus} applies to --protocol sparsegpt only")
+    args.corpus = args.corpus or "wikitext2"
+    args.text_field = args.text_field or "text"
+
+
+def _check_tasks(args) -> list[str] | None:
+    """The --tasks names resolved by lm-eval (and --tasks-path) before the model is loaded, or None."""
+    if args.tasks is None:
+        if args.tasks_path is not None:
+            raise CliError("--tasks-path needs --tasks (the task names to run)")
+        return None
+    if args.num_fewshot < 0:
+        raise CliError(f"--num-fewshot must be >= 0, got {args.num_fewshot}")
+    try:
+        from .integrations.lm_eval import check_tasks
+        return check_tasks(args.tasks, args.tasks_path, name="--tasks")
+    except ImportError as exc:
+        raise CliError(str(exc)) from None
+    except (ValueError, TypeError) as exc:
+        raise CliError(str(exc).replace("tasks_path ", "--tasks-path ")) from None
+
+
+def _run_tasks(model, tok, args, names: list[str], device, log) -> dict:
+    from .integrations.lm_eval import evaluate_tasks
+
+    t = time.perf_counter()
+    try:
+        result = evaluate_tasks(model, tok, names, tasks_path=args.tasks_path, num_fewshot=args.num_fewshot,
+                                limit=args.tasks_limit, device=device)
+    except (ValueError, TypeError) as exc:
+        raise CliError(str(exc)) from None
+    log(f"lm-eval tasks {','.join(names)}: {time.perf_counter() - t:.1f} s")
+    return result
+
+
 def _default_out(args) -> Path:
     name = Path(args.model).name if args.model else "SmolLM2-135M-Instruct"
     pat = args.pattern
-    what = pat.replace(":", "of") if ":" in pat else f"{pat}{round(args.sparsity * 100)}"
+    if ":" in pat:
+        what = pat.replace(":", "of")
+    elif isinstance(args.profile, list):
+        what = f"{pat}{round(100 * sum(args.profile) / len(args.profile))}-blocks"
+    else:
+        what = f"{pat}{round(args.sparsity * 100)}" + ("-owl" if args.profile == "owl" else "")
     return Path("out") / f"{name}-{args.method}-{what}"
+
+
+def _profile_arguments(args) -> dict:
+    """prune_model's sparsity arguments from --sparsity, --sparsity-profile, --owl-m, --owl-lambda."""
+    per_block = isinstance(args.profile, list)
+    return {"sparsity": args.profile if per_block else args.sparsity,
+            "sparsity_profile": "uniform" if per_block else args.profile,
+            "owl_m": args.owl_m, "owl_lambda": args.owl_lambda}
+
+
+def _flag_names(message: str, per_block: bool) -> str:
+    """A profile error of prune_model / check_prunable, with the CLI's flag names for its arguments."""
+    import re
+    message = re.sub(r"\bsparsity_profile\b", "--sparsity-profile", message)
+    message = re.sub(r"\bowl_lambda\b", "--owl-lambda", message)
+    message = re.sub(r"\bowl_m\b", "--owl-m", message)
+    if per_block:  # the per-block list came from --sparsity-profile
+        message = re.sub(r"^sparsity(?=\[| has \d+ per-block)", "--sparsity-profile", message)
+    return message
 
 
 def _prune_report(folder: Path) -> dict | None:
@@ -478,33 +612,54 @@ def _save(model, tokenizer, out: Path, fmt: str, report: dict, overwrite: bool,
 
 def cmd_prune(args, comm=None) -> int:
     """`admm-prune prune`. comm: the run's admm_kernels.models.distributed.Comm (LOCAL for one process):
-    rank 0 checks --out, holds its lock, tokenises, writes the state and the output; every rank loads the
-    model and takes its share of the work."""
-    from ._checks import parse_pattern
+    rank 0 checks --out and the texts, holds the lock, tokenises, writes the state and the output; every
+    rank loads the model and takes its share of the work."""
+    from ._checks import parse_pattern, pattern_group
     from .models import default_state_dir
     from .models.distributed import LOCAL
     from .models.loading import default_model_folder
+    from .models.sparsity_profile import check_profile, parse_profile_text
     from .models.state import PipelineState, StateError
 
     comm = comm or LOCAL
     # cheap checks first (on every rank: the same answer everywhere)
     _check_model(args.model)
-    tail = args.pattern.split(":")[-1].strip()
     try:  # syntax only here (M must divide in_features: checked per layer once the model is loaded)
-        group = int(tail) if ":" in args.pattern and tail.isdigit() and int(tail) else 1
-        pattern = parse_pattern(args.pattern, group, name="--pattern")
+        pattern = parse_pattern(args.pattern, pattern_group(args.pattern), name="--pattern")
     except ValueError as exc:
         raise CliError(str(exc)) from None
     if args.stream and args.save_format == "packed":
         raise CliError("--stream writes a transformers folder block by block; --save-format packed needs the "
                        "whole model in memory: drop one of them")
+    if args.tasks is not None and (args.stream or comm.distributed):
+        raise CliError("--tasks runs lm-evaluation-harness on a model in memory in one process: not with "
+                       "--stream or under torchrun (evaluate the pruned folder with `admm-prune eval "
+                       "--tasks`)")
     args.offload = "disk" if args.offload_dir is not None else args.offload  # where activations live
     if args.sparsity is not None and pattern.kind == "nm" and comm.is_main:
         print(f"admm-prune: warning: --sparsity {args.sparsity:g} is ignored with --pattern {args.pattern}: "
               f"an N:M pattern prunes 1 - N/M = {pattern.sparsity(0.0):g} of the weights", file=sys.stderr)
-    if args.sparsity is None:
+    try:
+        args.profile = parse_profile_text(args.sparsity_profile)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    per_block = isinstance(args.profile, list)
+    if per_block and args.sparsity is not None:
+        raise CliError(f"--sparsity {args.sparsity:g} and a per-block --sparsity-profile both set the "
+                       "sparsity: give one of them")
+    if args.sparsity is None and not per_block:
         args.sparsity = DEFAULT_SPARSITY
+    try:  # all but the list's length (the model's number of blocks is not known yet)
+        check_profile(**_profile_arguments(args), n_blocks=len(args.profile) if per_block else 1,
+                      pattern=args.pattern)
+    except (ValueError, TypeError) as exc:
+        raise CliError(_flag_names(str(exc), per_block)) from None
+    if args.profile == "owl" and args.stream:
+        raise CliError("--sparsity-profile owl needs a dense pass over every block before pruning, which "
+                       "--stream does not support yet; give the block sparsities as a list instead")
     device = _check_device(args.device)
+    _check_protocol(args)
+    args.task_names = _check_tasks(args)
     out = Path(args.out) if args.out else _default_out(args)
     # Without --out, the default folder's previous output (of this command) is replaced: `make demo` and
     # a plain `admm-prune prune` can be run again. An explicit --out is never replaced without --overwrite.
@@ -530,6 +685,17 @@ def cmd_prune(args, comm=None) -> int:
         return _prune_locked(args, device, out, PipelineState(state_dir), overwrite, replace_default, comm)
 
 
+def _read_cache(store, name: str, resume: bool, log, what: str) -> dict:
+    """What write_extra(name) stored for --resume, or {} (not resuming; a damaged cache is ignored)."""
+    from .models.state import StateError
+
+    try:
+        return (store.read_extra(name) if resume else None) or {}
+    except StateError as exc:  # only a cache: recompute it
+        log(f"admm-prune: ignoring the cached {what}: {exc}")
+        return {}
+
+
 def _prune_locked(args, device, out: Path, store, overwrite: bool, replace_default: bool, comm) -> int:
     """The work of `admm-prune prune`, done while rank 0 holds the lock of the output's state folder.
     overwrite: the output folder may be replaced (--overwrite, or the default folder's own previous
@@ -537,7 +703,6 @@ def _prune_locked(args, device, out: Path, store, overwrite: bool, replace_defau
     from ._io import make_temp_sibling
 
     log = _logger(args.quiet or not comm.is_main)
-    embedded = args.model is None
     built = None
 
     def tidy() -> None:  # rank 0: what a killed run left, and the state of an interrupted one
@@ -561,25 +726,26 @@ def _prune_locked(args, device, out: Path, store, overwrite: bool, replace_defau
 
     comm.decided_by_main(tidy, "preparing --out")
     try:
-        return _prune_run(args, device, out, store, overwrite, comm, log, embedded, built)
+        return _prune_run(args, device, out, store, overwrite, comm, log, built)
     finally:
         if built is not None:  # renamed into place on success: only a failed run's folder is removed
             shutil.rmtree(built, ignore_errors=True)
 
 
-def _prune_run(args, device, out: Path, store, overwrite: bool, comm, log, embedded: bool,
-               built: Path | None) -> int:
+def _prune_run(args, device, out: Path, store, overwrite: bool, comm, log, built: Path | None) -> int:
     import torch
 
-    from . import data
+    from . import data, protocols
     from ._digest import model_digest
     from .eval import evaluate_perplexity
     from .models import max_positions, prune_model
     from .models.pipeline import check_prunable, versions
-    from .models.state import StateError
 
+    embedded = args.model is None
     nsamples = args.nsamples or (EMBEDDED_NSAMPLES if embedded else data.DEFAULT_NSAMPLES)
-    eval_windows = args.eval_windows or (EMBEDDED_EVAL_WINDOWS if embedded else None)
+    # the sparsegpt protocol evaluates every window, as the papers do
+    eval_windows = args.eval_windows or (EMBEDDED_EVAL_WINDOWS if embedded and args.protocol == "default"
+                                         else None)
     options = dict(args.option)
     state_dir = store.folder
 
@@ -593,17 +759,25 @@ def _prune_run(args, device, out: Path, store, overwrite: bool, comm, log, embed
     try:
         seqlen = data.resolve_seqlen(args.seqlen if args.seqlen or not embedded else EMBEDDED_SEQLEN, limit,
                                      name="--seqlen")
-        check_prunable(model, args.sparsity, args.pattern, args.method, args.layers, **options)
-    except (ValueError, TypeError) as exc:
+    except ValueError as exc:
         raise CliError(str(exc)) from None
+    try:
+        check_prunable(model, pattern=args.pattern, method=args.method, layers=args.layers,
+                       **_profile_arguments(args), **options)
+    except (ValueError, TypeError) as exc:
+        raise CliError(_flag_names(str(exc), isinstance(args.profile, list))) from None
 
     def tokenise():  # rank 0 reads the texts; every rank gets the same token ids
         try:
             if tok is None:
                 raise CliError(f"model folder {str(path)!r} has no tokenizer, needed to tokenize text")
             t = time.perf_counter()
-            calib = data.calibration_tokens(tok, nsamples, seqlen, args.calib, seed=args.seed)
-            eval_ids = None if args.no_eval else data.evaluation_tokens(tok, args.eval_path)
+            calib = protocols.calibration_windows(tok, args.calib, nsamples=nsamples, seqlen=seqlen,
+                                                  seed=args.seed, protocol=args.protocol,
+                                                  field=args.text_field)
+            eval_ids = None if args.no_eval else protocols.evaluation_tokens(
+                tok, args.eval_path, protocol=args.protocol, corpus=args.corpus, seqlen=seqlen,
+                field=args.text_field)
             log(f"tokenised: {nsamples} calibration windows of {seqlen} tokens"
                 + ("" if eval_ids is None else f", {eval_ids.numel()} evaluation tokens")
                 + f" ({time.perf_counter() - t:.1f} s)")
@@ -617,21 +791,19 @@ def _prune_run(args, device, out: Path, store, overwrite: bool, comm, log, embed
     calib, eval_ids = comm.decided_by_main(tokenise, "tokenising")
     eval_kwargs = dict(seqlen=seqlen, max_windows=eval_windows, device=device, distributed=comm)
 
+    def digest() -> str:
+        return model.digest() if args.stream else model_digest(model)
+
     ppl = {}
     if eval_ids is not None:
         # Reused on --resume only when computed on the same tokens, windows and window length, by the
         # same dense model (content digest: 0.4 s for SmolLM2-135M), thread count, device and versions.
         def cached_before():
             key = {"tokens_sha256": hashlib.sha256(eval_ids.cpu().numpy().tobytes()).hexdigest(),
-                   "seqlen": seqlen, "eval_windows": eval_windows,
-                   "model": model.digest() if args.stream else model_digest(model),
+                   "seqlen": seqlen, "eval_windows": eval_windows, "model": digest(),
                    "threads": torch.get_num_threads(), "device": device.type,
                    "versions": {k: v for k, v in versions().items() if k != "python"}}
-            try:
-                cached = (store.read_extra("cli.json") if args.resume else None) or {}
-            except StateError as exc:  # only a cache: recompute it
-                log(f"admm-prune: ignoring the cached perplexity: {exc}")
-                cached = {}
+            cached = _read_cache(store, "cli.json", args.resume, log, "perplexity")
             hit = cached.get("eval") == key and isinstance(cached.get("perplexity_before"), float)
             return key, cached["perplexity_before"] if hit else None
 
@@ -644,6 +816,16 @@ def _prune_run(args, device, out: Path, store, overwrite: bool, comm, log, embed
             log(f"perplexity before: {ppl['before']:.3f} ({time.perf_counter() - t:.1f} s)")
             if comm.is_main:
                 store.write_extra("cli.json", {"perplexity_before": ppl["before"], "eval": eval_key})
+    tasks = {}
+    if args.task_names:  # one process, in memory (refused otherwise in cmd_prune)
+        tasks_key = {"tasks": args.task_names, "tasks_path": args.tasks_path, "num_fewshot": args.num_fewshot,
+                     "limit": args.tasks_limit, "model": model_digest(model)}
+        cached = _read_cache(store, "cli-tasks.json", args.resume, log, "task results")
+        if cached.get("key") == tasks_key and isinstance(cached.get("before"), dict):
+            tasks["before"] = cached["before"]
+        else:
+            tasks["before"] = _run_tasks(model, tok, args, args.task_names, device, log)
+            store.write_extra("cli-tasks.json", {"key": tasks_key, "before": tasks["before"]})
 
     after = None
     if eval_ids is not None and args.stream:  # evaluated block by block while the pipeline has it
@@ -656,27 +838,31 @@ def _prune_run(args, device, out: Path, store, overwrite: bool, comm, log, embed
                                     ActivationStore(resolve_offload(args.offload), device, args.offload_dir))
         model.on_block_final.append(after.advance)
     try:
-        report = prune_model(model, calib, sparsity=args.sparsity, pattern=args.pattern, method=args.method,
-                             layers=args.layers, device=device, offload=args.offload or False,
-                             offload_dir=args.offload_dir, sequential=args.sequential,
-                             progress=not args.quiet and comm.is_main, state_dir=state_dir, distributed=comm,
-                             **options)
+        report = prune_model(model, calib, pattern=args.pattern, method=args.method, layers=args.layers,
+                             device=device, offload=args.offload or False, offload_dir=args.offload_dir,
+                             sequential=args.sequential, progress=not args.quiet and comm.is_main,
+                             state_dir=state_dir, distributed=comm, **_profile_arguments(args), **options)
     except (ValueError, TypeError) as exc:
-        raise CliError(str(exc)) from None
+        raise CliError(_flag_names(str(exc), isinstance(args.profile, list))) from None
     if eval_ids is not None:
         t = time.perf_counter()
         ppl["after"] = after.result() if after is not None else evaluate_perplexity(
             model, eval_ids, progress=not args.quiet and comm.is_main, **eval_kwargs)
         log(f"perplexity after: {ppl['after']:.3f} ({time.perf_counter() - t:.1f} s)")
+    if args.task_names:
+        tasks["after"] = _run_tasks(model, tok, args, args.task_names, device, log)
     if ppl:
         n_win = eval_ids.numel() // seqlen
         ppl.update(seqlen=seqlen, windows=min(n_win, eval_windows or n_win),
-                   text=args.eval_path or "shakespeare:evaluation")
+                   text=args.eval_path or "shakespeare:evaluation", protocol=args.protocol,
+                   corpus=args.corpus if args.protocol == "sparsegpt" else None, text_field=args.text_field,
+                   computed=protocols.describe(args.protocol, args.corpus))
     report.update({
         "command": "admm-prune " + " ".join(args.argv),
-        "model_path": str(path), "seed": args.seed, "perplexity": ppl or None,
+        "model_path": str(path), "seed": args.seed, "perplexity": ppl or None, "tasks": tasks or None,
         "calibration": {"source": args.calib or "shakespeare:calibration", "nsamples": nsamples,
-                        "seqlen": seqlen, "seed": args.seed},
+                        "seqlen": seqlen, "seed": args.seed, "protocol": args.protocol,
+                        "text_field": args.text_field},
         "save_format": args.save_format, "seconds_total": time.perf_counter() - t0,
     })
 
@@ -697,9 +883,18 @@ def _prune_run(args, device, out: Path, store, overwrite: bool, comm, log, embed
     print(f"pruned {len(report['layers'])} layers to {report['achieved_sparsity']:.4f} sparsity "
           f"({args.method}, {args.pattern}){ranks} in {t['total']:.1f} s "
           f"[forward {t['forward']:.1f} s, gram {t['gram']:.1f} s, solve {t['solve']:.1f} s]")
+    prof = report["sparsity_profile"]
+    if prof["name"] != "uniform":
+        values = prof["block_sparsity"]
+        extra = f" (M={prof['owl_m']:g}, lambda={prof['owl_lambda']:g})" if prof["name"] == "owl" else ""
+        print(f"sparsity profile {prof['name']}{extra}: block sparsity {min(values):.4f} .. "
+              f"{max(values):.4f}, target {prof['target']:.4f} [profile {t['profile']:.1f} s]")
     if ppl:
         print(f"perplexity ({ppl['windows']} x {seqlen} tokens): before {ppl['before']:.3f}, "
               f"after {ppl['after']:.3f}")
+    if tasks:
+        from .integrations.lm_eval import format_table
+        print(format_table([("before", tasks["before"]), ("after", tasks["after"])]))
     print(f"saved to {out} (report: {out / REPORT_NAME})")
     return 0
 
@@ -725,10 +920,17 @@ def _eval_defaults(args) -> tuple[int | None, int | None, str | None, str]:
     return seqlen or ppl.get("seqlen"), windows or ppl.get("windows"), text, source
 
 
+def _recorded_protocol(model_arg: str | None) -> tuple[str, str | None, str | None]:
+    """(protocol, corpus, text field) MODEL's prune report used for its perplexity ("default" if none)."""
+    report = _prune_report(Path(model_arg).expanduser()) if model_arg else None
+    ppl = (report or {}).get("perplexity") or {}
+    return ppl.get("protocol") or "default", ppl.get("corpus"), ppl.get("text_field")
+
+
 def cmd_eval(args, comm=None) -> int:
     """`admm-prune eval`; under torchrun (comm) the windows are split over the ranks, rank 0 tokenises
     and prints."""
-    from . import data
+    from . import data, protocols
     from .eval import evaluate_perplexity
     from .models import max_positions
     from .models.distributed import LOCAL
@@ -739,34 +941,71 @@ def cmd_eval(args, comm=None) -> int:
     if comm.is_main:
         _check_text_path(args.text, "--text")
     _check_model(args.model, packed=not args.stream)
+    explicit_protocol = args.protocol is not None
+    recorded, recorded_corpus, recorded_field = _recorded_protocol(args.model)
+    if not explicit_protocol:  # as the prune run that wrote MODEL evaluated it
+        args.protocol = recorded
+        args.corpus = args.corpus or (recorded_corpus if recorded == "sparsegpt" else None)
+    args.text_field = args.text_field or recorded_field
+    _check_protocol(args)
+    task_names = _check_tasks(args)
+    if task_names and (args.stream or comm.distributed):
+        raise CliError("--tasks runs lm-evaluation-harness on a model in memory in one process: not with "
+                       "--stream or under torchrun")
+    # Perplexity unless only tasks were asked for (--tasks without --text or --protocol).
+    want_ppl = task_names is None or args.text is not None or explicit_protocol
     seqlen_arg, windows, text, source = _eval_defaults(args)
+    if args.protocol != recorded and args.eval_windows is None:
+        windows = None  # another protocol than the recorded one: its own windows (sparsegpt: every one)
     t = time.perf_counter()
     model, tok, path = _load(args.model, device, args.dtype, packed=not args.stream, stream=args.stream)
     log(f"loaded {path} in {time.perf_counter() - t:.1f} s")
     net = model.model if args.stream else model
-    try:
-        seqlen = data.resolve_seqlen(seqlen_arg, max_positions(net), name="--seqlen")
+    if tok is None and comm.is_main:
+        raise CliError(f"model folder {str(path)!r} has no tokenizer, needed to tokenize text")
+    result: dict = {"model": str(path)}
+    if want_ppl:
+        try:
+            seqlen = data.resolve_seqlen(seqlen_arg, max_positions(net), name="--seqlen")
 
-        def tokenise():
-            if tok is None:
-                raise CliError(f"model folder {str(path)!r} has no tokenizer, needed to tokenize --text")
-            return data.evaluation_tokens(tok, text)
-        ids = comm.decided_by_main(tokenise, "tokenising")
-        n_win = ids.numel() // seqlen
-        n_win = min(n_win, windows or n_win)
-        hint = (f" (settings from {source}; --seqlen / --eval-windows change them)" if source else
-                " (--eval-windows N evaluates fewer)" if windows is None else "")
-        log(f"evaluating {n_win} windows x {seqlen} tokens of {text or 'shakespeare:evaluation'}{hint}")
-        t = time.perf_counter()
-        ppl = evaluate_perplexity(model, ids, seqlen=seqlen, max_windows=windows, device=device,
-                                  progress=not args.quiet and comm.is_main, distributed=comm)
-    except (ValueError, FileNotFoundError) as exc:
-        raise CliError(str(exc)) from None
-    result = {"model": str(path), "text": text or "shakespeare:evaluation", "seqlen": seqlen,
-              "windows": n_win, "perplexity": ppl, "seconds": time.perf_counter() - t}
-    if comm.is_main:
-        print(json.dumps(result) if args.json else
-              f"perplexity {ppl:.4f} ({n_win} windows x {seqlen} tokens of {result['text']})")
+            def tokenise():
+                return protocols.evaluation_tokens(tok, text, protocol=args.protocol, corpus=args.corpus,
+                                                   seqlen=seqlen, field=args.text_field)
+            ids = comm.decided_by_main(tokenise, "tokenising")
+            n_win = ids.numel() // seqlen
+            n_win = min(n_win, windows or n_win)
+            hint = (f" (settings from {source}; --seqlen / --eval-windows change them)" if source else
+                    " (--eval-windows N evaluates fewer)" if windows is None else "")
+            log(f"evaluating {n_win} windows x {seqlen} tokens of {text or 'shakespeare:evaluation'} "
+                f"(protocol {args.protocol}){hint}")
+            t = time.perf_counter()
+            ppl = evaluate_perplexity(model, ids, seqlen=seqlen, max_windows=windows, device=device,
+                                      progress=not args.quiet and comm.is_main, distributed=comm)
+        except (ValueError, FileNotFoundError) as exc:
+            raise CliError(str(exc)) from None
+        result.update({"text": text or "shakespeare:evaluation", "seqlen": seqlen, "windows": n_win,
+                       "perplexity": ppl, "seconds": time.perf_counter() - t, "protocol": args.protocol,
+                       "corpus": args.corpus if args.protocol == "sparsegpt" else None,
+                       "computed": protocols.describe(args.protocol, args.corpus)})
+    if task_names:
+        result["tasks"] = _run_tasks(model, tok, args, task_names, device, log)
+    if not comm.is_main:
+        return 0
+    if args.report:
+        from ._io import atomic_write_bytes
+        try:
+            atomic_write_bytes(Path(args.report), (json.dumps(result, indent=2) + "\n").encode())
+        except OSError as exc:
+            raise CliError(f"could not write --report {args.report!r}: {exc}") from None
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    if want_ppl:
+        print(f"perplexity {result['perplexity']:.4f} ({result['windows']} windows x {result['seqlen']} "
+              f"tokens of {result['text']}, protocol {args.protocol})")
+    if task_names:
+        from .integrations.lm_eval import format_table
+        print(format_table(result["tasks"]))
     return 0
 
 
@@ -808,11 +1047,15 @@ def _start_distributed(args):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .models.distributed import RESUME_HINT, DistributedError, launched_world_size, shutdown
-
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "bench":
         return cmd_bench(argv[1:])
+    if argv and argv[0] == "doctor":
+        from .doctor import main as doctor_main
+
+        return doctor_main(argv[1:])
+    from .models.distributed import RESUME_HINT, DistributedError, launched_world_size, shutdown
+
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = argv

@@ -64,6 +64,11 @@ def _read_records(path: Path, field: str) -> str:
     else:
         data = json.loads(text)
         records = data if isinstance(data, list) else data.get("data", data.get("rows", [data]))
+    return "\n\n".join(record_texts(records, field, path))
+
+
+def record_texts(records: list, field: str, path: Path) -> list[str]:
+    """The text of each JSON record: the record itself if a str, else its string `field`."""
     out = []
     for i, rec in enumerate(records):
         if isinstance(rec, str):
@@ -72,10 +77,16 @@ def _read_records(path: Path, field: str) -> str:
             out.append(rec[field])
         else:
             raise ValueError(f"record {i} of {str(path)!r} has no string field {field!r}")
-    return "\n\n".join(out)
+    return out
 
 
 def _read_dataset(path: Path, field: str) -> str:
+    return "\n\n".join(t for t in dataset_records(path, field) if t)
+
+
+def dataset_records(path: Path, field: str, split: str | None = None) -> list[str]:
+    """Column `field` of a `datasets` folder saved with save_to_disk, every record ("" for a missing one).
+    A DatasetDict gives `split`, or its only split; with split None, "train" if present, else the first."""
     try:
         import datasets
     except ImportError:
@@ -83,11 +94,19 @@ def _read_dataset(path: Path, field: str) -> str:
                          "package (pip install datasets), or export it to a .txt/.jsonl file") from None
     ds = datasets.load_from_disk(str(path))
     if isinstance(ds, datasets.DatasetDict):
-        split = "train" if "train" in ds else next(iter(ds))
+        names = list(ds)
+        if split is None:
+            split = "train" if "train" in ds else names[0]
+        elif split not in ds and len(names) == 1:
+            split = names[0]
+        if split not in ds:
+            raise ValueError(f"dataset {str(path)!r} has splits {names} and no {split!r} split; give a "
+                             "folder holding one split")
         ds = ds[split]
     if field not in ds.column_names:
-        raise ValueError(f"dataset {str(path)!r} has no column {field!r} (columns: {ds.column_names})")
-    return "\n\n".join(t for t in ds[field] if t)
+        raise ValueError(f"dataset {str(path)!r} has no column {field!r} (columns: {ds.column_names}); "
+                         "choose one with --text-field")
+    return [t if isinstance(t, str) else "" for t in ds[field]]
 
 
 def read_text(source: str | os.PathLike | list, field: str = "text", name: str = "text") -> str:

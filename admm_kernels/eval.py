@@ -8,7 +8,9 @@ exp(sum of window mean losses * seqlen / (windows * seqlen)).
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -62,6 +64,25 @@ def check_token_range(ids: torch.Tensor, vocab: int | None, name: str = "token i
 def window_nll(logits: torch.Tensor, x: torch.Tensor) -> float:
     """Summed next-token NLL of one window: logits (1, L, vocab), token ids x (1, L) -> float."""
     return float(nn.functional.cross_entropy(logits[0, :-1].float(), x[0, 1:], reduction="sum"))
+
+
+@contextlib.contextmanager
+def evaluation_mode(model: nn.Module, device: torch.device | str | None = None) -> Iterator[torch.device]:
+    """Inside the block the model is in eval mode on `device` (default: where it is; the meta device is
+    refused); afterwards, whatever happens, it is back on its device with its training flag. Yields the
+    device it runs on."""
+    home = model_device(model)
+    run_on = check_compute_device(device, "device") if device is not None else home
+    was_training = model.training
+    try:
+        model.eval()
+        if run_on != home:
+            model.to(run_on)
+        yield run_on
+    finally:
+        if run_on != home:
+            model.to(home)
+        model.train(was_training)
 
 
 def perplexity_from(nll: torch.Tensor, seqlen: int) -> float:
@@ -125,24 +146,14 @@ def evaluate_perplexity(model, tokens_or_text, seqlen: int | None = None, tokeni
         return streamed_perplexity(model, windows, run_on, comm, offload, offload_dir, progress)
     windows = evaluation_windows(model, tokens_or_text, seqlen, tokenizer, max_windows)
     n_windows, seqlen = windows.shape
-    home = model_device(model)
-    run_on = check_compute_device(device, "device") if device is not None else home
-    was_training = model.training
     nll = torch.zeros(n_windows, dtype=torch.float64)
     it = shard(n_windows, comm.size, comm.rank)
     if progress:
         from tqdm.auto import tqdm
         it = tqdm(it, desc="perplexity", unit="window", leave=False)
-    try:  # the model goes back to its device and mode whatever happens
-        model.eval()
-        if run_on != home:
-            model.to(run_on)
+    with evaluation_mode(model, device) as run_on:  # back to its device and mode whatever happens
         for i in it:
             x = windows[i:i + 1].to(run_on)
             nll[i] = window_nll(model(input_ids=x, use_cache=False).logits, x)
-    finally:
-        if run_on != home:
-            model.to(home)
-        model.train(was_training)
     comm.all_reduce_sum_(nll, "perplexity: summing the windows' losses")
     return perplexity_from(nll, seqlen)

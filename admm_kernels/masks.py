@@ -15,7 +15,7 @@ Patterns (SPEC §1):
   int(numel * s_t) smallest of the rest of the layer are pruned (the released code's kthvalue rule).
 Dead inputs (diag G == 0) get the score -1, below every |score|, so they are pruned first.
 (The solver's unstructured ADMM iterations pass |W + U| in its (in, out) solve layout when no input is
-dead, which changes only the index order of exact ties; see solver.admm_prune.)
+dead, which changes only the index order of exact ties; see methods.admm.gradual_mask.)
 Scores may hold +inf (protected N:M entries) and DEAD_SCORE; every backend's kernels must accept both.
 """
 
@@ -87,6 +87,26 @@ def select(scores: torch.Tensor, pattern: Pattern, sparsity: float, *, reference
     protected = scores.masked_fill(keep, float("inf"))
     k = int(scores.numel() * sparsity)
     return op("prune_mask", dev, reference, used)(protected, k, False)
+
+
+def select_rows_balanced(scores: torch.Tensor, k: int, *, reference: bool = False,
+                         used: dict | None = None) -> torch.Tensor:
+    """Bool mask (out, in), True = kept, pruning exactly k entries of `scores` (out, in) in a per-row
+    grouping: every row prunes its q = k // out smallest, and the r = k % out remaining prunes go to the r
+    rows whose next candidate (their (q+1)-th smallest score) is smallest, ties by row index. This is
+    Wanda's per-output comparison with the layer's total exact (a per-row int(in * s) misses it: a 7x1
+    layer at 0.5 pruned nothing, 16x64 at 0.999 pruned 1008 of 1022)."""
+    rows, cols = scores.shape
+    if not 0 <= k <= rows * cols:
+        raise ValueError(f"k must be in [0, {rows * cols}], got {k}")
+    q, r = divmod(k, rows)
+    prune_rows = op("prune_mask", scores.device, reference, used)
+    keep = prune_rows(scores.contiguous(), q, True)
+    if r:
+        nxt = scores.kthvalue(q + 1, dim=1).values  # q < cols whenever r > 0
+        extra = torch.sort(nxt, stable=True).indices[:r]
+        keep[extra] = prune_rows(scores[extra].contiguous(), q + 1, True)
+    return keep
 
 
 def count_check(mask: torch.Tensor, pattern: Pattern, sparsity: float) -> None:

@@ -12,7 +12,10 @@ and a Cholesky of (in, in), and reports
     included) as a fraction of that matmul throughput (issue 2's target: >= 75 %), and
   - a whole ADMM prune_layer's time over "iters GEMMs + one Cholesky" (target: <= 1.5).
 With --reference, ADMM also runs with ADMM_KERNELS_BACKEND=reference (the plain-torch ops) for the ratio.
-Writes results.csv, results.md and (with matplotlib) errors.png to --out, each atomically.
+Methods are specs as `admm-prune bench --methods` takes them (every registered method, e.g. alps, and
+presets / options such as admm:preset=NAME). Writes results.csv, results.md and (with matplotlib)
+errors.png and pareto.png (error vs method time per shape and pattern, with the Pareto front: which
+method to pick for a time budget) to --out, each atomically.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ except ImportError:  # run from a checkout without `pip install -e .`
     import admm_kernels as ak
 from admm_kernels._io import atomic_write_bytes  # noqa: E402
 from admm_kernels.bench.machine import best_time  # noqa: E402
+from admm_kernels.bench.methods import parse_methods  # noqa: E402
+from admm_kernels.bench.report import plot_pareto  # noqa: E402
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
@@ -105,15 +110,19 @@ def run(args: argparse.Namespace) -> list[dict]:
         fig = machine_figures(G, out, args.reps)
         print(f"\n## {out}x{inn}: fp32 GEMM (in,in)x(in,out) {fig['gemm_s']:.3f} s = "
               f"{fig['gemm_gflops']:.1f} GFLOP/s; Cholesky (in,in) {fig['cholesky_s']:.3f} s", flush=True)
-        runs = [(m, {}) for m in parse_list(args.methods)]
-        if args.reference and "admm" in parse_list(args.methods):
-            runs.append(("admm", {"_reference": True}))
+        specs = parse_methods(args.methods, "--methods")
+        runs = [(spec, False) for spec in specs]
+        if args.reference:
+            runs += [(spec, True) for spec in specs if spec.label == "admm"]
         for pattern in parse_list(args.patterns):
             sparsities = [0.5] if ":" in pattern else [float(s) for s in parse_list(args.sparsities)]
             for s in sparsities:
-                for method, extra in runs:
-                    opts = {"iters": args.iters} if method == "admm" else {}
-                    label = method + (" (reference ops)" if extra else "")
+                for spec, extra in runs:
+                    method = spec.method
+                    opts = dict(spec.options)
+                    if args.iters is not None and spec.is_admm and not {"iters", "preset"} & set(opts):
+                        opts["iters"] = args.iters
+                    label = spec.label + (" (reference ops)" if extra else "")
                     old = os.environ.get("ADMM_KERNELS_BACKEND")
                     if extra:
                         os.environ["ADMM_KERNELS_BACKEND"] = "reference"
@@ -132,7 +141,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                            "error": res.error, "gemm_gflops": round(fig["gemm_gflops"], 1),
                            # the method alone: prune_layer's total includes evaluating the error (one GEMM)
                            "method_seconds": round(seconds - res.stats["seconds"].get("error", 0.0), 3)}
-                    if method == "admm":
+                    if method == "admm" and res.stats.get("iterations"):
                         sec = res.stats["seconds"]
                         loop = sec.get("iterations", 0.0) + sec.get("mask", 0.0)
                         n_it = res.stats["iterations"]
@@ -202,20 +211,33 @@ def plot(rows: list[dict], path: Path) -> bool:
     return True
 
 
+def pareto_panels(rows: list[dict]) -> dict[str, list[tuple[str, float, float]]]:
+    """One Pareto panel per shape x pattern x sparsity: (method label, method seconds, error)."""
+    panels: dict[str, list] = {}
+    for r in rows:
+        title = f"{r['shape']} {r['pattern']}" + ("" if ":" in r["pattern"] else f" {r['sparsity']:g}")
+        panels.setdefault(title, []).append((r["method"], r["method_seconds"], r["error"]))
+    return panels
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="4096x4096,4096x11008", help="comma-separated OUTxIN")
-    p.add_argument("--methods", default="admm,sparsegpt,wanda,magnitude")
+    p.add_argument("--methods", default="admm,sparsegpt,wanda,magnitude",
+                   help="method specs as admm-prune bench takes them (any registered method, e.g. alps, and "
+                        "NAME:key=value options such as admm:preset=NAME or admm:iters=5); separated by ';' "
+                        "when a spec has options, else by commas (default %(default)s)")
     p.add_argument("--patterns", default="unstructured,per-row,2:4")
     p.add_argument("--sparsities", default="0.5", help="for unstructured/per-row (N:M fixes its own)")
     p.add_argument("--nsamples", type=int, default=16384, help="calibration tokens (rows of X)")
     p.add_argument("--gram", help="a saved (in, in) Gram (torch.save) instead of synthetic inputs")
-    p.add_argument("--iters", type=int, default=20, help="ADMM iterations")
+    p.add_argument("--iters", type=int, default=None,
+                   help="ADMM iterations for admm specs that do not set iters (default: the method's 20)")
     p.add_argument("--reps", type=int, default=3, help="repetitions of the GEMM/Cholesky timings (best)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--reference", action="store_true", help="also time ADMM on the pure-torch reference ops")
-    p.add_argument("--out", help="folder for results.csv, results.md, errors.png")
+    p.add_argument("--out", help="folder for results.csv, results.md, errors.png, pareto.png")
     args = p.parse_args(argv)
     if args.nsamples <= 0:
         p.error(f"--nsamples must be positive, got {args.nsamples}")
@@ -232,10 +254,11 @@ def main(argv: list[str] | None = None) -> int:
             w.writerow({c: r.get(c, "") for c in COLUMNS})
         atomic_write_bytes(out / "results.csv", buf.getvalue().encode())
         atomic_write_bytes(out / "results.md", md.encode())
-        if plot(rows, out / "errors.png"):
-            print(f"wrote {out}/results.csv, results.md, errors.png")
+        if plot(rows, out / "errors.png") and plot_pareto(pareto_panels(rows), out / "pareto.png",
+                                                          xlabel="method seconds", ylabel="relative error"):
+            print(f"wrote {out}/results.csv, results.md, errors.png, pareto.png")
         else:
-            print(f"wrote {out}/results.csv, results.md (no matplotlib: no plot)")
+            print(f"wrote {out}/results.csv, results.md (no matplotlib: no plots)")
     return 0
 
 

@@ -66,7 +66,7 @@ def _install_write_log() -> None:
     cli._save = logged("output", cli._save)
 
 
-def prune_tiny(arch: str, sequential: bool, distributed=None) -> dict:
+def prune_tiny(arch: str, sequential: bool, distributed=None, **profile) -> dict:
     """The API run the distributed tests compare: a tiny model of `arch` evaluated, pruned on 5 windows (so
     2 and 3 ranks get unequal shares) and evaluated again (7 windows: unequal shares too). Returns the
     weights, report and both perplexities."""
@@ -78,7 +78,7 @@ def prune_tiny(arch: str, sequential: bool, distributed=None) -> dict:
     eval_ids = tiny_tokens(1, 112, seed=5)[0]
     dense_ppl = ak.evaluate_perplexity(model, eval_ids, seqlen=16, distributed=distributed)
     report = ak.prune_model(model, tiny_tokens(5, 16), sparsity=0.6, iters=4, T=3, sequential=sequential,
-                            distributed=distributed)
+                            distributed=distributed, **profile)
     ppl = ak.evaluate_perplexity(model, eval_ids, seqlen=16, distributed=distributed)
     return {"weights": {k: v.clone() for k, v in model.state_dict().items()}, "report": report,
             "perplexity": ppl, "dense_perplexity": dense_ppl}
@@ -89,6 +89,7 @@ def _api(result: str, archs: str) -> None:
 
     comm = distributed.init_from_environment(torch.device("cpu"), timeout_s=60)
     out = {f"{arch}-{seq}": prune_tiny(arch, seq) for arch in archs.split(",") for seq in (False, True)}
+    out["llama-owl"] = prune_tiny("llama", False, sparsity_profile="owl")
     torch.save(out, f"{result}.{comm.rank}.pt")
     distributed.shutdown()
 

@@ -12,13 +12,6 @@ from admm_kernels._checks import parse_pattern
 METHODS = ("admm", "sparsegpt", "wanda", "magnitude")
 
 
-@pytest.fixture(scope="module")
-def llm_like_layer():
-    x = correlated_inputs(2048, 512, outliers=8, seed=0)
-    W = torch.randn(256, 512, generator=torch.Generator().manual_seed(1))
-    return W, ak.gram(x)
-
-
 @pytest.mark.parametrize("sparsity,pattern", [(0.5, "unstructured"), (0.6, "unstructured"),
                                               (0.7, "unstructured"), (0.8, "unstructured"), (0.5, "2:4")])
 def test_error_ordering(llm_like_layer, sparsity, pattern):

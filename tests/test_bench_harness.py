@@ -68,9 +68,9 @@ def _finite(v) -> bool:
 def test_outputs_schema_and_finite_numbers(folder, first, capsys):
     out = folder / "out1"
     for f in ("results.json", "layers.csv", "summary.csv", "perplexity.csv", "errors.png", "times.png",
-              "rows.jsonl"):
+              "pareto.png", "rows.jsonl"):
         assert (out / f).is_file(), f
-    for png in ("errors.png", "times.png"):
+    for png in ("errors.png", "times.png", "pareto.png"):
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) < 200_000
     assert first["schema"] == report.SCHEMA

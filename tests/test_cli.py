@@ -297,7 +297,7 @@ def test_version_help_texts_and_python_m(capsys):
     import sys
 
     import admm_kernels
-    from admm_kernels._checks import METHOD_SUMMARIES, METHODS
+    from admm_kernels import methods
 
     with pytest.raises(SystemExit) as exc:
         cli.main(["--version"])
@@ -316,9 +316,8 @@ def test_version_help_texts_and_python_m(capsys):
         texts[argv[0]] = " ".join(capsys.readouterr().out.split())
     assert all("issue 6" not in t for t in texts.values())
     assert "--version" in texts["--help"] and "compare pruning methods" in texts["--help"]
-    assert set(METHOD_SUMMARIES) == set(METHODS)
-    for m in METHODS:  # each method's "unstructured" grouping is documented, from the one place
-        assert f"{m}: {METHOD_SUMMARIES[m]}" in texts["prune"]
+    for m in methods.methods().values():  # each method's "unstructured" grouping, from the registry
+        assert f"{m.name}: {m.summary}; {m.grouping}" in texts["prune"]
     eval_parser = cli.build_parser()._subparsers._group_actions[0].choices["eval"]
     for action in eval_parser._actions:
         if action.option_strings != ["--max-windows"]:  # the deprecated alias is hidden

@@ -131,6 +131,12 @@ def test_distributed_api_matches_one_process(tmp_path, world):
                 assert {entry["rank"] for entry in rep["layers"]} == set(range(world))
             else:
                 assert all("stage" in entry for entry in rep["layers"])
+    # OWL's dense pre-pass runs on rank 0 with every window: the very block sparsities of one process.
+    one = dist_worker.prune_tiny("llama", False, distributed=False, sparsity_profile="owl")
+    for r in range(world):
+        assert results[r]["llama-owl"]["report"]["sparsity_profile"] == one["report"]["sparsity_profile"]
+    assert len(set(one["report"]["sparsity_profile"]["block_sparsity"])) > 1
+    _compare(one, results[0]["llama-owl"], "llama-owl")
 
 
 # --- the CLI under torchrun: one reference run shared by the tests below ------------------------------

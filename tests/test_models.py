@@ -78,17 +78,17 @@ def test_prune_model_every_architecture(arch):
 
 def test_grams_shared_and_computed_from_pruned_predecessors(monkeypatch):
     """q/k/v (and gate/up) get one shared Gram; block 1's Gram comes from the *pruned* block 0."""
-    from admm_kernels import solver
+    from admm_kernels import prune as prune_module
 
     seen = {}
-    real = solver.prune_layer
+    real = prune_module.prune_layer
 
     def recording(weight, gram, **kw):
         if weight.shape[0] != 4:  # not the up-front option check on a 4-row dummy layer
             seen.setdefault("grams", []).append(gram)
         return real(weight, gram, **kw)
 
-    monkeypatch.setattr(solver, "prune_layer", recording)
+    monkeypatch.setattr(prune_module, "prune_layer", recording)
     model = tiny_model("llama")
     dense = copy.deepcopy(model)
     ids = tiny_tokens(3, 16)

@@ -23,16 +23,16 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _recording(monkeypatch):
     """Patch prune_layer to record (weight shape, Gram) of every pipeline call, in call order."""
-    from admm_kernels import solver
+    from admm_kernels import prune as prune_module
 
-    real, seen = solver.prune_layer, []
+    real, seen = prune_module.prune_layer, []
 
     def recording(weight, gram, **kw):
         if weight.shape[0] != 4:  # not the up-front option check on a 4-row dummy layer
             seen.append(gram.clone())
         return real(weight, gram, **kw)
 
-    monkeypatch.setattr(solver, "prune_layer", recording)
+    monkeypatch.setattr(prune_module, "prune_layer", recording)
     return seen
 
 

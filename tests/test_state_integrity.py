@@ -323,9 +323,9 @@ def test_meta_device_is_refused_up_front(capsys):
 def test_an_exception_mid_block_leaves_the_model_in_place(monkeypatch):
     """prune_layer raises on the 3rd layer of block 1: every block that went to the device came back,
     no hook is left, the train/eval mode is the caller's."""
-    from admm_kernels import solver
+    from admm_kernels import prune as prune_module
 
-    real, calls, moves = solver.prune_layer, [], []
+    real, calls, moves = prune_module.prune_layer, [], []
 
     def failing(weight, gram, **kw):
         if weight.shape[0] != 4:  # not the up-front option check on a 4-row dummy layer
@@ -343,7 +343,7 @@ def test_an_exception_mid_block_leaves_the_model_in_place(monkeypatch):
             moves.append((blocks.index(self), str(args[0] if args else kwargs.get("device"))))
         return real_to(self, *args, **kwargs)
 
-    monkeypatch.setattr(solver, "prune_layer", failing)
+    monkeypatch.setattr(prune_module, "prune_layer", failing)
     monkeypatch.setattr(nn.Module, "to", spy)
     model.train()
     with pytest.raises(RuntimeError, match="injected failure"):
@@ -367,9 +367,9 @@ def test_an_exception_in_evaluate_perplexity_restores_mode(monkeypatch):
 
 @pytest.mark.gpu
 def test_an_exception_on_cuda_brings_every_block_back(monkeypatch):
-    from admm_kernels import solver
+    from admm_kernels import prune as prune_module
 
-    real, calls = solver.prune_layer, []
+    real, calls = prune_module.prune_layer, []
 
     def failing(weight, gram, **kw):
         if weight.shape[0] != 4:
@@ -378,7 +378,7 @@ def test_an_exception_on_cuda_brings_every_block_back(monkeypatch):
                 raise RuntimeError("injected failure")
         return real(weight, gram, **kw)
 
-    monkeypatch.setattr(solver, "prune_layer", failing)
+    monkeypatch.setattr(prune_module, "prune_layer", failing)
     model, ref = tiny_model("llama"), tiny_model("llama")
     with pytest.raises(RuntimeError, match="injected failure"):
         ak.prune_model(model, tiny_tokens(2, 16), device="cuda", **FAST)

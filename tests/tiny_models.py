@@ -89,12 +89,13 @@ def tiny_text(n_words: int, seed: int = 0) -> str:
     return " ".join(rng.choice(words) for _ in range(n_words)) + "\n"
 
 
-def save_tiny_folder(root, calib_words: int, calib_seed: int, eval_words: int, eval_seed: int):
-    """`root`/tiny-llama (a tiny_model("llama") transformers folder with tiny_tokenizer) beside
-    `root`/calib.txt and `root`/eval.txt (tiny_text); returns `root`."""
+def save_tiny_folder(root, calib_words: int, calib_seed: int, eval_words: int, eval_seed: int,
+                     tokenizer=None):
+    """`root`/tiny-llama (a tiny_model("llama") transformers folder with `tokenizer`, default
+    tiny_tokenizer) beside `root`/calib.txt and `root`/eval.txt (tiny_text); returns `root`."""
     model_dir = root / "tiny-llama"
     tiny_model("llama").save_pretrained(model_dir)
-    tiny_tokenizer().save_pretrained(model_dir)
+    (tokenizer or tiny_tokenizer()).save_pretrained(model_dir)
     (root / "calib.txt").write_text(tiny_text(calib_words, seed=calib_seed))
     (root / "eval.txt").write_text(tiny_text(eval_words, seed=eval_seed))
     return root

@@ -9,6 +9,12 @@ Selection for a device: the first available backend in ``PREFERENCE[device.type]
 op; when that is the reference although a faster backend was expected, one log line says why.
 ``ADMM_KERNELS_BACKEND=reference|cpu|triton|cuda`` forces one backend for every op it implements (ops
 it lacks use the reference); a forced backend that is unavailable or cannot run on the device raises.
+
+Kernels that check themselves (backends/selfcheck.py): the first time a kernel of a GPU backend
+(``cuda``, ``triton``: never run by CI) is selected for a device in this process, it runs once on small
+inputs against the reference. One that raises or disagrees is logged once as a warning and skipped for
+the rest of the process (the next backend in the preference order is used, ultimately the reference);
+a forced backend that fails its check raises instead. ``ADMM_KERNELS_SELF_CHECK=0`` turns checks off.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ from collections.abc import Callable
 from types import ModuleType
 
 import torch
+
+from . import selfcheck
 
 log = logging.getLogger("admm_kernels")
 
@@ -64,6 +72,10 @@ def select(op: str, device: torch.device | str) -> tuple[str, Callable]:
             raise RuntimeError(f"{ENV_VAR}={forced!r} cannot run on device {device}")
         fn = getattr(mod, op, None)
         if fn is not None:
+            if not _self_check_ok(forced, op, device, fn):
+                result = selfcheck.passed(forced, op, device, fn)
+                raise RuntimeError(f"{ENV_VAR}={forced!r}: the {forced} kernel of {op} failed its self-check "
+                                   f"on {result.device}: {result.error}")
             return forced, fn
         return "reference", getattr(get("reference"), op)
     prefs = PREFERENCE.get(device.type, ("reference",))
@@ -71,6 +83,8 @@ def select(op: str, device: torch.device | str) -> tuple[str, Callable]:
         mod = get(name)
         fn = getattr(mod, op, None)
         if fn is not None and mod.is_available() and mod.supports(device):
+            if not _self_check_ok(name, op, device, fn):
+                continue  # logged once by selfcheck.passed; the next backend (ultimately the reference)
             if name == "reference" and prefs[0] != "reference" and (op, device.type) not in _warned:
                 _warned.add((op, device.type))
                 fast = get(prefs[0])
@@ -78,6 +92,13 @@ def select(op: str, device: torch.device | str) -> tuple[str, Callable]:
                 log.info("admm_kernels: %s on %s uses the pure-torch reference (%s)", op, device.type, why)
             return name, fn
     return "reference", getattr(get("reference"), op)
+
+
+def _self_check_ok(backend: str, op: str, device: torch.device, fn: Callable) -> bool:
+    """True unless `backend` is self-checked, checks are on, and its kernel of `op` failed on `device`."""
+    if backend not in selfcheck.SELF_CHECKED or op not in selfcheck.CASES or not selfcheck.enabled():
+        return True
+    return selfcheck.passed(backend, op, device, fn).ok
 
 
 def implementation(op: str, device: torch.device | str) -> Callable:

@@ -6,6 +6,11 @@ from __future__ import annotations
 
 import torch
 
+# The ops _C registers a CUDA kernel for (csrc/cuda/ops_cuda.cu); gram_update has none on purpose (the
+# cuda backend runs the Triton triangle kernel or cuBLAS). tools/gpu_build_checks.py checks that a CUDA
+# build registers exactly these.
+CUDA_KERNEL_OPS = ("prune_mask", "nm_mask", "admm_dual_step")
+
 
 def prune_mask(scores: torch.Tensor, k: int, per_row: bool) -> torch.Tensor:
     return torch.ops.admm_kernels.prune_mask(scores, k, per_row)

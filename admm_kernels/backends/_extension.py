@@ -27,9 +27,13 @@ def reason() -> str:
 
 
 def has_cuda_kernels() -> bool:
-    """True when _C was built with the CUDA sources (it then registers CUDA kernels)."""
+    """True when _C was built with the CUDA sources: every op of _dispatch.CUDA_KERNEL_OPS has a CUDA
+    kernel (asked of torch's dispatcher, which needs no GPU)."""
     import torch
+
+    from ._dispatch import CUDA_KERNEL_OPS
 
     if load() is None:
         return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key("admm_kernels::admm_dual_step", "CUDA")
+    return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"admm_kernels::{op}", "CUDA")
+               for op in CUDA_KERNEL_OPS)

@@ -18,11 +18,13 @@ from pathlib import Path
 PROG = "admm-prune bench"
 HELP = "compare pruning methods on a model's real layers"
 DESCRIPTION = (
-    "Compare pruning methods (magnitude, Wanda, SparseGPT, ADMM variants) x sparsities x patterns on a "
+    "Compare pruning methods (magnitude, Wanda, SparseGPT, ALPS, ADMM variants and presets) x sparsities x "
+    "patterns on a "
     "causal LM's real layers: per-layer Grams from real calibration text (one dense pass, cached on disk by "
     "a content hash), relative reconstruction error, seconds, achieved sparsity, ADMM's gap to the exact "
     "least-squares optimum on its own mask, roofline fractions; optionally end-to-end perplexity. Prints a "
-    "summary table and writes layers.csv, summary.csv, results.json, errors.png and times.png to --out. "
+    "summary table and writes layers.csv, summary.csv, results.json, errors.png, times.png and pareto.png "
+    "(error vs time, with each pattern's Pareto front) to --out. "
     "Give MODEL first: the list options (--methods, --sparsities, ...) take every word that follows them. "
     "Regenerate benchmarks/RESULTS.md from output folders with: python -m admm_kernels.bench.results_md "
     "OUTDIR...")
@@ -50,13 +52,14 @@ def _positive(flag: str):
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..cli import add_calibration_arguments, add_eval_windows_argument, add_run_arguments
-    from .methods import ALIASES, DEFAULT_METHODS
+    from .methods import DEFAULT_METHODS, aliases
 
     p.add_argument("model", nargs="?", default=None,
                    help="local transformers model folder (default: the embedded SmolLM2-135M)")
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), metavar="SPEC",
-                   help=f"methods: {', '.join(ALIASES)}, each optionally with options as NAME:key=value,... "
-                        f"(e.g. admm:iters=5); default: {' '.join(DEFAULT_METHODS)}")
+                   help=f"methods: {', '.join(aliases())}, each optionally with options as "
+                        f"NAME:key=value,... (e.g. admm:iters=5, admm:preset=NAME); "
+                        f"default: {' '.join(DEFAULT_METHODS)}")
     p.add_argument("--sparsities", nargs="+", default=["0.5"], metavar="S",
                    help="sparsities in [0, 1) for unstructured / per-row patterns (N:M fixes its own); "
                         "space- or comma-separated (default 0.5)")
@@ -107,7 +110,7 @@ def _settings(args):
     """BenchSettings from parsed args; BenchError on a bad value (before any heavy work)."""
     import torch
 
-    from .._checks import parse_pattern
+    from .._checks import parse_pattern, pattern_group
     from .layers import check_methods
     from .methods import parse_methods
     from .runner import BenchSettings
@@ -117,9 +120,7 @@ def _settings(args):
         check_methods(methods)  # unknown options fail now, not after loading the model
         patterns = _split(args.patterns)
         for pat in patterns:  # syntax only: M must divide in_features, checked per layer later
-            tail = pat.split(":")[-1].strip()
-            parse_pattern(pat, int(tail) if ":" in pat and tail.isdigit() and int(tail) else 1,
-                          name="--patterns")
+            parse_pattern(pat, pattern_group(pat), name="--patterns")
     except ValueError as exc:
         raise BenchError(str(exc)) from None
     sparsities = []
@@ -223,7 +224,7 @@ def _run(args: argparse.Namespace) -> int:
     print(f"\nmachine: fp32 matmul {peaks['matmul_gflops']:.1f} GFLOP/s, copy {peaks['copy_gbps']:.1f} GB/s"
           f"{gram_roof}; Grams: {g['cache']} ({g['layers']} layers, {g['tokens']} tokens)")
     print(f"{r['rows']} rows ({r['computed']} computed, {r['reused']} reused) in {r['seconds']:.1f} s; "
-          f"wrote {out}/results.json, layers.csv, summary.csv, errors.png, times.png")
+          f"wrote {out}/results.json, layers.csv, summary.csv, errors.png, times.png, pareto.png")
     return 0
 
 

@@ -108,7 +108,7 @@ def check_patterns(shapes: dict[str, tuple[int, int]], patterns: list[str]) -> N
 
 def check_methods(specs: list[MethodSpec]) -> None:
     """Run every spec once on a tiny random layer so an unknown option fails before any real work."""
-    from ..solver import prune_layer
+    from ..prune import prune_layer
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(64, 8, generator=g)
@@ -125,7 +125,7 @@ def run_row(weight: torch.Tensor, gram: torch.Tensor, spec: MethodSpec, pattern:
     """Prune one layer with one method; return the row's figures (no layer/model identification).
 
     weight (out, in) and gram (in, in) on the compute device; peaks: machine.measure()'s figures."""
-    from ..solver import prune_layer
+    from ..prune import prune_layer
 
     res = prune_layer(weight, gram, sparsity, pattern, method=spec.method, **spec.options)
     sec = res.stats.get("seconds", {})

@@ -1,34 +1,47 @@
 """Method specs of the benchmark: a label -> (prune_layer method, options).
 
 Grammar: ``NAME[:KEY=VALUE[,KEY=VALUE...]]``, e.g. ``admm-grad``, ``sparsegpt:blocksize=64``,
-``admm:iters=5``. Names:
-    magnitude, wanda, sparsegpt   the baselines
-    admm, admm-grad               ADMM-Grad with the released code's defaults (gradual mask, 20 iterations)
+``admm:iters=5``, ``admm:preset=NAME``. Names (`aliases()`):
+    every method of the registry (admm_kernels.methods), with its defaults
+    METHOD-PRESET                 every preset of every method (same as METHOD:preset=PRESET)
+    admm-grad                     ADMM-Grad with the released code's defaults (gradual mask, 20 iterations)
     admm-oneshot                  one-shot: the Wanda-score mask fixed at t = 0, then the ADMM update
     admm-mask                     mask only (iters = 0): the ADMM-Grad score at t = 0, no update
     admm-exact                    ADMM-Grad then an exact (conjugate-gradient) solve on its final mask
 Values are parsed as `admm-prune prune -o` parses them (admm_kernels.cli.parse_option_value: a torch
-dtype for *dtype keys, int, float, true/false/none, else text). The label of a row is the spec as written,
-so ``admm:iters=5`` and ``admm:iters=50`` are separate curves.
+dtype for *dtype keys, int, float, true/false/none, else text); the key ``preset`` selects one of the
+method's presets. The label of a row is the spec as written, so ``admm:iters=5`` and ``admm:iters=50``
+are separate curves.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .._checks import METHODS
+from .. import methods as registry
 from ..cli import parse_option_value
 
-ALIASES: dict[str, tuple[str, dict]] = {
-    "magnitude": ("magnitude", {}),
-    "wanda": ("wanda", {}),
-    "sparsegpt": ("sparsegpt", {}),
-    "admm": ("admm", {}),
-    "admm-grad": ("admm", {}),
-    "admm-oneshot": ("admm", {"one_shot": True}),
-    "admm-mask": ("admm", {"iters": 0}),
-    "admm-exact": ("admm", {"solve": "exact"}),
+# Variants of ADMM-Grad by their options (the registry's methods and presets are added by aliases()).
+ADMM_VARIANTS: dict[str, dict] = {
+    "admm-grad": {},
+    "admm-oneshot": {"one_shot": True},
+    "admm-mask": {"iters": 0},
+    "admm-exact": {"solve": "exact"},
 }
+
+
+def aliases() -> dict[str, tuple[str, dict]]:
+    """Every spec name -> (prune_layer method, options), read from the method registry."""
+    out: dict[str, tuple[str, dict]] = {}
+    for name, method in registry.methods().items():
+        out[name] = (name, {})
+        for preset in method.presets:
+            out[f"{name}-{preset}"] = (name, {"preset": preset})
+    for name, options in ADMM_VARIANTS.items():
+        out[name] = ("admm", dict(options))
+    return out
+
+
 DEFAULT_METHODS = ("magnitude", "wanda", "sparsegpt", "admm-oneshot", "admm-grad")
 
 
@@ -47,7 +60,8 @@ class MethodSpec:
     @property
     def iterates(self) -> bool:
         """True when ADMM iterations run (not mask-only)."""
-        return self.is_admm and self.options.get("iters", 20) > 0
+        default = next(o.default for o in registry.get("admm").options if o.name == "iters")
+        return self.is_admm and self.options.get("iters", default) > 0
 
 
 def parse_method(spec: str, name: str = "--methods") -> MethodSpec:
@@ -57,10 +71,11 @@ def parse_method(spec: str, name: str = "--methods") -> MethodSpec:
     label = spec.strip()
     base, _, tail = label.partition(":")
     base = base.strip().lower()
-    if base not in ALIASES:
+    known = aliases()
+    if base not in known:
         raise ValueError(f"{name}: unknown method {base!r} in {label!r}; expected one of "
-                         f"{', '.join(ALIASES)} (optionally with :key=value,... options)")
-    method, options = ALIASES[base]
+                         f"{', '.join(known)} (optionally with :key=value,... options)")
+    method, options = known[base]
     options = dict(options)
     for item in filter(None, (t.strip() for t in tail.split(","))):
         key, eq, value = item.partition("=")
@@ -70,7 +85,6 @@ def parse_method(spec: str, name: str = "--methods") -> MethodSpec:
             options[key.strip()] = parse_option_value(key.strip(), value)
         except ValueError as exc:
             raise ValueError(f"{name}: {exc} in {label!r}") from None
-    assert method in METHODS
     return MethodSpec(label, method, options)
 
 

@@ -8,6 +8,10 @@ Files (each written atomically into the output folder):
                      peaks), "grams", "rows", "summary", "perplexity"}
     errors.png       mean relative error vs sparsity per method, one panel per pattern
     times.png        mean seconds per layer per method, one bar group per pattern
+    pareto.png       mean error vs mean seconds per layer, one panel per pattern and sparsity, with the
+                     Pareto front (the methods no other method beats on both) drawn and labelled: which
+                     method to pick for a time budget
+The summary's "pareto" column marks the rows on their panel's front.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ ROW_COLUMNS = ("layer", "block", "shape", "method", "pattern", "target_sparsity"
                "iterations", "mask_sha256", "backends")
 SUMMARY_COLUMNS = ("method", "pattern", "sparsity", "layers", "mean_error", "mean_optimum_error",
                    "mean_gap", "mean_seconds", "total_seconds", "achieved_sparsity", "frac_matmul",
-                   "frac_copy")
+                   "frac_copy", "pareto")
 PPL_COLUMNS = ("method", "pattern", "sparsity", "perplexity", "seconds", "achieved_sparsity")
 
 
@@ -36,6 +40,39 @@ _write = write_file
 def _mean(values) -> float | None:
     vals = [v for v in values if v is not None]
     return sum(vals) / len(vals) if vals else None
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points (seconds, error) that no other point dominates (another is at most as slow
+    and at most as wrong, and better in one of the two), in ascending seconds. Points with a None or NaN
+    coordinate are never on the front; equal points are all on it."""
+    valid = [i for i, (t, e) in enumerate(points)
+             if t is not None and e is not None and not (math.isnan(t) or math.isnan(e))]
+    front = []
+    for i in valid:
+        ti, ei = points[i]
+        dominated = any(points[j][0] <= ti and points[j][1] <= ei and (points[j][0] < ti or points[j][1] < ei)
+                        for j in valid if j != i)
+        if not dominated:
+            front.append(i)
+    return sorted(front, key=lambda i: (points[i][0], points[i][1], i))
+
+
+def _panel_key(row: dict) -> tuple[str, float]:
+    return row["pattern"], round(row["sparsity"], 6)
+
+
+def mark_pareto(summary: list[dict]) -> list[dict]:
+    """Set summary[i]["pareto"] = True when the row is on the error-vs-time front of its (pattern,
+    sparsity) panel (mean seconds, mean error); returns the summary."""
+    panels: dict[tuple, list[int]] = {}
+    for i, r in enumerate(summary):
+        panels.setdefault(_panel_key(r), []).append(i)
+    for idx in panels.values():
+        on = set(pareto_front([(summary[i]["mean_seconds"], summary[i]["mean_error"]) for i in idx]))
+        for k, i in enumerate(idx):
+            summary[i]["pareto"] = k in on
+    return summary
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -57,7 +94,7 @@ def summarize(rows: list[dict]) -> list[dict]:
             "frac_matmul": _mean(r.get("frac_matmul") for r in rs),
             "frac_copy": _mean(r.get("frac_copy") for r in rs),
         })
-    return out
+    return mark_pareto(out)
 
 
 def _cell(v) -> str:
@@ -171,6 +208,69 @@ def plot_times(summary: list[dict], path: Path) -> bool:
     return True
 
 
+def plot_pareto(panels: dict[str, list[tuple[str, float, float]]], path: Path,
+                xlabel: str = "mean seconds per layer", ylabel: str = "mean relative error") -> bool:
+    """One panel per key of `panels` ({title: [(label, seconds, error), ...]}): every point, labelled, and
+    the Pareto front (pareto_front) as a staircase, both axes logarithmic. False when matplotlib is
+    missing or there is nothing to draw."""
+    plt = _pyplot()
+    if plt is None or not panels:
+        return False
+    from matplotlib import ticker
+
+    n = len(panels)
+    cols = min(n, 3)
+    nrows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.4 * cols, 3.4 * nrows), squeeze=False)
+    for ax, (title, pts) in zip(axes.flat, panels.items()):
+        good = [(lab, max(t, 1e-6), max(e, 1e-12)) for lab, t, e in pts if t is not None and e is not None]
+        front = pareto_front([(t, e) for _, t, e in good])
+        for i, (lab, t, e) in enumerate(good):
+            on = i in front
+            ax.scatter([t], [e], s=28 if on else 16, color="C3" if on else "C0", zorder=3)
+            ax.annotate(lab, (t, e), fontsize=6, textcoords="offset points", xytext=(3, 3),
+                        fontweight="bold" if on else "normal")
+        if front:
+            xs, ys = [], []
+            for i in front:  # staircase: a method is the best choice from its time until the next one's
+                t, e = good[i][1], good[i][2]
+                if xs:
+                    xs.append(t)
+                    ys.append(ys[-1])
+                xs.append(t)
+                ys.append(e)
+            ax.plot(xs, ys, color="C3", linewidth=1, label="Pareto front")
+            ax.legend(fontsize=6)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.margins(x=0.2, y=0.1)  # room for the labels of the extreme points
+        for axis in (ax.xaxis, ax.yaxis):  # ticks at 1, 2, 5 x 10^k, plainly labelled (no overlap)
+            axis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            axis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+            axis.set_minor_formatter(ticker.NullFormatter())
+        ax.tick_params(labelsize=7)
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.set_ylabel(ylabel, fontsize=8)
+        ax.set_title(title, fontsize=9)
+        ax.grid(True, alpha=0.3)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.tight_layout()
+    _save_png(fig, path)
+    plt.close(fig)
+    return True
+
+
+def pareto_panels(summary: list[dict]) -> dict[str, list[tuple[str, float, float]]]:
+    """The bench summary as plot_pareto's panels: one per (pattern, sparsity)."""
+    panels: dict[str, list] = {}
+    for r in summary:
+        pattern, sparsity = _panel_key(r)
+        title = pattern if ":" in pattern else f"{pattern} {sparsity:g}"
+        panels.setdefault(title, []).append((r["method"], r["mean_seconds"], r["mean_error"]))
+    return panels
+
+
 def write_outputs(out: Path, result: dict) -> list[Path]:
     """Write every output file for `result` (the results.json object) into `out`; return the paths."""
     out.mkdir(parents=True, exist_ok=True)
@@ -184,6 +284,8 @@ def write_outputs(out: Path, result: dict) -> list[Path]:
         written.append(out / "errors.png")
     if plot_times(result["summary"], out / "times.png"):
         written.append(out / "times.png")
+    if plot_pareto(pareto_panels(result["summary"]), out / "pareto.png"):
+        written.append(out / "pareto.png")
     written.append(out / "results.json")
     write_json(written[-1], result)  # last: its presence means the folder is complete
     return written

@@ -27,9 +27,9 @@ from .grams import BlockPlan, GramHooks, StopBlock, sync
 
 
 def solver():
-    """prune_layer, imported here only (one place to repoint when the solver layer moves), at call time
-    so that tests can monkeypatch admm_kernels.solver.prune_layer."""
-    from ..solver import prune_layer
+    """prune_layer, imported here only (one place for the pipeline), at call time so that tests can
+    monkeypatch admm_kernels.prune.prune_layer."""
+    from ..prune import prune_layer
     return prune_layer
 
 

@@ -218,3 +218,26 @@ def head_runner(model: nn.Module, blocks: nn.ModuleList, device: torch.device, a
         model.to(home)   # while the pass-throughs are in place: moves only the stem and head back
         for i, b in enumerate(originals):
             blocks[i] = b
+
+
+def input_hooks(layers: dict[str, nn.Module], on_input: Callable[[str, torch.Tensor], None]) -> list:
+    """Forward pre-hooks calling on_input(name, x) with each layer's input tensor x (its first positional
+    argument; ValueError naming the layer when there is none). Returns the handles; if registering one
+    fails, those already registered are removed."""
+    def hook_for(name: str):
+        def hook(module, args):
+            x = args[0] if args else None
+            if not isinstance(x, torch.Tensor):
+                raise ValueError(f"layer {name} was called without a tensor input")
+            on_input(name, x)
+        return hook
+
+    handles = []
+    try:
+        for name, module in layers.items():
+            handles.append(module.register_forward_pre_hook(hook_for(name)))
+    except BaseException:
+        for h in handles:
+            h.remove()
+        raise
+    return handles

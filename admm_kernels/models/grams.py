@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..gram import GramAccumulator
+from .capture import input_hooks
 
 
 class StopBlock(Exception):
@@ -80,28 +81,17 @@ class GramHooks:
         self.stop_early = False
         self._left = 0
         self.seconds = 0.0
-        self.handles = []
-        try:
-            for n, m in layers.items():
-                self.handles.append(m.register_forward_pre_hook(self._hook(n)))
-        except BaseException:
-            self.remove()
-            raise
+        self.handles = input_hooks(layers, self._on_input)
 
-    def _hook(self, name: str):
-        def hook(module, args):
-            x = args[0] if args else None
-            if not isinstance(x, torch.Tensor):
-                raise ValueError(f"layer {name} was called without a tensor input")
-            if self.first is not None:
-                self.first[name].append(x)
-                self.first_order.append(name)
-            elif name in self.active:
-                self._add(name, x)
-                self._left -= 1
-                if self.stop_early and self._left == 0:
-                    raise StopBlock
-        return hook
+    def _on_input(self, name: str, x: torch.Tensor) -> None:
+        if self.first is not None:
+            self.first[name].append(x)
+            self.first_order.append(name)
+        elif name in self.active:
+            self._add(name, x)
+            self._left -= 1
+            if self.stop_early and self._left == 0:
+                raise StopBlock
 
     def _add(self, leader: str, x: torch.Tensor) -> None:
         sync(self.device)

@@ -25,13 +25,13 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .._checks import check_compute_device, check_sparsity, model_device, parse_pattern
+from .._checks import check_compute_device, model_device, parse_pattern, pattern_group
 from .._digest import model_digest
 from .activations import ActivationStore, resolve_offload
 from .block import prune_block, solver
@@ -40,6 +40,7 @@ from .discovery import LayerFilter, find_blocks, get_weight, select_all, set_wei
 from .distributed import Comm, resolve_comm, shard, shard_counts
 from .grams import GramHooks  # noqa: F401  (admm_kernels.bench.grams imports it from here)
 from .loading import max_positions
+from .sparsity_profile import BlockSparsity, check_profile
 from .state import PipelineState, StateLayout, fingerprint
 from .streaming import StreamedModel
 
@@ -90,8 +91,8 @@ def check_calibration(calibration, model: nn.Module) -> torch.Tensor:
 def _validate_options(sparsity: float, pattern: str, method: str, options: dict) -> None:
     """Run prune_layer once on a tiny random layer so a bad method or option fails before any work."""
     prune_layer = solver()
-    tail = pattern.split(":")[-1].strip() if isinstance(pattern, str) else ""
-    in_f = int(tail) * 2 if tail.isdigit() and int(tail) > 0 else 8
+    group = pattern_group(pattern)
+    in_f = group * 2 if group > 1 else 8
     g = torch.Generator().manual_seed(0)
     w = torch.randn(4, in_f, generator=g)
     x = torch.randn(4 * in_f, in_f, generator=g)
@@ -99,9 +100,10 @@ def _validate_options(sparsity: float, pattern: str, method: str, options: dict)
 
 
 def _validate_layers(selected: list[dict[str, nn.Module]], blocks_name: str, pattern: str,
-                     sparsity: float) -> None:
+                     block_sparsity: Sequence[float]) -> None:
     """Check the pattern against every selected layer before any work (not after hours)."""
     for i, layers in enumerate(selected):
+        sparsity = block_sparsity[i]
         for rel, module in layers.items():
             out_f, in_f = get_weight(module).shape
             try:
@@ -115,15 +117,17 @@ def _validate_layers(selected: list[dict[str, nn.Module]], blocks_name: str, pat
                                  f"(weight {out_f}x{in_f})")
 
 
-def check_prunable(model: nn.Module | StreamedModel, sparsity: float, pattern: str, method: str = "admm",
-                   layers: LayerFilter = None, **options) -> None:
+def check_prunable(model: nn.Module | StreamedModel, sparsity: float | Sequence[float], pattern: str,
+                   method: str = "admm",
+                   layers: LayerFilter = None, *, sparsity_profile: str = "uniform",
+                   owl_m: float | None = None, owl_lambda: float | None = None, **options) -> None:
     """Raise ValueError / TypeError now if prune_model would reject these settings for this model
     (no decoder blocks, a layer pattern matching nothing, N:M not dividing a layer's in_features,
-    an unknown method or option)."""
+    an unknown method or option, a bad sparsity profile)."""
     blocks_name, blocks = find_blocks(model.model if isinstance(model, StreamedModel) else model)
-    sparsity = check_sparsity(sparsity)
-    _validate_layers(select_all(blocks, blocks_name, layers), blocks_name, pattern, sparsity)
-    _validate_options(sparsity, pattern, method, options)
+    planned = check_profile(sparsity, sparsity_profile, len(blocks), pattern, owl_m, owl_lambda).planned()
+    _validate_layers(select_all(blocks, blocks_name, layers), blocks_name, pattern, planned)
+    _validate_options(planned[0], pattern, method, options)
 
 
 def _callable_name(f) -> str:
@@ -131,15 +135,16 @@ def _callable_name(f) -> str:
 
 
 def run_fingerprint(model: nn.Module, ids: torch.Tensor, blocks_name: str, n_blocks: int, *, method: str,
-                    pattern: str, sparsity: float, options: dict, layers: LayerFilter,
+                    pattern: str, sparsity: BlockSparsity, options: dict, layers: LayerFilter,
                     gram_dtype: torch.dtype, device: torch.device, dense_model: str | None = None,
                     world_size: int = 1, sequential: bool = False) -> dict:
     """Everything that determines a pruning run's result, as compared by `--resume`: a content digest
     of every parameter and buffer of the dense model (admm_kernels._digest.model_digest: 0.38 s for the
     538 MB of SmolLM2-135M here, ~0.1 % of the embedded run; `dense_model` when the caller has it, e.g.
     a StreamedModel's digest from its checkpoint, which is the same value), its config, the calibration
-    token ids, the method, pattern, sparsity and options, the layer selection, the Gram dtype, the device
-    type, the torch thread count on the CPU (BLAS reductions are split per thread: 1 vs 2 threads gave
+    token ids, the method, pattern, target sparsity, sparsity profile (its name and settings, and every
+    block's sparsity) and options, the layer selection, the Gram dtype, the device type, the torch thread
+    count on the CPU (BLAS reductions are split per thread: 1 vs 2 threads gave
     perplexity 64.238 vs 64.301 for the same run), a forced kernel backend, the versions of the code,
     and -- only when not the default, so older single-process states stay valid -- the world size of a
     distributed run (the Gram sums run in another order) and sequential pruning."""
@@ -154,7 +159,8 @@ def run_fingerprint(model: nn.Module, ids: torch.Tensor, blocks_name: str, n_blo
         model=type(model).__name__,
         config=model.config.to_json_string() if hasattr(model, "config") else None,
         blocks=f"{blocks_name}[{n_blocks}]", dense_model=dense_model or model_digest(model),
-        method=method, pattern=pattern, sparsity=sparsity, options=options,
+        method=method, pattern=pattern, sparsity=sparsity.target, options=options,
+        sparsity_profile=sparsity.fingerprint(),
         layers=_callable_name(layers) if callable(layers) else layers,
         calibration=ids, gram_dtype=gram_dtype, device=device.type,
         threads=torch.get_num_threads() if device.type == "cpu" else None,
@@ -176,8 +182,9 @@ def _torch_dtype(name: str) -> torch.dtype:
     return value
 
 
-def prune_model(model: nn.Module | StreamedModel, calibration, sparsity: float = 0.5,
-                pattern: str = "unstructured", method: str = "admm", *, layers: LayerFilter = None,
+def prune_model(model: nn.Module | StreamedModel, calibration, sparsity: float | Sequence[float] = 0.5,
+                pattern: str = "unstructured", method: str = "admm", *, sparsity_profile: str = "uniform",
+                owl_m: float | None = None, owl_lambda: float | None = None, layers: LayerFilter = None,
                 device: torch.device | str | None = None, offload: bool | str = False,
                 offload_dir: str | os.PathLike | None = None, gram_dtype: torch.dtype = torch.float32,
                 sequential: bool = False, progress: bool = False,
@@ -201,6 +208,13 @@ def prune_model(model: nn.Module | StreamedModel, calibration, sparsity: float =
         taken from the block with the earlier groups already pruned (q/k/v, then o, then gate/up, then
         down for LLaMA; the rule is in admm_kernels.models.grams). progress: tqdm bars over blocks and
         layers (rank 0 only).
+        sparsity may also be a list of one value in [0, 1) per decoder block. sparsity_profile:
+        "uniform" (every block at `sparsity`) or "owl" (Yin et al. 2024: blocks with a larger share of
+        outlier Wanda scores are pruned less, the model's overall sparsity stays `sparsity`; owl_m = M,
+        the outlier threshold over the block's mean score, default 5; owl_lambda = λ, the block
+        sparsities span 2λ, default 0.08; one extra dense forward of the calibration data, on rank 0 of
+        a distributed run, whose result every rank uses; not with a StreamedModel; unstructured and
+        per-row patterns only; see admm_kernels.models.owl).
         state_dir: folder for resumable state, locked for the run (a second run on it fails at once,
         naming the holder's pid). A run started with the same settings continues from the last finished
         block with a bit-identical result. Pass the original dense model, freshly loaded: its content
@@ -218,10 +232,13 @@ def prune_model(model: nn.Module | StreamedModel, calibration, sparsity: float =
     rerun on a freshly loaded dense model to continue). A rank of a distributed run whose peer died or
     hung raises admm_kernels.models.distributed.DistributedError within the process group's timeout.
 
-    Returns a JSON-able dict (the same on every rank): model, blocks, method, pattern, sparsity,
-    options, nsamples, seqlen, layers (per layer: name, block, shape, group, error, seconds, sparsity;
+    Returns a JSON-able dict (the same on every rank): model, blocks, method, pattern, sparsity (the
+    target: for a per-block list, its mean weighted by the blocks' selected weights), sparsity_profile
+    (name, target, block_sparsity; OWL: owl_m, owl_lambda, outlier_ratios), options, nsamples, seqlen,
+    layers (per layer: name, block, shape, group, error, seconds, sparsity;
     "stage" with sequential, "rank" (its solver) when distributed), achieved_sparsity (over the pruned
-    layers), timings (capture, forward, gram, solve, comm, state, total seconds, this rank's), threads
+    layers), timings (profile, capture, forward, gram, solve, comm, state, total seconds, this rank's),
+    threads
     (torch's CPU thread count, part of what makes a run reproducible), world_size, ranks (per rank:
     device, windows, timings; distributed only), versions.
     """
@@ -236,10 +253,14 @@ def prune_model(model: nn.Module | StreamedModel, calibration, sparsity: float =
     if not isinstance(sequential, bool):
         raise TypeError(f"sequential must be a bool, got {sequential!r}")
     ids = check_calibration(calibration, net)
-    sparsity = check_sparsity(sparsity)
+    request = check_profile(sparsity, sparsity_profile, len(blocks), pattern, owl_m, owl_lambda)
+    if request.name == "owl" and streamed is not None:
+        raise ValueError("sparsity_profile='owl' needs a dense pass over every block before pruning, which a "
+                         "StreamedModel does not support yet: load the model in memory, or give the OWL "
+                         "sparsities of a previous run as a per-block list")
     selected = select_all(blocks, blocks_name, layers)
-    _validate_layers(selected, blocks_name, pattern, sparsity)
-    _validate_options(sparsity, pattern, method, options)
+    _validate_layers(selected, blocks_name, pattern, request.planned())
+    _validate_options(request.planned()[0], pattern, method, options)
     comm = resolve_comm(distributed)
     home = torch.device("cpu") if streamed is not None else model_device(net)
     device = check_compute_device(device, "device") if device is not None else home
@@ -253,39 +274,49 @@ def prune_model(model: nn.Module | StreamedModel, calibration, sparsity: float =
     counts = shard_counts(n, comm.size)
     mine = shard(n, comm.size, comm.rank)
 
-    def sparsity_of(b: int) -> float:  # the one place that says how sparse block b becomes
-        return sparsity
+    block_sparsity: BlockSparsity | None = None  # the one place that says how sparse block b becomes
 
     def block_options(b: int) -> dict:
-        return dict(sparsity=sparsity_of(b), pattern=pattern, method=method, **options)
+        return dict(sparsity=block_sparsity.of(b), pattern=pattern, method=method, **options)
 
     store = PipelineState(state_dir) if state_dir is not None and comm.is_main else None
     comm_before = comm.seconds
-    timings = {"capture": 0.0, "forward": 0.0, "gram": 0.0, "solve": 0.0, "comm": 0.0, "state": 0.0}
+    timings = {"profile": 0.0, "capture": 0.0, "forward": 0.0, "gram": 0.0, "solve": 0.0, "comm": 0.0,
+               "state": 0.0}
     was_training = net.training
     with contextlib.ExitStack() as stack:
         state, fp = None, None
 
-        def open_state() -> dict:  # rank 0: lock, fingerprint, verify; the others hear the outcome
+        def open_state() -> dict:  # rank 0: lock, profile, fingerprint, verify; the others hear the outcome
             nonlocal state, fp
+            if store is not None:
+                stack.enter_context(store.lock())
+            t = time.perf_counter()
+            try:  # before the first block is pruned: OWL's dense pass (eval mode; no weight is changed)
+                profile = request.resolve(net.eval(), blocks, selected, ids, device, acts_store.device,
+                                          progress)
+            finally:
+                net.train(was_training)
+            timings["profile"] = time.perf_counter() - t
             if store is None:
-                return {"start": 0, "saving": False, "layers": [], "acts": None}
-            stack.enter_context(store.lock())
+                return {"start": 0, "saving": False, "layers": [], "acts": None, "sparsity": profile}
             t = time.perf_counter()
             fp = run_fingerprint(net, ids, blocks_name, len(blocks), method=method, pattern=pattern,
-                                 sparsity=sparsity, options=options, layers=layers, gram_dtype=gram_dtype,
+                                 sparsity=profile, options=options, layers=layers, gram_dtype=gram_dtype,
                                  device=device, world_size=comm.size, sequential=sequential,
                                  dense_model=streamed.digest() if streamed is not None else None)
             state = store.load(fp, _layout(selected, end, ids))  # verified before the model is touched
             timings["state"] += time.perf_counter() - t
             if state is None:
-                return {"start": 0, "saving": True, "layers": [], "acts": None}
+                return {"start": 0, "saving": True, "layers": [], "acts": None, "sparsity": profile}
             rec = state["files"][state["acts_file"]]["tensors"]["hidden"] if state["acts_file"] else None
             return {"start": state["next_block"], "saving": True, "layers": list(state["report"]["layers"]),
-                    "acts": (rec["shape"], rec["dtype"]) if rec else None}
+                    "acts": (rec["shape"], rec["dtype"]) if rec else None, "sparsity": profile}
 
-        opened = comm.decided_by_main(open_state, "opening the state folder")
+        opened = comm.decided_by_main(open_state, "opening the state folder and the sparsity profile")
         start, saving, report_layers = opened["start"], opened["saving"], opened["layers"]
+        block_sparsity = opened["sparsity"]
+        _validate_layers(selected, blocks_name, pattern, block_sparsity.values)
         bar, loaded, full = None, None, None
         try:
             net.eval()
@@ -349,7 +380,8 @@ def prune_model(model: nn.Module | StreamedModel, calibration, sparsity: float =
     timings["comm"] = comm.seconds - comm_before  # inside collectives, waiting for other ranks included
     report = {
         "model": type(net).__name__, "blocks": len(blocks), "blocks_name": blocks_name,
-        "method": method, "pattern": pattern, "sparsity": sparsity,
+        "method": method, "pattern": pattern, "sparsity": block_sparsity.target,
+        "sparsity_profile": block_sparsity.report(),
         "options": fingerprint(**options), "nsamples": n, "seqlen": int(ids.shape[1]),
         "device": str(device), "offload": offload, "sequential": sequential, "streamed": streamed is not None,
         "resumed_from_block": start if state_dir and start else None,

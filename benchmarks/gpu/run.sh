@@ -55,12 +55,17 @@ if [[ -n "$missing" ]]; then
 fi
 
 # Build admm_kernels._C with the CUDA sources (ADMM_KERNELS_CUDA=1: fail loudly if they cannot be built);
-# fall back to an in-place build when an editable install is not possible.
+# fall back to an in-place build when an editable install is not possible. The same setup.py path as
+# `make check-gpu-build` (tools/build_flags.py): C++17 for torch <= 2.13 (the H200 image has 2.11), C++20
+# from 2.14; the visible GPU's architecture only (torch's detection), so the build takes ~1-2 minutes.
 [[ "${SKIP_BUILD:-0}" == 1 ]] || step build 200 bash -c "MAX_JOBS=$JOBS ADMM_KERNELS_CUDA=1 $PY -m pip install --no-build-isolation --no-deps -e . \
   || MAX_JOBS=$JOBS ADMM_KERNELS_CUDA=1 $PY setup.py build_ext --inplace"
 step check_ext 30 $PY -c "import admm_kernels.backends.cuda as c, admm_kernels.backends.triton as t; \
 print('cuda backend available:', c.is_available(), c.unavailable_reason() if not c.is_available() else ''); \
 print('triton backend available:', t.is_available())"
+# Every kernel of every backend against the reference on this GPU, with times (admm_kernels/doctor.py):
+# the first numerics of the CUDA/Triton kernels on a real device; OUTDIR/doctor.log and doctor.json.
+step doctor 120 bash -c "$PY -m admm_kernels.cli doctor; $PY -m admm_kernels.cli doctor --json --repeat 3 > '$OUT/doctor.json'"
 
 # pytest: addopts of pyproject.toml need pytest-benchmark; override them so a missing plugin cannot stop us.
 step test_gpu 150 env ADMM_REQUIRE_CUDA_EXT=1 $PY -m pytest -q -o addopts=-ra -m gpu tests
@@ -75,6 +80,7 @@ step bench 180 $PY benchmarks/gpu/bench_gpu.py --out "$OUT" ${BENCH_ARGS:-}
   echo "|---|---|---|"
   while IFS=$'\t' read -r n rc dt; do echo "| $n | $rc | $dt |"; done < "$OUT/steps.tsv"
   echo
+  [[ -f "$OUT/doctor.log" ]] && echo "- doctor: $(grep -E 'checks passed' "$OUT/doctor.log" | tail -n 1)"
   for t in test_gpu test_triton; do
     [[ -f "$OUT/$t.log" ]] && echo "- $t: $(grep -E '(passed|failed|error|skipped)' "$OUT/$t.log" | tail -n 1)"
   done

@@ -1,20 +1,61 @@
-// AVX2 helpers shared by the CPU sparse kernels (sparse_nm.cpp, sparse_unstructured.cpp).
+// AVX2 code paths of the CPU sparse kernels (sparse_nm.cpp, sparse_unstructured.cpp), chosen at run time.
 //
-// ADMM_SIMD_AVX2 is defined when the compiler targets AVX2 + FMA + F16C (setup.py builds with
-// -march=native); the kernels guard their vector paths with it and fall back to scalar loops otherwise.
+// A local build uses -march=native, a wheel or sdist build the portable x86-64 baseline (setup.py,
+// tools/build_flags.py): a wheel compiled with AVX2 everywhere would die with an illegal instruction on
+// a CPU without it. So the AVX2 paths are always compiled, but only the functions defined between
+// ADMM_AVX2_BEGIN and ADMM_AVX2_END get the avx2,fma,f16c target (the compiler's target pragma), and
+// the callers take them only when avx2::enabled() says the CPU has those instructions (cpuid, read
+// once). Everything defined between the two macros lives in a namespace named `avx2`:
+// tests/test_build_flags.py disassembles a portable build and checks that only functions of such a
+// namespace use VEX-encoded (AVX) instructions.
+//
+// ADMM_KERNELS_NO_AVX2=1 in the environment makes enabled() false (read on first use): the scalar
+// fallbacks, which an older CPU runs, can then be tested on this one.
 #pragma once
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <cstdlib>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
 #define ADMM_SIMD_AVX2 1
+#if defined(__clang__)
+#define ADMM_AVX2_BEGIN \
+  _Pragma("clang attribute push(__attribute__((target(\"avx2,fma,f16c\"))), apply_to = function)")
+#define ADMM_AVX2_END _Pragma("clang attribute pop")
+#else
+#define ADMM_AVX2_BEGIN _Pragma("GCC push_options") _Pragma("GCC target(\"avx2,fma,f16c\")")
+#define ADMM_AVX2_END _Pragma("GCC pop_options")
+#endif
 #endif
 
 #ifdef ADMM_SIMD_AVX2
 namespace admm_kernels {
-namespace simd {
+namespace avx2 {
+
+// True when the AVX2 paths may run: the CPU has AVX2, FMA and F16C and ADMM_KERNELS_NO_AVX2 is unset.
+inline bool enabled() {
+  static const bool ok = [] {
+    const char* off = std::getenv("ADMM_KERNELS_NO_AVX2");
+    if (off != nullptr && off[0] != '\0' && off[0] != '0') return false;
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+    return true;  // the whole build already targets AVX2 (-march=native on an AVX2 machine)
+#else
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#endif
+  }();
+  return ok;
+}
+
+}  // namespace avx2
+}  // namespace admm_kernels
+
+ADMM_AVX2_BEGIN
+namespace admm_kernels {
+namespace avx2 {
 
 // 8 consecutive values widened to fp32.
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
@@ -35,6 +76,7 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-}  // namespace simd
+}  // namespace avx2
 }  // namespace admm_kernels
+ADMM_AVX2_END
 #endif  // ADMM_SIMD_AVX2

@@ -8,7 +8,7 @@
 // Why it can beat a dense GEMV: at batch 1 a dense fp32 GEMV is memory bound (4 bytes a weight). 2:4 in
 // fp32 reads 2 bytes + 1/4 byte of metadata per dense weight (fp16 storage: 1.25 bytes), so the bound
 // is 1.8x (3.2x) lower. The kernel must therefore decode positions without leaving the memory roof:
-// 2:4 fast path (AVX2), 8 values = 4 groups = 16 inputs per step:
+// 2:4 fast path (AVX2, taken when the CPU has it: see simd_load.h), 8 values = 4 groups = 16 inputs per step:
 //   * the 16 metadata bits are broadcast and shifted per lane by 2*lane: the low 2 bits of lane l are
 //     then value l's in-group position, which is all vpermilps (in-128-bit-lane permute) reads;
 //   * x is pre-swizzled once per call so each 128-bit half of a register holds one whole group; two
@@ -39,8 +39,10 @@ namespace {
 constexpr int64_t kBatchChunk = 4;
 
 #ifdef ADMM_SIMD_AVX2
-using simd::hsum;
-using simd::load8;
+ADMM_AVX2_BEGIN
+namespace avx2 {  // admm_kernels::(anonymous)::avx2: this file's AVX2 paths (see simd_load.h)
+using admm_kernels::avx2::hsum;
+using admm_kernels::avx2::load8;
 
 // One output row, BB rows of x (x rows are ldx apart), 2:4 layout. Writes y[b*ldy].
 // xs is x "swizzled" per 16-input block as [0..3, 8..11, 4..7, 12..15] (swizzle_x below), so one aligned
@@ -155,26 +157,6 @@ inline float row_24_b1(const float* __restrict xs, const float* __restrict x, co
   return s;
 }
 
-// (batch, cols) -> same shape, each full 16-input block reordered [0..3, 8..11, 4..7, 12..15]. A plain
-// loop: the same with clone + narrow/select/copy_ cost ~5 us of ATen overhead per call, which at decode
-// sizes (SmolLM2's 576x576: ~50 us a layer) is 10 %.
-at::Tensor swizzle_x(const at::Tensor& xf) {
-  const int64_t batch = xf.size(0), cols = xf.size(1);
-  const int64_t full = cols / 16 * 16;
-  at::Tensor xs = at::empty_like(xf);
-  const float* src = xf.data_ptr<float>();
-  float* dst = xs.data_ptr<float>();
-  static constexpr int kFrom[4] = {0, 8, 4, 12};
-  for (int64_t b = 0; b < batch; ++b) {
-    const float* s = src + b * cols;
-    float* d = dst + b * cols;
-    for (int64_t q = 0; q < full; q += 16)
-      for (int part = 0; part < 4; ++part) std::memcpy(d + q + 4 * part, s + q + kFrom[part], 4 * sizeof(float));
-    if (full < cols) std::memcpy(d + full, s + full, (cols - full) * sizeof(float));
-  }
-  return xs;
-}
-
 template <typename T>
 void rows_24(const float* xs, const float* x, int64_t batch, int64_t cols, const T* vals, const uint8_t* meta,
              int64_t k, int64_t meta_bytes, int64_t r0, int64_t r1, float* y, int64_t rows) {
@@ -193,6 +175,29 @@ void rows_24(const float* xs, const float* x, int64_t batch, int64_t cols, const
       }
     }
   }
+}
+
+}  // namespace avx2
+ADMM_AVX2_END
+
+// (batch, cols) -> same shape, each full 16-input block reordered [0..3, 8..11, 4..7, 12..15]. A plain
+// loop: the same with clone + narrow/select/copy_ cost ~5 us of ATen overhead per call, which at decode
+// sizes (SmolLM2's 576x576: ~50 us a layer) is 10 %.
+at::Tensor swizzle_x(const at::Tensor& xf) {
+  const int64_t batch = xf.size(0), cols = xf.size(1);
+  const int64_t full = cols / 16 * 16;
+  at::Tensor xs = at::empty_like(xf);
+  const float* src = xf.data_ptr<float>();
+  float* dst = xs.data_ptr<float>();
+  static constexpr int kFrom[4] = {0, 8, 4, 12};
+  for (int64_t b = 0; b < batch; ++b) {
+    const float* s = src + b * cols;
+    float* d = dst + b * cols;
+    for (int64_t q = 0; q < full; q += 16)
+      for (int part = 0; part < 4; ++part) std::memcpy(d + q + 4 * part, s + q + kFrom[part], 4 * sizeof(float));
+    if (full < cols) std::memcpy(d + full, s + full, (cols - full) * sizeof(float));
+  }
+  return xs;
 }
 #endif  // ADMM_SIMD_AVX2
 
@@ -309,7 +314,7 @@ at::Tensor sparse_nm_mm_cpu(const at::Tensor& x, const at::Tensor& values, const
   const uint8_t* mp = mc.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
 #ifdef ADMM_SIMD_AVX2
-  const bool fast24 = n == 2 && m == 4 && vc.scalar_type() != at::kDouble;
+  const bool fast24 = n == 2 && m == 4 && vc.scalar_type() != at::kDouble && admm_kernels::avx2::enabled();
   const at::Tensor xs = fast24 ? swizzle_x(xf) : xf;
   const float* xsp = xs.data_ptr<float>();
 #endif
@@ -321,7 +326,7 @@ at::Tensor sparse_nm_mm_cpu(const at::Tensor& x, const at::Tensor& values, const
 #ifdef ADMM_SIMD_AVX2
       if constexpr (!std::is_same_v<scalar_t, double>) {
         if (fast24) {
-          rows_24<scalar_t>(xsp, xp, batch, cols, vp, mp, k, meta_bytes, r0, r1, yp, rows);
+          avx2::rows_24<scalar_t>(xsp, xp, batch, cols, vp, mp, k, meta_bytes, r0, r1, yp, rows);
           return;
         }
       }

@@ -6,6 +6,7 @@
 //
 // Bytes per stored weight: 4 (fp32) + 2 (int16 index); at 90 % sparsity that is 0.6 bytes per dense
 // weight against the dense GEMV's 4, so a memory-bound kernel can be several times faster.
+// AVX2 paths (taken when the CPU has AVX2, see simd_load.h; scalar loops otherwise):
 //   batch 1: per row, 8 indices widened to int32 and one vgatherdps from x (x is in L1/L2: 16-44 KB);
 //   batch > 1: x is transposed once into xt (cols, P) with P = batch rounded up to 8 (at most 32 per
 //     pass), so each stored weight is one broadcast and P/8 FMAs on contiguous xt[col, :] - no gathers.
@@ -27,39 +28,80 @@ namespace {
 constexpr int64_t kMaxPanel = 32;  // batch rows per transposed pass (4 accumulator registers)
 
 #ifdef ADMM_SIMD_AVX2
-using simd::hsum;
-using simd::load8;
+ADMM_AVX2_BEGIN
+namespace avx2 {  // admm_kernels::(anonymous)::avx2: this file's AVX2 paths (see simd_load.h)
+using admm_kernels::avx2::hsum;
+using admm_kernels::avx2::load8;
+
 inline __m256i load8i(const int16_t* p) {
   return _mm256_cvtepi16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 inline __m256i load8i(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
-#endif
 
-// Batch 1: y[r] = sum_j v[j] * x[col[j]].
+// row_dot's vector part: the sum over [lo, j_end) with j_end = lo + a multiple of 8 (written to *j_end).
 template <typename T, typename I>
 float row_dot(const float* __restrict x, const T* __restrict v, const I* __restrict col, int64_t lo,
-              int64_t hi) {
+              int64_t hi, int64_t* j_end) {
+  // Two accumulators (FMA latency), folded into `total` every 256 weights (blocked summation).
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), total = _mm256_setzero_ps();
+  int64_t j = lo;
+  while (j + 16 <= hi) {
+    const int64_t stop = std::min<int64_t>(hi, j + 256);
+    for (; j + 16 <= stop; j += 16) {
+      a0 = _mm256_fmadd_ps(load8(v + j), _mm256_i32gather_ps(x, load8i(col + j), 4), a0);
+      a1 = _mm256_fmadd_ps(load8(v + j + 8), _mm256_i32gather_ps(x, load8i(col + j + 8), 4), a1);
+    }
+    total = _mm256_add_ps(total, _mm256_add_ps(a0, a1));
+    a0 = _mm256_setzero_ps();
+    a1 = _mm256_setzero_ps();
+  }
+  for (; j + 8 <= hi; j += 8)
+    a0 = _mm256_fmadd_ps(load8(v + j), _mm256_i32gather_ps(x, load8i(col + j), 4), a0);
+  *j_end = j;
+  return hsum(_mm256_add_ps(total, a0));
+}
+
+// row_panel with AVX2: xt (cols, P), P % 8 == 0, P <= kMaxPanel; writes y[b*ldy] for b < nb.
+template <typename T, typename I>
+void row_panel(const float* __restrict xt, int64_t P, const T* __restrict v, const I* __restrict col,
+               int64_t lo, int64_t hi, float* __restrict y, int64_t ldy, int64_t nb) {
+  // Blocked summation (partial sums folded every kBlock weights): each lane otherwise chains every
+  // weight of the row, several times the error of a dense GEMM's blocked sums.
+  constexpr int64_t kBlock = 32;
+  __m256 acc[kMaxPanel / 8], total[kMaxPanel / 8];
+  const int64_t nc = P / 8;
+  for (int64_t c = 0; c < nc; ++c) total[c] = _mm256_setzero_ps();
+  for (int64_t j0 = lo; j0 < hi; j0 += kBlock) {
+    const int64_t j1 = std::min<int64_t>(hi, j0 + kBlock);
+    for (int64_t c = 0; c < nc; ++c) acc[c] = _mm256_setzero_ps();
+    for (int64_t j = j0; j < j1; ++j) {
+      const __m256 w = _mm256_set1_ps(static_cast<float>(v[j]));
+      const float* xr = xt + static_cast<int64_t>(col[j]) * P;
+      for (int64_t c = 0; c < nc; ++c) acc[c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xr + 8 * c), acc[c]);
+    }
+    for (int64_t c = 0; c < nc; ++c) total[c] = _mm256_add_ps(total[c], acc[c]);
+  }
+  alignas(32) float out[kMaxPanel];
+  for (int64_t c = 0; c < nc; ++c) _mm256_store_ps(out + 8 * c, total[c]);
+  for (int64_t b = 0; b < nb; ++b) y[b * ldy] = out[b];
+}
+
+}  // namespace avx2
+ADMM_AVX2_END
+#endif  // ADMM_SIMD_AVX2
+
+// Batch 1: y[r] = sum_j v[j] * x[col[j]]. `simd`: the AVX2 path may run (checked once by the caller).
+template <typename T, typename I>
+float row_dot(const float* __restrict x, const T* __restrict v, const I* __restrict col, int64_t lo,
+              int64_t hi, bool simd) {
   float s = 0.f;
   int64_t j = lo;
 #ifdef ADMM_SIMD_AVX2
   if constexpr (!std::is_same_v<T, double>) {
-    // Two accumulators (FMA latency), folded into `total` every 256 weights (blocked summation).
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), total = _mm256_setzero_ps();
-    while (j + 16 <= hi) {
-      const int64_t stop = std::min<int64_t>(hi, j + 256);
-      for (; j + 16 <= stop; j += 16) {
-        a0 = _mm256_fmadd_ps(load8(v + j), _mm256_i32gather_ps(x, load8i(col + j), 4), a0);
-        a1 = _mm256_fmadd_ps(load8(v + j + 8), _mm256_i32gather_ps(x, load8i(col + j + 8), 4), a1);
-      }
-      total = _mm256_add_ps(total, _mm256_add_ps(a0, a1));
-      a0 = _mm256_setzero_ps();
-      a1 = _mm256_setzero_ps();
-    }
-    for (; j + 8 <= hi; j += 8)
-      a0 = _mm256_fmadd_ps(load8(v + j), _mm256_i32gather_ps(x, load8i(col + j), 4), a0);
-    s = hsum(_mm256_add_ps(total, a0));
+    if (simd) s = avx2::row_dot<T, I>(x, v, col, lo, hi, &j);
   }
 #endif
+  (void)simd;
   double tail = 0.0;
   for (; j < hi; ++j) tail += static_cast<double>(static_cast<float>(v[j]) * x[col[j]]);
   return static_cast<float>(s + tail);
@@ -68,31 +110,16 @@ float row_dot(const float* __restrict x, const T* __restrict v, const I* __restr
 // Batch > 1: xt (cols, P), P % 8 == 0, P <= kMaxPanel; writes y[b*ldy] for b < nb.
 template <typename T, typename I>
 void row_panel(const float* __restrict xt, int64_t P, const T* __restrict v, const I* __restrict col,
-               int64_t lo, int64_t hi, float* __restrict y, int64_t ldy, int64_t nb) {
+               int64_t lo, int64_t hi, float* __restrict y, int64_t ldy, int64_t nb, bool simd) {
 #ifdef ADMM_SIMD_AVX2
   if constexpr (!std::is_same_v<T, double>) {
-    // Blocked summation (partial sums folded every kBlock weights): each lane otherwise chains every
-    // weight of the row, several times the error of a dense GEMM's blocked sums.
-    constexpr int64_t kBlock = 32;
-    __m256 acc[kMaxPanel / 8], total[kMaxPanel / 8];
-    const int64_t nc = P / 8;
-    for (int64_t c = 0; c < nc; ++c) total[c] = _mm256_setzero_ps();
-    for (int64_t j0 = lo; j0 < hi; j0 += kBlock) {
-      const int64_t j1 = std::min<int64_t>(hi, j0 + kBlock);
-      for (int64_t c = 0; c < nc; ++c) acc[c] = _mm256_setzero_ps();
-      for (int64_t j = j0; j < j1; ++j) {
-        const __m256 w = _mm256_set1_ps(static_cast<float>(v[j]));
-        const float* xr = xt + static_cast<int64_t>(col[j]) * P;
-        for (int64_t c = 0; c < nc; ++c) acc[c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xr + 8 * c), acc[c]);
-      }
-      for (int64_t c = 0; c < nc; ++c) total[c] = _mm256_add_ps(total[c], acc[c]);
+    if (simd) {
+      avx2::row_panel<T, I>(xt, P, v, col, lo, hi, y, ldy, nb);
+      return;
     }
-    alignas(32) float out[kMaxPanel];
-    for (int64_t c = 0; c < nc; ++c) _mm256_store_ps(out + 8 * c, total[c]);
-    for (int64_t b = 0; b < nb; ++b) y[b * ldy] = out[b];
-    return;
   }
 #endif
+  (void)simd;
   double out[kMaxPanel] = {};
   for (int64_t j = lo; j < hi; ++j) {
     const float w = static_cast<float>(v[j]);
@@ -111,9 +138,14 @@ void csr_run(const at::Tensor& xf, const int64_t* crow, const I* col, const T* v
   float* yp = y.data_ptr<float>();
   const int64_t per_row = std::max<int64_t>(1, nnz / std::max<int64_t>(1, rows));
   const int64_t grain = std::max<int64_t>(1, 16384 / (per_row * batch));
+#ifdef ADMM_SIMD_AVX2
+  const bool simd = admm_kernels::avx2::enabled();
+#else
+  const bool simd = false;
+#endif
   if (batch == 1) {
     at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) yp[r] = row_dot<T, I>(xp, v, col, crow[r], crow[r + 1]);
+      for (int64_t r = r0; r < r1; ++r) yp[r] = row_dot<T, I>(xp, v, col, crow[r], crow[r + 1], simd);
     });
     return;
   }
@@ -125,7 +157,7 @@ void csr_run(const at::Tensor& xf, const int64_t* crow, const I* col, const T* v
     const float* xtp = xt.data_ptr<float>();
     at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r)
-        row_panel<T, I>(xtp, P, v, col, crow[r], crow[r + 1], yp + b0 * rows + r, rows, nb);
+        row_panel<T, I>(xtp, P, v, col, crow[r], crow[r + 1], yp + b0 * rows + r, rows, nb, simd);
     });
   }
 }

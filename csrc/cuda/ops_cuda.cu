@@ -39,8 +39,11 @@ void check_cuda_2d(const at::Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(t.dim() == 2, name, " must be 2-D, got shape ", t.sizes());
 }
 
-void admm_dual_step(const at::Tensor& W_in, const at::Tensor& U, const at::Tensor& M_in, const at::Tensor& B_in,
-                    double rho, const at::Tensor& R) {
+// U and R are mutated (Tensor(a!) in the schema): the C++ signature must be the CPU kernel's, with
+// non-const references. A different signature for the same op makes the dispatcher abort the process
+// when _C is loaded ("Mismatch in kernel C++ signatures"), which only a real CUDA build shows.
+void admm_dual_step(const at::Tensor& W_in, at::Tensor& U, const at::Tensor& M_in, const at::Tensor& B_in,
+                    double rho, at::Tensor& R) {
   // The kernels write U and R element by element and promise __restrict__: outputs must not overlap
   // themselves or each other, and inputs that share memory with an output are read from copies (as on
   // the CPU).

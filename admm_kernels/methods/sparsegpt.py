@@ -14,6 +14,8 @@ score w^2 / U_jj^2:
 - per-row: the same within each row of the block (int(i2*s) - int(i1*s) per row, int(in*s) in total);
 - N:M: when the first column of each group of M is reached, the N best of the group are kept.
 A given mask (update-only) skips the selection and runs the OBS updates on exactly that mask.
+Dead inputs (diag G == 0) get the live diagonal's mean as their (decoupled) diagonal, not the paper's 1,
+so that the damping does not depend on the Gram's scale.
 """
 
 from __future__ import annotations
@@ -23,20 +25,21 @@ import time
 import torch
 
 from .. import masks
-from .._checks import Pattern, check_float, check_int, check_options
+from .._checks import Pattern, check_float, check_int
+from .ranges import finite_cast
+from .registry import Method, MethodResult, Option, check_compute_dtype
 
-OPTIONS = ("percdamp", "blocksize", "compute_dtype")
+OPTIONS = (
+    Option("percdamp", 0.01, lambda v: check_float(v, "percdamp"), "damping λ = percdamp · mean(diag G)"),
+    Option("blocksize", 128, lambda v: check_int(v, "blocksize", 1), "columns per lazy-update block"),
+    Option("compute_dtype", torch.float32, check_compute_dtype, "torch.float32 or torch.float64"),
+)
 
 
-def prune(weight: torch.Tensor, G: torch.Tensor, pattern: Pattern, sparsity: float,
-          mask: torch.Tensor | None = None, **options) -> tuple[torch.Tensor, torch.Tensor, dict]:
+def run(weight: torch.Tensor, G: torch.Tensor, pattern: Pattern, sparsity: float, mask: torch.Tensor | None,
+        options: dict) -> MethodResult:
     """weight (out, in) any float dtype, G (in, in). Computes in float32 (or compute_dtype=torch.float64)."""
-    check_options(options, OPTIONS, "sparsegpt")
-    percdamp = check_float(options.get("percdamp", 0.01), "percdamp")
-    blocksize = check_int(options.get("blocksize", 128), "blocksize", 1)
-    cd = options.get("compute_dtype", torch.float32)
-    if cd not in (torch.float32, torch.float64):
-        raise TypeError(f"compute_dtype must be torch.float32 or torch.float64, got {cd!r}")
+    percdamp, blocksize, cd = options["percdamp"], options["blocksize"], options["compute_dtype"]
     ref = cd == torch.float64
     used: dict[str, str] = {}
     t0 = time.perf_counter()
@@ -46,7 +49,13 @@ def prune(weight: torch.Tensor, G: torch.Tensor, pattern: Pattern, sparsity: flo
     W = weight.to(cd).clone()
     H = G.to(cd).clone()
     dead = H.diagonal() <= 0
-    H.diagonal()[dead] = 1.0  # dead inputs: an identity block, so no error flows into or out of them
+    if bool(dead.any()):
+        # Dead inputs: a diagonal block, so no error flows into or out of them. The paper's code puts 1 there,
+        # which enters mean(diag H) below and so makes the damping depend on the Gram's overall scale; the
+        # mean of the live diagonal keeps the result scale-free (and leaves Grams without dead inputs as
+        # they were).
+        live = H.diagonal()[~dead]
+        H.diagonal()[dead] = float(live.mean()) if live.numel() else 1.0
     H.diagonal().add_(percdamp * float(H.diagonal().mean()))
     L, info = torch.linalg.cholesky_ex(H)
     if int(info) != 0:
@@ -101,9 +110,18 @@ def prune(weight: torch.Tensor, G: torch.Tensor, pattern: Pattern, sparsity: flo
         W[:, i1:i2] = W1
         if i2 < in_f:
             W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)
-    pruned = W.masked_fill_(~keep, 0).to(weight.dtype)
+    stats: dict = {}
+    pruned = finite_cast(W.masked_fill_(~keep, 0), weight.dtype, stats=stats)
     t_end = time.perf_counter()
     seconds = {"factor": t_factor - t0, "mask": t_mask, "iterations": t_end - t_factor - t_mask}
-    stats = {"percdamp": percdamp, "blocksize": blocksize, "dead_inputs": int(dead.sum()),
-             "seconds": seconds, "backends": used}
-    return pruned, keep, stats
+    stats.update({"percdamp": percdamp, "blocksize": blocksize, "dead_inputs": int(dead.sum()),
+                  "seconds": seconds, "backends": used})
+    return MethodResult(pruned, keep, stats)
+
+
+METHOD = Method(
+    name="sparsegpt", run=run, options=OPTIONS,
+    summary="SparseGPT (Frantar & Alistarh 2023): OBS column by column with lazy block updates",
+    grouping="unstructured = per block of columns [i1, i2) over all rows, int(out*i2*s) - int(out*i1*s) "
+             "pruned in each (layer total exactly int(out*in*s))",
+)

@@ -1,0 +1,231 @@
+"""`admm-prune doctor`: what this machine runs, and whether each kernel agrees with the reference here.
+
+Prints the versions (Python, admm_kernels, torch and its CUDA, triton, numpy, transformers), how the
+compiled extension was built, the devices, which backends are available (and why not), and for every
+available backend, op and device its self-check (backends/selfcheck.py: small inputs against the pure-
+torch reference) with the kernel's time next to the reference's. The first thing to run on a new GPU
+machine, and what a bug report should contain. `--json` prints the same as one JSON object. Exit status
+0 when every check passed, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import platform
+import sys
+
+import torch
+
+from . import __version__, backends
+from .backends import _extension, selfcheck
+from .cli import _positive
+
+# Timed repetitions of each check (medians reported): enough for a stable median at these sizes.
+REPEAT = 5
+
+
+def _version(module: str) -> str | None:
+    try:
+        mod = importlib.import_module(module)
+    except Exception:  # noqa: BLE001 - a broken optional package is reported, not fatal
+        return None
+    return str(getattr(mod, "__version__", "unknown"))
+
+
+def versions() -> dict:
+    return {
+        "python": platform.python_version(),
+        "admm_kernels": __version__,
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": _version("triton"),
+        "numpy": _version("numpy"),
+        "transformers": _version("transformers"),
+    }
+
+
+def extension() -> dict:
+    """Whether _C imports, whether it registers CUDA kernels, and what setup.py recorded about its build."""
+    built = _extension.load() is not None
+    try:
+        from ._build_info import BUILD as info
+    except ImportError:
+        info = None
+    return {
+        "importable": built,
+        "reason": "" if built else _extension.reason(),
+        "cuda_kernels": _extension.has_cuda_kernels(),
+        "build": info,
+    }
+
+
+def devices() -> list[dict]:
+    from .bench.machine import describe
+
+    cpu = describe("cpu")
+    out = [
+        {"device": "cpu", "name": cpu["cpu"], "cores": cpu["cores"], "torch_threads": cpu["torch_threads"]}
+    ]
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(i)
+            out.append(
+                {
+                    "device": f"cuda:{i}",
+                    "name": props.name,
+                    "capability": f"{props.major}.{props.minor}",
+                    "memory_gib": round(props.total_memory / 2**30, 1),
+                }
+            )
+    return out
+
+
+def backend_table() -> list[dict]:
+    rows = []
+    for name in backends.BACKENDS:
+        mod = backends.get(name)
+        ok = bool(mod.is_available())
+        reason = "" if ok else (mod.unavailable_reason() if hasattr(mod, "unavailable_reason") else "")
+        rows.append({"backend": name, "available": ok, "reason": reason})
+    return rows
+
+
+def run_checks(repeat: int = REPEAT) -> list[dict]:
+    """Every available non-reference backend x op with a self-check x device it supports."""
+    out = []
+    devs = [torch.device(d["device"]) for d in devices()]
+    for name in backends.BACKENDS:
+        mod = backends.get(name)
+        if name == "reference" or not mod.is_available():
+            continue
+        for op in selfcheck.CASES:
+            fn = getattr(mod, op, None)
+            if fn is None:
+                continue
+            for dev in devs:
+                if mod.supports(dev):
+                    out.append(selfcheck.check(name, op, dev, fn, repeat=repeat).as_dict())
+    return out
+
+
+def report(repeat: int = REPEAT) -> dict:
+    return {
+        "versions": versions(),
+        "extension": extension(),
+        "devices": devices(),
+        "backends": backend_table(),
+        "self_check_at_first_use": {
+            "enabled": selfcheck.enabled(),
+            "env_var": selfcheck.ENV_VAR,
+            "backends": list(selfcheck.SELF_CHECKED),
+        },
+        "checks": run_checks(repeat),
+    }
+
+
+def _ms(seconds: float) -> str:
+    return "-" if seconds != seconds else f"{seconds * 1e3:.3f}"  # NaN -> "-"
+
+
+def format_text(rep: dict) -> str:
+    v = rep["versions"]
+    lines = [
+        f"admm_kernels {v['admm_kernels']}  Python {v['python']}  torch {v['torch']} "
+        f"(CUDA {v['torch_cuda'] or '-'})  triton {v['triton'] or '-'}  numpy {v['numpy'] or '-'}  "
+        f"transformers {v['transformers'] or '-'}"
+    ]
+    ext = rep["extension"]
+    if ext["importable"]:
+        b = ext["build"] or {}
+        built = ", ".join(
+            f"{k} {b[k]}" for k in ("torch", "cxx_std", "cpu_arch", "cuda_arch_list") if b.get(k)
+        )
+        lines.append(
+            f"extension _C: built ({built or 'no build record'}); CUDA kernels "
+            f"{'registered' if ext['cuda_kernels'] else 'not built'}"
+        )
+    else:
+        lines.append(f"extension _C: not importable: {ext['reason']}")
+    lines.append("devices:")
+    for d in rep["devices"]:
+        extra = (
+            f"{d['cores']} cores, {d['torch_threads']} torch threads"
+            if d["device"] == "cpu"
+            else f"compute capability {d['capability']}, {d['memory_gib']} GiB"
+        )
+        lines.append(f"  {d['device']:8s} {d['name']} ({extra})")
+    if len(rep["devices"]) == 1:
+        lines.append("  (no CUDA device visible)")
+    lines.append("backends:")
+    for b in rep["backends"]:
+        lines.append(
+            f"  {b['backend']:10s} {'available' if b['available'] else 'unavailable: ' + b['reason']}"
+        )
+    sc = rep["self_check_at_first_use"]
+    lines.append(
+        f"self-check of {'/'.join(sc['backends'])} kernels before first use: "
+        f"{'on' if sc['enabled'] else 'OFF'} ({sc['env_var']}=0 turns it off)"
+    )
+    lines.append("kernel checks against the reference (small inputs; median of the timed runs):")
+    lines.append(
+        f"  {'backend':8s} {'op':15s} {'device':8s} {'result':6s} {'kernel ms':>10s} {'ref ms':>10s} "
+        f"{'speed-up':>8s}"
+    )
+    for c in rep["checks"]:
+        ok = c["ok"]
+        speed = f"{c['reference_seconds'] / c['seconds']:.2f}x" if ok and c["seconds"] > 0 else "-"
+        lines.append(
+            f"  {c['backend']:8s} {c['op']:15s} {c['device']:8s} {'ok' if ok else 'FAIL':6s} "
+            f"{_ms(c['seconds']):>10s} {_ms(c['reference_seconds']):>10s} {speed:>8s}"
+        )
+        if not ok:
+            lines.append(f"      {c['error']}")
+    if not rep["checks"]:
+        lines.append("  (no backend besides the reference is available)")
+    failed = sum(not c["ok"] for c in rep["checks"])
+    lines.append(f"{len(rep['checks']) - failed} of {len(rep['checks'])} checks passed")
+    return "\n".join(lines)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """doctor's options (shared by `admm-prune doctor` and `python -m admm_kernels.doctor`)."""
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    p.add_argument(
+        "--repeat",
+        type=_positive("--repeat"),
+        default=REPEAT,
+        help=f"timed runs of each check, median reported (default {REPEAT})",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the report (text or --json); 0 when every check passed, else 1."""
+    rep = report(args.repeat)
+    if args.json:
+        print(json.dumps(_json_safe(rep), indent=2, allow_nan=False))
+    else:
+        print(format_text(rep))
+    return 0 if all(c["ok"] for c in rep["checks"]) else 1
+
+
+def _json_safe(obj):
+    """NaN (a time that could not be measured) -> None, recursively: strict JSON has no NaN."""
+    if isinstance(obj, float) and obj != obj:
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="admm-prune doctor", description=__doc__.splitlines()[0])
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

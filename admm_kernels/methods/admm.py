@@ -1,0 +1,227 @@
+"""ADMM-Grad (Boža 2024), SPEC §1, as its released code runs it, in named steps that presets recombine.
+
+Steps (each a function or object here; `run` is the seed's recipe, preset=None):
+1. scale   — `scaling.scale`: dead inputs out, d = sqrt(diag G) + ε, V = D Wᵀ (in_live, out);
+2. damp    — `ScaledProblem.damp`: Ĝ + λI with λ = percdamp · mean(diag Ĝ), B = Ĝ V;
+3. factor  — `WUpdate`: (Ĝ + ρI)⁻¹ by Cholesky then its inverse (or an eigendecomposition for cheap ρ
+             changes), so each iteration is one GEMM;
+4. iterate — `iterate`: per iteration an optional mask update (`gradual_mask`: the mask from |W + U| at
+             s_t), the fused dual step (Z = (W+U)⊙M; U += W − Z; R = B + ρ(Z − U)), W = (Ĝ+ρI)⁻¹ R; then
+             an optional ρ-schedule callback (U is rescaled by ρ_old/ρ_new: it is the scaled dual) and an
+             optional stopping rule;
+5. finish  — `finish`: Z = (W + U) ⊙ M (exactly sparse), optionally the exact refit on M (`refit`),
+             then W' = (Z / d)ᵀ with dead columns restored (`ScaledProblem.to_output`).
+Shapes: weight (out, in) any float dtype; inside, everything is (in_live, out) in float32 (or float64 with
+compute_dtype=torch.float64, which runs every op through the pure-torch reference).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .. import masks
+from .._checks import Pattern, check_float, check_int, check_schedule
+from .ranges import finite_cast
+from .refit import masked_cg
+from .registry import Method, MethodResult, Option, bool_option, check_compute_dtype, choice_option
+from .scaling import ScaledProblem, scale
+from .timer import Timer
+from .wupdate import WUpdate
+
+# --- options ---------------------------------------------------------------------------------------------
+
+
+OPTIONS = (
+    Option("rho", 1.0, lambda v: check_float(v, "rho", 0.0, strict=True), "ADMM penalty ρ"),
+    Option("iters", 20, lambda v: check_int(v, "iters"), "ADMM iterations (0: mask only)"),
+    Option("T", 15, lambda v: check_int(v, "T"), "iterations that re-select the mask"),
+    Option("percdamp", 0.1, lambda v: check_float(v, "percdamp"), "damping λ = percdamp · mean(diag Ĝ)"),
+    Option("schedule", None, lambda v: v if v is None else check_schedule(v),
+           "'constant' or 'cubic' sparsity schedule (default: constant for unstructured, cubic otherwise)"),
+    Option("one_shot", False, bool_option("one_shot"), "fix the Wanda-score mask at t = 0"),
+    Option("solve", "admm", choice_option("solve", ("admm", "exact")),
+           "'exact': conjugate gradient on the final mask after the iterations"),
+    Option("cg_iters", 300, lambda v: check_int(v, "cg_iters"), "CG iterations of solve='exact'"),
+    Option("cg_tol", 1e-6, lambda v: check_float(v, "cg_tol", 0.0, strict=True), "CG relative tolerance"),
+    Option("compute_dtype", torch.float32, check_compute_dtype, "torch.float32 or torch.float64"),
+)
+
+# --- step 4: the iteration loop ----------------------------------------------------------------------------
+
+
+@dataclass
+class AdmmState:
+    """The iterate. W, U: (in_live, out) primal and scaled dual; M: bool (in_live, out) mask in the solve
+    layout; Mfull: bool (out, in) in the weight's layout, where known (None while the loop selects masks in
+    the solve layout); rho: the current ρ; counters of iterations and mask updates."""
+
+    W: torch.Tensor
+    U: torch.Tensor
+    M: torch.Tensor | None
+    Mfull: torch.Tensor | None
+    rho: float
+    iterations: int = 0
+    mask_updates: int = 0
+
+    @classmethod
+    def start(cls, problem: ScaledProblem, rho: float, Mfull: torch.Tensor | None = None,
+              copy: bool = False) -> AdmmState:
+        """W = V, U = 0. Without copy, W takes over V's storage (the seed's memory use): problem.V is then
+        overwritten by the loop."""
+        W = problem.V.clone() if copy else problem.V
+        M = problem.live_part(Mfull) if Mfull is not None else None
+        return cls(W=W, U=torch.zeros_like(W), M=M, Mfull=Mfull, rho=rho)
+
+
+MaskSchedule = Callable[[int, AdmmState], bool]
+RhoSchedule = Callable[[int, AdmmState], "float | None"]
+StopRule = Callable[[int, AdmmState], bool]
+
+
+def gradual_mask(problem: ScaledProblem, pattern: Pattern, sparsity: float, steps: int, schedule: str,
+                 timer: Timer, reference: bool = False, used: dict | None = None) -> MaskSchedule:
+    """The seed's mask schedule: while t < steps, M from |W + U| at s_t (SPEC §1), selected by
+    ScaledProblem.select_mask (in the solve layout for unstructured masks without dead inputs)."""
+    buf: list[torch.Tensor | None] = [None]
+
+    def update(t: int, state: AdmmState) -> bool:
+        if t >= steps:
+            return False
+        timer.lap("iterations")
+        s_t = masks.sparsity_at(t, steps, sparsity, schedule)
+        state.M, state.Mfull, buf[0] = problem.select_mask(state.W, state.U, pattern, s_t,
+                                                           reference=reference, used=used, buf=buf[0])
+        state.mask_updates += 1
+        timer.lap("mask")
+        return True
+
+    update.release = lambda: buf.__setitem__(0, None)  # type: ignore[attr-defined]
+    return update
+
+
+def iterate(problem: ScaledProblem, solver: WUpdate, state: AdmmState, iters: int, step,
+            mask_schedule: MaskSchedule | None = None, rho_schedule: RhoSchedule | None = None,
+            stop: StopRule | None = None) -> AdmmState:
+    """Run up to `iters` iterations on `state` in place (SPEC §1 step 4). step: the fused dual-step op
+    (masks.op("admm_dual_step", ...)). rho_schedule(t, state) -> a new ρ or None, after iteration t;
+    stop(t, state) -> True ends the loop after iteration t."""
+    R = torch.empty_like(state.W)
+    for t in range(iters):
+        if mask_schedule is not None:
+            mask_schedule(t, state)
+        step(state.W, state.U, state.M, problem.B, state.rho, R)
+        solver.apply(R, out=state.W)
+        state.iterations += 1
+        if rho_schedule is not None:
+            rho = rho_schedule(t, state)
+            if rho is not None and rho != state.rho:
+                state.U.mul_(state.rho / rho)  # U = y / ρ: the unscaled dual y is kept
+                solver.set_rho(rho)
+                state.rho = rho
+        if stop is not None and stop(t, state):
+            break
+    return state
+
+
+# --- step 5: finish ---------------------------------------------------------------------------------------
+
+
+def finish(state: AdmmState) -> torch.Tensor:
+    """Z = (W + U) ⊙ M (in_live, out), a new tensor: the exactly sparse ADMM output (SPEC §1 step 5); also
+    sets state.Mfull when the loop selected masks in the solve layout."""
+    if state.Mfull is None:
+        state.Mfull = state.M.T.contiguous()
+    return (state.W + state.U).masked_fill_(~state.M, 0)
+
+
+def refit(G_hat: torch.Tensor, B: torch.Tensor, M: torch.Tensor, Z: torch.Tensor, iters: int,
+          tol: float) -> tuple[torch.Tensor, int, float]:
+    """The least-squares optimum of the damped scaled problem on the fixed mask M, from Z (CG)."""
+    Z, it, res = masked_cg(G_hat, B, M, Z, iters, tol)
+    return Z.masked_fill_(~M, 0), it, res
+
+
+# --- the seed's recipe ------------------------------------------------------------------------------------
+
+
+def run(weight: torch.Tensor, G: torch.Tensor, pattern: Pattern, sparsity: float, mask: torch.Tensor | None,
+        o: dict) -> MethodResult:
+    """ADMM-Grad on one layer (validated inputs, validated options `o`)."""
+    cd = o["compute_dtype"]
+    ref = cd == torch.float64  # the kernels are fp32; fp64 runs through the reference ops
+    schedule = o["schedule"] or masks.default_schedule(pattern)
+    rho, iters, percdamp = o["rho"], o["iters"], o["percdamp"]
+    exact = o["solve"] == "exact"
+    s = pattern.sparsity(sparsity)
+    used: dict[str, str] = {}
+    timer = Timer(weight.device)
+
+    problem = scale(weight, G, cd)  # 1.
+    n_live = problem.n_live
+    run_admm = iters > 0 and n_live > 0 and not (mask is not None and exact)
+    update_mask = mask is None and not o["one_shot"] and o["T"] > 0 and run_admm
+    # With iters < T the schedule is compressed into the iterations that exist, so the final mask still has
+    # the target sparsity (the released code would stop short of it).
+    T_eff = min(o["T"], iters)
+
+    Mfull = mask
+    if Mfull is None and not update_mask:  # mask only, one-shot: the Wanda score |W_ij| * ||x_j|| at s
+        Mfull = masks.select(problem.full_scores(problem.V, None), pattern, s, reference=ref, used=used)
+    timer.lap("mask")
+
+    denominator = None
+    clamp_stats: dict = {}
+    iters_run = mask_updates = cg_it = 0
+    cg_res = None
+    if n_live and (run_admm or exact):
+        problem.form_scaled_gram()  # 2.
+        problem.damp(percdamp * float(problem.G_hat.diagonal().mean()))
+        denominator = problem.denominator()
+        timer.lap("factor")
+        if run_admm:
+            solver = WUpdate(problem.take_gram(), rho, keep_gram=exact)  # 3.
+            timer.lap("factor")
+            state = AdmmState.start(problem, rho, Mfull)
+            schedule_fn = gradual_mask(problem, pattern, s, T_eff, schedule, timer, ref, used) \
+                if update_mask else None
+            step = masks.op("admm_dual_step", weight.device, ref, used)
+            iterate(problem, solver, state, iters, step, schedule_fn)  # 4.
+            if schedule_fn is not None:
+                schedule_fn.release()
+            solver.inverse = None
+            iters_run, mask_updates = state.iterations, state.mask_updates
+            Z = finish(state)  # 5.
+            Mfull, M = state.Mfull, state.M
+            timer.lap("iterations")
+            G_hat = solver.gram() if exact else None
+            del solver, state
+        else:
+            M = problem.live_part(Mfull)
+            Z = problem.V.masked_fill(~M, 0)
+            G_hat = problem.G_hat
+        if exact:
+            Z, cg_it, cg_res = refit(G_hat, problem.B, M, Z, o["cg_iters"], o["cg_tol"])
+            timer.lap("exact")
+        pruned = finite_cast(problem.to_output(Z, Mfull), weight.dtype, stats=clamp_stats)  # (out, in)
+    else:  # mask only (iters = 0), or no live input at all
+        pruned = weight.masked_fill(~Mfull, 0)
+    timer.lap("output")
+    stats = {
+        "iterations": iters_run, "mask_updates": mask_updates,
+        "rho": rho, "percdamp": percdamp, "schedule": schedule, "one_shot": o["one_shot"],
+        "solve": o["solve"], "dead_inputs": problem.n_dead, "seconds": timer.seconds, "backends": used,
+        **clamp_stats,
+    }
+    if exact:
+        stats["cg_iterations"], stats["cg_residual"] = cg_it, cg_res
+    return MethodResult(pruned, Mfull, stats, denominator)
+
+
+METHOD = Method(
+    name="admm", run=run, options=OPTIONS,
+    summary="ADMM-Grad (Boza 2024): gradual mask from the ADMM iterate, 20 iterations (the default)",
+    grouping="unstructured = one top-k over the whole layer, exactly int(out*in*s) pruned",
+)

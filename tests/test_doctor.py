@@ -1,0 +1,70 @@
+"""`admm-prune doctor` (admm_kernels/doctor.py): versions, devices, backends and each kernel's check
+against the reference on this machine, as text or JSON; exit status 1 when a kernel fails its check."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from admm_kernels import backends, cli
+from admm_kernels.backends import selfcheck
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _doctor(capsys, *args):
+    rc = cli.main(["doctor", "--repeat", "1", *args])
+    return rc, capsys.readouterr().out
+
+
+def test_text_report(capsys):
+    rc, out = _doctor(capsys)
+    assert rc == 0, out
+    assert f"torch {torch.__version__}" in out and "admm_kernels" in out
+    assert "devices:" in out and "cpu" in out and "no CUDA device visible" in out
+    for name in backends.BACKENDS:
+        assert f"  {name} " in out
+    assert "cuda       unavailable: no CUDA device" in out
+    assert f"{selfcheck.ENV_VAR}=0 turns it off" in out
+    if "cpu" in backends.available():
+        for op in ("gram_update", "prune_mask", "nm_mask", "admm_dual_step", "sparse_nm_mm", "csr_mm"):
+            assert any(line.split()[:4] == ["cpu", op, "cpu", "ok"] for line in out.splitlines()), (op, out)
+
+
+def test_json_report(capsys):
+    rc, out = _doctor(capsys, "--json")
+    rep = json.loads(out)
+    assert rc == 0
+    assert rep["versions"]["torch"] == torch.__version__
+    assert {b["backend"] for b in rep["backends"]} == set(backends.BACKENDS)
+    assert rep["self_check_at_first_use"]["env_var"] == selfcheck.ENV_VAR
+    if "cpu" in backends.available():
+        checks = {(c["backend"], c["op"]) for c in rep["checks"] if c["ok"]}
+        assert ("cpu", "admm_dual_step") in checks and ("cpu", "csr_mm") in checks
+        assert rep["extension"]["importable"]
+
+
+def test_a_failing_kernel_is_reported(capsys, monkeypatch):
+    if "cpu" not in backends.available():
+        pytest.skip("no C++ CPU backend built")
+    monkeypatch.setattr(backends.get("cpu"), "nm_mask",
+                        lambda s, n, m: torch.zeros(s.shape, dtype=torch.bool))
+    rc, out = _doctor(capsys)
+    assert rc == 1
+    line = next(ln for ln in out.splitlines() if ln.split()[:2] == ["cpu", "nm_mask"])
+    assert "FAIL" in line and "disagrees with the reference" in out
+
+
+def test_bad_repeat(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["doctor", "--repeat", "0"])
+    assert exc.value.code == 2
+    assert "--repeat must be a positive integer, got '0'" in capsys.readouterr().err
+
+
+def test_doctor_listed_in_help(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert "doctor" in capsys.readouterr().out
