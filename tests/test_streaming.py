@@ -211,6 +211,8 @@ def test_bad_streaming_input(tmp_path):
     write_safetensors(extra / "model.safetensors", tensors)
     with pytest.raises(ValueError, match="no tensor model.layers.2.mlp.down_proj.weight"):
         StreamedModel(extra)
+    with pytest.raises(ValueError, match="sparsity_profile='owl' needs a dense pass over every block"):
+        ak.prune_model(StreamedModel(dense), tiny_tokens(2, 16), sparsity_profile="owl")
     with pytest.raises(ValueError, match="offload must be False, True, 'cpu' or 'disk'"):
         ak.prune_model(tiny_model("llama"), tiny_tokens(2, 16), offload="gpu")
     with pytest.raises(ValueError, match="offload_dir is only used with offload='disk'"):
@@ -234,7 +236,7 @@ def test_safetensors_writer_and_reader_round_trip(tmp_path):
         SafetensorsReader(path)
 
 
-def test_cli_stream_equals_in_memory(tiny_model_root, tmp_path):
+def test_cli_stream_equals_in_memory(tiny_model_root, tmp_path, capsys):
     from admm_kernels.cli import main
 
     root = tiny_model_root
@@ -254,6 +256,11 @@ def test_cli_stream_equals_in_memory(tiny_model_root, tmp_path):
     assert main(["eval", str(tmp_path / "streamed"), "--text", str(root / "eval.txt"), "--stream",
                  "--quiet"]) == 0
     assert main([*common, "--out", str(tmp_path / "x"), "--stream", "--save-format", "packed"]) == 2
+    capsys.readouterr()
+    assert main([*common, "--out", str(tmp_path / "x"), "--stream", "--sparsity-profile", "owl"]) == 2
+    assert "--sparsity-profile owl needs a dense pass" in capsys.readouterr().err
+    assert main([*common, "--out", str(tmp_path / "x"), "--stream", "--tasks", "x"]) == 2
+    assert "not with --stream or under torchrun" in capsys.readouterr().err
     assert main([*common, "--out", str(tmp_path / "y"), "--offload-dir", str(tmp_path / "nowhere")]) == 2
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
     assert not any(p.name.startswith("admm-acts-") for p in tmp_path.iterdir())
