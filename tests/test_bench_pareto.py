@@ -36,6 +36,24 @@ def test_summary_marks_the_front_per_pattern_and_sparsity():
     assert "pareto" in report.SUMMARY_COLUMNS
 
 
+def test_summary_ratios_to_admm_grad_are_per_layer_medians():
+    rows = []
+    for layer, (base_err, base_sec) in enumerate(((0.1, 1.0), (0.2, 2.0), (0.4, 1.0))):
+        for method, f_err, f_sec in (("admm", 1.0, 1.0), ("admm-accurate", 0.8, 2.5), ("alps", 0.9, 4.0)):
+            rows.append({"layer": f"l{layer}", "method": method, "pattern": "2:4", "target_sparsity": 0.5,
+                         "error": base_err * f_err * (1.1 if layer == 2 and method == "alps" else 1.0),
+                         "seconds": base_sec * f_sec, "achieved_sparsity": 0.5})
+    rows.append({"layer": "l0", "method": "wanda", "pattern": "unstructured", "target_sparsity": 0.5,
+                 "error": 0.3, "seconds": 0.1, "achieved_sparsity": 0.5})  # no ADMM-Grad in its panel
+    by = {(r["method"], r["pattern"]): r for r in report.summarize(rows)}
+    assert by["admm", "2:4"]["error_vs_admm"] == 1.0 and by["admm", "2:4"]["time_vs_admm"] == 1.0
+    assert by["admm-accurate", "2:4"]["error_vs_admm"] == pytest.approx(0.8)
+    assert by["admm-accurate", "2:4"]["time_vs_admm"] == pytest.approx(2.5)
+    assert by["alps", "2:4"]["error_vs_admm"] == pytest.approx(0.9)  # the median ignores layer 2's 0.99
+    assert by["wanda", "unstructured"]["error_vs_admm"] is None
+    assert {"error_vs_admm", "time_vs_admm"} <= set(report.SUMMARY_COLUMNS)
+
+
 def test_pareto_plot_is_written(tmp_path):
     pytest.importorskip("matplotlib")
     points = (("a", 0.1, 0.3), ("b", 1.0, 0.1), ("c", 2.0, 0.2))

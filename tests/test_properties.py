@@ -26,8 +26,9 @@ PROPERTY = settings(max_examples=120, deadline=None, derandomize=True,
 
 @st.composite
 def layers(draw):
-    """(weight, gram, pattern, sparsity, mask or None, method)."""
-    method = draw(st.sampled_from(methods.names()))
+    """(weight, gram, pattern, sparsity, mask or None, (method, preset))."""
+    method = draw(st.sampled_from([(m, None) for m in methods.names()]
+                                  + [(m.name, p) for m in methods.methods().values() for p in m.presets]))
     kind = draw(st.sampled_from(["unstructured", "per-row", "nm"]))
     out_f = draw(st.integers(1, 10))
     if kind == "nm":
@@ -62,7 +63,8 @@ def test_prune_layer_invariants(case):
     W, G, pattern, sparsity, mask, method = case
     W0, G0 = W.clone(), G.clone()
     M0 = None if mask is None else mask.clone()
-    res = ak.prune_layer(W, G, sparsity, pattern, method=method, mask=mask)
+    method, preset = method
+    res = ak.prune_layer(W, G, sparsity, pattern, method=method, mask=mask, preset=preset)
 
     assert torch.equal(W, W0) and torch.equal(G, G0)  # inputs unmodified
     assert res.weight.dtype == W.dtype and res.weight.shape == W.shape and res.weight.device == W.device
@@ -76,14 +78,14 @@ def test_prune_layer_invariants(case):
         p = parse_pattern(pattern, W.shape[1])
         masks.count_check(res.mask, p, p.sparsity(sparsity))  # exact counts
     st_ = res.stats
-    assert st_["method"] == method and st_["sparsity"] == pytest.approx(1 - float(res.mask.sum()) / W.numel())
+    assert st_["method"] == method and st_["preset"] == preset and st_["sparsity"] == pytest.approx(1 - float(res.mask.sum()) / W.numel())
     assert set(st_["options"]) == set(methods.get(method).option_names)
 
 
 @PROPERTY
 @given(layers())
 def test_reconstruction_error_agrees_with_prune_layer(case):
-    W, G, pattern, sparsity, mask, method = case
-    res = ak.prune_layer(W, G, sparsity, pattern, method=method, mask=mask)
+    W, G, pattern, sparsity, mask, (method, preset) = case
+    res = ak.prune_layer(W, G, sparsity, pattern, method=method, mask=mask, preset=preset)
     assert ak.reconstruction_error(W, res.weight, G) == pytest.approx(res.error, rel=1e-9, abs=1e-300)
     assert ak.reconstruction_error(W, W, G) == 0.0

@@ -11,7 +11,9 @@ Files (each written atomically into the output folder):
     pareto.png       mean error vs mean seconds per layer, one panel per pattern and sparsity, with the
                      Pareto front (the methods no other method beats on both) drawn and labelled: which
                      method to pick for a time budget
-The summary's "pareto" column marks the rows on their panel's front.
+The summary's "pareto" column marks the rows on their panel's front. "error_vs_admm" / "time_vs_admm":
+the median over layers of the row's error / seconds divided by ADMM-Grad's on the same layer in the same
+run (when the run has an "admm" or "admm-grad" spec): the ratios the presets' targets are stated in.
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ ROW_COLUMNS = ("layer", "block", "shape", "method", "pattern", "target_sparsity"
                "iterations", "mask_sha256", "backends")
 SUMMARY_COLUMNS = ("method", "pattern", "sparsity", "layers", "mean_error", "mean_optimum_error",
                    "mean_gap", "mean_seconds", "total_seconds", "achieved_sparsity", "frac_matmul",
-                   "frac_copy", "pareto")
+                   "frac_copy", "error_vs_admm", "time_vs_admm", "pareto")
+# The reference of the per-layer ratio columns: the seed's ADMM-Grad under either of its spec names.
+RATIO_BASELINES = ("admm", "admm-grad")
 PPL_COLUMNS = ("method", "pattern", "sparsity", "perplexity", "seconds", "achieved_sparsity")
 
 
@@ -93,8 +97,30 @@ def summarize(rows: list[dict]) -> list[dict]:
             "achieved_sparsity": _mean(r["achieved_sparsity"] for r in rs),
             "frac_matmul": _mean(r.get("frac_matmul") for r in rs),
             "frac_copy": _mean(r.get("frac_copy") for r in rs),
+            **_ratios_to_baseline(rs, groups, pattern, sparsity),
         })
     return mark_pareto(out)
+
+
+def _median(values: list[float]) -> float | None:
+    vals = sorted(values)
+    n = len(vals)
+    if not n:
+        return None
+    return vals[n // 2] if n % 2 else 0.5 * (vals[n // 2 - 1] + vals[n // 2])
+
+
+def _ratios_to_baseline(rs: list[dict], groups: dict, pattern: str, sparsity: float) -> dict:
+    """Median per-layer error and time ratios of rows `rs` to ADMM-Grad's rows of the same panel."""
+    base = next((groups[(b, pattern, sparsity)] for b in RATIO_BASELINES if (b, pattern, sparsity) in groups),
+                None)
+    if base is None:
+        return {"error_vs_admm": None, "time_vs_admm": None}
+    by_layer = {r["layer"]: r for r in base}
+    pairs = [(r, by_layer[r["layer"]]) for r in rs if r["layer"] in by_layer]
+    err = [r["error"] / b["error"] for r, b in pairs if r["error"] is not None and b["error"]]
+    sec = [r["seconds"] / b["seconds"] for r, b in pairs if r["seconds"] is not None and b["seconds"]]
+    return {"error_vs_admm": _median(err), "time_vs_admm": _median(sec)}
 
 
 def _cell(v) -> str:

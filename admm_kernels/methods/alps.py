@@ -47,6 +47,7 @@ from .._checks import Pattern, check_float, check_int
 from .ranges import finite_cast
 from .refit import masked_cg
 from .registry import Method, MethodResult, Option, check_compute_dtype, float_dtype_option
+from .rho import change_class, check_growth
 from .scaling import scale
 from .timer import Timer
 from .wupdate import WUpdate
@@ -54,15 +55,6 @@ from .wupdate import WUpdate
 
 def _positive_float(name: str):
     return lambda v: check_float(v, name, 0.0, strict=True)
-
-
-def _growth(v: object) -> tuple[float, float, float]:
-    """(×large, ×medium, ×small): the ρ factors when the support changed by > 0.1k, > 0.005k, ≥ 1."""
-    if not isinstance(v, (tuple, list)) or len(v) != 3:
-        raise TypeError(f"rho_growth must be a tuple of 3 floats (for large, medium, small support changes), "
-                        f"got {v!r}")
-    out = tuple(check_float(x, "rho_growth", 1.0, strict=True) for x in v)
-    return out
 
 
 OPTIONS = (
@@ -74,7 +66,8 @@ OPTIONS = (
     Option("update_every", 3, lambda v: check_int(v, "update_every", 1), "iterations between ρ updates"),
     Option("stop_change", 3e-4, lambda v: check_float(v, "stop_change"),
            "stop when the support change s/k falls below this (after min_iters)"),
-    Option("rho_growth", (1.3, 1.2, 1.1), _growth, "ρ factors for support changes > 0.1k, > 0.005k, ≥ 1"),
+    Option("rho_growth", (1.3, 1.2, 1.1), check_growth,
+           "ρ factors for support changes > 0.1k, > 0.005k, ≥ 1"),
     Option("rho_max", 1e6, _positive_float("rho_max"), "upper bound of ρ"),
     Option("cg_iters", 10, lambda v: check_int(v, "cg_iters"), "PCG iterations of the final refit"),
     Option("cg_tol", 1e-4, _positive_float("cg_tol"), "PCG relative residual tolerance"),
@@ -82,9 +75,6 @@ OPTIONS = (
     Option("compute_dtype", torch.float32, check_compute_dtype, "torch.float32 or torch.float64"),
 )
 
-# Support-change thresholds of the ρ update, as fractions of the kept count k (the released code's).
-_LARGE_CHANGE = 0.1
-_MEDIUM_CHANGE = 0.005
 _RESTART_DIVISOR = 5.0
 
 
@@ -149,11 +139,10 @@ def run(weight: torch.Tensor, G: torch.Tensor, pattern: Pattern, sparsity: float
                 continue
             change = int((M != M_prev).sum())
             frac = change / k
-            if frac > _LARGE_CHANGE:
-                grown, rho = True, rho * large
-            elif frac > _MEDIUM_CHANGE:
-                grown, rho = True, rho * medium
-            elif change >= 1:
+            moved = change_class(change, k)
+            if moved in ("large", "medium"):
+                grown, rho = True, rho * (large if moved == "large" else medium)
+            elif moved == "small":
                 if grown:
                     rho *= small
                 else:  # the support froze before ρ grew: ρ₀ was too large, restart with a smaller one

@@ -69,6 +69,35 @@ class ScaledProblem:
         self.G_hat, self.gram = Gh, None
         return Gh
 
+    def rescale_obs(self, mu: float = 0.01) -> torch.Tensor:
+        """Change the scaling from unit diagonal to the OBS metric, on the unit-diagonal Ĝ (call after
+        form_scaled_gram, before damp): e_j = 1/sqrt([(Ĝ + μI)⁻¹]_jj), scaled so that the new Ĝ has mean
+        diagonal 1, then d ← d·e, Ĝ ← E⁻¹ Ĝ E⁻¹, V ← E V. Returns e (n_live,).
+
+        Why: ADMM's projection keeps the largest |W + U| in the scaled space, so the scaling is the metric
+        in which "closest sparse point" is measured. Under the unit-diagonal scaling the cost of dropping
+        input j is taken as z_j² G_jj, its cost when nothing else may move; 1/[G⁻¹]_jj is its cost when
+        every other input of the row may compensate (Optimal Brain Surgeon), which is what the W-update
+        then does. Measured on SmolLM2-135M's real layers (blocks 0, 1, 8, 15, 22, 29, 32 × 256 tokens),
+        with the growing-ρ schedule of preset "accurate": 2.0-2.5 % lower median error than the unit-
+        diagonal metric at 50 %, 70 % and 2:4; e^0.5 and e^1.5 were worse than e, and μ = 0.1 or 0.001
+        (relative to the unit diagonal) worse than 0.01. The normalisation keeps ρ and percdamp on the
+        seed's scale (unnormalised, the diagonal 1/e_j² averaged 3-27 on those layers)."""
+        A = self.G_hat.clone()
+        A.diagonal().add_(mu)
+        L, info = torch.linalg.cholesky_ex(A)
+        if int(info) != 0:
+            raise ValueError(f"gram: the scaled Gram + {mu:g}*I is not positive definite (Cholesky failed at "
+                             f"column {int(info)}); use scaling='jacobi'")
+        del A
+        e = torch.cholesky_inverse(L).diagonal().rsqrt()
+        del L
+        e = e * e.pow(-2).mean().sqrt()  # mean(1 / e²) = 1: Ĝ's new mean diagonal
+        self.d = self.d * e
+        self.G_hat.div_(e[:, None]).div_(e[None, :])
+        self.V = self.V * e[:, None]
+        return e
+
     def damp(self, lam: float) -> torch.Tensor:
         """Ĝ ← Ĝ + λI in place, then B = Ĝ V; returns B."""
         self.G_hat.diagonal().add_(lam)

@@ -7,6 +7,12 @@ Two ways to hold (Ĝ + ρI)⁻¹, both forming the explicit inverse so that each
   (20 iterations: 2.4 s vs 4.0 s). A new ρ re-factors.
 - "eigh" (ALPS, growing-ρ schedules): Ĝ = Q diag(λ) Qᵀ once; any ρ then costs one GEMM,
   (Ĝ + ρI)⁻¹ = Q diag(1/(λ + ρ)) Qᵀ.
+
+Lazy re-factoring (refactor_ratio > 1): a new ρ within that factor of the factored ρ_f keeps the old
+inverse, and the update solves (Ĝ + ρI)W = R by one fixed-point step from the previous W:
+(Ĝ + ρ_f I)W = R + (ρ_f − ρ)W_prev, exact once the iterates settle (W = W_prev). Measured with the
+"accurate" preset's growing ρ on SmolLM2 layers: ratio 1.5 halved the factorisations (12.9 → 6.2 per layer)
+with the same errors (median within 0.3 %, slightly lower); ratio 2 lost up to 25 % on single layers.
 """
 
 from __future__ import annotations
@@ -23,10 +29,12 @@ class WUpdate:
     in G_hat's dtype. `eigenvalues` (eigh mode): Ĝ's, ascending."""
 
     def __init__(self, G_hat: torch.Tensor, rho: float, mode: str = "cholesky", keep_gram: bool = True,
-                 eigh_dtype: torch.dtype | None = None):
+                 eigh_dtype: torch.dtype | None = None, refactor_ratio: float = 1.0):
         if mode not in MODES:
             raise ValueError(f"unknown W-update mode {mode!r}; expected one of {MODES}")
         self.mode = mode
+        self.refactor_ratio = refactor_ratio
+        self.factored_rho: float | None = None  # the ρ the inverse was formed for
         self.dtype = G_hat.dtype
         self.keep_gram = keep_gram
         self.rho: float | None = None
@@ -45,8 +53,13 @@ class WUpdate:
         self.set_rho(rho)
 
     def set_rho(self, rho: float) -> None:
-        """Form (Ĝ + ρI)⁻¹ for this ρ (nothing to do when ρ is unchanged)."""
+        """Form (Ĝ + ρI)⁻¹ for this ρ (nothing to do when ρ is unchanged, or, with refactor_ratio > 1,
+        within that factor of the factored ρ: apply() then corrects for the difference)."""
         if rho == self.rho:
+            return
+        f = self.factored_rho
+        if f is not None and self.inverse is not None and max(rho / f, f / rho) <= self.refactor_ratio:
+            self.rho = rho
             return
         self.inverse = None  # free the old inverse before forming the new one
         if self.mode == "cholesky":
@@ -65,11 +78,14 @@ class WUpdate:
         else:
             Q = self._Q
             self.inverse = torch.mm(Q * (1.0 / (self.eigenvalues + rho)), Q.T)
-        self.rho = rho
+        self.rho = self.factored_rho = rho
         self.factorizations += 1
 
     def apply(self, R: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """out = (Ĝ + ρI)⁻¹ R (R, out: (n, cols))."""
+        """out = (Ĝ + ρI)⁻¹ R (R, out: (n, cols)); when the inverse is of an older ρ_f (lazy
+        re-factoring), out must hold the previous iterate and R gets + (ρ_f − ρ)·out first."""
+        if self.rho != self.factored_rho:
+            R.add_(out, alpha=self.factored_rho - self.rho)
         return torch.mm(self.inverse, R, out=out)
 
     def gram(self) -> torch.Tensor:
@@ -78,7 +94,7 @@ class WUpdate:
             raise RuntimeError("WUpdate was built with keep_gram=False")
         if self.mode == "cholesky":
             self._A.diagonal().copy_(self._diag)
-            self.rho = None  # the storage holds Ĝ again, not Ĝ + ρI
+            self.rho = self.factored_rho = None  # the storage holds Ĝ again, not Ĝ + ρI
         return self._A
 
     def release(self) -> None:
