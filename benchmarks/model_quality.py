@@ -1,6 +1,7 @@
-"""Whole-model quality and speed: perplexity of dense / magnitude / Wanda / SparseGPT / ADMM-Grad at
-several sparsities and N:M patterns, and the end-to-end time of each method through the same pipeline
-(forward passes, Gram accumulation, solves).
+"""Whole-model quality and speed: perplexity of dense and of every method (magnitude / Wanda / SparseGPT /
+ADMM-Grad / ALPS / the ADMM presets: any `admm-prune bench` method spec) at several sparsities and N:M
+patterns, uniform or with an OWL sparsity profile, and the end-to-end time of each through the same
+pipeline (forward passes, Gram accumulation, solves).
 
 Default: the embedded SmolLM2-135M, calibrated on Shakespeare calibration plays and evaluated on the
 held-out plays (admm_kernels.data). Every method sees the same calibration windows and the same
@@ -32,7 +33,14 @@ from admm_kernels._io import atomic_write_text
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "admm")
 LABELS = {"dense": "dense", "magnitude": "magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT",
-          "admm": "ADMM-Grad"}
+          "admm": "ADMM-Grad", "admm-accurate": "ADMM accurate", "admm-fast": "ADMM fast", "alps": "ALPS"}
+PROFILES = ("uniform", "owl")
+
+
+def label(run: str) -> str:
+    """'admm-accurate+owl' -> 'ADMM accurate + OWL'."""
+    spec, _, profile = run.partition("+")
+    return LABELS.get(spec, spec) + (f" + {profile.upper()}" if profile else "")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -43,7 +51,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-windows", type=int, default=32, help="evaluation windows (default 32)")
     p.add_argument("--settings", default="0.5,0.6,0.7,2:4",
                    help="comma-separated sparsities and N:M patterns (default 0.5,0.6,0.7,2:4)")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {METHODS}")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help="comma-separated method specs of admm-prune bench, one option each at most (default "
+                        f"{','.join(METHODS)}; e.g. admm-accurate, admm-fast, alps, admm:iters=40)")
+    p.add_argument("--profiles", default="uniform",
+                   help="comma-separated sparsity profiles, each run for every method: uniform, owl (OWL "
+                        "runs skip N:M settings, which it does not define) (default uniform)")
     p.add_argument("--max-blocks", type=int, default=None,
                    help="prune only the first N blocks (smoke checks)")
     p.add_argument("--device", default="cpu")
@@ -51,11 +64,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output folder for the markdown and JSON files")
     args = p.parse_args(argv)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in METHODS]
+    from admm_kernels.bench.methods import parse_method
+
+    try:
+        args.specs = {m.strip(): parse_method(m.strip()) for m in args.methods.split(",") if m.strip()}
+    except ValueError as exc:
+        p.error(str(exc))
+    args.methods = list(args.specs)
+    args.profiles = [x.strip() for x in args.profiles.split(",") if x.strip()]
+    bad = [x for x in args.profiles if x not in PROFILES]
     if bad:
-        p.error(f"--methods: unknown {bad}; choose from {METHODS}")
-    args.methods = methods
+        p.error(f"--profiles: unknown {bad}; choose from {PROFILES}")
     args.settings = [s.strip() for s in args.settings.split(",") if s.strip()]
     for s in args.settings:
         if ":" not in s:
@@ -113,24 +132,30 @@ def run(args) -> dict:
     results = {"dense": {"perplexity": ppl(), "eval_seconds": time.perf_counter() - t}}
     print(f"dense: perplexity {results['dense']['perplexity']:.3f}", flush=True)
     for setting in args.settings:
-        for method in args.methods:
-            model.load_state_dict(dense_state)
-            t = time.perf_counter()
-            report = prune_model(model, calib, method=method, device=device,
-                                 layers=(lambda name, m: name.startswith(prefixes)),
-                                 **setting_kwargs(setting))
-            wall = time.perf_counter() - t
-            value = ppl()
-            errors = [r["error"] for r in report["layers"] if r["error"] is not None]
-            results[f"{method}@{setting}"] = {
-                "method": method, "setting": setting, "perplexity": value, "wall_seconds": wall,
-                "timings": report["timings"], "achieved_sparsity": report["achieved_sparsity"],
-                "mean_layer_error": sum(errors) / len(errors), "layers": report["layers"],
-            }
-            tm = report["timings"]
-            print(f"{method:>9} @ {setting:<4}: perplexity {value:9.3f}  time {wall:7.1f} s "
-                  f"(forward {tm['forward']:.1f}, gram {tm['gram']:.1f}, solve {tm['solve']:.1f})",
-                  flush=True)
+        for profile in args.profiles:
+            if profile != "uniform" and ":" in setting:
+                continue
+            for name in args.methods:
+                spec = args.specs[name]
+                run_name = name + ("" if profile == "uniform" else f"+{profile}")
+                model.load_state_dict(dense_state)
+                t = time.perf_counter()
+                report = prune_model(model, calib, method=spec.method, device=device,
+                                     layers=(lambda name, m: name.startswith(prefixes)),
+                                     sparsity_profile=profile, **setting_kwargs(setting), **spec.options)
+                wall = time.perf_counter() - t
+                value = ppl()
+                errors = [r["error"] for r in report["layers"] if r["error"] is not None]
+                results[f"{run_name}@{setting}"] = {
+                    "method": name, "profile": profile, "setting": setting, "perplexity": value,
+                    "wall_seconds": wall, "timings": report["timings"],
+                    "achieved_sparsity": report["achieved_sparsity"],
+                    "mean_layer_error": sum(errors) / len(errors), "layers": report["layers"],
+                }
+                tm = report["timings"]
+                print(f"{run_name:>18} @ {setting:<4}: perplexity {value:9.3f}  time {wall:7.1f} s "
+                      f"(forward {tm['forward']:.1f}, gram {tm['gram']:.1f}, solve {tm['solve']:.1f})",
+                      flush=True)
     model.load_state_dict(dense_state)
     eval_tokens = min(ev.numel() // args.seqlen, args.eval_windows) * args.seqlen
     return {"model": str(path), "nsamples": args.nsamples, "seqlen": args.seqlen,
@@ -139,8 +164,9 @@ def run(args) -> dict:
             "machine": machine(), "results": results}
 
 
-def markdown(res: dict, methods: list[str], settings: list[str]) -> str:
+def markdown(res: dict, methods: list[str], settings: list[str], profiles: list[str] = ("uniform",)) -> str:
     r = res["results"]
+    runs = [m + ("" if p == "uniform" else f"+{p}") for p in profiles for m in methods]
     m = res["machine"]
     lines = [
         "# Whole-model quality and speed",
@@ -157,9 +183,22 @@ def markdown(res: dict, methods: list[str], settings: list[str]) -> str:
         "|---|" + "---|" * len(settings),
         "| dense | " + " | ".join(f"{r['dense']['perplexity']:.2f}" for _ in settings) + " |",
     ]
-    for meth in methods:
-        cells = [f"{r[f'{meth}@{s}']['perplexity']:.2f}" for s in settings]
-        lines.append(f"| {LABELS[meth]} | " + " | ".join(cells) + " |")
+    def cell(run: str, s: str, key: str, fmt: str) -> str:
+        e = r.get(f"{run}@{s}")
+        return "-" if e is None else format(e[key], fmt)
+
+    for run in runs:
+        lines.append(f"| {label(run)} | " + " | ".join(cell(run, s, "perplexity", ".2f") for s in settings)
+                     + " |")
+    if "admm" in methods and len(runs) > 1:
+        lines += ["", "Perplexity / ADMM-Grad's (uniform) at the same setting:", "",
+                  "| method | " + " | ".join(settings) + " |", "|---|" + "---|" * len(settings)]
+        for run in runs:
+            if run == "admm":
+                continue
+            ratios = [f"{r[f'{run}@{s}']['perplexity'] / r[f'admm@{s}']['perplexity']:.3f}"
+                      if f"{run}@{s}" in r else "-" for s in settings]
+            lines.append(f"| {label(run)} | " + " | ".join(ratios) + " |")
     if {"admm", "sparsegpt", "wanda"} <= set(methods):
         def beats(s: str) -> str:
             best_baseline = min(r[f"sparsegpt@{s}"]["perplexity"], r[f"wanda@{s}"]["perplexity"])
@@ -167,22 +206,24 @@ def markdown(res: dict, methods: list[str], settings: list[str]) -> str:
         lines += ["", "ADMM-Grad better than SparseGPT and Wanda: "
                   + ", ".join(f"{s}: {beats(s)}" for s in settings)]
     lines += ["", "## End-to-end time (seconds) and breakdown", "",
-              "| method | setting | total | capture | forward | Gram | solve | ADMM / SparseGPT |",
+              "| method | setting | total | capture | forward | Gram | solve | time / SparseGPT |",
               "|---|---|---|---|---|---|---|---|"]
     for s in settings:
-        for meth in methods:
-            e = r[f"{meth}@{s}"]
+        for run in runs:
+            e = r.get(f"{run}@{s}")
+            if e is None:
+                continue
             t = e["timings"]
             ratio = ""
-            if meth == "admm" and "sparsegpt" in methods:
+            if run != "sparsegpt" and f"sparsegpt@{s}" in r:
                 ratio = f"{e['wall_seconds'] / r[f'sparsegpt@{s}']['wall_seconds']:.2f}x"
-            lines.append(f"| {LABELS[meth]} | {s} | {e['wall_seconds']:.1f} | {t['capture']:.1f} | "
+            lines.append(f"| {label(run)} | {s} | {e['wall_seconds']:.1f} | {t['capture']:.1f} | "
                          f"{t['forward']:.1f} | {t['gram']:.1f} | {t['solve']:.1f} | {ratio} |")
     lines += ["", "Mean relative layer error tr(dW G dW^T)/tr(W G W^T):", "",
               "| method | " + " | ".join(settings) + " |", "|---|" + "---|" * len(settings)]
-    for meth in methods:
-        lines.append(f"| {LABELS[meth]} | " + " | ".join(f"{r[f'{meth}@{s}']['mean_layer_error']:.4f}"
-                                                        for s in settings) + " |")
+    for run in runs:
+        lines.append(f"| {label(run)} | " + " | ".join(cell(run, s, "mean_layer_error", ".4f")
+                                                       for s in settings) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -192,7 +233,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     res = run(args)
     atomic_write_text(out / "model_quality.json", json.dumps(res, indent=1, default=str) + "\n")
-    md = markdown(res, args.methods, args.settings)
+    md = markdown(res, args.methods, args.settings, args.profiles)
     atomic_write_text(out / "model_quality.md", md)
     print(md)
     return 0
