@@ -194,6 +194,7 @@ def test_owl_sparsity_profile(dense, calib_ids):
     (dict(mask_structure="0:0"), "sparsity is required"),
     (dict(sparsity=0.5, preserve_sparsity_mask=True), "preserve_sparsity_mask=True is not supported"),
     (dict(sparsity=0.5, block_size=64), "block_size=64 applies to method='sparsegpt' only"),
+    (dict(sparsity=0.5, gram_dtype="float64"), "gram_dtype='float64' applies to hessian='admm_kernels' only"),
     (dict(sparsity=0.5, options={"percdamp": 0.1}, dampening_frac=0.01), "contradicts dampening_frac"),
     (dict(sparsity=0.5, mask_structure="2:x"), "mask_structure"),
 ])
