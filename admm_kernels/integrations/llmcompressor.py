@@ -70,7 +70,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "pip install 'admm_kernels[llmcompressor]' (tested with llmcompressor==0.13.0); "
         f"import failed: {exc}") from exc
 
-from .._checks import parse_pattern
+from .._checks import parse_pattern, pattern_group
 from ..gram import GramAccumulator
 from ..models.discovery import _is_conv1d, get_weight, is_prunable
 
@@ -89,11 +89,7 @@ def _pattern_of(mask_structure: str) -> str:
     s = mask_structure.strip().lower()
     if s in _UNSTRUCTURED:
         return "unstructured"
-    if ":" in s:
-        tail = s.split(":")[-1].strip()
-        m = int(tail) if tail.isdigit() and int(tail) > 0 else 1
-        return str(parse_pattern(s, m, name="mask_structure"))
-    return str(parse_pattern(s, 1, name="mask_structure"))
+    return str(parse_pattern(s, pattern_group(s), name="mask_structure"))
 
 
 class ADMMPruningModifier(SparsityModifierBase):
