@@ -298,7 +298,7 @@ def prune_model(model: nn.Module | StreamedModel, calibration, sparsity: float |
             t = time.perf_counter()
             try:  # before the first block is pruned: OWL's dense pass (eval mode; no weight is changed)
                 profile = request.resolve(net.eval(), blocks, selected, ids, device, acts_store.device,
-                                          progress)
+                                          progress, empty=acts_store.empty)
             finally:
                 net.train(was_training)
             timings["profile"] = time.perf_counter() - t
