@@ -84,6 +84,19 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
+def fsync_tree(folder: str | os.PathLike) -> None:
+    """Flush every file below `folder` to the disk, then every folder in it and `folder` itself, so that
+    renaming `folder` into place publishes data that is on the disk (a rename alone may reach the disk
+    before the files' data do)."""
+    root = Path(folder)
+    entries = sorted(root.rglob("*"))
+    for f in entries:
+        if f.is_file() and not f.is_symlink():
+            fsync_file(f)
+    for d in [*(e for e in reversed(entries) if e.is_dir() and not e.is_symlink()), root]:
+        fsync_dir(d)
+
+
 def publish_folder(folder: str | os.PathLike) -> None:
     """Give a folder made by tempfile.mkdtemp (mode 0700) and its files the usual permissions
     (0777 / 0666 minus the umask) before it is renamed into place."""

@@ -575,8 +575,10 @@ def _save(model, tokenizer, out: Path, fmt: str, report: dict, overwrite: bool,
           built: Path | None = None) -> None:
     """Write the model and report into a temporary sibling folder, then rename it onto `out`.
     built: a temporary sibling (make_temp_sibling) that already holds the model (a streamed run's
-    shards): only the tokenizer and report are added before the rename."""
-    from ._io import make_temp_sibling, old_sibling, publish_folder
+    shards): only the tokenizer and report are added before the rename. Every file is on the disk
+    before the rename, and the rename before this returns: the caller then deletes the resumable state,
+    which must not outlive its only other copy on a machine that loses power."""
+    from ._io import fsync_dir, fsync_tree, make_temp_sibling, old_sibling, publish_folder
 
     out = out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -598,6 +600,7 @@ def _save(model, tokenizer, out: Path, fmt: str, report: dict, overwrite: bool,
             tokenizer.save_pretrained(tmp)
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2, default=str) + "\n")
         publish_folder(tmp)
+        fsync_tree(tmp)
         if out.exists():
             if not overwrite and any(out.iterdir()):
                 raise CliError(f"--out {str(out)!r} became non-empty during the run; pass --overwrite")
@@ -610,6 +613,7 @@ def _save(model, tokenizer, out: Path, fmt: str, report: dict, overwrite: bool,
                 os.replace(old, out)
                 old = None
             raise
+        fsync_dir(out.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None:

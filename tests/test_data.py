@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 
@@ -71,6 +72,26 @@ def test_read_text_sources(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="has no text files"):
         data.read_text(tmp_path / "empty")
+
+
+def test_read_text_reads_gzip_and_json_lines_named_json(tmp_path):
+    """C4's shards are JSON lines named *.json(.gz): read_text (bench --calib, data.calibration_tokens)
+    gave the gzip bytes decoded as latin-1 for .gz, and a bare JSONDecodeError for JSON lines in .json."""
+    lines = json.dumps({"text": "one", "url": "u"}) + "\n" + json.dumps({"text": "two", "url": "v"}) + "\n"
+    plain = tmp_path / "c4-train.00000-of-01024.json"
+    plain.write_text(lines)
+    packed = tmp_path / "c4-train.00001-of-01024.json.gz"
+    packed.write_bytes(gzip.compress(lines.encode()))
+    raw = tmp_path / "wiki.test.raw.gz"
+    raw.write_bytes(gzip.compress(b"some text"))
+    assert data.read_text(plain) == data.read_text(packed) == "one\n\ntwo"
+    assert data.read_text(raw) == "some text"
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match="bad.json' is neither JSON nor JSON lines"):
+        data.read_text(tmp_path / "bad.json")
+    (tmp_path / "cut.json.gz").write_bytes(gzip.compress(lines.encode())[:-6])
+    with pytest.raises(ValueError, match="cut.json.gz' is not a complete gzip file"):
+        data.read_text(tmp_path / "cut.json.gz")
 
 
 def test_shakespeare_split_is_disjoint_modern_editions():

@@ -162,6 +162,24 @@ def test_owl_with_admm_per_row_and_a_layer_selection():
     assert sum(s) / 3 == pytest.approx(0.6, abs=1e-12)  # equal blocks: weighted = plain mean
 
 
+def test_owl_pre_pass_keeps_its_activations_where_offload_says(tmp_path, monkeypatch):
+    """offload="disk" is for calibration sets larger than host memory: the OWL pre-pass's (N, L, hidden)
+    activations go to a file in offload_dir too (the pre-pass used to allocate them in host memory),
+    and the profile is the same as in memory."""
+    from admm_kernels.models import activations
+
+    made = []
+    real = activations.tempfile.mkstemp
+    monkeypatch.setattr(activations.tempfile, "mkstemp",
+                        lambda *a, **k: made.append(k.get("dir")) or real(*a, **k))
+    ids = tiny_tokens(3, 16)
+    kw = dict(sparsity=0.6, sparsity_profile="owl", method="magnitude")
+    on_disk = ak.prune_model(_outlier_model(), ids, offload="disk", offload_dir=tmp_path, **kw)
+    assert made == [tmp_path, tmp_path]  # the pre-pass's file, then the pipeline's
+    in_memory = ak.prune_model(_outlier_model(), ids, **kw)
+    assert on_disk["sparsity_profile"] == in_memory["sparsity_profile"]
+
+
 def test_owl_lambda_zero_is_exactly_uniform():
     ids = tiny_tokens(2, 16)
     a, b = _outlier_model(), _outlier_model()

@@ -79,6 +79,26 @@ def test_resume_refuses_other_calibration_and_thread_count(tmp_path):
     assert _resume(folder, ids)["resumed_from_block"] == 1
 
 
+def test_resume_refuses_a_preset_that_now_means_other_options(tmp_path, monkeypatch):
+    """A preset (or an option's default) is code: a resume under code that gives the same preset name
+    other options would prune the remaining blocks another way than the saved ones."""
+    from admm_kernels.methods import admm
+
+    ids = tiny_tokens(3, 16)
+    folder = tmp_path / "state"
+
+    def run(**kw):
+        return ak.prune_model(tiny_model("llama"), ids, sparsity=0.6, state_dir=folder, preset="fast", **kw)
+
+    with pytest.raises(Interrupt):
+        run(callback=stop_after(0))
+    monkeypatch.setitem(admm.PRESETS, "fast", {**admm.PRESETS["fast"], "iters": 6})
+    with pytest.raises(StateError, match="method_options: saved .*'iters': 8.*now .*'iters': 6"):
+        run()
+    monkeypatch.undo()
+    assert run()["resumed_from_block"] == 1
+
+
 def test_report_records_the_thread_count():
     report = ak.prune_model(tiny_model("llama"), tiny_tokens(2, 16), method="magnitude")
     assert report["threads"] == torch.get_num_threads() == 1

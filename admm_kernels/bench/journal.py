@@ -1,10 +1,10 @@
 """The row journal of a benchmark run (``OUT/rows.jsonl``): what makes `--resume` skip finished rows.
 
 Line 1 is a header with the settings every row depends on (Gram cache key, i.e. model weights +
-calibration tokens + layers; device; seed); each further line is one finished row with its "key". Rows
-are appended and fsync'ed one at a time: rewriting a whole file atomically after every row would cost
-O(rows²) for a long run, while an append can at worst leave a torn last line, which the reader drops
-(that row is simply recomputed). The header itself is written atomically.
+calibration tokens + layers; device; seed; torch thread count); each further line is one finished row
+with its "key". Rows are appended and fsync'ed one at a time: rewriting a whole file atomically after
+every row would cost O(rows²) for a long run, while an append can at worst leave a torn last line, which
+the reader drops (that row is simply recomputed). The header itself is written atomically.
 """
 
 from __future__ import annotations

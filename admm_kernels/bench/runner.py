@@ -230,8 +230,10 @@ def run_bench(model: nn.Module, calib_ids: torch.Tensor, out: str | os.PathLike,
         gram_info["gflops"] = idx["gram_flops"] / idx["seconds"]["gram"] / 1e9
         gram_info["frac_matmul"] = gram_info["gflops"] / peaks["matmul_gflops"]
 
-    journal = Journal(out, {"grams": store.key, "device": device.type, "seed": settings.seed},
-                      settings.resume)
+    # threads: BLAS splits its sums per thread (errors change in the last bits) and every timing depends
+    # on it, so rows of another --threads are not reused.
+    journal = Journal(out, {"grams": store.key, "device": device.type, "seed": settings.seed,
+                            "threads": torch.get_num_threads()}, settings.resume)
     rows, computed = layer_rows(model, store, settings, journal, peaks, model_name)
     ppl_rows, ppl_computed = [], 0
     if settings.perplexity:

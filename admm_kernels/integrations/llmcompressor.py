@@ -41,7 +41,8 @@ block_size (SparseGPT's `blocksize`; only method="sparsegpt" uses it), offload_h
 on the CPU between batches) and preserve_sparsity_mask (False only: prune_layer has no "keep these
 weights pruned" constraint, so True raises). Plus ours: method ("admm" | "sparsegpt" | "wanda" |
 "magnitude"), preset (prune_layer's ADMM presets, passed only when set), options (any further
-prune_layer method option, e.g. {"iters": 40, "rho": 1.0}), hessian, gram_dtype. Every setting is
+prune_layer method option, e.g. {"iters": 40, "rho": 1.0}), hessian, gram_dtype (with
+hessian="admm_kernels" only). Every setting is
 checked when the modifier is built (a bad method or option fails before any calibration).
 After `oneshot`, `modifier.layer_report` lists per module: name, shape, sparsity, relative
 reconstruction error tr(ΔGΔᵀ)/tr(WGWᵀ) on its Gram, seconds.
@@ -69,7 +70,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "pip install 'admm_kernels[llmcompressor]' (tested with llmcompressor==0.13.0); "
         f"import failed: {exc}") from exc
 
-from .._checks import parse_pattern
+from .._checks import parse_pattern, pattern_group
 from ..gram import GramAccumulator
 from ..models.discovery import _is_conv1d, get_weight, is_prunable
 
@@ -88,11 +89,7 @@ def _pattern_of(mask_structure: str) -> str:
     s = mask_structure.strip().lower()
     if s in _UNSTRUCTURED:
         return "unstructured"
-    if ":" in s:
-        tail = s.split(":")[-1].strip()
-        m = int(tail) if tail.isdigit() and int(tail) > 0 else 1
-        return str(parse_pattern(s, m, name="mask_structure"))
-    return str(parse_pattern(s, 1, name="mask_structure"))
+    return str(parse_pattern(s, pattern_group(s), name="mask_structure"))
 
 
 class ADMMPruningModifier(SparsityModifierBase):
@@ -158,6 +155,9 @@ class ADMMPruningModifier(SparsityModifierBase):
         if self.method != "sparsegpt" and self.block_size != _SPARSEGPT_BLOCK:
             raise ValueError(f"block_size={self.block_size} applies to method='sparsegpt' only, "
                              f"got method={self.method!r}")
+        if self.hessian != "admm_kernels" and self.gram_dtype != "float32":
+            raise ValueError(f"gram_dtype={self.gram_dtype!r} applies to hessian='admm_kernels' only (llm-"
+                             f"compressor accumulates its Hessians in float32), got hessian={self.hessian!r}")
         from ..models.pipeline import _validate_options  # a tiny prune_layer call: bad options fail now
         probe = next((float(v) for v in values if v is not None), 0.5)
         kw = self._method_options()

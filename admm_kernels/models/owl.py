@@ -23,7 +23,7 @@ the shared 2-core machine: 21 s, against 48 s of forward passes in a 77 s Wanda 
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -57,15 +57,16 @@ class SquareSumHooks:
 @torch.no_grad()
 def input_square_sums(model: nn.Module, blocks: nn.ModuleList, selected: Sequence[dict[str, nn.Module]],
                       ids: torch.Tensor, device: torch.device, act_device: torch.device,
-                      progress: bool = False) -> list[dict[str, torch.Tensor]]:
+                      progress: bool = False, empty: Callable | None = None) -> list[dict[str, torch.Tensor]]:
     """Per block, {layer name: Σ x_j² over every calibration token, float64 (in,) on the CPU} of the
     selected layers, from a pass of ids (N, L) through the dense blocks 0 .. last block with a
     selected layer. The model must be in eval mode; its weights are not touched and every block goes
-    back to its own device."""
+    back to its own device. empty(shape, dtype): allocates the (N, L, hidden) activations (default: on
+    act_device; the pipeline passes its ActivationStore's, so offload="disk" holds here too)."""
     end = max((i for i, sel in enumerate(selected) if sel), default=-1) + 1
     if end == 0:
         return [{} for _ in selected]
-    acts, calls = capture_inputs(model, blocks, ids, device, act_device)
+    acts, calls = capture_inputs(model, blocks, ids, device, act_device, empty=empty)
     out: list[dict[str, torch.Tensor]] = []
     bar = None
     if progress:
@@ -140,10 +141,12 @@ def allocate(ratios: Sequence[float | None], weights: Sequence[int], target: flo
 
 def owl_profile(model: nn.Module, blocks: nn.ModuleList, selected: Sequence[dict[str, nn.Module]],
                 ids: torch.Tensor, target: float, m: float, lam: float, device: torch.device,
-                act_device: torch.device, progress: bool = False) -> BlockSparsity:
+                act_device: torch.device, progress: bool = False,
+                empty: Callable | None = None) -> BlockSparsity:
     """OWL's BlockSparsity for this model and calibration (see the module docstring): the dense
-    pre-pass, the outlier ratio of each block, the allocation around `target` with spread 2·lam."""
-    sums = input_square_sums(model, blocks, selected, ids, device, act_device, progress)
+    pre-pass (activations from empty(shape, dtype), see input_square_sums), the outlier ratio of each
+    block, the allocation around `target` with spread 2·lam."""
+    sums = input_square_sums(model, blocks, selected, ids, device, act_device, progress, empty=empty)
     ratios = [outlier_ratio(sel, s, m) for sel, s in zip(selected, sums)]
     weights = [sum(get_weight(mod).numel() for n, mod in sel.items() if n in s)
                for sel, s in zip(selected, sums)]

@@ -143,13 +143,17 @@ def run_fingerprint(model: nn.Module, ids: torch.Tensor, blocks_name: str, n_blo
     538 MB of SmolLM2-135M here, ~0.1 % of the embedded run; `dense_model` when the caller has it, e.g.
     a StreamedModel's digest from its checkpoint, which is the same value), its config, the calibration
     token ids, the method, pattern, target sparsity, sparsity profile (its name and settings, and every
-    block's sparsity) and options, the layer selection, the Gram dtype, the device type, the torch thread
-    count on the CPU (BLAS reductions are split per thread: 1 vs 2 threads gave
-    perplexity 64.238 vs 64.301 for the same run), a forced kernel backend, the versions of the code,
-    and -- only when not the default, so older single-process states stay valid -- the world size of a
-    distributed run (the Gram sums run in another order) and sequential pruning."""
-    from .. import backends
+    block's sparsity) and options (as given, and as they run: the method's defaults and preset applied,
+    so a preset or default changed by another checkout of the code is caught too), the layer selection,
+    the Gram dtype, the device type, the torch thread count on the CPU (BLAS reductions are split per
+    thread: 1 vs 2 threads gave perplexity 64.238 vs 64.301 for the same run), a forced kernel backend,
+    the versions of the code, and -- only when not the default, so older single-process states stay
+    valid -- the world size of a distributed run (the Gram sums run in another order) and sequential
+    pruning."""
+    from .. import backends, methods
 
+    given = dict(options)
+    resolved = methods.get(method).resolve(given.pop("preset", None), given)
     extra = {}
     if world_size != 1:
         extra["world_size"] = world_size
@@ -159,7 +163,7 @@ def run_fingerprint(model: nn.Module, ids: torch.Tensor, blocks_name: str, n_blo
         model=type(model).__name__,
         config=model.config.to_json_string() if hasattr(model, "config") else None,
         blocks=f"{blocks_name}[{n_blocks}]", dense_model=dense_model or model_digest(model),
-        method=method, pattern=pattern, sparsity=sparsity.target, options=options,
+        method=method, pattern=pattern, sparsity=sparsity.target, options=options, method_options=resolved,
         sparsity_profile=sparsity.fingerprint(),
         layers=_callable_name(layers) if callable(layers) else layers,
         calibration=ids, gram_dtype=gram_dtype, device=device.type,
@@ -294,7 +298,7 @@ def prune_model(model: nn.Module | StreamedModel, calibration, sparsity: float |
             t = time.perf_counter()
             try:  # before the first block is pruned: OWL's dense pass (eval mode; no weight is changed)
                 profile = request.resolve(net.eval(), blocks, selected, ids, device, acts_store.device,
-                                          progress)
+                                          progress, empty=acts_store.empty)
             finally:
                 net.train(was_training)
             timings["profile"] = time.perf_counter() - t

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,14 +90,15 @@ class ProfileRequest:
 
     def resolve(self, model: nn.Module, blocks: nn.ModuleList, selected: Sequence[dict[str, nn.Module]],
                 ids: torch.Tensor, device: torch.device, act_device: torch.device,
-                progress: bool = False) -> BlockSparsity:
+                progress: bool = False, empty: Callable | None = None) -> BlockSparsity:
         """The run's BlockSparsity. "owl" runs its dense pre-pass here (admm_kernels.models.owl: the
-        model must be in eval mode; weights untouched, blocks back on their devices); selected[b]: the
+        model must be in eval mode; weights untouched, blocks back on their devices; its activations
+        allocated by empty(shape, dtype), e.g. the pipeline's ActivationStore.empty); selected[b]: the
         layers pruned in block b (their sizes weight the averages)."""
         if self.name == "owl":
             from .owl import owl_profile
             return owl_profile(model, blocks, selected, ids, self.target, self.owl_m, self.owl_lambda, device,
-                               act_device, progress)
+                               act_device, progress, empty=empty)
         if self.name == "list":
             weights = [sum(get_weight(m).numel() for m in sel.values()) for sel in selected]
             return BlockSparsity("list", self.values, weighted_mean(self.values, weights))

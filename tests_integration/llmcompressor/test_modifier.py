@@ -194,8 +194,10 @@ def test_owl_sparsity_profile(dense, calib_ids):
     (dict(mask_structure="0:0"), "sparsity is required"),
     (dict(sparsity=0.5, preserve_sparsity_mask=True), "preserve_sparsity_mask=True is not supported"),
     (dict(sparsity=0.5, block_size=64), "block_size=64 applies to method='sparsegpt' only"),
+    (dict(sparsity=0.5, gram_dtype="float64"), "gram_dtype='float64' applies to hessian='admm_kernels' only"),
     (dict(sparsity=0.5, options={"percdamp": 0.1}, dampening_frac=0.01), "contradicts dampening_frac"),
     (dict(sparsity=0.5, mask_structure="2:x"), "mask_structure"),
+    (dict(sparsity=0.5, mask_structure="2:\u00b2"), "mask_structure '2:\u00b2' is not of the form 'N:M'"),
 ])
 def test_bad_settings_fail_when_built(kwargs, message):
     with pytest.raises(ValueError, match=message):
