@@ -359,6 +359,15 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--sequential", action="store_true",
                     help="prune a block's layers group by group (LLaMA: q/k/v, then o, then gate/up, then "
                          "down), each group's Gram taken from the block with the earlier groups pruned")
+    pr.add_argument("--tune-epochs", type=int, default=0, metavar="N",
+                    help="block tuning: after each block's layer solves, N epochs of Adam on the kept "
+                         "weights towards the dense block's outputs on the same inputs, masks unchanged "
+                         "(SmolLM2 70%% accurate: 8 epochs lowered perplexity 11%%; float32, one process; "
+                         "default 0 = off)")
+    pr.add_argument("--tune-lr", type=float, default=1e-4, metavar="LR",
+                    help="block tuning's Adam learning rate (default 1e-4)")
+    pr.add_argument("--tune-batch", type=int, default=4, metavar="WINDOWS",
+                    help="calibration windows per block-tuning step (default 4)")
     add_stream_argument(pr, "each block is read from MODEL's safetensors shards just before its turn, "
                             "written to --out as soon as it is pruned and freed, so host memory stays at "
                             "the non-block weights + about two blocks + the activations (--save-format hf)")
@@ -513,6 +522,7 @@ def _flag_names(message: str, per_block: bool) -> str:
     message = re.sub(r"\bsparsity_profile\b", "--sparsity-profile", message)
     message = re.sub(r"\bowl_lambda\b", "--owl-lambda", message)
     message = re.sub(r"\bowl_m\b", "--owl-m", message)
+    message = re.sub(r"\btune_(epochs|lr|batch)\b", lambda m: f"--tune-{m.group(1)}", message)
     if per_block:  # the per-block list came from --sparsity-profile
         message = re.sub(r"^sparsity(?=\[| has \d+ per-block)", "--sparsity-profile", message)
     return message
@@ -854,7 +864,8 @@ def _prune_run(args, device, out: Path, store, overwrite: bool, comm, log, built
     try:
         report = prune_model(model, calib, pattern=args.pattern, method=args.method, layers=args.layers,
                              device=device, offload=args.offload or False, offload_dir=args.offload_dir,
-                             sequential=args.sequential, progress=not args.quiet and comm.is_main,
+                             sequential=args.sequential, tune_epochs=args.tune_epochs, tune_lr=args.tune_lr,
+                             tune_batch=args.tune_batch, progress=not args.quiet and comm.is_main,
                              state_dir=state_dir, distributed=comm, **_profile_arguments(args), **options)
     except (ValueError, TypeError) as exc:
         raise CliError(_flag_names(str(exc), isinstance(args.profile, list))) from None
@@ -904,6 +915,12 @@ def _prune_run(args, device, out: Path, store, overwrite: bool, comm, log, built
         extra = f" (M={prof['owl_m']:g}, lambda={prof['owl_lambda']:g})" if prof["name"] == "owl" else ""
         print(f"sparsity profile {prof['name']}{extra}: block sparsity {min(values):.4f} .. "
               f"{max(values):.4f}, target {prof['target']:.4f} [profile {t['profile']:.1f} s]")
+    if report.get("block_tune"):
+        bt = report["block_tune"]
+        gains = [r["loss_after"] / r["loss_before"] for r in bt["blocks"] if r["loss_before"] > 0]
+        print(f"block tuning ({bt['epochs']} epochs, lr {bt['lr']:g}, batch {bt['batch']}): block output "
+              f"error x{min(gains):.3f} .. x{max(gains):.3f} of the untuned [tune {t['tune']:.1f} s]"
+              if gains else f"block tuning: nothing to tune [tune {t['tune']:.1f} s]")
     if ppl:
         print(f"perplexity ({ppl['windows']} x {seqlen} tokens): before {ppl['before']:.3f}, "
               f"after {ppl['after']:.3f}")

@@ -20,6 +20,7 @@ import time
 import torch
 from torch import nn
 
+from .block_tune import BlockTune, check_tunable, dense_targets, tune_block
 from .capture import BlockCall
 from .discovery import get_weight, set_weight
 from .distributed import Comm, DistributedError, assign_by_cost
@@ -35,14 +36,22 @@ def solver():
 
 def prune_block(block: nn.Module, index: int, blocks_name: str, layers: dict[str, nn.Module],
                 call: BlockCall, acts: torch.Tensor, device: torch.device, gram_dtype: torch.dtype,
-                prune_kwargs: dict, *, last: bool, sequential: bool, comm: Comm, bar, timings: dict
-                ) -> list[dict]:
+                prune_kwargs: dict, *, last: bool, sequential: bool, comm: Comm, bar, timings: dict,
+                tune: BlockTune | None = None, tune_reports: list | None = None) -> list[dict]:
     """Prune `block` in place (it must already be on `device`) and, unless `last`, overwrite `acts`
     (this rank's windows, (n, L, hidden)) with the pruned block's outputs. Returns one report entry per
-    selected layer, in module order (identical on every rank)."""
+    selected layer, in module order (identical on every rank). With `tune` enabled the pruned block is
+    then fine-tuned towards the dense block's outputs (admm_kernels.models.block_tune; its losses are
+    appended to tune_reports)."""
     n = acts.shape[0]
     records: dict[str, dict] = {}
     plan = None
+    targets = None
+    if tune is not None and tune.enabled and layers:
+        check_tunable(layers, index)
+        t = time.perf_counter()
+        targets = dense_targets(block, call, acts, device)  # before any hook or pruned weight
+        timings["tune"] += time.perf_counter() - t
     hooks = GramHooks(layers, device, gram_dtype)
     try:
         if layers:
@@ -85,6 +94,15 @@ def prune_block(block: nn.Module, index: int, blocks_name: str, layers: dict[str
                     "group": None, "error": None, "seconds": 0.0, "sparsity": 0.0, "kept": w.numel(),
                     "numel": w.numel(), "skipped": "not called by the block's forward"})
         bar.step("prune")
+
+    if targets is not None:
+        t = time.perf_counter()
+        rep = tune_block(block, index, layers, call, acts, targets, device, tune)
+        del targets
+        sync(device)
+        timings["tune"] += time.perf_counter() - t
+        if tune_reports is not None:
+            tune_reports.append(rep)
 
     if not last:
         t = time.perf_counter()

@@ -35,6 +35,7 @@ from .._checks import check_compute_device, model_device, parse_pattern, pattern
 from .._digest import model_digest
 from .activations import ActivationStore, resolve_offload
 from .block import prune_block, solver
+from .block_tune import BlockTune, check_block_tune
 from .capture import capture_inputs
 from .discovery import LayerFilter, find_blocks, get_weight, select_all, set_weight
 from .distributed import Comm, resolve_comm, shard, shard_counts
@@ -137,7 +138,7 @@ def _callable_name(f) -> str:
 def run_fingerprint(model: nn.Module, ids: torch.Tensor, blocks_name: str, n_blocks: int, *, method: str,
                     pattern: str, sparsity: BlockSparsity, options: dict, layers: LayerFilter,
                     gram_dtype: torch.dtype, device: torch.device, dense_model: str | None = None,
-                    world_size: int = 1, sequential: bool = False) -> dict:
+                    world_size: int = 1, sequential: bool = False, block_tune: dict | None = None) -> dict:
     """Everything that determines a pruning run's result, as compared by `--resume`: a content digest
     of every parameter and buffer of the dense model (admm_kernels._digest.model_digest: 0.38 s for the
     538 MB of SmolLM2-135M here, ~0.1 % of the embedded run; `dense_model` when the caller has it, e.g.
@@ -148,8 +149,8 @@ def run_fingerprint(model: nn.Module, ids: torch.Tensor, blocks_name: str, n_blo
     the Gram dtype, the device type, the torch thread count on the CPU (BLAS reductions are split per
     thread: 1 vs 2 threads gave perplexity 64.238 vs 64.301 for the same run), a forced kernel backend,
     the versions of the code, and -- only when not the default, so older single-process states stay
-    valid -- the world size of a distributed run (the Gram sums run in another order) and sequential
-    pruning."""
+    valid -- the world size of a distributed run (the Gram sums run in another order), sequential
+    pruning and block tuning (its settings)."""
     from .. import backends, methods
 
     given = dict(options)
@@ -159,6 +160,8 @@ def run_fingerprint(model: nn.Module, ids: torch.Tensor, blocks_name: str, n_blo
         extra["world_size"] = world_size
     if sequential:
         extra["sequential"] = True
+    if block_tune:
+        extra["block_tune"] = block_tune
     return fingerprint(
         model=type(model).__name__,
         config=model.config.to_json_string() if hasattr(model, "config") else None,
@@ -191,8 +194,8 @@ def prune_model(model: nn.Module | StreamedModel, calibration, sparsity: float |
                 owl_m: float | None = None, owl_lambda: float | None = None, layers: LayerFilter = None,
                 device: torch.device | str | None = None, offload: bool | str = False,
                 offload_dir: str | os.PathLike | None = None, gram_dtype: torch.dtype = torch.float32,
-                sequential: bool = False, progress: bool = False,
-                state_dir: str | os.PathLike | None = None,
+                sequential: bool = False, tune_epochs: int = 0, tune_lr: float = 1e-4, tune_batch: int = 4,
+                progress: bool = False, state_dir: str | os.PathLike | None = None,
                 callback: Callable[[int, dict], None] | None = None,
                 distributed: bool | Comm | None = None, **options) -> dict:
     """Prune every selected linear layer of a causal LM in place, block by block; return a report.
@@ -210,8 +213,11 @@ def prune_model(model: nn.Module | StreamedModel, calibration, sparsity: float |
         temporary folder; see admm_kernels.models.activations). gram_dtype: torch.float32 or
         torch.float64. sequential: prune a block's layer groups one after the other, each group's Gram
         taken from the block with the earlier groups already pruned (q/k/v, then o, then gate/up, then
-        down for LLaMA; the rule is in admm_kernels.models.grams). progress: tqdm bars over blocks and
-        layers (rank 0 only).
+        down for LLaMA; the rule is in admm_kernels.models.grams). tune_epochs > 0: block tuning after
+        each block's layer-wise solves, `tune_epochs` epochs of Adam (lr tune_lr, tune_batch windows a
+        step) on the kept weights towards the dense block's outputs on the same inputs, masks unchanged
+        (admm_kernels.models.block_tune; float32 models, one process; the layers' "error" stays the
+        layer-wise solve's). progress: tqdm bars over blocks and layers (rank 0 only).
         sparsity may also be a list of one value in [0, 1) per decoder block. sparsity_profile:
         "uniform" (every block at `sparsity`) or "owl" (Yin et al. 2024: blocks with a larger share of
         outlier Wanda scores are pruned less, the model's overall sparsity stays `sparsity`; owl_m = M,
@@ -239,6 +245,8 @@ def prune_model(model: nn.Module | StreamedModel, calibration, sparsity: float |
     Returns a JSON-able dict (the same on every rank): model, blocks, method, pattern, sparsity (the
     target: for a per-block list, its mean weighted by the blocks' selected weights), sparsity_profile
     (name, target, block_sparsity; OWL: owl_m, owl_lambda, outlier_ratios), options, nsamples, seqlen,
+    block_tune (tune_epochs > 0: its settings and, per block, the mean-squared error of the block's
+    outputs to the dense block's before and after tuning),
     layers (per layer: name, block, shape, group, error, seconds, sparsity;
     "stage" with sequential, "rank" (its solver) when distributed), achieved_sparsity (over the pruned
     layers), timings (profile, capture, forward, gram, solve, comm, state, total seconds, this rank's),
@@ -256,6 +264,7 @@ def prune_model(model: nn.Module | StreamedModel, calibration, sparsity: float |
         raise TypeError(f"callback must be callable, got {type(callback).__name__}")
     if not isinstance(sequential, bool):
         raise TypeError(f"sequential must be a bool, got {sequential!r}")
+    tune = check_block_tune(tune_epochs, tune_lr, tune_batch)
     ids = check_calibration(calibration, net)
     request = check_profile(sparsity, sparsity_profile, len(blocks), pattern, owl_m, owl_lambda)
     if request.name == "owl" and streamed is not None:
@@ -266,6 +275,9 @@ def prune_model(model: nn.Module | StreamedModel, calibration, sparsity: float |
     _validate_layers(selected, blocks_name, pattern, request.planned())
     _validate_options(request.planned()[0], pattern, method, options)
     comm = resolve_comm(distributed)
+    if tune.enabled and comm.distributed:
+        raise ValueError("tune_epochs > 0 (block tuning) runs in one process only for now: its gradients "
+                         "are not all-reduced across ranks; run without torchrun, or leave it at 0")
     home = torch.device("cpu") if streamed is not None else model_device(net)
     device = check_compute_device(device, "device") if device is not None else home
     acts_store = ActivationStore(resolve_offload(offload), device, offload_dir)
@@ -285,8 +297,9 @@ def prune_model(model: nn.Module | StreamedModel, calibration, sparsity: float |
 
     store = PipelineState(state_dir) if state_dir is not None and comm.is_main else None
     comm_before = comm.seconds
-    timings = {"profile": 0.0, "capture": 0.0, "forward": 0.0, "gram": 0.0, "solve": 0.0, "comm": 0.0,
-               "state": 0.0}
+    timings = {"profile": 0.0, "capture": 0.0, "forward": 0.0, "gram": 0.0, "solve": 0.0, "tune": 0.0,
+               "comm": 0.0, "state": 0.0}
+    tune_reports: list[dict] = []
     was_training = net.training
     with contextlib.ExitStack() as stack:
         state, fp = None, None
@@ -308,6 +321,7 @@ def prune_model(model: nn.Module | StreamedModel, calibration, sparsity: float |
             fp = run_fingerprint(net, ids, blocks_name, len(blocks), method=method, pattern=pattern,
                                  sparsity=profile, options=options, layers=layers, gram_dtype=gram_dtype,
                                  device=device, world_size=comm.size, sequential=sequential,
+                                 block_tune=tune.fingerprint() if tune.enabled else None,
                                  dense_model=streamed.digest() if streamed is not None else None)
             state = store.load(fp, _layout(selected, end, ids))  # verified before the model is touched
             timings["state"] += time.perf_counter() - t
@@ -315,10 +329,12 @@ def prune_model(model: nn.Module | StreamedModel, calibration, sparsity: float |
                 return {"start": 0, "saving": True, "layers": [], "acts": None, "sparsity": profile}
             rec = state["files"][state["acts_file"]]["tensors"]["hidden"] if state["acts_file"] else None
             return {"start": state["next_block"], "saving": True, "layers": list(state["report"]["layers"]),
+                    "tuned": list(state["report"].get("block_tune", [])),
                     "acts": (rec["shape"], rec["dtype"]) if rec else None, "sparsity": profile}
 
         opened = comm.decided_by_main(open_state, "opening the state folder and the sparsity profile")
         start, saving, report_layers = opened["start"], opened["saving"], opened["layers"]
+        tune_reports.extend(opened.get("tuned", []))
         block_sparsity = opened["sparsity"]
         _validate_layers(selected, blocks_name, pattern, block_sparsity.values)
         bar, loaded, full = None, None, None
@@ -349,7 +365,7 @@ def prune_model(model: nn.Module | StreamedModel, calibration, sparsity: float |
                         block_report = _prune_block(
                             blocks[b], b, blocks_name, selected[b], calls[b], acts, device, gram_dtype,
                             block_options(b), last=(b == end - 1), sequential=sequential, comm=comm, bar=bar,
-                            timings=timings)
+                            timings=timings, tune=tune, tune_reports=tune_reports)
                         report_layers.extend(block_report)
                         if saving:
                             t = time.perf_counter()
@@ -360,8 +376,10 @@ def prune_model(model: nn.Module | StreamedModel, calibration, sparsity: float |
                                                         "activations for the state") if more else None
                             if comm.is_main:
                                 weights = {rel: get_weight(m) for rel, m in selected[b].items()}
-                                state = store.save(fp, b + 1, weights, gathered, {"layers": report_layers},
-                                                   state)
+                                saved_report = {"layers": report_layers}
+                                if tune.enabled:
+                                    saved_report["block_tune"] = tune_reports
+                                state = store.save(fp, b + 1, weights, gathered, saved_report, state)
                             timings["state"] += time.perf_counter() - t
                         bar.block_done()
                         if callback is not None:
@@ -393,6 +411,8 @@ def prune_model(model: nn.Module | StreamedModel, calibration, sparsity: float |
         "timings": timings, "threads": torch.get_num_threads(), "world_size": comm.size,
         "versions": versions(),
     }
+    if tune.enabled:
+        report["block_tune"] = {**tune.fingerprint(), "blocks": tune_reports}
     if comm.distributed:
         report["ranks"] = comm.all_gather_objects(
             {"rank": comm.rank, "device": str(device), "windows": [mine.start, mine.stop],
@@ -414,14 +434,16 @@ def _restore_block(store: PipelineState | None, state: dict | None, b: int, laye
 
 def _prune_block(block: nn.Module, index: int, blocks_name: str, layers: dict[str, nn.Module], call,
                  acts: torch.Tensor, device: torch.device, gram_dtype: torch.dtype, prune_kwargs: dict, *,
-                 last: bool, sequential: bool, comm: Comm, bar, timings: dict) -> list[dict]:
+                 last: bool, sequential: bool, comm: Comm, bar, timings: dict, tune: BlockTune | None = None,
+                 tune_reports: list | None = None) -> list[dict]:
     """prune_block with the block on `device` only inside this call: it goes back to its own device
     whatever happens."""
     home = next(block.parameters()).device
     try:
         block.to(device)
         return prune_block(block, index, blocks_name, layers, call, acts, device, gram_dtype, prune_kwargs,
-                           last=last, sequential=sequential, comm=comm, bar=bar, timings=timings)
+                           last=last, sequential=sequential, comm=comm, bar=bar, timings=timings,
+                           tune=tune, tune_reports=tune_reports)
     finally:
         block.to(home)
 

@@ -1,0 +1,172 @@
+"""Block tuning (prune_model tune_epochs > 0, CLI --tune-epochs): after a block's layer-wise solves, a
+masked fine-tune of its kept weights towards the dense block's outputs on the same inputs."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from tiny_models import ARCHS, Interrupt, stop_after, tiny_model, tiny_tokens  # noqa: E402
+
+import admm_kernels as ak  # noqa: E402
+from admm_kernels.models import find_blocks, get_weight, prunable_layers  # noqa: E402
+from admm_kernels.models.block_tune import BlockTune, dense_targets, tune_block  # noqa: E402
+from admm_kernels.models.capture import capture_inputs  # noqa: E402
+from admm_kernels.models.state import StateError  # noqa: E402
+
+FAST = dict(iters=4, T=3)
+TUNE = dict(tune_epochs=3, tune_lr=1e-3, tune_batch=2)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _weights(model) -> dict[str, torch.Tensor]:
+    _, blocks = find_blocks(model)
+    return {f"{b}.{n}": get_weight(m).detach().clone() for b, blk in enumerate(blocks)
+            for n, m in prunable_layers(blk, f"b{b}.").items()}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_tuning_lowers_every_blocks_output_error_and_keeps_the_masks_exact(arch):
+    ids = tiny_tokens(4, 16)
+    model = tiny_model(arch)
+    report = ak.prune_model(model, ids, sparsity=0.6, **FAST, **TUNE)
+    tuned = report["block_tune"]
+    assert tuned["epochs"] == 3 and tuned["lr"] == 1e-3 and tuned["batch"] == 2
+    assert [r["block"] for r in tuned["blocks"]] == list(range(report["blocks"]))
+    for r in tuned["blocks"]:
+        assert r["loss_after"] < r["loss_before"]
+    assert report["timings"]["tune"] > 0
+    for rec in report["layers"]:  # every layer still pruned exactly: kept = numel - int(numel * 0.6)
+        assert rec["kept"] == rec["numel"] - int(rec["numel"] * 0.6)
+    w = _weights(model)
+    assert sum(int((t != 0).sum()) for t in w.values()) <= sum(r["kept"] for r in report["layers"])
+
+
+def test_tune_block_moves_kept_weights_only_and_is_reproducible():
+    """Directly on one block: zeros stay zeros, the block's loss to its dense outputs falls, the same
+    call gives the same weights, and requires_grad flags come back as they were."""
+    model = tiny_model("llama")
+    ids = tiny_tokens(4, 16)
+    _, blocks = find_blocks(model)
+    with torch.no_grad():
+        acts, calls = capture_inputs(model, blocks, ids, torch.device("cpu"), torch.device("cpu"))
+    block, call = blocks[0], calls[0]
+    targets = dense_targets(block, call, acts, torch.device("cpu"))
+    layers = prunable_layers(block, "b0.")
+    with torch.no_grad():
+        for m in layers.values():  # prune half of every weight by magnitude, no update
+            w = m.weight
+            w.mul_(w.abs() >= w.abs().flatten().kthvalue(w.numel() // 2).values)
+    zeros = {n: m.weight == 0 for n, m in layers.items()}
+    start = copy.deepcopy(block.state_dict())
+    flags = {n: p.requires_grad for n, p in block.named_parameters()}
+    runs = []
+    for _ in range(2):
+        block.load_state_dict(start)
+        rep = tune_block(block, 0, layers, call, acts, targets, torch.device("cpu"), BlockTune(4, 1e-3, 3))
+        assert rep["loss_after"] < rep["loss_before"]
+        runs.append({n: m.weight.detach().clone() for n, m in layers.items()})
+    for n, m in layers.items():
+        assert bool((runs[0][n][zeros[n]] == 0).all())
+        assert torch.equal(runs[0][n], runs[1][n])
+        assert not torch.equal(runs[0][n], start[f"{n}.weight"])  # kept weights did move
+        assert m.weight.grad is None
+    assert {n: p.requires_grad for n, p in block.named_parameters()} == flags
+
+
+def test_nm_patterns_survive_tuning():
+    ids = tiny_tokens(4, 16)
+    model = tiny_model("llama")
+    ak.prune_model(model, ids, pattern="2:4", **FAST, **TUNE)
+    for name, w in _weights(model).items():
+        groups = (w != 0).reshape(w.shape[0], -1, 4).sum(-1)
+        assert int(groups.max()) <= 2, name
+
+
+def test_tune_epochs_zero_is_the_untuned_run_bit_for_bit():
+    ids = tiny_tokens(3, 16)
+    a, b = tiny_model("llama"), tiny_model("llama")
+    ra = ak.prune_model(a, ids, sparsity=0.5, **FAST)
+    rb = ak.prune_model(b, ids, sparsity=0.5, tune_epochs=0, **FAST)
+    assert "block_tune" not in ra and "block_tune" not in rb
+    wa, wb = _weights(a), _weights(b)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_tuning_changes_the_result_and_lowers_the_final_output_error():
+    """The tuned model's last hidden states are closer to the dense model's than the untuned one's."""
+    ids = tiny_tokens(4, 16)
+    dense = tiny_model("llama")
+    plain, tuned = copy.deepcopy(dense), copy.deepcopy(dense)
+    ak.prune_model(plain, ids, sparsity=0.7, **FAST)
+    ak.prune_model(tuned, ids, sparsity=0.7, **FAST, tune_epochs=5, tune_lr=1e-3, tune_batch=2)
+
+    def hidden(m):
+        with torch.no_grad():
+            return m(ids, output_hidden_states=True).hidden_states[-1]
+
+    ref = hidden(dense)
+    assert float((hidden(tuned) - ref).pow(2).mean()) < float((hidden(plain) - ref).pow(2).mean())
+
+
+def test_resume_of_a_tuned_run_is_bit_identical_and_the_settings_are_fingerprinted(tmp_path):
+    ids, folder = tiny_tokens(3, 16), tmp_path / "s"
+    full = tiny_model("llama")
+    ref = ak.prune_model(full, ids, sparsity=0.6, **FAST, **TUNE)
+    with pytest.raises(Interrupt):
+        ak.prune_model(tiny_model("llama"), ids, sparsity=0.6, state_dir=folder, callback=stop_after(0),
+                       **FAST, **TUNE)
+    with pytest.raises(StateError, match="block_tune"):
+        ak.prune_model(tiny_model("llama"), ids, sparsity=0.6, state_dir=folder, **FAST,
+                       **{**TUNE, "tune_lr": 2e-3})
+    resumed_model = tiny_model("llama")
+    resumed = ak.prune_model(resumed_model, ids, sparsity=0.6, state_dir=folder, **FAST, **TUNE)
+    assert resumed["resumed_from_block"] == 1
+    assert resumed["block_tune"]["blocks"] == ref["block_tune"]["blocks"]
+    wr, wf = _weights(resumed_model), _weights(full)
+    assert all(torch.equal(wr[k], wf[k]) for k in wf)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(tune_epochs=-1), ValueError, "tune_epochs must be >= 0"),
+    (dict(tune_epochs=1.5), TypeError, "tune_epochs must be an int"),
+    (dict(tune_epochs=True), TypeError, "tune_epochs must be an int"),
+    (dict(tune_epochs=1, tune_batch=0), ValueError, "tune_batch must be >= 1"),
+    (dict(tune_epochs=1, tune_lr=0.0), ValueError, "tune_lr must be a finite number > 0"),
+    (dict(tune_epochs=1, tune_lr=float("nan")), ValueError, "tune_lr must be a finite number > 0"),
+])
+def test_bad_tuning_arguments_fail_before_any_work(kwargs, error, match):
+    model = tiny_model("llama")
+    before = _weights(model)
+    with pytest.raises(error, match=match):
+        ak.prune_model(model, tiny_tokens(2, 16), **kwargs)
+    after = _weights(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_half_precision_blocks_are_refused_naming_the_layer():
+    model = tiny_model("llama", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"block tuning needs float32 weights, but block 0's .* is "
+                                         r"torch.bfloat16"):
+        ak.prune_model(model, tiny_tokens(2, 16), method="magnitude", tune_epochs=1)
+
+
+def test_cli_tune_flags(tiny_model_root, tmp_path, capsys):
+    import json
+
+    from admm_kernels import cli
+
+    out = tmp_path / "t"
+    args = ["prune", str(tiny_model_root / "tiny-llama"), "--nsamples", "4", "--seqlen", "32", "--calib",
+            str(tiny_model_root / "calib.txt"), "--no-eval", "--quiet", "--method", "magnitude", "--out",
+            str(out)]
+    assert cli.main([*args, "--tune-epochs", "2", "--tune-lr", "0.001", "--tune-batch", "2"]) == 0
+    report = json.loads((out / "prune_report.json").read_text())
+    assert report["block_tune"]["epochs"] == 2 and len(report["block_tune"]["blocks"]) == report["blocks"]
+    capsys.readouterr()
+    assert cli.main([*args, "--overwrite", "--tune-epochs", "-2"]) != 0
+    assert "--tune-epochs must be >= 0" in capsys.readouterr().err
