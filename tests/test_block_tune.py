@@ -170,3 +170,33 @@ def test_cli_tune_flags(tiny_model_root, tmp_path, capsys):
     capsys.readouterr()
     assert cli.main([*args, "--overwrite", "--tune-epochs", "-2"]) != 0
     assert "--tune-epochs must be >= 0" in capsys.readouterr().err
+
+
+def test_streamed_tuning_equals_in_memory(tmp_path):
+    from admm_kernels.models.loading import load_model
+    from admm_kernels.models.streaming import StreamedModel
+
+    dense = tmp_path / "dense"
+    tiny_model("llama").save_pretrained(dense)
+    memory, _, _ = load_model(dense, with_tokenizer=False)
+    ids = tiny_tokens(4, 16)
+    expected = ak.prune_model(memory, ids, sparsity=0.6, **FAST, **TUNE)
+    out = tmp_path / "out"
+    out.mkdir()
+    report = ak.prune_model(StreamedModel(dense, output=out), ids, sparsity=0.6, **FAST, **TUNE)
+    assert report["block_tune"]["blocks"] == expected["block_tune"]["blocks"]
+    written, _, _ = load_model(out, with_tokenizer=False)
+    ww, wm = _weights(written), _weights(memory)
+    assert all(torch.equal(ww[k], wm[k]) for k in wm)
+
+
+def test_distributed_runs_refuse_block_tuning_before_any_work():
+    from admm_kernels.models.distributed import Comm
+
+    model = tiny_model("llama")
+    before = _weights(model)
+    with pytest.raises(ValueError, match="block tuning.*one process only"):
+        ak.prune_model(model, tiny_tokens(2, 16), method="magnitude", tune_epochs=1,
+                       distributed=Comm(rank=0, world=2))
+    after = _weights(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
