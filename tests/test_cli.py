@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from tiny_models import MAX_POS, save_tiny_folder  # noqa: E402
+from tiny_models import MAX_POS, interrupt_after_first_save, save_tiny_folder  # noqa: E402
 
 from admm_kernels import cli  # noqa: E402
 from admm_kernels.models import state as state_mod  # noqa: E402
@@ -60,17 +60,7 @@ def test_interrupted_run_resumes_to_the_identical_model(tiny_dir, tmp_path, monk
     ref = tmp_path / "ref"
     assert cli.main(_args(tiny_dir, ref, "--quiet", "--no-eval")) == 0
 
-    real_save = state_mod.PipelineState.save
-    calls = []
-
-    def crash_after_first_block(self, *a, **kw):
-        result = real_save(self, *a, **kw)
-        calls.append(1)
-        if len(calls) == 1:
-            raise KeyboardInterrupt
-        return result
-
-    monkeypatch.setattr(state_mod.PipelineState, "save", crash_after_first_block)
+    real_save = interrupt_after_first_save(monkeypatch)
     out = tmp_path / "run"
     assert cli.main(_args(tiny_dir, out, "--quiet", "--no-eval")) == 130
     assert (tmp_path / "run.state" / "state.json").is_file() and not out.exists()

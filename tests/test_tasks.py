@@ -18,7 +18,13 @@ pytest.importorskip("transformers")
 pytest.importorskip("lm_eval")
 os.environ.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
 
-from tiny_models import MAX_POS, save_tiny_folder, tiny_model, tiny_tokenizer  # noqa: E402
+from tiny_models import (  # noqa: E402
+    MAX_POS,
+    interrupt_after_first_save,
+    save_tiny_folder,
+    tiny_model,
+    tiny_tokenizer,
+)
 
 import admm_kernels as ak  # noqa: E402
 from admm_kernels import cli, data  # noqa: E402
@@ -209,17 +215,7 @@ def test_resume_reuses_the_task_results_before_pruning(tiny_dir, task_dir, tmp_p
     calls = []
     real_run = cli._run_tasks
     monkeypatch.setattr(cli, "_run_tasks", lambda *a, **kw: calls.append(1) or real_run(*a, **kw))
-    real_save = state_mod.PipelineState.save
-    saves = []
-
-    def crash_after_first_block(self, *a, **kw):
-        result = real_save(self, *a, **kw)
-        saves.append(1)
-        if len(saves) == 1:
-            raise KeyboardInterrupt
-        return result
-
-    monkeypatch.setattr(state_mod.PipelineState, "save", crash_after_first_block)
+    real_save = interrupt_after_first_save(monkeypatch)
     out = tmp_path / "run"
     assert cli.main(_prune_args(tiny_dir, out, folder, "--no-eval")) == 130
     assert len(calls) == 1  # before, then interrupted

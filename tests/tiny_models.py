@@ -111,3 +111,23 @@ def stop_after(block: int):
         if b == block:
             raise Interrupt
     return callback
+
+
+def interrupt_after_first_save(monkeypatch):
+    """Patch PipelineState.save so that the first save completes and then raises KeyboardInterrupt (a
+    CLI run killed right after its first block was saved). Returns the real save, for the test to put
+    back before it resumes."""
+    from admm_kernels.models import state as state_mod
+
+    real_save = state_mod.PipelineState.save
+    saves = []
+
+    def crash_after_first_block(self, *a, **kw):
+        result = real_save(self, *a, **kw)
+        saves.append(1)
+        if len(saves) == 1:
+            raise KeyboardInterrupt
+        return result
+
+    monkeypatch.setattr(state_mod.PipelineState, "save", crash_after_first_block)
+    return real_save
