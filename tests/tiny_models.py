@@ -44,13 +44,53 @@ def _configs() -> dict:
 
 ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3", "opt", "gpt2", "gpt_neox")
 
+_MOE = dict(_COMMON, num_hidden_layers=2)
+
+
+def _moe_configs() -> dict:
+    """Mixture-of-experts and hybrid families, one per fused-experts layout (rows / transposed /
+    interleaved with biases / Llama-4's pre-dispatched input) and per layer-list kind."""
+    import transformers as tf
+
+    return {
+        "qwen3_moe": lambda: tf.Qwen3MoeConfig(**_MOE, moe_intermediate_size=32, num_experts=4,
+                                               num_experts_per_tok=2, head_dim=8),
+        "mixtral": lambda: tf.MixtralConfig(**_MOE, num_local_experts=4, num_experts_per_tok=2),
+        "olmoe": lambda: tf.OlmoeConfig(**_MOE, num_experts=4, num_experts_per_tok=2, eos_token_id=2,
+                                        pad_token_id=1),
+        "qwen2_moe": lambda: tf.Qwen2MoeConfig(**_MOE, moe_intermediate_size=32, num_experts=4,
+                                               shared_expert_intermediate_size=64, num_experts_per_tok=2),
+        "gpt_oss": lambda: tf.GptOssConfig(**_MOE, num_local_experts=4, num_experts_per_tok=2, head_dim=8),
+        "llama4": lambda: tf.Llama4TextConfig(**_MOE, intermediate_size_mlp=64, num_local_experts=4,
+                                              num_experts_per_tok=1, head_dim=8, interleave_moe_layer_step=1,
+                                              no_rope_layers=[1, 1]),
+        "jamba": lambda: tf.JambaConfig(**dict(_MOE, num_hidden_layers=4), num_experts=4,
+                                        num_experts_per_tok=2, attn_layer_period=2, attn_layer_offset=1,
+                                        expert_layer_period=2, expert_layer_offset=1, mamba_d_state=8,
+                                        mamba_expand=2),
+        "qwen3_next": lambda: tf.Qwen3NextConfig(
+            **_MOE, moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=4,
+            num_experts_per_tok=2, head_dim=8, linear_num_value_heads=4, linear_num_key_heads=2,
+            linear_key_head_dim=8, linear_value_head_dim=8,
+            layer_types=["linear_attention", "full_attention"]),
+        "granitemoehybrid": lambda: tf.GraniteMoeHybridConfig(
+            **_MOE, num_local_experts=4, num_experts_per_tok=2, layer_types=["mamba", "attention"],
+            mamba_d_state=8, mamba_n_heads=4, mamba_d_head=16, mamba_expand=2, mamba_chunk_size=16,
+            shared_intermediate_size=64),
+        "lfm2": lambda: tf.Lfm2Config(**_MOE, layer_types=["conv", "full_attention"]),
+    }
+
+
+MOE_ARCHS = ("qwen3_moe", "mixtral", "olmoe", "qwen2_moe", "gpt_oss", "llama4", "jamba", "qwen3_next",
+             "granitemoehybrid", "lfm2")
+
 
 def tiny_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32):
     """A random tiny causal LM of architecture `arch` (one of ARCHS), eval mode, on the CPU."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    config = _configs()[arch]()
+    config = {**_configs(), **_moe_configs()}[arch]()
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     # Random init gives near-uniform attention; larger weights make the layers' inputs correlated
     # and the pruning problem non-trivial.

@@ -24,6 +24,7 @@ from .block_tune import BlockTune, check_tunable, dense_targets, tune_block
 from .capture import BlockCall
 from .discovery import get_weight, set_weight
 from .distributed import Comm, DistributedError, assign_by_cost
+from .experts import MIN_EXPERT_TOKENS, ExpertProjection
 from .grams import BlockPlan, GramHooks, StopBlock, sync
 
 
@@ -37,7 +38,8 @@ def solver():
 def prune_block(block: nn.Module, index: int, blocks_name: str, layers: dict[str, nn.Module],
                 call: BlockCall, acts: torch.Tensor, device: torch.device, gram_dtype: torch.dtype,
                 prune_kwargs: dict, *, last: bool, sequential: bool, comm: Comm, bar, timings: dict,
-                tune: BlockTune | None = None, tune_reports: list | None = None) -> list[dict]:
+                tune: BlockTune | None = None, tune_reports: list | None = None,
+                moe_calibration: str = "routed") -> list[dict]:
     """Prune `block` in place (it must already be on `device`) and, unless `last`, overwrite `acts`
     (this rank's windows, (n, L, hidden)) with the pruned block's outputs. Returns one report entry per
     selected layer, in module order (identical on every rank). With `tune` enabled the pruned block is
@@ -52,7 +54,7 @@ def prune_block(block: nn.Module, index: int, blocks_name: str, layers: dict[str
         t = time.perf_counter()
         targets = dense_targets(block, call, acts, device)  # before any hook or pruned weight
         timings["tune"] += time.perf_counter() - t
-    hooks = GramHooks(layers, device, gram_dtype)
+    hooks = GramHooks(layers, device, gram_dtype, moe_calibration)
     try:
         if layers:
             t = time.perf_counter()
@@ -142,14 +144,23 @@ def _solve_stage(leaders: list[str], accs: dict, layers: dict[str, nn.Module], p
     mine = [rel for rel, o in zip(members, owners) if o == comm.rank]
     wanted = {plan.group_of[rel] for rel in mine}
     grams: dict[str, torch.Tensor] = {}
+    tokens = _token_counts(leaders, accs, layers, comm, index)
+    pooled: dict[tuple, torch.Tensor] = {}  # experts' pooled Gram per (module, kind): the fallback
     for g in leaders:  # one symmetric Gram per group, summed over the ranks, kept only where needed
         acc = accs.pop(g)
         gram = acc.gram
         del acc
         comm.all_reduce_sum_(gram, f"block {index}: summing the Gram of {g}")
+        if g in tokens:
+            key = _pool_key(g, layers[g])
+            pooled[key] = gram.clone() if key not in pooled else pooled[key].add_(gram)
         if g in wanted:
             grams[g] = gram
         del gram
+    starved = {g for g, c in tokens.items() if c < MIN_EXPERT_TOKENS}
+    for g in starved & set(grams):
+        grams[g] = pooled[_pool_key(g, layers[g])]
+    del pooled
 
     records: dict[str, dict] = {}
     masks: dict[str, torch.Tensor] = {}
@@ -175,6 +186,10 @@ def _solve_stage(leaders: list[str], accs: dict, layers: dict[str, nn.Module], p
                "group": f"{blocks_name}.{index}.{leader}", "error": float(res.error), "seconds": seconds,
                "sparsity": 1.0 - kept / w.numel(), "kept": kept, "numel": w.numel(),
                "backends": res.stats.get("backends")}
+        if leader in tokens:
+            rec["tokens"] = tokens[leader]
+            if leader in starved:
+                rec["fallback"] = "pooled"
         if stage is not None:
             rec["stage"] = stage
         if comm.distributed:
@@ -205,6 +220,22 @@ def _solve_stage(leaders: list[str], accs: dict, layers: dict[str, nn.Module], p
     for recs in comm.all_gather_objects(records, f"block {index}: collecting the layer reports"):
         records.update(recs)
     return records
+
+
+def _pool_key(leader: str, module: nn.Module) -> tuple:
+    return (leader.rsplit(".", 2)[0], module.projection == "down_proj")
+
+
+def _token_counts(leaders: list[str], accs: dict, layers: dict[str, nn.Module], comm: Comm,
+                  index: int) -> dict[str, int]:
+    """{leader: tokens} of the stage's expert groups, summed over the ranks (empty for dense groups)."""
+    experts = [g for g in leaders if isinstance(layers[g], ExpertProjection)]
+    if not experts:
+        return {}
+    counts = torch.tensor([accs[g].count for g in experts], dtype=torch.float64,
+                          device=accs[experts[0]].device)  # on the device: NCCL reduces device tensors
+    comm.all_reduce_sum_(counts, f"block {index}: summing the experts' token counts")
+    return {g: int(c) for g, c in zip(experts, counts.tolist())}
 
 
 def _cost(module: nn.Module) -> float:

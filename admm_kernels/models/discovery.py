@@ -1,18 +1,29 @@
 """Finding the decoder blocks of a causal LM and the prunable linear layers inside them.
 
-Generic on purpose: the blocks are the largest ``nn.ModuleList`` whose entries all have the same class
-(``model.layers`` in LLaMA/Mistral/Qwen/Gemma/Phi-3, ``model.decoder.layers`` in OPT, ``transformer.h``
-in GPT-2, ``gpt_neox.layers`` in GPT-NeoX). Prunable layers are ``nn.Linear`` and transformers' GPT-2
-``Conv1D`` (a linear layer whose weight is stored transposed, (in, out)).
+Generic on purpose: the blocks are the model's own decoder layer list, the largest outermost
+``nn.ModuleList`` whose entries contain linear layers (``model.layers`` in LLaMA/Mistral/Qwen/Gemma/Phi-3,
+``model.decoder.layers`` in OPT, ``transformer.h`` in GPT-2, ``gpt_neox.layers`` in GPT-NeoX). Its
+entries may differ in class: hybrid models (Jamba, Bamba, Falcon-H1, Qwen3-Next, LFM2, ...) mix
+attention, Mamba, linear-attention and conv layers in one list. A list of length
+``config.num_hidden_layers`` wins over a longer one (an experts list inside a tiny model's block).
+
+Prunable layers are ``nn.Linear``, transformers' GPT-2 ``Conv1D`` (a linear layer whose weight is stored
+transposed, (in, out)) and each expert's gate/up/down projection of a fused experts module
+(admm_kernels.models.experts: named ``<experts>.<e>.gate_proj`` etc., as transformers saves them).
+Routers of MoE blocks (``gate``, ``router``, ``shared_expert_gate``, any linear whose output size is the
+number of experts or 1) are left out unless a ``layers`` pattern names them.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import re
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
+
+from .experts import ExpertProjection, expert_projections, experts_layout, find_experts, is_router
 
 LayerFilter = Sequence[str] | Callable[[str, nn.Module], bool] | None
 
@@ -23,30 +34,36 @@ def _is_conv1d(module: nn.Module) -> bool:
 
 
 def is_prunable(module: nn.Module) -> bool:
-    """True for nn.Linear (and subclasses) and GPT-2's Conv1D."""
-    return isinstance(module, nn.Linear) or _is_conv1d(module)
+    """True for nn.Linear (and subclasses), GPT-2's Conv1D and one expert's projection."""
+    return isinstance(module, (nn.Linear, ExpertProjection)) or _is_conv1d(module)
 
 
 def get_weight(module: nn.Module) -> torch.Tensor:
-    """The layer's weight as (out, in) (a view for Conv1D, whose parameter is (in, out))."""
+    """The layer's weight as (out, in) (a view for Conv1D, whose parameter is (in, out), and for an
+    expert's projection, a view into the fused experts parameter)."""
+    if isinstance(module, ExpertProjection):
+        return module.weight_view()
     w = module.weight.data
     return w.t() if _is_conv1d(module) else w
 
 
 def set_weight(module: nn.Module, weight: torch.Tensor) -> None:
     """Copy an (out, in) weight into the layer in place (keeps the parameter object, dtype, device)."""
-    target = module.weight.data
-    src = weight.t() if _is_conv1d(module) else weight
-    if src.shape != target.shape:
+    target = get_weight(module)
+    if weight.shape != target.shape:
         raise ValueError(f"weight of shape {tuple(weight.shape)} does not fit layer {module}")
-    target.copy_(src)
+    target.copy_(weight)
+
+
+def _has_layers(module: nn.Module) -> bool:
+    return any(is_prunable(m) or bool(find_experts(m)) for m in module.modules())
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """(qualified name, ModuleList) of the model's decoder blocks.
+    """(qualified name, ModuleList) of the model's decoder blocks (see the module docstring).
 
-    Raises ValueError for encoder-decoder models and for models without a ModuleList of at least one
-    identically-typed module containing a linear layer.
+    Raises ValueError for encoder-decoder models and for models without a ModuleList containing linear
+    layers.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -54,25 +71,41 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     if getattr(cfg, "is_encoder_decoder", False):
         raise ValueError(f"unsupported model {type(model).__name__}: encoder-decoder models are not "
                          "supported (only decoder-only causal LMs)")
-    best: tuple[str, nn.ModuleList] | None = None
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.ModuleList) or len(module) == 0:
-            continue
-        kinds = {type(m) for m in module}
-        if len(kinds) != 1 or not any(is_prunable(m) for m in module[0].modules()):
-            continue
-        if best is None or len(module) > len(best[1]):
-            best = (name, module)
-    if best is None:
+    candidates = [(name, m) for name, m in model.named_modules()
+                  if isinstance(m, nn.ModuleList) and len(m) > 0 and _has_layers(m)]
+    # Outermost only: an experts list or a vision tower's list inside a block is not the block list.
+    outer = [(n, m) for n, m in candidates
+             if not any(o != n and (o == "" or n.startswith(o + ".")) for o, _ in candidates)]
+    if not outer:
         raise ValueError(
             f"unsupported model {type(model).__name__}: found no decoder blocks; looked for the largest "
-            "torch.nn.ModuleList whose entries all have the same class and contain nn.Linear (or Conv1D) "
-            "layers, e.g. model.layers (LLaMA), model.decoder.layers (OPT), transformer.h (GPT-2)")
-    return best
+            "torch.nn.ModuleList containing nn.Linear (or Conv1D, or fused experts) layers, e.g. "
+            "model.layers (LLaMA), model.decoder.layers (OPT), transformer.h (GPT-2)")
+    n_layers = _config_layers(model)
+    exact = [c for c in outer if len(c[1]) == n_layers]
+    pool = exact or outer
+    return max(pool, key=lambda c: len(c[1]))  # first of the longest on ties (module order)
+
+
+def _config_layers(model: nn.Module) -> int | None:
+    cfg = getattr(model, "config", None)
+    for c in (cfg, getattr(cfg, "text_config", None) if cfg is not None else None):
+        n = getattr(c, "num_hidden_layers", None)
+        if isinstance(n, int):
+            return n
+    return None
+
+
+_EXPERT_INDEX = re.compile(r"\.\d+\.(?=[^.]+$)")
 
 
 def _matches(patterns: Sequence[str], rel: str, full: str) -> bool:
-    return any(fnmatch.fnmatchcase(rel, p) or fnmatch.fnmatchcase(full, p) for p in patterns)
+    """A glob matches the relative or full name; an expert's name also matches without its index
+    ("mlp.experts.down_proj" names every expert's down_proj)."""
+    names = [rel, full]
+    if _EXPERT_INDEX.search(rel):
+        names += [_EXPERT_INDEX.sub(".", rel), _EXPERT_INDEX.sub(".", full)]
+    return any(fnmatch.fnmatchcase(n, p) for n in names for p in patterns)
 
 
 def check_layer_filter(layers: LayerFilter) -> None:
@@ -83,20 +116,39 @@ def check_layer_filter(layers: LayerFilter) -> None:
                         f"got {layers!r}")
 
 
+def block_layers(block: nn.Module) -> tuple[dict[str, nn.Module], set[str]]:
+    """({relative name: layer} of every prunable layer of a block, module order, expert projections at
+    their experts module's place; the names of its routers)."""
+    experts = {rel: (m, experts_layout(m, rel)) for rel, m in find_experts(block).items()}
+    n_experts = {lay.num_experts for _, lay in experts.values()}
+    out: dict[str, nn.Module] = {}
+    routers: set[str] = set()
+    for rel, module in block.named_modules():
+        if not rel:
+            continue
+        if rel in experts:
+            out.update(expert_projections(module, rel, experts[rel][1]))
+        elif is_prunable(module):
+            out[rel] = module
+            if experts and is_router(rel, module, n_experts):
+                routers.add(rel)
+    return out, routers
+
+
 def prunable_layers(block: nn.Module, prefix: str, layers: LayerFilter = None) -> dict[str, nn.Module]:
     """{name relative to the block: layer} of the selected prunable layers of one block, module order.
 
-    layers: None = every linear; a list of glob patterns matched against the relative name
-    ("self_attn.q_proj", "mlp.*") or the full name ("model.layers.3.mlp.down_proj"); or a callable
-    (full_name, module) -> bool.
+    layers: None = every linear and expert projection except the routers of MoE blocks; a list of glob
+    patterns matched against the relative name ("self_attn.q_proj", "mlp.*",
+    "mlp.experts.*.down_proj", or "mlp.experts.down_proj" for every expert) or the full name
+    ("model.layers.3.mlp.down_proj"); or a callable (full_name, module) -> bool.
     """
+    found, routers = block_layers(block)
     out = {}
-    for rel, module in block.named_modules():
-        if not rel or not is_prunable(module):
-            continue
+    for rel, module in found.items():
         full = f"{prefix}.{rel}"
         if layers is None:
-            keep = True
+            keep = rel not in routers
         elif callable(layers):
             keep = bool(layers(full, module))
         else:

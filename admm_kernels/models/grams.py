@@ -29,6 +29,7 @@ from torch import nn
 
 from ..gram import GramAccumulator
 from .capture import input_hooks
+from .experts import ExpertInputs, ExpertProjection
 
 
 class StopBlock(Exception):
@@ -50,12 +51,20 @@ class BlockPlan:
     leaders: list[str]
     calls: dict[str, int]
     in_features: dict[str, int] = field(default_factory=dict)
+    stage_of: dict[str, tuple] = field(default_factory=dict)
 
     def stages(self, sequential: bool) -> list[list[str]]:
-        """Leaders per stage: one stage of every group, or (sequential) one stage per group."""
+        """Leaders per stage: one stage of every group, or (sequential) one stage per group, except that
+        the experts of one module form one stage per projection kind (all gate/up, then all down):
+        they run side by side in the block, so each sees the same earlier stages."""
         if not self.leaders:
             return []
-        return [[g] for g in self.leaders] if sequential else [list(self.leaders)]
+        if not sequential:
+            return [list(self.leaders)]
+        out: dict[tuple, list[str]] = {}
+        for g in self.leaders:
+            out.setdefault(self.stage_of.get(g, (g,)), []).append(g)
+        return list(out.values())
 
     def signature(self) -> tuple:
         """A comparable summary, so ranks can check they found the same plan."""
@@ -69,7 +78,8 @@ class GramHooks:
     per window (catching StopBlock), end_stage() -> the stage's accumulators. `seconds` counts the time
     spent adding to Grams (the forward passes are timed by the caller)."""
 
-    def __init__(self, layers: dict[str, nn.Module], device: torch.device, gram_dtype: torch.dtype):
+    def __init__(self, layers: dict[str, nn.Module], device: torch.device, gram_dtype: torch.dtype,
+                 moe_calibration: str = "routed"):
         self.layers = layers
         self.device = device
         self.gram_dtype = gram_dtype
@@ -81,7 +91,16 @@ class GramHooks:
         self.stop_early = False
         self._left = 0
         self.seconds = 0.0
-        self.handles = input_hooks(layers, self._on_input)
+        plain = {n: m for n, m in layers.items() if not isinstance(m, ExpertProjection)}
+        self.handles = input_hooks(plain, self._on_input)
+        self.experts: list[ExpertInputs] = []
+        try:
+            for rel, module, layout in _experts_modules(layers):
+                self.experts.append(ExpertInputs(module, rel, layout, self._on_input, moe_calibration,
+                                                 wanted=layers.__contains__))
+        except BaseException:
+            self.remove()
+            raise
 
     def _on_input(self, name: str, x: torch.Tensor) -> None:
         if self.first is not None:
@@ -105,22 +124,28 @@ class GramHooks:
         if self._plan is not None:
             return self._plan
 
-        def key(xs):
+        def key(name, xs):
+            m = self.layers[name]
+            if isinstance(m, ExpertProjection):  # an expert's inputs may be empty: group by position
+                return _expert_group(name, m)
             return tuple((x.untyped_storage().data_ptr(), x.storage_offset(), tuple(x.shape), x.stride(),
                           x.dtype) for x in xs)
         leaders_by_key: dict[tuple, str] = {}
         group_of: dict[str, str] = {}
         for name, xs in self.first.items():  # module order: the leader is the group's first layer
             if xs:  # never called: left unpruned, reported by the caller
-                group_of[name] = leaders_by_key.setdefault(key(xs), name)
+                group_of[name] = leaders_by_key.setdefault(key(name, xs), name)
         order: list[str] = []
         for name in self.first_order:
             leader = group_of[name]
             if leader not in order:
                 order.append(leader)
+        stage_of = {g: _expert_group(g, self.layers[g])[:2] + (_expert_group(g, self.layers[g])[3],)
+                    for g in order if isinstance(self.layers[g], ExpertProjection)}
         self._plan = BlockPlan(group_of=group_of, leaders=order,
                                calls={g: len(self.first[g]) for g in order},
-                               in_features={g: int(self.first[g][0].shape[-1]) for g in order})
+                               in_features={g: int(self.first[g][0].shape[-1]) for g in order},
+                               stage_of=stage_of)
         return self._plan
 
     @property
@@ -156,7 +181,30 @@ class GramHooks:
         self.active = set()
         return out
 
+    def tokens(self, leader: str) -> int | None:
+        """Rows accumulated so far into the Gram of `leader` (None when it has no accumulator)."""
+        acc = self.acc.get(leader)
+        return acc.count if acc is not None else None
+
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
         self.handles = []
+        for e in getattr(self, "experts", []):
+            e.remove()
+        self.experts = []
+
+
+def _expert_group(name: str, m: ExpertProjection) -> tuple:
+    """("experts", module prefix, expert, "in" | "down"): gate and up of one expert share a Gram."""
+    prefix = name.rsplit(".", 2)[0]
+    return ("experts", prefix, m.expert, "down" if m.projection == "down_proj" else "in")
+
+
+def _experts_modules(layers: dict[str, nn.Module]) -> list[tuple]:
+    """(prefix, experts module, layout) of every experts module with a selected projection."""
+    seen: dict[int, tuple] = {}
+    for name, m in layers.items():
+        if isinstance(m, ExpertProjection) and id(m.experts) not in seen:
+            seen[id(m.experts)] = (name.rsplit(".", 2)[0], m.experts, m.layout)
+    return list(seen.values())

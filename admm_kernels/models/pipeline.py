@@ -37,8 +37,10 @@ from .activations import ActivationStore, resolve_offload
 from .block import prune_block, solver
 from .block_tune import BlockTune, check_block_tune
 from .capture import capture_inputs
-from .discovery import LayerFilter, find_blocks, get_weight, select_all, set_weight
+from .coverage import check_coverage, classify_block, coverage
+from .discovery import LayerFilter, block_layers, find_blocks, get_weight, select_all, set_weight
 from .distributed import Comm, resolve_comm, shard, shard_counts
+from .experts import MOE_CALIBRATION
 from .grams import GramHooks  # noqa: F401  (admm_kernels.bench.grams imports it from here)
 from .loading import max_positions
 from .sparsity_profile import BlockSparsity, check_profile
@@ -123,12 +125,34 @@ def check_prunable(model: nn.Module | StreamedModel, sparsity: float | Sequence[
                    layers: LayerFilter = None, *, sparsity_profile: str = "uniform",
                    owl_m: float | None = None, owl_lambda: float | None = None, **options) -> None:
     """Raise ValueError / TypeError now if prune_model would reject these settings for this model
-    (no decoder blocks, a layer pattern matching nothing, N:M not dividing a layer's in_features,
-    an unknown method or option, a bad sparsity profile)."""
-    blocks_name, blocks = find_blocks(model.model if isinstance(model, StreamedModel) else model)
+    (no decoder blocks, a layer pattern matching nothing, default layers covering too little of the
+    blocks' weights, an unknown experts layout, N:M not dividing a layer's in_features, an unknown
+    method or option, a bad sparsity profile)."""
+    net = model.model if isinstance(model, StreamedModel) else model
+    blocks_name, blocks = find_blocks(net)
     planned = check_profile(sparsity, sparsity_profile, len(blocks), pattern, owl_m, owl_lambda).planned()
-    _validate_layers(select_all(blocks, blocks_name, layers), blocks_name, pattern, planned)
+    selected = select_all(blocks, blocks_name, layers)
+    _check_coverage(net, blocks, blocks_name, selected, layers)
+    _validate_layers(selected, blocks_name, pattern, planned)
     _validate_options(planned[0], pattern, method, options)
+
+
+def coverage_rows(blocks: nn.ModuleList, selected: list[dict[str, nn.Module]]) -> list[list[dict]]:
+    """Per block, every matrix parameter with what the selection prunes of it (admm_kernels.models.
+    coverage.classify_block)."""
+    rows = []
+    for block, sel in zip(blocks, selected):
+        every, routers = block_layers(block)
+        rows.append(classify_block(block, sel, every, routers))
+    return rows
+
+
+def _check_coverage(net: nn.Module, blocks: nn.ModuleList, blocks_name: str,
+                    selected: list[dict[str, nn.Module]], layers: LayerFilter) -> list[list[dict]]:
+    rows = coverage_rows(blocks, selected)
+    if layers is None:  # a layers= selection prunes less on purpose
+        check_coverage(rows, blocks_name, type(net).__name__)
+    return rows
 
 
 def _callable_name(f) -> str:
@@ -138,7 +162,8 @@ def _callable_name(f) -> str:
 def run_fingerprint(model: nn.Module, ids: torch.Tensor, blocks_name: str, n_blocks: int, *, method: str,
                     pattern: str, sparsity: BlockSparsity, options: dict, layers: LayerFilter,
                     gram_dtype: torch.dtype, device: torch.device, dense_model: str | None = None,
-                    world_size: int = 1, sequential: bool = False, block_tune: dict | None = None) -> dict:
+                    world_size: int = 1, sequential: bool = False, block_tune: dict | None = None,
+                    moe_calibration: str = "routed") -> dict:
     """Everything that determines a pruning run's result, as compared by `--resume`: a content digest
     of every parameter and buffer of the dense model (admm_kernels._digest.model_digest: 0.38 s for the
     538 MB of SmolLM2-135M here, ~0.1 % of the embedded run; `dense_model` when the caller has it, e.g.
@@ -150,7 +175,7 @@ def run_fingerprint(model: nn.Module, ids: torch.Tensor, blocks_name: str, n_blo
     thread: 1 vs 2 threads gave perplexity 64.238 vs 64.301 for the same run), a forced kernel backend,
     the versions of the code, and -- only when not the default, so older single-process states stay
     valid -- the world size of a distributed run (the Gram sums run in another order), sequential
-    pruning and block tuning (its settings)."""
+    pruning, block tuning (its settings) and the experts' calibration mode."""
     from .. import backends, methods
 
     given = dict(options)
@@ -162,6 +187,8 @@ def run_fingerprint(model: nn.Module, ids: torch.Tensor, blocks_name: str, n_blo
         extra["sequential"] = True
     if block_tune:
         extra["block_tune"] = block_tune
+    if moe_calibration != "routed":
+        extra["moe_calibration"] = moe_calibration
     return fingerprint(
         model=type(model).__name__,
         config=model.config.to_json_string() if hasattr(model, "config") else None,
@@ -195,7 +222,8 @@ def prune_model(model: nn.Module | StreamedModel, calibration, sparsity: float |
                 device: torch.device | str | None = None, offload: bool | str = False,
                 offload_dir: str | os.PathLike | None = None, gram_dtype: torch.dtype = torch.float32,
                 sequential: bool = False, tune_epochs: int = 0, tune_lr: float = 1e-4, tune_batch: int = 4,
-                progress: bool = False, state_dir: str | os.PathLike | None = None,
+                moe_calibration: str = "routed", progress: bool = False,
+                state_dir: str | os.PathLike | None = None,
                 callback: Callable[[int, dict], None] | None = None,
                 distributed: bool | Comm | None = None, **options) -> dict:
     """Prune every selected linear layer of a causal LM in place, block by block; return a report.
@@ -217,7 +245,12 @@ def prune_model(model: nn.Module | StreamedModel, calibration, sparsity: float |
         each block's layer-wise solves, `tune_epochs` epochs of Adam (lr tune_lr, tune_batch windows a
         step) on the kept weights towards the dense block's outputs on the same inputs, masks unchanged
         (admm_kernels.models.block_tune; float32 models, one process; the layers' "error" stays the
-        layer-wise solve's). progress: tqdm bars over blocks and layers (rank 0 only).
+        layer-wise solve's). moe_calibration: how each expert of a MoE block is calibrated: "routed"
+        (default: its Gram from the tokens the router sends to it) or "all" (every token through every
+        expert, for the Grams only; the block's output still follows the router); experts with fewer
+        than admm_kernels.models.experts.MIN_EXPERT_TOKENS tokens use their module's pooled Gram
+        (reported per layer as "tokens" and "fallback"). progress: tqdm bars over blocks and layers
+        (rank 0 only).
         sparsity may also be a list of one value in [0, 1) per decoder block. sparsity_profile:
         "uniform" (every block at `sparsity`) or "owl" (Yin et al. 2024: blocks with a larger share of
         outlier Wanda scores are pruned less, the model's overall sparsity stays `sparsity`; owl_m = M,
@@ -248,8 +281,10 @@ def prune_model(model: nn.Module | StreamedModel, calibration, sparsity: float |
     block_tune (tune_epochs > 0: its settings and, per block, the mean-squared error of the block's
     outputs to the dense block's before and after tuning),
     layers (per layer: name, block, shape, group, error, seconds, sparsity;
-    "stage" with sequential, "rank" (its solver) when distributed), achieved_sparsity (over the pruned
-    layers), timings (profile, capture, forward, gram, solve, comm, state, total seconds, this rank's),
+    "stage" with sequential, "rank" (its solver) when distributed, "tokens" and "fallback" for experts),
+    achieved_sparsity (over the pruned layers), coverage (admm_kernels.models.coverage: the share of
+    the blocks' weight matrices pruned, the sparsity over all of them, what was left out and why),
+    timings (profile, capture, forward, gram, solve, comm, state, total seconds, this rank's),
     threads
     (torch's CPU thread count, part of what makes a run reproducible), world_size, ranks (per rank:
     device, windows, timings; distributed only), versions.
@@ -271,7 +306,11 @@ def prune_model(model: nn.Module | StreamedModel, calibration, sparsity: float |
         raise ValueError("sparsity_profile='owl' needs a dense pass over every block before pruning, which a "
                          "StreamedModel does not support yet: load the model in memory, or give the OWL "
                          "sparsities of a previous run as a per-block list")
+    if moe_calibration not in MOE_CALIBRATION:
+        raise ValueError(f"moe_calibration must be one of {', '.join(MOE_CALIBRATION)}, got "
+                         f"{moe_calibration!r}")
     selected = select_all(blocks, blocks_name, layers)
+    matrix_rows = _check_coverage(net, blocks, blocks_name, selected, layers)
     _validate_layers(selected, blocks_name, pattern, request.planned())
     _validate_options(request.planned()[0], pattern, method, options)
     comm = resolve_comm(distributed)
@@ -322,6 +361,7 @@ def prune_model(model: nn.Module | StreamedModel, calibration, sparsity: float |
                                  sparsity=profile, options=options, layers=layers, gram_dtype=gram_dtype,
                                  device=device, world_size=comm.size, sequential=sequential,
                                  block_tune=tune.fingerprint() if tune.enabled else None,
+                                 moe_calibration=moe_calibration,
                                  dense_model=streamed.digest() if streamed is not None else None)
             state = store.load(fp, _layout(selected, end, ids))  # verified before the model is touched
             timings["state"] += time.perf_counter() - t
@@ -365,7 +405,8 @@ def prune_model(model: nn.Module | StreamedModel, calibration, sparsity: float |
                         block_report = _prune_block(
                             blocks[b], b, blocks_name, selected[b], calls[b], acts, device, gram_dtype,
                             block_options(b), last=(b == end - 1), sequential=sequential, comm=comm, bar=bar,
-                            timings=timings, tune=tune, tune_reports=tune_reports)
+                            timings=timings, tune=tune, tune_reports=tune_reports,
+                            moe_calibration=moe_calibration)
                         report_layers.extend(block_report)
                         if saving:
                             t = time.perf_counter()
@@ -408,6 +449,7 @@ def prune_model(model: nn.Module | StreamedModel, calibration, sparsity: float |
         "device": str(device), "offload": offload, "sequential": sequential, "streamed": streamed is not None,
         "resumed_from_block": start if state_dir and start else None,
         "layers": report_layers, "achieved_sparsity": 1.0 - kept / total if total else 0.0,
+        "coverage": coverage(matrix_rows, blocks_name, report_layers),
         "timings": timings, "threads": torch.get_num_threads(), "world_size": comm.size,
         "versions": versions(),
     }
@@ -435,7 +477,7 @@ def _restore_block(store: PipelineState | None, state: dict | None, b: int, laye
 def _prune_block(block: nn.Module, index: int, blocks_name: str, layers: dict[str, nn.Module], call,
                  acts: torch.Tensor, device: torch.device, gram_dtype: torch.dtype, prune_kwargs: dict, *,
                  last: bool, sequential: bool, comm: Comm, bar, timings: dict, tune: BlockTune | None = None,
-                 tune_reports: list | None = None) -> list[dict]:
+                 tune_reports: list | None = None, moe_calibration: str = "routed") -> list[dict]:
     """prune_block with the block on `device` only inside this call: it goes back to its own device
     whatever happens."""
     home = next(block.parameters()).device
@@ -443,7 +485,7 @@ def _prune_block(block: nn.Module, index: int, blocks_name: str, layers: dict[st
         block.to(device)
         return prune_block(block, index, blocks_name, layers, call, acts, device, gram_dtype, prune_kwargs,
                            last=last, sequential=sequential, comm=comm, bar=bar, timings=timings,
-                           tune=tune, tune_reports=tune_reports)
+                           tune=tune, tune_reports=tune_reports, moe_calibration=moe_calibration)
     finally:
         block.to(home)
 

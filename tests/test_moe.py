@@ -1,0 +1,298 @@
+"""Mixture-of-experts and hybrid models: every expert pruned on its own tokens with exact sparsity,
+routers intact, the report's coverage honest, and models of other layouts refused with a clear error."""
+
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import admm_kernels as ak
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny_models import MOE_ARCHS, Interrupt, stop_after, tiny_model, tiny_tokens  # noqa: E402
+
+pytest.importorskip("transformers")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+from admm_kernels.models.discovery import find_blocks, get_weight, prunable_layers  # noqa: E402
+from admm_kernels.models.experts import (  # noqa: E402
+    ExpertInputs,
+    ExpertProjection,
+    UnknownExpertsLayout,
+    experts_layout,
+    find_experts,
+)
+
+
+def _experts_of(model):
+    _, blocks = find_blocks(model)
+    return [(i, rel, m) for i, b in enumerate(blocks) for rel, m in find_experts(b).items()]
+
+
+def _router_params(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()
+            if n.rsplit(".", 2)[-2] in ("gate", "router", "shared_expert_gate")}
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_every_expert_and_linear_pruned_exactly_routers_intact(arch):
+    model = tiny_model(arch)
+    routers = _router_params(model)
+    report = ak.prune_model(model, tiny_tokens(4, 32), sparsity=0.5, method="wanda")
+    blocks_name, blocks = find_blocks(model)
+    layers = {f"{blocks_name}.{i}.{rel}": m for i, b in enumerate(blocks)
+              for rel, m in prunable_layers(b, f"{blocks_name}.{i}").items()}
+    zeros = 0
+    for r in report["layers"]:
+        w = get_weight(layers[r["name"]])
+        if r["error"] is None:  # Mamba's dt_proj: its weight is used directly, never called
+            assert r["skipped"] and r["kept"] == r["numel"]
+            continue
+        n_zero = int((w == 0).sum())
+        assert n_zero == r["numel"] - r["kept"] == w.shape[0] * int(w.shape[1] * 0.5), r["name"]
+        zeros += n_zero
+    for n, p in model.named_parameters():
+        if n in routers:
+            assert torch.equal(p, routers[n]), f"router {n} was changed"
+    experts = _experts_of(model)
+    if arch not in ("lfm2",):
+        assert experts or arch in ("lfm2",)
+    names = {r["name"] for r in report["layers"]}
+    for i, rel, m in experts:  # every expert's every projection is a pruned layer
+        lay = experts_layout(m)
+        for e in range(lay.num_experts):
+            for p in lay.projections:
+                assert f"{blocks_name}.{i}.{rel}.{e}.{p}" in names
+    cov = report["coverage"]
+    assert cov["share"] >= 0.95
+    assert cov["sparsity_of_all_matrices"] == pytest.approx(zeros / cov["matrix_weights"])
+    intended = ("router", "norm", "ssm", "conv", "bias", "not called")
+    assert all(g["reason"] in intended for g in cov["left_out"])
+
+
+def test_report_counts_experts_in_achieved_sparsity():
+    """A Mixtral pruned to 50 % reports 0.5 because its experts (most of its weights) really are."""
+    model = tiny_model("mixtral")
+    report = ak.prune_model(model, tiny_tokens(4, 32), sparsity=0.5, method="magnitude")
+    experts = model.model.layers[0].mlp.experts
+    assert float((experts.gate_up_proj == 0).float().mean()) == pytest.approx(0.5)
+    assert float((experts.down_proj == 0).float().mean()) == pytest.approx(0.5)
+    assert report["achieved_sparsity"] == pytest.approx(0.5)
+    assert report["coverage"]["share"] > 0.99
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss", "llama4", "qwen2_moe", "jamba"])
+def test_saved_folder_reloads_with_the_same_logits(tmp_path, arch):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model(arch)
+    ak.prune_model(model, tiny_tokens(4, 32), sparsity=0.5, method="wanda")
+    ids = tiny_tokens(1, 24, seed=5)
+    with torch.no_grad():
+        want = model(ids).logits
+    model.save_pretrained(tmp_path / "out")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    with torch.no_grad():
+        got = again(ids).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    for (n, p), (_, q) in zip(model.named_parameters(), again.named_parameters()):
+        assert torch.equal(p, q), n
+
+
+class _LinearSpy(torch.overrides.TorchFunctionMode):
+    """Records the input of every F.linear / matmul whose weight lives in one of `params`' storage, per
+    parameter and expert (the eager experts forward multiplies by views param[e])."""
+
+    def __init__(self, *params):
+        super().__init__()
+        self.params, self.inputs = params, {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (torch.nn.functional.linear, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__) \
+                and len(args) >= 2:
+            x, w = args[0], args[1]
+            for i, param in enumerate(self.params):
+                if isinstance(w, torch.Tensor) and w.untyped_storage().data_ptr() == \
+                        param.untyped_storage().data_ptr():
+                    e = w.storage_offset() // param.stride(0)
+                    self.inputs.setdefault((i, e), []).append(x.detach().reshape(-1, x.shape[-1]).clone())
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])
+def test_expert_inputs_are_what_the_module_feeds_each_expert(arch):
+    """gate/up inputs are the routed tokens' hidden states and down's act(gate)*up of them: the very
+    rows the module's own forward multiplies with each expert's weights (Grams compared, row order
+    differs)."""
+    model = tiny_model(arch)
+    experts = model.model.layers[1].mlp.experts
+    lay = experts_layout(experts)
+    seen: dict[str, list] = {}
+    hook = ExpertInputs(experts, "mlp.experts", lay, lambda n, x: seen.setdefault(n, []).append(x.clone()))
+    try:
+        with torch.no_grad():
+            model(tiny_tokens(1, 24))
+    finally:
+        hook.remove()
+    spy = _LinearSpy(experts.gate_up_proj, experts.down_proj)  # a second forward: the hook's own
+    model.config._experts_implementation = "eager"  # products stay out; the loop the spy can follow
+    with spy, torch.no_grad():
+        model(tiny_tokens(1, 24))
+    for e in range(lay.num_experts):
+        for proj, i in (("gate_proj", 0), ("up_proj", 0), ("down_proj", 1)):
+            ours = torch.cat(seen[f"mlp.experts.{e}.{proj}"])
+            theirs = torch.cat(spy.inputs.get((i, e), [torch.zeros(0, ours.shape[1])]))
+            assert ours.shape == theirs.shape
+            torch.testing.assert_close(ours.T @ ours, theirs.T @ theirs, rtol=1e-5, atol=1e-5)
+        assert hook.tokens[e] == ours.shape[0]
+    assert sum(hook.tokens) == 24 * model.config.num_experts_per_tok
+
+
+def test_moe_calibration_all_sends_every_token_to_every_expert():
+    model = tiny_model("qwen3_moe")
+    routed = ak.prune_model(copy.deepcopy(model), tiny_tokens(2, 32), sparsity=0.5, method="wanda")
+    every = ak.prune_model(model, tiny_tokens(2, 32), sparsity=0.5, method="wanda", moe_calibration="all")
+    experts = [r for r in every["layers"] if ".experts." in r["name"]]
+    assert experts and all(r["tokens"] == 64 for r in experts)
+    assert sum(r["tokens"] for r in routed["layers"] if r["name"].endswith("experts.0.gate_proj")) < 2 * 64
+    with pytest.raises(ValueError, match="moe_calibration"):
+        ak.prune_model(tiny_model("qwen3_moe"), tiny_tokens(2, 32), moe_calibration="dense")
+
+
+def test_experts_with_few_tokens_use_the_pooled_gram():
+    """An expert that saw fewer than MIN_EXPERT_TOKENS tokens is solved on its module's pooled Gram:
+    finite, exact sparsity, listed with its token count, never an exception."""
+    from admm_kernels.models.experts import MIN_EXPERT_TOKENS
+
+    model = tiny_model("mixtral")
+    report = ak.prune_model(model, tiny_tokens(1, 8), sparsity=0.5, method="admm", iters=4)
+    experts = [r for r in report["layers"] if ".experts." in r["name"]]
+    starved = [r for r in experts if r["tokens"] < MIN_EXPERT_TOKENS]
+    assert starved and all(r["fallback"] == "pooled" for r in starved)
+    assert all("fallback" not in r for r in experts if r["tokens"] >= MIN_EXPERT_TOKENS)
+    for r in experts:
+        assert r["kept"] == r["numel"] // 2 and r["error"] == r["error"]  # not NaN
+    for p in model.parameters():
+        assert torch.isfinite(p).all()
+
+
+def test_layer_globs_name_experts():
+    model = tiny_model("qwen3_moe")
+    report = ak.prune_model(model, tiny_tokens(2, 32), method="magnitude", layers=["mlp.experts.down_proj"])
+    names = [r["name"] for r in report["layers"]]
+    assert len(names) == 2 * 4 and all(n.endswith("down_proj") and ".experts." in n for n in names)
+    report = ak.prune_model(tiny_model("qwen3_moe"), tiny_tokens(2, 32), method="magnitude",
+                            layers=["mlp.experts.1.*"])
+    assert sorted({r["name"].split(".experts.")[1] for r in report["layers"]}) == [
+        "1.down_proj", "1.gate_proj", "1.up_proj"]
+    # Routers are pruned only when a pattern names them.
+    report = ak.prune_model(tiny_model("qwen3_moe"), tiny_tokens(2, 32), method="magnitude",
+                            layers=["self_attn.q_proj"])
+    assert report["coverage"]["share"] < 0.2  # a selection prunes less on purpose: reported, not refused
+
+
+def test_qwen2_moe_shared_expert_pruned_and_its_gate_kept():
+    model = tiny_model("qwen2_moe")
+    gate = model.model.layers[0].mlp.shared_expert_gate.weight.detach().clone()
+    report = ak.prune_model(model, tiny_tokens(2, 32), method="magnitude")
+    names = {r["name"] for r in report["layers"]}
+    assert "model.layers.0.mlp.shared_expert.down_proj" in names
+    assert not any("shared_expert_gate" in n for n in names)
+    assert torch.equal(model.model.layers[0].mlp.shared_expert_gate.weight, gate)
+
+
+class _OddExperts(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.randn(4, 10, 7))
+        self.down_proj = nn.Parameter(torch.randn(4, 3, 3))
+
+
+def test_unknown_experts_layout_is_an_error_naming_the_module():
+    with pytest.raises(UnknownExpertsLayout, match=r"mlp\.experts .*gate_up_proj \(4, 10, 7\)"):
+        experts_layout(_OddExperts(), "mlp.experts")
+    model = tiny_model("llama")
+    model.model.layers[0].mlp.experts = _OddExperts()
+    with pytest.raises(ValueError, match="unknown experts layout in mlp.experts"):
+        ak.prune_model(model, tiny_tokens(2, 16), method="magnitude")
+
+
+def test_weights_the_default_selection_cannot_prune_are_refused():
+    """A block matrix used directly (not a linear) and larger than 5 % of the blocks' weights: the run
+    stops before any work naming it, instead of reporting a sparsity it would not reach."""
+    model = tiny_model("llama")
+    for block in model.model.layers:
+        block.mlp.extra = nn.Parameter(torch.randn(64, 64))
+    dense = copy.deepcopy(model)
+    with pytest.raises(ValueError, match=r"model\.layers\.N\.mlp\.extra .*not a linear layer"):
+        ak.prune_model(model, tiny_tokens(2, 16), method="magnitude")
+    for (n, p), (_, q) in zip(model.named_parameters(), dense.named_parameters()):
+        assert torch.equal(p, q), n
+    with pytest.raises(ValueError, match="cover only"):
+        ak.models.pipeline.check_prunable(model, 0.5, "unstructured", "magnitude")
+    report = ak.prune_model(model, tiny_tokens(2, 16), method="magnitude", layers=["self_attn.*", "mlp.*"])
+    assert any(g["name"] == "model.layers.N.mlp.extra" for g in report["coverage"]["left_out"])
+
+
+def test_sequential_moe_stages_all_gate_up_then_all_down():
+    model = tiny_model("mixtral")
+    report = ak.prune_model(model, tiny_tokens(2, 32), method="wanda", sequential=True)
+    stage = {r["name"]: r["stage"] for r in report["layers"] if r["block"] == 0}
+    gate_up = {stage[f"model.layers.0.mlp.experts.{e}.{p}"] for e in range(4)
+               for p in ("gate_proj", "up_proj")}
+    down = {stage[f"model.layers.0.mlp.experts.{e}.down_proj"] for e in range(4)}
+    assert len(gate_up) == 1 and len(down) == 1 and min(down) > max(gate_up) > stage[
+        "model.layers.0.self_attn.o_proj"]
+    # down's Gram sees the pruned gate/up: the result differs from the one-pass run
+    other = tiny_model("mixtral")
+    ak.prune_model(other, tiny_tokens(2, 32), method="wanda")
+    assert not torch.equal(model.model.layers[0].mlp.experts.down_proj,
+                           other.model.layers[0].mlp.experts.down_proj)
+
+
+def test_resume_moe_gives_identical_result(tmp_path):
+    ids = tiny_tokens(3, 16)
+    full = tiny_model("qwen3_moe")
+    ak.prune_model(full, ids, sparsity=0.6, method="admm", iters=4)
+    state = tmp_path / "state"
+    with pytest.raises(Interrupt):
+        ak.prune_model(tiny_model("qwen3_moe"), ids, sparsity=0.6, method="admm", iters=4, state_dir=state,
+                       callback=stop_after(0))
+    resumed = tiny_model("qwen3_moe")
+    report = ak.prune_model(resumed, ids, sparsity=0.6, method="admm", iters=4, state_dir=state)
+    assert report["resumed_from_block"] == 1
+    for (n, p), (_, q) in zip(full.named_parameters(), resumed.named_parameters()):
+        assert torch.equal(p, q), n
+    with pytest.raises(ValueError, match="moe_calibration"):
+        ak.prune_model(tiny_model("qwen3_moe"), ids, sparsity=0.6, method="admm", iters=4, state_dir=state,
+                       moe_calibration="all")
+
+
+def test_expert_projection_is_a_view_not_a_copy():
+    model = tiny_model("gpt_oss")
+    experts = model.model.layers[0].mlp.experts
+    layers = prunable_layers(model.model.layers[0], "model.layers.0")
+    gate = layers["mlp.experts.2.gate_proj"]
+    assert isinstance(gate, ExpertProjection)
+    w = get_weight(gate)
+    assert w.untyped_storage().data_ptr() == experts.gate_up_proj.untyped_storage().data_ptr()
+    torch.testing.assert_close(w, experts.gate_up_proj[2, :, 0::2].t())  # interleaved, transposed
+    torch.testing.assert_close(get_weight(layers["mlp.experts.2.up_proj"]),
+                               experts.gate_up_proj[2, :, 1::2].t())
+    torch.testing.assert_close(get_weight(layers["mlp.experts.2.down_proj"]), experts.down_proj[2].t())
+
+
+def test_upcycled_mixtral_computes_the_dense_function():
+    from admm_kernels.models.upcycle import upcycle_to_mixtral
+
+    dense = tiny_model("llama")
+    moe = upcycle_to_mixtral(dense, num_experts=4, top_k=2, seed=1)
+    ids = tiny_tokens(2, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(moe(ids).logits, dense(ids).logits, rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match="top_k"):
+        upcycle_to_mixtral(dense, num_experts=2, top_k=3)
