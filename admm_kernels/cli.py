@@ -350,12 +350,23 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--seed", type=int, default=0, help="seed of the calibration window draw (default 0)")
     pr.add_argument("--layers", nargs="+", metavar="GLOB", default=None,
                     help="prune only these layers (glob on names inside a block, e.g. 'mlp.*' "
-                         "'self_attn.q_proj'); default every linear inside the blocks")
+                         "'self_attn.q_proj'; experts of MoE blocks as 'mlp.experts.*.down_proj', or "
+                         "'mlp.experts.down_proj' for every expert); default every linear and expert "
+                         "projection inside the blocks except MoE routers (mlp.gate, router, "
+                         "shared_expert_gate, any linear with one output or one per expert), which only a "
+                         "pattern naming them prunes. A run stops before any work when the default leaves "
+                         "more than 5%% of the blocks' weight matrices dense for another reason than "
+                         "routers, norms, biases, SSM and conv parameters: --layers prunes less on purpose")
     pr.add_argument("--offload", action="store_true", help="keep calibration activations in host memory")
     pr.add_argument("--offload-dir", metavar="DIR", default=None,
                     help="keep calibration (and --stream evaluation) activations in a file in DIR instead, "
                          "for calibration sets larger than memory (the file is unlinked at once, so nothing "
                          "is left behind)")
+    pr.add_argument("--moe-calibration", choices=("routed", "all"), default="routed",
+                    help="MoE blocks: calibrate each expert on the tokens its router sends it (routed, "
+                         "default) or on every token (all; the block's output still follows the router). "
+                         "Experts with fewer than 16 tokens use their module's pooled Gram (listed in the "
+                         "report)")
     pr.add_argument("--sequential", action="store_true",
                     help="prune a block's layers group by group (LLaMA: q/k/v, then o, then gate/up, then "
                          "down), each group's Gram taken from the block with the earlier groups pruned")
@@ -523,6 +534,8 @@ def _flag_names(message: str, per_block: bool) -> str:
     message = re.sub(r"\bowl_lambda\b", "--owl-lambda", message)
     message = re.sub(r"\bowl_m\b", "--owl-m", message)
     message = re.sub(r"\btune_(epochs|lr|batch)\b", lambda m: f"--tune-{m.group(1)}", message)
+    message = re.sub(r"\blayers=", "--layers", message)
+    message = re.sub(r"\bmoe_calibration\b", "--moe-calibration", message)
     if per_block:  # the per-block list came from --sparsity-profile
         message = re.sub(r"^sparsity(?=\[| has \d+ per-block)", "--sparsity-profile", message)
     return message
@@ -569,16 +582,53 @@ def _load(model_arg: str | None, device, dtype_arg: str | None, packed: bool = F
 
 
 def _layer_table(report: dict) -> str:
+    """One row per layer; the experts of one MoE module are one row per projection (mean error and
+    sparsity, summed seconds, how many experts fell back to the pooled Gram)."""
     rows = [("layer", "shape", "sparsity", "rel. error", "seconds")]
-    for r in report["layers"]:
-        err = "skipped" if r["error"] is None else f"{r['error']:.4g}"
-        shape = "x".join(map(str, r["shape"]))
-        rows.append((r["name"], shape, f"{r['sparsity']:.3f}", err, f"{r['seconds']:.2f}"))
+    for name, group in _expert_groups(report["layers"]):
+        if len(group) == 1 and name is None:
+            r = group[0]
+            err = "skipped" if r["error"] is None else f"{r['error']:.4g}"
+            shape = "x".join(map(str, r["shape"]))
+            rows.append((r["name"], shape, f"{r['sparsity']:.3f}", err, f"{r['seconds']:.2f}"))
+            continue
+        solved = [r for r in group if r["error"] is not None]
+        err = f"{sum(r['error'] for r in solved) / len(solved):.4g}" if solved else "skipped"
+        fell = sum(1 for r in group if r.get("fallback"))
+        label = f"{name} ({len(group)} experts" + (f", {fell} pooled)" if fell else ")")
+        sparsity = 1.0 - sum(r["kept"] for r in group) / sum(r["numel"] for r in group)
+        rows.append((label, "x".join(map(str, group[0]["shape"])), f"{sparsity:.3f}", err,
+                     f"{sum(r['seconds'] for r in group):.2f}"))
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
              for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def _left_out_by_reason(groups: list[dict]) -> list[dict]:
+    by: dict[str, dict] = {}
+    for g in groups:
+        by.setdefault(g["reason"], {"reason": g["reason"], "weights": 0})["weights"] += g["weights"]
+    return sorted(by.values(), key=lambda g: -g["weights"])
+
+
+def _expert_groups(records: list[dict]) -> list[tuple[str | None, list[dict]]]:
+    """Consecutive layer records grouped: (None, [record]) for a plain layer, (".../experts.*.down_proj",
+    records) for one projection of every expert of a module (records with "tokens" are experts)."""
+    out: list[tuple[str | None, list[dict]]] = []
+    index: dict[str, int] = {}
+    for r in records:
+        if "tokens" not in r:
+            out.append((None, [r]))
+            continue
+        head, _, proj = r["name"].rpartition(".")
+        key = f"{head.rpartition('.')[0]}.*.{proj}"
+        if key not in index:
+            index[key] = len(out)
+            out.append((key, []))
+        out[index[key]][1].append(r)
+    return out
 
 
 def _save(model, tokenizer, out: Path, fmt: str, report: dict, overwrite: bool,
@@ -865,7 +915,8 @@ def _prune_run(args, device, out: Path, store, overwrite: bool, comm, log, built
         report = prune_model(model, calib, pattern=args.pattern, method=args.method, layers=args.layers,
                              device=device, offload=args.offload or False, offload_dir=args.offload_dir,
                              sequential=args.sequential, tune_epochs=args.tune_epochs, tune_lr=args.tune_lr,
-                             tune_batch=args.tune_batch, progress=not args.quiet and comm.is_main,
+                             tune_batch=args.tune_batch, moe_calibration=args.moe_calibration,
+                             progress=not args.quiet and comm.is_main,
                              state_dir=state_dir, distributed=comm, **_profile_arguments(args), **options)
     except (ValueError, TypeError) as exc:
         raise CliError(_flag_names(str(exc), isinstance(args.profile, list))) from None
@@ -909,6 +960,12 @@ def _prune_run(args, device, out: Path, store, overwrite: bool, comm, log, built
     print(f"pruned {len(report['layers'])} layers to {report['achieved_sparsity']:.4f} sparsity "
           f"({args.method}{preset}, {args.pattern}){ranks} in {t['total']:.1f} s "
           f"[forward {t['forward']:.1f} s, gram {t['gram']:.1f} s, solve {t['solve']:.1f} s]")
+    cov = report["coverage"]
+    left = ", ".join(f"{g['reason']} {g['weights'] / cov['matrix_weights']:.1%}"
+                     for g in _left_out_by_reason(cov["left_out"]))
+    print(f"coverage: {cov['share']:.1%} of the blocks' weight matrices pruned, "
+          f"{cov['sparsity_of_all_matrices']:.4f} sparsity over all of them"
+          + (f" (left dense: {left})" if left else ""))
     prof = report["sparsity_profile"]
     if prof["name"] != "uniform":
         values = prof["block_sparsity"]

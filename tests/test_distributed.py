@@ -92,7 +92,7 @@ def _compare(one: dict, dist: dict, what: str) -> None:
         assert b["error"] == pytest.approx(a["error"], rel=ERROR_RTOL), (what, a["name"])
     for k, w in one["weights"].items():
         v = dist["weights"][k]
-        if w.dim() == 2:
+        if w.dim() >= 2:  # linears, and fused experts (E, out, in)
             assert float((v - w).norm() / w.norm()) <= WEIGHT_RTOL, (what, k)
             assert int(((v == 0) != (w == 0)).sum()) <= MASK_FRACTION * w.numel(), (what, k)
         else:
@@ -102,10 +102,11 @@ def _compare(one: dict, dist: dict, what: str) -> None:
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_distributed_api_matches_one_process(tmp_path, world):
-    """Two architectures (LLaMA: q/k/v, gate/up groups, rotary; OPT: biases, fc1/fc2, learned positions),
-    with and without sequential mode: every rank holds the same pruned model, equal to one process's
-    within the tolerance; the report says who did what."""
-    archs = ("llama", "opt")
+    """Three architectures (LLaMA: q/k/v, gate/up groups, rotary; OPT: biases, fc1/fc2, learned positions;
+    Qwen3-MoE: fused experts, per-expert Grams and token counts summed over the ranks), with and without
+    sequential mode: every rank holds the same pruned model, equal to one process's within the
+    tolerance; the report says who did what."""
+    archs = ("llama", "opt", "qwen3_moe")
     _torchrun(world, "api", str(tmp_path / "res"), ",".join(archs))
     results = [torch.load(tmp_path / f"res.{r}.pt", weights_only=False) for r in range(world)]
     for arch in archs:
@@ -127,8 +128,11 @@ def test_distributed_api_matches_one_process(tmp_path, world):
             assert [r["windows"] for r in rep["ranks"]] == [[s.start, s.stop] for s in shares]
             keys = {"forward", "gram", "solve", "comm", "total"}
             assert all(set(r["timings"]) >= keys for r in rep["ranks"])
-            if not sequential:  # 7 layers per block spread over the ranks
+            if not sequential:  # 7 layers per block (or 4 + 12 experts) spread over the ranks
                 assert {entry["rank"] for entry in rep["layers"]} == set(range(world))
+                experts = [e for e in rep["layers"] if "tokens" in e]
+                assert (arch == "qwen3_moe") == bool(experts)
+                assert {e["rank"] for e in experts} == (set(range(world)) if experts else set())
             else:
                 assert all("stage" in entry for entry in rep["layers"])
     # OWL's dense pre-pass runs on rank 0 with every window: the very block sparsities of one process.

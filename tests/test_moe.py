@@ -52,7 +52,7 @@ def test_every_expert_and_linear_pruned_exactly_routers_intact(arch):
             assert r["skipped"] and r["kept"] == r["numel"]
             continue
         n_zero = int((w == 0).sum())
-        assert n_zero == r["numel"] - r["kept"] == w.shape[0] * int(w.shape[1] * 0.5), r["name"]
+        assert n_zero == r["numel"] - r["kept"] == int(w.numel() * 0.5), r["name"]
         zeros += n_zero
     for n, p in model.named_parameters():
         if n in routers:
@@ -296,3 +296,110 @@ def test_upcycled_mixtral_computes_the_dense_function():
         torch.testing.assert_close(moe(ids).logits, dense(ids).logits, rtol=0, atol=1e-4)
     with pytest.raises(ValueError, match="top_k"):
         upcycle_to_mixtral(dense, num_experts=2, top_k=3)
+
+
+@pytest.fixture(scope="module")
+def moe_dir(tmp_path_factory):
+    """A tiny Qwen3-MoE and a tiny Mixtral (whose checkpoint keys are the legacy per-expert w1/w2/w3 of
+    block_sparse_moe) saved with a tokenizer, beside calibration and evaluation text."""
+    from tiny_models import tiny_text, tiny_tokenizer
+
+    root = tmp_path_factory.mktemp("moe")
+    for arch in ("qwen3_moe", "mixtral"):
+        tiny_model(arch).save_pretrained(root / arch)
+        tiny_tokenizer().save_pretrained(root / arch)
+    (root / "calib.txt").write_text(tiny_text(400, seed=1))
+    (root / "eval.txt").write_text(tiny_text(200, seed=2))
+    return root
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+def test_streamed_moe_equals_in_memory(moe_dir, tmp_path, arch):
+    """Experts saved per expert are assembled into the fused parameters block by block, pruned, and
+    written back per expert: transformers loads the streamed output with the in-memory run's logits."""
+    from transformers import AutoModelForCausalLM
+
+    from admm_kernels.models import StreamedModel
+
+    ids = tiny_tokens(4, 32)
+    memory = AutoModelForCausalLM.from_pretrained(moe_dir / arch, dtype=torch.float32).eval()
+    want = ak.prune_model(memory, ids, sparsity=0.5, method="wanda")
+    out = tmp_path / "out"
+    out.mkdir()
+    got = ak.prune_model(StreamedModel(moe_dir / arch, output=out), ids, sparsity=0.5, method="wanda")
+    assert [r["kept"] for r in got["layers"]] == [r["kept"] for r in want["layers"]]
+    back = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    x = tiny_tokens(1, 20, seed=3)
+    with torch.no_grad():
+        assert torch.equal(back(x).logits, memory(x).logits)
+
+
+def test_cli_prunes_moe_groups_experts_and_reports_coverage(moe_dir, tmp_path, capsys):
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from admm_kernels import cli
+
+    out = tmp_path / "pruned"
+    base = ["--nsamples", "4", "--seqlen", "32", "--calib", str(moe_dir / "calib.txt"), "--eval",
+            str(moe_dir / "eval.txt"), "--eval-windows", "2", "--method", "wanda"]
+    assert cli.main(["prune", str(moe_dir / "qwen3_moe"), *base, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "model.layers.1.mlp.experts.*.down_proj (4 experts" in printed
+    assert "model.layers.1.mlp.experts.2.down_proj" not in printed  # one row per projection
+    assert "coverage: 99." in printed and "router" in printed
+    report = json.loads((out / cli.REPORT_NAME).read_text())
+    assert report["achieved_sparsity"] == pytest.approx(0.5)
+    assert report["coverage"]["share"] > 0.99
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert float((model.model.layers[0].mlp.experts.gate_up_proj == 0).float().mean()) == pytest.approx(0.5)
+    # packed: the experts stay dense in the packed file's dense part (documented); eval gives the same
+    packed = tmp_path / "packed"
+    assert cli.main(["prune", str(moe_dir / "qwen3_moe"), *base, "--out", str(packed), "--quiet",
+                     "--save-format", "packed"]) == 0
+    capsys.readouterr()
+    assert cli.main(["eval", str(packed), "--json", "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["perplexity"] == pytest.approx(
+        report["perplexity"]["after"], rel=1e-5)
+    assert cli.main(["prune", str(moe_dir / "qwen3_moe"), *base, "--out", str(tmp_path / "all"), "--quiet",
+                     "--moe-calibration", "all"]) == 0
+    report = json.loads((tmp_path / "all" / cli.REPORT_NAME).read_text())
+    assert {r["tokens"] for r in report["layers"] if "tokens" in r} == {4 * 32}
+
+
+def test_owl_profile_counts_the_experts():
+    """OWL's outlier ratios include the experts' Wanda scores (their routed tokens' input norms), and each
+    expert is pruned to its block's sparsity exactly."""
+    from admm_kernels.models.owl import SquareSumHooks
+
+    model = tiny_model("qwen3_moe")
+    block = model.model.layers[0]
+    layers = prunable_layers(block, "model.layers.0")
+    hooks = SquareSumHooks(layers)
+    try:
+        with torch.no_grad():
+            model(tiny_tokens(1, 32))
+    finally:
+        hooks.remove()
+    assert "mlp.experts.3.down_proj" in hooks.sums and "mlp.experts.0.gate_proj" in hooks.sums
+    report = ak.prune_model(model, tiny_tokens(4, 32), sparsity=0.6, method="wanda", sparsity_profile="owl")
+    values = report["sparsity_profile"]["block_sparsity"]
+    assert len(set(values)) == 2
+    for r in report["layers"]:
+        assert r["numel"] - r["kept"] == int(r["numel"] * values[r["block"]]), r["name"]
+
+
+def test_block_tuning_tunes_selected_experts_only():
+    model = tiny_model("qwen3_moe")
+    dense = copy.deepcopy(model)
+    report = ak.prune_model(model, tiny_tokens(4, 32), sparsity=0.5, method="wanda", tune_epochs=3,
+                            tune_lr=1e-3, layers=["mlp.experts.1.*", "self_attn.*"])
+    assert all(b["loss_after"] < b["loss_before"] for b in report["block_tune"]["blocks"])
+    for i in range(2):
+        got, want = model.model.layers[i].mlp.experts, dense.model.layers[i].mlp.experts
+        for e in (0, 2, 3):  # not selected: bit-identical
+            assert torch.equal(got.gate_up_proj[e], want.gate_up_proj[e])
+            assert torch.equal(got.down_proj[e], want.down_proj[e])
+        assert not torch.equal(got.down_proj[1], want.down_proj[1])
+        assert int((got.down_proj[1] == 0).sum()) == got.down_proj[1].numel() // 2  # masks kept

@@ -31,6 +31,7 @@ from torch import nn
 
 from .capture import BlockCall
 from .discovery import get_weight
+from .experts import ExpertProjection, projection_view
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,35 @@ def _window_loss(block: nn.Module, call: BlockCall, acts: torch.Tensor, targets:
     return total / len(windows)
 
 
+def _tunable(layers: dict[str, nn.Module], index: int) -> tuple[list[nn.Parameter], list[tuple]]:
+    """The parameters holding the layers' weights, each once, with (multiplier re-imposing the pruned
+    zeros, gradient mask or None) in the parameter's own layout (Conv1D stores the transpose; a fused
+    experts parameter holds every expert, of which only the selected projections are tuned)."""
+    params: list[nn.Parameter] = []
+    masks: list[tuple] = []
+    fused: dict[int, torch.Tensor] = {}
+    for module in layers.values():
+        if isinstance(module, ExpertProjection):
+            name = "down_proj" if module.projection == "down_proj" else module.layout.in_proj
+            w = getattr(module.experts, name)
+            if id(w) not in fused:
+                fused[id(w)] = torch.zeros(w.shape, dtype=torch.bool, device=w.device)
+                params.append(w)
+                masks.append(None)
+            projection_view(fused[id(w)], module.layout, module.expert, module.projection).fill_(True)
+            continue
+        w = module.weight
+        if not isinstance(w, nn.Parameter):
+            raise TypeError(f"block {index}: block tuning needs nn.Parameter weights, got {type(w).__name__}")
+        params.append(w)
+        masks.append((w.detach() != 0, None))
+    for i, p in enumerate(params):
+        if masks[i] is None:
+            keep = fused[id(p)]
+            masks[i] = ((p.detach() != 0) | ~keep, keep.to(p.dtype))
+    return params, masks
+
+
 def tune_block(block: nn.Module, index: int, layers: dict[str, nn.Module], call: BlockCall,
                acts: torch.Tensor, targets: torch.Tensor, device: torch.device, tune: BlockTune) -> dict:
     """Fine-tune the kept weights of `layers` (the block's pruned linears, on `device`) so that the block
@@ -101,13 +131,7 @@ def tune_block(block: nn.Module, index: int, layers: dict[str, nn.Module], call:
     {"block", "loss_before", "loss_after"} (mean-squared error over every window)."""
     n = acts.shape[0]
     every = list(range(n))
-    params, masks = [], []
-    for module in layers.values():
-        w = module.weight
-        if not isinstance(w, nn.Parameter):
-            raise TypeError(f"block {index}: block tuning needs nn.Parameter weights, got {type(w).__name__}")
-        params.append(w)
-        masks.append(w.detach() != 0)  # in the parameter's own layout (Conv1D stores the transpose)
+    params, masks = _tunable(layers, index)
     flags = {p: p.requires_grad for p in block.parameters()}
     try:
         for p in block.parameters():
@@ -116,6 +140,10 @@ def tune_block(block: nn.Module, index: int, layers: dict[str, nn.Module], call:
             before = float(_window_loss(block, call, acts, targets, every, device))
         for p in params:
             p.requires_grad_(True)
+        # Entries outside the selection (experts of a fused parameter that were not pruned) get a zero
+        # gradient, so Adam leaves them exactly as they are.
+        grad_hooks = [p.register_hook(lambda g, keep=keep: g * keep)
+                      for p, (_, keep) in zip(params, masks) if keep is not None]
         opt = torch.optim.Adam(params, lr=tune.lr)
         g = torch.Generator().manual_seed(index)
         with torch.enable_grad():
@@ -127,9 +155,11 @@ def tune_block(block: nn.Module, index: int, layers: dict[str, nn.Module], call:
                     loss.backward()
                     opt.step()
                     with torch.no_grad():
-                        for p, m in zip(params, masks):
+                        for p, (m, _) in zip(params, masks):
                             p.mul_(m)
         del opt
+        for h in grad_hooks:
+            h.remove()
         for p in params:
             p.grad = None
         with torch.no_grad():

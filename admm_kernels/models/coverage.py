@@ -128,7 +128,7 @@ def check_coverage(rows_per_block: Sequence[list[dict]], blocks_name: str, model
             f"{model_name}: the prunable layers cover only {1 - missing / total:.1%} of the blocks' weight "
             f"matrices; {missing / total:.1%} would stay dense although they are not routers, norms, SSM or "
             f"conv parameters: {names}. Pruning this model would report a sparsity it does not reach; "
-            "select the layers to prune with layers= (CLI --layers) to prune less on purpose")
+            "select the layers to prune with layers= to prune less on purpose")
 
 
 def coverage(rows_per_block: Sequence[list[dict]], blocks_name: str, records: Sequence[dict]) -> dict:

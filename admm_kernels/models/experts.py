@@ -88,8 +88,7 @@ def experts_layout(module: nn.Module, name: str = "experts") -> ExpertsLayout:
 
     def fail(why: str) -> UnknownExpertsLayout:
         return UnknownExpertsLayout(f"unknown experts layout in {name} ({type(module).__name__}: {shapes}): "
-                                    f"{why}; prune the other layers with `layers=` (CLI --layers) or report "
-                                    "the model")
+                                    f"{why}; prune the other layers with layers= or report the model")
     in_proj = "gate_up_proj" if "gate_up_proj" in params else "up_proj"
     if in_proj not in params or "down_proj" not in params:
         raise fail("expected gate_up_proj (or up_proj) and down_proj")
@@ -120,6 +119,20 @@ def experts_layout(module: nn.Module, name: str = "experts") -> ExpertsLayout:
                          transposed=transposed, interleaved=interleaved, has_bias=has_bias)
 
 
+def projection_view(fused: torch.Tensor, layout: ExpertsLayout, expert: int, projection: str) -> torch.Tensor:
+    """(out, in) view of one expert's projection inside `fused`, the module's down_proj for "down_proj",
+    else its gate_up_proj / up_proj: (I, H) for gate/up, (H, I) for down."""
+    w = fused[expert]
+    if layout.transposed:
+        w = w.t()  # now (out, in) like the row layout
+    if projection == "down_proj" or layout.in_proj == "up_proj":
+        return w
+    if layout.interleaved:
+        return w[0::2] if projection == "gate_proj" else w[1::2]
+    inter = layout.intermediate
+    return w[:inter] if projection == "gate_proj" else w[inter:]
+
+
 class ExpertProjection(nn.Module):
     """One expert's gate, up or down projection of a fused experts module, as an (out, in) layer.
 
@@ -136,19 +149,8 @@ class ExpertProjection(nn.Module):
 
     def weight_view(self) -> torch.Tensor:
         """(out, in) view into the fused parameter: (I, H) for gate/up, (H, I) for down."""
-        lay, e = self.layout, self.expert
-        if self.projection == "down_proj":
-            w = self.experts.down_proj.data[e]
-            return w.t() if lay.transposed else w
-        w = getattr(self.experts, lay.in_proj).data[e]
-        if lay.transposed:
-            w = w.t()  # now (k·I, H) like the row layout
-        if lay.in_proj == "up_proj":
-            return w
-        inter = lay.intermediate
-        if lay.interleaved:
-            return w[0::2] if self.projection == "gate_proj" else w[1::2]
-        return w[:inter] if self.projection == "gate_proj" else w[inter:]
+        name = "down_proj" if self.projection == "down_proj" else self.layout.in_proj
+        return projection_view(getattr(self.experts, name).data, self.layout, self.expert, self.projection)
 
     def extra_repr(self) -> str:
         return f"expert={self.expert}, projection={self.projection}"
@@ -249,6 +251,40 @@ class ExpertInputs:
 
     def remove(self) -> None:
         self.handle.remove()
+
+
+class _Handles:
+    """Removable handles of layer_input_hooks (forward pre-hooks and ExpertInputs)."""
+
+    def __init__(self, handles: list):
+        self.handles = handles
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+def layer_input_hooks(layers: dict[str, nn.Module], on_input: Callable[[str, torch.Tensor], None],
+                      moe_calibration: str = "routed") -> _Handles:
+    """on_input(name, x) with the input of every layer in `layers` on each forward: a forward pre-hook
+    for a linear (admm_kernels.models.capture.input_hooks), one ExpertInputs per experts module for
+    expert projections. Returns an object whose remove() takes every hook off."""
+    from .capture import input_hooks
+
+    plain = {n: m for n, m in layers.items() if not isinstance(m, ExpertProjection)}
+    handles: list = input_hooks(plain, on_input)
+    try:
+        seen: set[int] = set()
+        for name, m in layers.items():
+            if isinstance(m, ExpertProjection) and id(m.experts) not in seen:
+                seen.add(id(m.experts))
+                handles.append(ExpertInputs(m.experts, name.rsplit(".", 2)[0], m.layout, on_input,
+                                            moe_calibration, wanted=layers.__contains__))
+    except BaseException:
+        _Handles(handles).remove()
+        raise
+    return _Handles(handles)
 
 
 def find_experts(block: nn.Module) -> dict[str, nn.Module]:

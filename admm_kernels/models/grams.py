@@ -28,8 +28,7 @@ import torch
 from torch import nn
 
 from ..gram import GramAccumulator
-from .capture import input_hooks
-from .experts import ExpertInputs, ExpertProjection
+from .experts import ExpertProjection, layer_input_hooks
 
 
 class StopBlock(Exception):
@@ -91,16 +90,7 @@ class GramHooks:
         self.stop_early = False
         self._left = 0
         self.seconds = 0.0
-        plain = {n: m for n, m in layers.items() if not isinstance(m, ExpertProjection)}
-        self.handles = input_hooks(plain, self._on_input)
-        self.experts: list[ExpertInputs] = []
-        try:
-            for rel, module, layout in _experts_modules(layers):
-                self.experts.append(ExpertInputs(module, rel, layout, self._on_input, moe_calibration,
-                                                 wanted=layers.__contains__))
-        except BaseException:
-            self.remove()
-            raise
+        self.hooks = layer_input_hooks(layers, self._on_input, moe_calibration)
 
     def _on_input(self, name: str, x: torch.Tensor) -> None:
         if self.first is not None:
@@ -187,24 +177,10 @@ class GramHooks:
         return acc.count if acc is not None else None
 
     def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles = []
-        for e in getattr(self, "experts", []):
-            e.remove()
-        self.experts = []
+        self.hooks.remove()
 
 
 def _expert_group(name: str, m: ExpertProjection) -> tuple:
     """("experts", module prefix, expert, "in" | "down"): gate and up of one expert share a Gram."""
     prefix = name.rsplit(".", 2)[0]
     return ("experts", prefix, m.expert, "down" if m.projection == "down_proj" else "in")
-
-
-def _experts_modules(layers: dict[str, nn.Module]) -> list[tuple]:
-    """(prefix, experts module, layout) of every experts module with a selected projection."""
-    seen: dict[int, tuple] = {}
-    for name, m in layers.items():
-        if isinstance(m, ExpertProjection) and id(m.experts) not in seen:
-            seen[id(m.experts)] = (name.rsplit(".", 2)[0], m.experts, m.layout)
-    return list(seen.values())

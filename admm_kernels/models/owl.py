@@ -28,8 +28,9 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from .capture import capture_inputs, input_hooks
+from .capture import capture_inputs
 from .discovery import get_weight
+from .experts import layer_input_hooks
 from .sparsity_profile import BlockSparsity, weighted_mean
 
 
@@ -39,7 +40,7 @@ class SquareSumHooks:
 
     def __init__(self, layers: dict[str, nn.Module]):
         self.sums: dict[str, torch.Tensor] = {}
-        self.handles = input_hooks(layers, self._on_input)
+        self.hooks = layer_input_hooks(layers, self._on_input)  # experts: their routed tokens
 
     def _on_input(self, name: str, x: torch.Tensor) -> None:
         sq = x.detach().reshape(-1, x.shape[-1]).float().square().sum(0, dtype=torch.float64)
@@ -49,9 +50,7 @@ class SquareSumHooks:
             self.sums[name] = sq
 
     def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles = []
+        self.hooks.remove()
 
 
 @torch.no_grad()

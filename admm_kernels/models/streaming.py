@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 from collections.abc import Callable
 from pathlib import Path
@@ -45,6 +46,31 @@ for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
         _DTYPES[_name] = getattr(torch, _attr)
 _NAMES = {v: k for k, v in _DTYPES.items()}
 INDEX_FILE = "model.safetensors.index.json"
+_PER_EXPERT_KEY = re.compile(r"^(.*\.experts)\.(\d+)\.(\w+)\.weight$")
+
+
+def _checkpoint_aliases(model_type: str | None) -> tuple[list[tuple[str, str]], dict[str, str]]:
+    """From transformers' checkpoint conversion mapping of `model_type`: the renamings of key parts
+    (Mixtral's ".block_sparse_moe." -> ".mlp.") and the per-expert projection names of older
+    checkpoints (Mixtral's w1 / w3 / w2 = gate / up / down). Empty where transformers has none."""
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+        mapping = get_checkpoint_conversion_mapping(model_type) or []
+    except Exception:  # an older transformers without the mapping: names are taken as they are
+        return [], {}
+    renames, names = [], {"gate_proj": "gate_proj", "up_proj": "up_proj", "down_proj": "down_proj"}
+    for conv in mapping:
+        sources = list(getattr(conv, "source_patterns", []) or [])
+        targets = list(getattr(conv, "target_patterns", []) or [])
+        if type(conv).__name__ == "WeightRenaming" and len(sources) == len(targets):
+            renames += list(zip(sources, targets))
+        elif len(targets) == 1 and targets[0].endswith((".gate_up_proj", ".down_proj", ".up_proj")):
+            kinds = {".gate_up_proj": ("gate_proj", "up_proj"), ".down_proj": ("down_proj",),
+                     ".up_proj": ("up_proj",)}[targets[0][targets[0].rindex("."):]]
+            leaves = [src.rsplit(".", 2)[-2] for src in sources if src.endswith(".weight")]
+            if len(leaves) == len(kinds):
+                names.update(zip(leaves, kinds))
+    return renames, names
 
 
 class SafetensorsReader:
@@ -213,23 +239,52 @@ class StreamedModel:
                 return t
         return torch.float32
 
-    def _match_names(self) -> dict[str, str]:
+    def _match_names(self) -> dict[str, str | tuple]:
+        """model name -> checkpoint key, or for a fused experts parameter stored per expert (as
+        save_pretrained writes Mixtral / Qwen-MoE experts: ...experts.<e>.<projection>.weight), the
+        tuple of (expert, projection, key) it is assembled from."""
         names = set(self.model.state_dict())
         prefix = getattr(self.model, "base_model_prefix", "") or ""
-        key_of, unexpected = {}, []
+        key_of: dict[str, str | tuple] = {}
+        unexpected = []
+        parts: dict[str, list] = {}
+        renames, aliases = _checkpoint_aliases(getattr(self.model.config, "model_type", None))
         for k in self._source:
-            if k in names:
-                key_of[k] = k
-            elif prefix and f"{prefix}.{k}" in names:
-                key_of[f"{prefix}.{k}"] = k
+            rk = k
+            for src, dst in renames:
+                rk = re.sub(src, dst, rk)
+            if rk in names:
+                key_of[rk] = k
+            elif prefix and f"{prefix}.{rk}" in names:
+                key_of[f"{prefix}.{rk}"] = k
+            elif (fused := self._fused_home(rk, names, prefix, aliases)) is not None:
+                name, e, proj = fused
+                parts.setdefault(name, []).append((e, proj, k))
             else:
                 unexpected.append(k)
+        key_of.update({name: tuple(sorted(p)) for name, p in parts.items()})
         if unexpected:
             some = ", ".join(sorted(unexpected)[:4])
             raise ValueError(f"the weights in {str(self.path)!r} have {len(unexpected)} tensors with no "
                              f"place in the model its config describes ({some}); "
                              "check num_hidden_layers and the layer sizes")
         return key_of
+
+    @staticmethod
+    def _fused_home(key: str, names: set[str], prefix: str,
+                    aliases: dict[str, str]) -> tuple[str, int, str] | None:
+        """(fused parameter name, expert, projection) of a per-expert checkpoint key (renamed), or None."""
+        m = _PER_EXPERT_KEY.match(key)
+        if m is None or m.group(3) not in aliases:
+            return None
+        head, e, proj = m.group(1), int(m.group(2)), aliases[m.group(3)]
+        for lead in ("", f"{prefix}." if prefix else None):
+            if lead is None:
+                continue
+            for fused in (("down_proj",) if proj == "down_proj" else ("gate_up_proj", "up_proj")):
+                if f"{lead}{head}.{fused}" in names:
+                    return f"{lead}{head}.{fused}", e, proj
+        return None
 
     def _names_per_block(self) -> list[dict[str, str]]:
         per_block: list[dict[str, str]] = [{} for _ in self.blocks]
@@ -248,8 +303,29 @@ class StreamedModel:
         lead = f"{self.blocks_name}."
         return [n for n in self._key_of if not n.startswith(lead)]
 
+    def _layout_of(self, name: str):
+        from .experts import experts_layout
+
+        module = self.model.get_submodule(name.rpartition(".")[0])
+        return experts_layout(module, name.rpartition(".")[0])
+
     def _read(self, name: str, like: torch.Tensor) -> torch.Tensor:
-        f, k = self._source[self._key_of[name]]
+        key = self._key_of[name]
+        if isinstance(key, tuple):  # a fused experts parameter assembled from per-expert tensors
+            from .experts import projection_view
+
+            layout = self._layout_of(name)
+            out = torch.empty(like.shape, dtype=like.dtype)
+            for e, proj, k in key:
+                f, kk = self._source[k]
+                view = projection_view(out, layout, e, proj)
+                part = self._readers[f].read(kk)
+                if tuple(part.shape) != tuple(view.shape):
+                    raise ValueError(f"weight {k} in {str(f)!r} has shape {list(part.shape)}, the config's "
+                                     f"model needs {list(view.shape)}")
+                view.copy_(part)
+            return out
+        f, k = self._source[key]
         reader = self._readers[f]
         if reader.shape(k) != tuple(like.shape):
             raise ValueError(f"weight {name} in {str(f)!r} has shape {list(reader.shape(k))}, the config's "
@@ -293,11 +369,28 @@ class StreamedModel:
         block = self.blocks[b]
         if self.writer is not None:
             current = block.state_dict()
-            self.writer.write(b + 1, {name: current[local] for local, name in self._block_names[b].items()})
+            self.writer.write(b + 1, self._checkpoint_tensors(
+                {name: current[local] for local, name in self._block_names[b].items()}))
             self._written.add(b)
         for fn in self.on_block_final:
             fn(b, block)
         self.release_block(b)
+
+    def _checkpoint_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The block's tensors under the checkpoint's own keys: a fused experts parameter read from
+        per-expert tensors is written per expert again (what transformers saves and reloads)."""
+        from .experts import projection_view
+
+        out = {}
+        for name, t in tensors.items():
+            key = self._key_of[name]
+            if not isinstance(key, tuple):
+                out[name] = t
+                continue
+            layout = self._layout_of(name)
+            for e, proj, k in key:
+                out[k] = projection_view(t, layout, e, proj).contiguous()
+        return out
 
     def finish_output(self) -> None:
         """Complete the output folder (index, config, generation config) once every block was written."""
