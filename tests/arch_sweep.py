@@ -83,6 +83,11 @@ _KEEP = {"type_vocab_size", "task_type_vocab_size", "conv_kernel", "mamba_d_conv
          "segment_types", "num_codebooks", "axial_pos_shape", "spatial_merge_size",
          "temporal_patch_size", "in_channels", "audio_chunk_size", "audio_merge_size"}
 
+_TABLED = (_HIDDEN_KEYS | _LAYER_KEYS | _HEAD_KEYS | _KV_KEYS | _HEAD_DIM_KEYS | _LORA_KEYS | _EXPERT_KEYS
+           | _TOPK_KEYS | _SHARED_KEYS | _GROUP_KEYS | _STATE_KEYS | _MAMBA_HEAD_KEYS | _SSM_GROUP_KEYS
+           | _WINDOW_KEYS | _POS_KEYS | _PERIOD_KEYS | _OFFSET_KEYS | _DENSE_PREFIX_KEYS | _KEEP
+           | {"mamba_d_ssm", "rotary_dim"})
+
 # Per-family fixes the generic rules cannot derive: {model_type: {key: value}} applied to the top-level
 # dict after the generic shrink (a "text_config.KEY" key targets the sub-config).
 _OVERRIDES: dict[str, dict] = {
@@ -92,6 +97,7 @@ _OVERRIDES: dict[str, dict] = {
     "bamba": {"attn_layer_indices": [1]},
     "granitemoehybrid": {"layer_types": ["linear_attention", "full_attention"]},
     "recurrent_gemma": {"block_types": ["recurrent", "attention"]},
+    "lfm2": {"layer_types": ["conv", "full_attention"], "full_attn_idxs": [1]},
     "lfm2_moe": {"layer_types": ["conv", "full_attention"]},
     # The shared transformer is tied across hybrid layers: it needs two of them.
     "zamba": {"num_hidden_layers": 3, "attn_layer_period": 2, "attn_layer_offset": 0,
@@ -102,14 +108,26 @@ _OVERRIDES: dict[str, dict] = {
     "dory": {"num_hidden_layers": 3, "n_input_layers": 1, "n_recurrent_layers": 1, "n_output_layers": 1,
              "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]},
     # Default configs missing values their modeling code reads.
-    "dbrx": {"attn_config.rope_theta": 10000.0},
     "cohere_compass_text": {"rope_parameters": {"full_attention": {"rope_type": "default",
                                                                    "rope_theta": 10000.0}}},
+    "dbrx": {"attn_config.rope_theta": 10000.0, "attn_config.clip_qkv": 8.0},
+    "deepseek_v2": {"n_group": 1, "topk_group": 1},
+    # Sub-model layers (encoder, global, decoder) share one cache sized by a top-level count.
+    "blt": {"num_hidden_layers": 16, "encoder_config.hidden_size_global": HIDDEN,
+            "decoder_config.hidden_size_global": HIDDEN},
+    # Axial position embeddings: dims sum to hidden, shape multiplies to the maximum length.
+    "reformer": {"axial_pos_embds_dim": [HIDDEN // 2, HIDDEN // 2], "axial_pos_shape": [8, MAX_POS // 8]},
+    # The cache sizes qk/v dims as hidden * factor rounded up to 64, the layers without rounding.
+    "xlstm": {"hidden_size": 2 * HIDDEN, "embedding_dim": 2 * HIDDEN},
     "qwen4_exp_text": {"indexer_n_heads": 4, "indexer_kv_heads": 1, "indexer_head_dim": 16,
                        "indexer_budget": 16, "indexer_compress_ratio": 4},
     "qwen4_exp": {"text_config.indexer_n_heads": 4, "text_config.indexer_kv_heads": 1,
                   "text_config.indexer_head_dim": 16, "text_config.indexer_budget": 16,
                   "text_config.indexer_compress_ratio": 4},
+}
+# Arguments for the default config where the class defaults alone do not validate.
+_INIT: dict[str, dict] = {
+    "gemma4_assistant": {"text_config": {"hidden_size_per_layer_input": 0, "vocab_size_per_layer_input": 0}},
 }
 # Architectures that cannot be shrunk generically (the reason is raised as Unshrinkable).
 _UNSHRINKABLE: dict[str, str] = {}
@@ -150,8 +168,11 @@ def causal_lm_architectures() -> list[str]:
 class _Ids:
     """Old special token id -> new id in [TOKEN_LIMIT, VOCAB), the same old id always the same new."""
 
-    def __init__(self):
+    def __init__(self, hidden_sizes: set[int] | None = None):
         self.map: dict[int, int] = {}
+        # Every hidden size in the config tree: a field equal to one of them (an adapter's output
+        # width, a cross-attention's input) becomes HIDDEN as they all do.
+        self.hidden_sizes = hidden_sizes or set()
 
     def __call__(self, old):
         if isinstance(old, list):
@@ -178,15 +199,34 @@ def _layer_count(d: dict) -> tuple[str, int] | None:
     return None
 
 
+def _layer_dict(v) -> dict[int, object] | None:
+    """{layer index: value} of a dict keyed by layer indices (per_layer_config), else None."""
+    if not isinstance(v, dict) or not v:
+        return None
+    try:
+        return {int(k): x for k, x in v.items()}
+    except (TypeError, ValueError):
+        return None
+
+
 def _per_layer(d: dict, n: int) -> tuple[dict[str, list], dict[str, list]]:
     """({key: list of length n}, {key: list of layer indices < n}) of a config dict; a string of length
-    n (hybrid_override_pattern) counts as a per-layer list."""
+    n (hybrid_override_pattern) and a dict keyed by layer index (per_layer_config) count as per-layer
+    lists."""
     per, idx = {}, {}
     for key, v in d.items():
+        by_layer = _layer_dict(v) if key not in ("id2label", "label2id") else None
+        if by_layer is not None and all(0 <= i < n for i in by_layer):
+            per[key] = [by_layer.get(i) for i in range(n)]
+            continue
         if _is_token_key(key) or key.startswith("_") and key != "_sliding_window_pattern":
             continue
         if isinstance(v, str) and key.endswith("pattern") and len(v) == n and n > 1:
             per[key] = list(v)
+        elif (isinstance(v, (list, tuple)) and v and len(v) <= n and len(set(v)) == len(v) > 2
+              and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n for i in v)
+              and any(w in key for w in ("layer", "idx", "ids", "indices"))):
+            idx[key] = list(v)  # layer indices (moe_layers, full_attn_idxs, attn_layer_indices)
         elif isinstance(v, (list, tuple)) and len(v) == n and n > 1:
             per[key] = list(v)
         elif (isinstance(v, (list, tuple)) and v and len(v) < n
@@ -196,13 +236,14 @@ def _per_layer(d: dict, n: int) -> tuple[dict[str, list], dict[str, list]]:
     return per, idx
 
 
-def _choose_layers(per: dict[str, list], idx: dict[str, list], n: int, dense_prefix: int) -> list[int]:
+def _choose_layers(per: dict[str, list], idx: dict[str, list], n: int, dense_prefix: int,
+                   shared_suffix: int = 0) -> list[int]:
     """Indices of the layers to keep: the first layer introducing a new value in any per-layer list or
     index-list membership, at least LAYERS of them (the dense prefix of first_k_dense_replace counts as
     a kind: its first layer and the first layer after it)."""
     def sig(i):
         return [(k, repr(v[i])) for k, v in per.items()] + [(k, i in v) for k, v in idx.items()] + \
-            [("dense", i < dense_prefix)]
+            [("dense", i < dense_prefix), ("shared", i >= n - shared_suffix)]
     seen: set = set()
     chosen = []
     for i in range(n):
@@ -251,19 +292,32 @@ def _shrink_dict(d: dict, ids: _Ids, path: str = "") -> dict:
         if not isinstance(v, int):
             out[key] = v
             continue
-        out[key] = _shrink_int(key, v, d, old_hidden, expand, mamba_like)
+        if (v in ids.hidden_sizes and v > HIDDEN and key not in _TABLED and any(w in key for w in _SIZE_WORDS)
+                and "intermediate" not in key and "ffn" not in key):
+            out[key] = HIDDEN
+        else:
+            out[key] = _shrink_int(key, v, d, old_hidden, expand, mamba_like)
     # Layer count and per-layer lists.
     if layers:
         key, n = layers
         dense_prefix = next((d[k] for k in _DENSE_PREFIX_KEYS if isinstance(d.get(k), int)), 0)
-        chosen = _choose_layers(per, idx, n, min(dense_prefix, n))
+        suffix = d.get("num_kv_shared_layers") if isinstance(d.get("num_kv_shared_layers"), int) else 0
+        chosen = _choose_layers(per, idx, n, min(dense_prefix, n), min(suffix, n - 1))
+        if suffix:
+            out["num_kv_shared_layers"] = sum(1 for i in chosen if i >= n - suffix)
         out[key] = len(chosen)
         for k2 in ("num_hidden_layers", "n_layer", "n_layers", "num_layers"):
             if k2 != key and d.get(k2) == n:
                 out[k2] = len(chosen)
         for k2, v in per.items():
-            new = [v[i] for i in chosen]
-            out[k2] = "".join(new) if isinstance(d[k2], str) else new
+            new = [_shrink_layer_dict(v[i], d, out, ids) if isinstance(v[i], dict) else v[i] for i in chosen]
+            if isinstance(d[k2], dict):
+                int_keys = isinstance(next(iter(d[k2])), int)
+                out[k2] = {(j if int_keys else str(j)): x for j, x in enumerate(new) if x is not None}
+            else:
+                new = [_shrink_int(k2, x, d, old_hidden, expand, mamba_like)
+                       if isinstance(x, int) and not isinstance(x, bool) else x for x in new]
+                out[k2] = "".join(new) if isinstance(d[k2], str) else new
         for k2, v in idx.items():
             out[k2] = [j for j, i in enumerate(chosen) if i in v]
         for k2 in _DENSE_PREFIX_KEYS:
@@ -276,7 +330,27 @@ def _shrink_dict(d: dict, ids: _Ids, path: str = "") -> dict:
         period = k2.replace("offset", "period")
         if isinstance(d.get(k2), int) and isinstance(out.get(period), int):
             out[k2] = min(d[k2], out[period] - 1)
+    # Values the default config leaves to the checkpoint (None) although the modeling code needs them.
+    heads = out.get("num_attention_heads")
+    if isinstance(heads, int):
+        if "head_dim" in d and d["head_dim"] is None:
+            out["head_dim"] = HEAD_DIM
+        if "num_key_value_heads" in d and d["num_key_value_heads"] is None:
+            out["num_key_value_heads"] = min(heads, KV_HEADS)
+        if isinstance(d.get("kv_lora_rank"), int) and "num_key_value_heads" in d:
+            out["num_key_value_heads"] = heads  # multi-head latent attention: one kv head per head
+    moe = any(isinstance(d.get(k), int) and d[k] > 1 for k in _EXPERT_KEYS | _TOPK_KEYS) or \
+        isinstance(d.get("moe_intermediate_size"), int)
+    if moe:
+        for k2 in _EXPERT_KEYS | _TOPK_KEYS:
+            if k2 in d and d[k2] is None:
+                out[k2] = EXPERTS if k2 in _EXPERT_KEYS else TOP_K
+        for k2 in _SHARED_KEYS:
+            if k2 in d and d[k2] is None:
+                out[k2] = 1
     # Derived sizes that must stay consistent.
+    if isinstance(d.get("head_dim"), int) and d.get("head_dim") == d.get("qk_rope_head_dim"):
+        out["head_dim"] = out["qk_rope_head_dim"]  # DeepSeek-V3: the rotary embedding's size
     if isinstance(out.get("qk_nope_head_dim"), int) and isinstance(out.get("qk_rope_head_dim"), int) \
             and isinstance(d.get("qk_head_dim"), int):
         out["qk_head_dim"] = out["qk_nope_head_dim"] + out["qk_rope_head_dim"]
@@ -286,12 +360,40 @@ def _shrink_dict(d: dict, ids: _Ids, path: str = "") -> dict:
     return out
 
 
+def _shrink_layer_dict(layer: dict, parent: dict, parent_out: dict, ids: _Ids) -> dict:
+    """One layer's overrides of its parent config (per_layer_config), shrunk; a head_dim that was
+    qk_nope_head_dim + qk_rope_head_dim (merged with the parent's values) stays their sum."""
+    out = _shrink_dict(layer, ids)
+    old, new = {**parent, **layer}, {**parent_out, **out}
+    keys = ("head_dim", "qk_nope_head_dim", "qk_rope_head_dim")
+    if all(isinstance(old.get(k), int) for k in keys) and old[keys[0]] == old[keys[1]] + old[keys[2]]:
+        if "qk_nope_head_dim" in layer and "head_dim" not in layer:
+            out["qk_nope_head_dim"] = new["head_dim"] - new["qk_rope_head_dim"]
+        else:
+            out["head_dim"] = new["qk_nope_head_dim"] + new["qk_rope_head_dim"]
+    return out
+
+
+def _hidden_sizes(d: dict) -> set[int]:
+    found = {v for k, v in d.items() if k in _HIDDEN_KEYS and isinstance(v, int) and not isinstance(v, bool)}
+    for v in d.values():
+        if isinstance(v, dict):
+            found |= _hidden_sizes(v)
+    return found
+
+
 def _looks_like_config(v: dict) -> bool:
     return "model_type" in v or any(k in v for k in _HIDDEN_KEYS | _LAYER_KEYS)
 
 
 def _shrink_int(key: str, v: int, d: dict, old_hidden, expand, mamba_like: bool) -> int:
-    if key.endswith("vocab_size") or key == "unpadded_vocab_size" or key == "vocab_size_per_layer_input":
+    if key in ("mamba_d_head", "mamba_head_dim", "mamba_headdim"):
+        return HEAD_DIM  # Mamba heads * head dim must equal the expanded size
+    if key == "qk_rope_head_dim":
+        return min(v, HEAD_DIM // 2)
+    if key == "rotary_dim":
+        return min(v, HEAD_DIM)
+    if key.endswith(("vocab_size", "_vocab")) or key in ("unpadded_vocab_size", "vocab_size_per_layer_input"):
         return min(v, VOCAB) if v > 0 else v
     if key in _HIDDEN_KEYS:
         return HIDDEN if v > HIDDEN else v
@@ -382,17 +484,25 @@ def shrink_config(model_type: str):
     if model_type in _UNSHRINKABLE:
         raise Unshrinkable(f"{model_type}: {_UNSHRINKABLE[model_type]}")
     try:
-        cfg = AutoConfig.for_model(model_type)
+        cfg = AutoConfig.for_model(model_type, **_INIT.get(model_type, {}))
     except Exception as e:
         raise Unshrinkable(f"{model_type}: its default config is invalid: {type(e).__name__}: "
                            f"{_first_line(e)}") from e
-    d = _apply_overrides(_shrink_dict(cfg.to_dict(), _Ids()), model_type)
+    tree = cfg.to_dict()
+    d = _shrink_dict(tree, _Ids(_hidden_sizes(tree)))
+    if "is_decoder" in d:  # BERT-like classes registered for causal LM run as decoders
+        d["is_decoder"] = True
+    d = _apply_overrides(d, model_type)
     d.pop("transformers_version", None)
     return type(cfg).from_dict(d)
 
 
 def _first_line(e: BaseException) -> str:
+    """The message's first line (and the next one when the first only introduces it, as in the
+    validation errors of transformers' configs)."""
     lines = [s.strip() for s in str(e).splitlines() if s.strip()]
+    if len(lines) > 1 and lines[0].endswith(":"):
+        return f"{lines[0]} {lines[1]}"
     return lines[0] if lines else ""
 
 
@@ -409,6 +519,9 @@ def build_tiny(model_type: str, seed: int = 0, dtype: torch.dtype = torch.float3
         for p in model.parameters():
             if p.dim() == 2:
                 p.mul_(2.0)
+    languages = getattr(config, "languages", None)
+    if languages and hasattr(model, "set_default_language"):  # X-MOD: language adapters
+        model.set_default_language(languages[0])
     return model.eval()
 
 

@@ -35,6 +35,30 @@ def solver():
     return prune_layer
 
 
+def solver_batched():
+    """prune_experts (admm_kernels.batched), at call time like solver()."""
+    from ..batched import prune_experts
+    return prune_experts
+
+
+def _jobs(mine: list[str], layers: dict[str, nn.Module]) -> list[list[str]]:
+    """The layers to solve, in order: one at a time, except that the experts of one module and projection
+    (same shape) are one job, solved by prune_experts."""
+    jobs: list[list[str]] = []
+    where: dict[tuple, int] = {}
+    for rel in mine:
+        m = layers[rel]
+        if not isinstance(m, ExpertProjection):
+            jobs.append([rel])
+            continue
+        key = (id(m.experts), m.projection)
+        if key not in where:
+            where[key] = len(jobs)
+            jobs.append([])
+        jobs[where[key]].append(rel)
+    return jobs
+
+
 def prune_block(block: nn.Module, index: int, blocks_name: str, layers: dict[str, nn.Module],
                 call: BlockCall, acts: torch.Tensor, device: torch.device, gram_dtype: torch.dtype,
                 prune_kwargs: dict, *, last: bool, sequential: bool, comm: Comm, bar, timings: dict,
@@ -165,38 +189,46 @@ def _solve_stage(leaders: list[str], accs: dict, layers: dict[str, nn.Module], p
     records: dict[str, dict] = {}
     masks: dict[str, torch.Tensor] = {}
     remaining = {g: sum(1 for rel in mine if plan.group_of[rel] == g) for g in wanted}
-    for rel in mine:
-        module, leader = layers[rel], plan.group_of[rel]
-        full = f"{blocks_name}.{index}.{rel}"
-        w = get_weight(module)
+    for job in _jobs(mine, layers):
         t = time.perf_counter()
+        weights = [get_weight(layers[rel]) for rel in job]
         try:
-            res = prune_layer(w, grams[leader], **prune_kwargs)
+            if len(job) == 1:
+                results = [prune_layer(weights[0], grams[plan.group_of[job[0]]], **prune_kwargs)]
+            else:  # experts of one projection: batched solves
+                job_grams = [grams[plan.group_of[rel]] for rel in job]
+                results = solver_batched()(weights, job_grams, **prune_kwargs)
         except (ValueError, TypeError) as exc:
-            raise type(exc)(f"layer {full}: {exc}") from exc
-        set_weight(module, res.weight)
-        remaining[leader] -= 1
-        if not remaining[leader]:
-            del grams[leader]  # free (in, in) as soon as its group is done
-        sync(w.device)
-        seconds = time.perf_counter() - t
-        timings["solve"] += seconds
-        kept = int(res.mask.sum())
-        rec = {"name": full, "block": index, "shape": list(w.shape),
-               "group": f"{blocks_name}.{index}.{leader}", "error": float(res.error), "seconds": seconds,
-               "sparsity": 1.0 - kept / w.numel(), "kept": kept, "numel": w.numel(),
-               "backends": res.stats.get("backends")}
-        if leader in tokens:
-            rec["tokens"] = tokens[leader]
-            if leader in starved:
-                rec["fallback"] = "pooled"
-        if stage is not None:
-            rec["stage"] = stage
-        if comm.distributed:
-            rec["rank"] = comm.rank
-            masks[rel] = res.mask
-        records[rel] = rec
-        bar.step("prune", f"{rel} err={res.error:.3g}")
+            raise type(exc)(f"layer {blocks_name}.{index}.{job[0]}: {exc}") from exc
+        for rel, res in zip(job, results):
+            set_weight(layers[rel], res.weight)
+            leader = plan.group_of[rel]
+            remaining[leader] -= 1
+            if not remaining[leader]:
+                del grams[leader]  # free (in, in) as soon as its group is done
+        sync(weights[0].device)
+        share = (time.perf_counter() - t) / len(job)
+        timings["solve"] += share * len(job)
+        for rel, w, res in zip(job, weights, results):
+            leader = plan.group_of[rel]
+            kept = int(res.mask.sum())
+            rec = {"name": f"{blocks_name}.{index}.{rel}", "block": index, "shape": list(w.shape),
+                   "group": f"{blocks_name}.{index}.{leader}", "error": float(res.error), "seconds": share,
+                   "sparsity": 1.0 - kept / w.numel(), "kept": kept, "numel": w.numel(),
+                   "backends": res.stats.get("backends")}
+            if leader in tokens:
+                rec["tokens"] = tokens[leader]
+                if leader in starved:
+                    rec["fallback"] = "pooled"
+            if len(job) > 1:
+                rec["batch"] = len(job)
+            if stage is not None:
+                rec["stage"] = stage
+            if comm.distributed:
+                rec["rank"] = comm.rank
+                masks[rel] = res.mask
+            records[rel] = rec
+            bar.step("prune", f"{rel} err={res.error:.3g}")
     if not comm.distributed:
         return records
 
