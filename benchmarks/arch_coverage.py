@@ -63,10 +63,9 @@ def _where(e: BaseException) -> str:
     return f"{Path(f.filename).name}:{f.lineno}"
 
 
-def verify(model, report: dict) -> tuple[int, list[str]]:
-    """(number of pruned layers checked, problems): each pruned layer's zeros in its actual weight must
-    equal numel - kept and int(numel * SPARSITY)."""
-    from admm_kernels.models.discovery import find_blocks, get_weight, prunable_layers
+def layer_modules(model) -> dict:
+    """{full name: module} of every prunable layer inside the decoder blocks."""
+    from admm_kernels.models.discovery import find_blocks, prunable_layers
 
     blocks_name, blocks = find_blocks(model)
     modules = {}
@@ -74,6 +73,26 @@ def verify(model, report: dict) -> tuple[int, list[str]]:
         prefix = f"{blocks_name}.{i}"
         for rel, module in prunable_layers(block, prefix).items():
             modules[f"{prefix}.{rel}"] = module
+    return modules
+
+
+def zero_counts(model) -> dict[str, int]:
+    """{layer name: zeros in its weight}, taken before pruning to explain a mismatch."""
+    from admm_kernels.models.discovery import get_weight
+
+    try:
+        return {name: int((get_weight(m) == 0).sum()) for name, m in layer_modules(model).items()}
+    except Exception:  # find_blocks refuses the model: prune_model will say why
+        return {}
+
+
+def verify(model, report: dict, before: dict[str, int] | None = None) -> tuple[int, list[str]]:
+    """(number of pruned layers checked, problems): each pruned layer's zeros in its actual weight must
+    equal numel - kept and int(numel * SPARSITY)."""
+    from admm_kernels.models.discovery import get_weight
+
+    modules = layer_modules(model)
+    before = before or {}
     checked, problems = 0, []
     for rec in report["layers"]:
         if rec.get("error") is None:
@@ -88,8 +107,9 @@ def verify(model, report: dict) -> tuple[int, list[str]]:
         target = int(numel * SPARSITY)
         checked += 1
         if numel != rec["numel"] or zeros != numel - rec["kept"] or zeros != target:
+            had = before.get(rec["name"])
             problems.append(f"{rec['name']}: {zeros} zeros, numel - kept = {rec['numel'] - rec['kept']}, "
-                            f"target {target}")
+                            f"target {target}" + (f" ({had} zeros before pruning)" if had else ""))
     return checked, problems
 
 
@@ -113,6 +133,7 @@ def sweep_one(arch: str, timeout: int) -> dict:
             return row
         row["params"] = sum(p.numel() for p in model.parameters())
         ids = tokens(NSAMPLES, SEQLEN, seed=0)
+        before = zero_counts(model)
         try:
             report = admm_kernels.prune_model(model, ids, sparsity=SPARSITY, method="magnitude")
         except ArchTimeout:
@@ -123,7 +144,7 @@ def sweep_one(arch: str, timeout: int) -> dict:
             return row
         cov = report.get("coverage", {})
         row["share"] = cov.get("share")
-        checked, problems = verify(model, report)
+        checked, problems = verify(model, report, before)
         if problems or not checked:
             row["status"] = "partial"
             row["note"] = (f"{len(problems)} of {checked} pruned layers off target: "

@@ -223,9 +223,9 @@ def _per_layer(d: dict, n: int) -> tuple[dict[str, list], dict[str, list]]:
             continue
         if isinstance(v, str) and key.endswith("pattern") and len(v) == n and n > 1:
             per[key] = list(v)
-        elif (isinstance(v, (list, tuple)) and v and len(v) <= n and len(set(v)) == len(v) > 2
+        elif (isinstance(v, (list, tuple)) and v and len(v) <= n
               and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n for i in v)
-              and any(w in key for w in ("layer", "idx", "ids", "indices"))):
+              and len(set(v)) == len(v) > 2 and any(w in key for w in ("layer", "idx", "ids", "indices"))):
             idx[key] = list(v)  # layer indices (moe_layers, full_attn_idxs, attn_layer_indices)
         elif isinstance(v, (list, tuple)) and len(v) == n and n > 1:
             per[key] = list(v)
@@ -508,7 +508,9 @@ def _first_line(e: BaseException) -> str:
 
 def build_tiny(model_type: str, seed: int = 0, dtype: torch.dtype = torch.float32):
     """A random tiny AutoModelForCausalLM of `model_type` (shrink_config), eval mode, on the CPU, its 2-D
-    weights scaled by 2 (as tiny_models.py does: correlated layer inputs, a non-trivial problem)."""
+    weights scaled by 2 (as tiny_models.py does: correlated layer inputs, a non-trivial problem); 2-D
+    weights initialised to zero are drawn at random first, so every pruned layer's zeros are the
+    pruning's."""
     _quiet()
     from transformers import AutoModelForCausalLM
 
@@ -517,7 +519,9 @@ def build_tiny(model_type: str, seed: int = 0, dtype: torch.dtype = torch.float3
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     with torch.no_grad():
         for p in model.parameters():
-            if p.dim() == 2:
+            if p.dim() == 2 and p.is_floating_point():
+                if not p.any():  # zero-initialised projections (xLSTM gates): random like the rest
+                    p.normal_(0.0, 0.02)
                 p.mul_(2.0)
     languages = getattr(config, "languages", None)
     if languages and hasattr(model, "set_default_language"):  # X-MOD: language adapters

@@ -81,6 +81,27 @@ def _moe_configs() -> dict:
     }
 
 
+def _classic_configs() -> dict:
+    """Families whose blocks return a tuple the model indexes or unpacks (BLOOM, Falcon, GPT-Neo, MPT,
+    GPT-1; Bamba unpacks two values)."""
+    import transformers as tf
+
+    return {
+        "bloom": lambda: tf.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4),
+        "falcon": lambda: tf.FalconConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                                          num_attention_heads=4, max_position_embeddings=MAX_POS),
+        "gpt_neo": lambda: tf.GPTNeoConfig(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4,
+                                           attention_types=[[["global", "local"], 1]], window_size=SLIDING,
+                                           max_position_embeddings=MAX_POS),
+        "mpt": lambda: tf.MptConfig(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, max_seq_len=MAX_POS),
+        "openai-gpt": lambda: tf.OpenAIGPTConfig(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4,
+                                                 n_positions=MAX_POS),
+        "bamba": lambda: tf.BambaConfig(**_MOE, attn_layer_indices=[1], mamba_d_state=8, mamba_n_heads=4,
+                                        mamba_d_head=16, mamba_expand=2, mamba_chunk_size=16),
+    }
+
+
+CLASSIC_ARCHS = ("bloom", "falcon", "gpt_neo", "mpt", "openai-gpt", "bamba")
 MOE_ARCHS = ("qwen3_moe", "mixtral", "olmoe", "qwen2_moe", "gpt_oss", "llama4", "jamba", "qwen3_next",
              "granitemoehybrid", "lfm2")
 
@@ -90,7 +111,7 @@ def tiny_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    config = {**_configs(), **_moe_configs()}[arch]()
+    config = {**_configs(), **_moe_configs(), **_classic_configs()}[arch]()
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     # Random init gives near-uniform attention; larger weights make the layers' inputs correlated
     # and the pruning problem non-trivial.

@@ -32,7 +32,8 @@ class BlockCall:
     args: tuple
     kwargs: dict
     by_keyword: bool
-    returns_tuple: bool = False  # the model indexes the block's output ([0]): older transformers
+    returns_tuple: int = 0  # what the model expects back: 0 the tensor, 1 (h,) (it indexes [0]: older
+    #                         transformers), 2 (h, None) (it unpacks two values: Bamba's layers)
 
     def __call__(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         if self.by_keyword:
@@ -78,12 +79,18 @@ class _Recorder:
         self.calls: list[BlockCall | None] = [None] * n_blocks
         self.hidden: torch.Tensor | None = None
         self.all_blocks = False          # record every block (first window) or stop at block 0
-        self.as_tuple = False            # return (h,) instead of h (older transformers index [0])
+        self.form = 0                    # what a stub returns: OUTPUT_FORMS[form](h)
         self.last: torch.Tensor | None = None
         self.broken = False
 
     def __call__(self, index: int, args: tuple, kwargs: dict):
-        hidden, call = _split(args, kwargs)
+        try:
+            hidden, call = _split(args, kwargs)
+        except ValueError:
+            if index == 0:
+                raise
+            self.broken = True           # the model did not pass our output on as the hidden states
+            raise _Stop from None
         if index == 0:
             self.hidden = hidden
         elif (self.last is None or hidden.shape != self.last.shape
@@ -97,7 +104,12 @@ class _Recorder:
         if index == self.n_blocks - 1:
             raise _Stop
         self.last = hidden
-        return (hidden,) if self.as_tuple else hidden
+        return as_output(hidden, self.form)
+
+
+def as_output(hidden: torch.Tensor, form: int):
+    """A block's output in the form the model expects (BlockCall.returns_tuple)."""
+    return hidden if form == 0 else (hidden,) if form == 1 else (hidden, None)
 
 
 class _Stub(nn.Module):
@@ -151,9 +163,14 @@ def capture_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Ten
         model.to(device)
         ids = input_ids.to(device)
         rec.all_blocks = True
-        for as_tuple in (False, True):
-            rec.as_tuple, rec.broken, rec.last = as_tuple, False, None
-            _run(model, ids[:1])
+        for form in range(3):
+            rec.form, rec.broken, rec.last = form, False, None
+            try:
+                _run(model, ids[:1])
+            except (ValueError, TypeError):  # e.g. unpacking two values from our one: the next form
+                if form == 2:
+                    raise
+                rec.broken = True
             if not rec.broken:
                 break
         if rec.broken:
@@ -161,7 +178,7 @@ def capture_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Ten
                              "states between decoder blocks, so blocks cannot be pruned one at a time")
         calls = list(rec.calls)
         for c in calls:
-            c.returns_tuple = rec.as_tuple
+            c.returns_tuple = rec.form
         rec.all_blocks = False
         hidden = None
         for row, j in enumerate(windows):
@@ -181,18 +198,18 @@ class _Inject(nn.Module):
     """Stands in for block `index`: passes the hidden states through, except the last block, which returns
     the given final hidden states (so the model's own norm and head run on them)."""
 
-    def __init__(self, index: int, last: int, final: list, as_tuple: bool):
+    def __init__(self, index: int, last: int, final: list, form: int):
         super().__init__()
-        self.index, self.last, self.final, self.as_tuple = index, last, final, as_tuple
+        self.index, self.last, self.final, self.form = index, last, final, form
 
     def forward(self, *args, **kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
         out = self.final[0] if self.index == self.last else hidden
-        return (out,) if self.as_tuple else out
+        return as_output(out, self.form)
 
 
 @contextlib.contextmanager
-def head_runner(model: nn.Module, blocks: nn.ModuleList, device: torch.device, as_tuple: bool = False):
+def head_runner(model: nn.Module, blocks: nn.ModuleList, device: torch.device, form: int = 0):
     """Yields run(input_ids (1, L), final (1, L, hidden)) -> the model's logits (1, L, vocab) for one window
     whose last block produced `final`. The model's own forward runs with every block replaced by a
     pass-through and the last one returning `final`, so the final norm, head and any logit scaling are
@@ -203,7 +220,7 @@ def head_runner(model: nn.Module, blocks: nn.ModuleList, device: torch.device, a
     home = _home(model)
     try:
         for i in range(len(originals)):
-            blocks[i] = _Inject(i, len(originals) - 1, box, as_tuple)
+            blocks[i] = _Inject(i, len(originals) - 1, box, form)
         model.to(device)
 
         @torch.no_grad()

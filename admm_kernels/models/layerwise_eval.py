@@ -59,8 +59,8 @@ class LayerwisePerplexity:
                                "blocks")
         nll = torch.zeros(self.windows.shape[0], dtype=torch.float64)
         if self.hidden is not None:
-            as_tuple = self.calls[-1].returns_tuple
-            with head_runner(self.model, self.blocks, self.device, as_tuple) as run:
+            form = self.calls[-1].returns_tuple
+            with head_runner(self.model, self.blocks, self.device, form) as run:
                 for row, i in enumerate(self.mine):
                     x = self.windows[i:i + 1]
                     nll[i] = window_nll(run(x, self.hidden[row:row + 1]), x.to(self.device))
