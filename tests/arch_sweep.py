@@ -3,7 +3,8 @@
 A coverage sweep (benchmarks/arch_coverage.py) and tests build each architecture from its *default*
 config shrunk generically: the config's attributes (and its sub-configs' attributes: text, vision,
 audio, ...) are walked by name pattern, every size set small (hidden 64, 2 layers, 4 heads, 2 kv heads,
-head_dim 16, intermediate sizes 128, 4 experts with top-k 2, vocab 256, 128 positions, Mamba state 16)
+head_dim 16, intermediate sizes 128, 4 experts with top-k 2, vocab 256, 128 positions, Mamba state 16;
+1 layer for the encoders of other modalities)
 and every per-layer list (layer_types, layers_block_type, mlp_layer_types, ...) or list of layer indices
 (attn_layer_indices, moe_layers, ...) cut down to the layers kept, keeping at least one layer of each
 kind (so a hybrid keeps one attention and one Mamba layer, and may get more than 2 layers). _OVERRIDES
@@ -14,7 +15,6 @@ holds the few per-family fixes that the generic rules cannot derive.
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch
@@ -82,6 +82,9 @@ _KEEP = {"type_vocab_size", "task_type_vocab_size", "conv_kernel", "mamba_d_conv
          "position_bias_num_buckets", "position_bias_max_distance", "n_langs", "prompt_types",
          "segment_types", "num_codebooks", "axial_pos_shape", "spatial_merge_size",
          "temporal_patch_size", "in_channels", "audio_chunk_size", "audio_merge_size"}
+
+# Sub-configs of other modalities' encoders (path words).
+_SIDE_WORDS = ("vision", "audio", "image", "speech", "vq_", "perceiver", "visual")
 
 _TABLED = (_HIDDEN_KEYS | _LAYER_KEYS | _HEAD_KEYS | _KV_KEYS | _HEAD_DIM_KEYS | _LORA_KEYS | _EXPERT_KEYS
            | _TOPK_KEYS | _SHARED_KEYS | _GROUP_KEYS | _STATE_KEYS | _MAMBA_HEAD_KEYS | _SSM_GROUP_KEYS
@@ -237,10 +240,10 @@ def _per_layer(d: dict, n: int) -> tuple[dict[str, list], dict[str, list]]:
 
 
 def _choose_layers(per: dict[str, list], idx: dict[str, list], n: int, dense_prefix: int,
-                   shared_suffix: int = 0) -> list[int]:
+                   shared_suffix: int = 0, min_layers: int = LAYERS) -> list[int]:
     """Indices of the layers to keep: the first layer introducing a new value in any per-layer list or
-    index-list membership, at least LAYERS of them (the dense prefix of first_k_dense_replace counts as
-    a kind: its first layer and the first layer after it)."""
+    index-list membership, at least min_layers of them (the dense prefix of first_k_dense_replace and
+    the kv-sharing suffix of num_kv_shared_layers count as kinds too)."""
     def sig(i):
         return [(k, repr(v[i])) for k, v in per.items()] + [(k, i in v) for k, v in idx.items()] + \
             [("dense", i < dense_prefix), ("shared", i >= n - shared_suffix)]
@@ -252,7 +255,7 @@ def _choose_layers(per: dict[str, list], idx: dict[str, list], n: int, dense_pre
             chosen.append(i)
             seen.update(new)
     for i in range(n):
-        if len(chosen) >= LAYERS:
+        if len(chosen) >= min_layers:
             break
         if i not in chosen:
             chosen.append(i)
@@ -302,7 +305,11 @@ def _shrink_dict(d: dict, ids: _Ids, path: str = "") -> dict:
         key, n = layers
         dense_prefix = next((d[k] for k in _DENSE_PREFIX_KEYS if isinstance(d.get(k), int)), 0)
         suffix = d.get("num_kv_shared_layers") if isinstance(d.get("num_kv_shared_layers"), int) else 0
-        chosen = _choose_layers(per, idx, n, min(dense_prefix, n), min(suffix, n - 1))
+        # Encoders of other modalities get 1 layer: a vision tower as long as the language model
+        # would tie with it as "the model's block list" (real models differ in depth).
+        side = any(w in path for w in _SIDE_WORDS)
+        chosen = _choose_layers(per, idx, n, min(dense_prefix, n), min(suffix, n - 1),
+                                min_layers=1 if side else LAYERS)
         if suffix:
             out["num_kv_shared_layers"] = sum(1 for i in chosen if i >= n - suffix)
         out[key] = len(chosen)
@@ -536,4 +543,4 @@ def tokens(n: int, length: int, seed: int = 0) -> torch.Tensor:
 
 
 __all__ = ["VOCAB", "TOKEN_LIMIT", "Unshrinkable", "causal_lm_architectures", "shrink_config", "build_tiny",
-           "tokens", "math"]
+           "tokens"]

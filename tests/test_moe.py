@@ -434,3 +434,21 @@ def test_streamed_perplexity_equals_in_memory(tmp_path, arch):
     want = ak.evaluate_perplexity(model, ids, seqlen=32)
     got = ak.evaluate_perplexity(StreamedModel(tmp_path / arch), ids, seqlen=32)
     assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_bench_on_moe_groups_experts_by_projection(moe_dir, tmp_path, capsys):
+    import csv
+
+    from admm_kernels import cli
+
+    out = tmp_path / "bench"
+    assert cli.main(["bench", str(moe_dir / "qwen3_moe"), "--methods", "wanda", "admm", "--sparsities", "0.5",
+                     "--patterns", "unstructured", "--calib", str(moe_dir / "calib.txt"), "--nsamples", "4",
+                     "--seqlen", "32", "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "model.layers.*.mlp.experts.*.down_proj" in printed
+    rows = list(csv.DictReader((out / "projections.csv").open()))
+    experts = [r for r in rows if r["projection"] == "model.layers.*.mlp.experts.*.gate_proj"]
+    assert {r["method"] for r in experts} == {"wanda", "admm"}
+    assert all(int(r["layers"]) == 2 * 4 for r in experts)
+    assert all(float(r["achieved_sparsity"]) == pytest.approx(0.5) for r in rows)

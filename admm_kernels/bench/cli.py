@@ -215,6 +215,9 @@ def _run(args: argparse.Namespace) -> int:
     except (ValueError, TypeError, OSError) as exc:  # OSError: unwritable --out or cache folder
         raise BenchError(str(exc)) from None
     print(report.text_table(result["summary"], report.SUMMARY_COLUMNS))
+    if any(".experts." in r["projection"] for r in result["by_projection"]):  # MoE: experts per projection
+        print()
+        print(report.text_table(result["by_projection"], report.PROJECTION_COLUMNS))
     if result["perplexity"]:
         print()
         print(report.text_table(result["perplexity"], report.PPL_COLUMNS))
@@ -224,7 +227,8 @@ def _run(args: argparse.Namespace) -> int:
     print(f"\nmachine: fp32 matmul {peaks['matmul_gflops']:.1f} GFLOP/s, copy {peaks['copy_gbps']:.1f} GB/s"
           f"{gram_roof}; Grams: {g['cache']} ({g['layers']} layers, {g['tokens']} tokens)")
     print(f"{r['rows']} rows ({r['computed']} computed, {r['reused']} reused) in {r['seconds']:.1f} s; "
-          f"wrote {out}/results.json, layers.csv, summary.csv, errors.png, times.png, pareto.png")
+          f"wrote {out}/results.json, layers.csv, summary.csv, projections.csv, errors.png, times.png, "
+          "pareto.png")
     return 0
 
 

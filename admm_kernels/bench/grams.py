@@ -126,7 +126,7 @@ def _compute(model: nn.Module, ids: torch.Tensor, refs: list[LayerRef], device: 
     """Run the dense blocks over the windows, write one safetensors file of group Grams per block into
     `folder`; return the index (without the key)."""
     from ..models.capture import capture_inputs
-    from ..models.discovery import find_blocks
+    from ..models.discovery import find_blocks, get_weight
     from ..models.pipeline import GramHooks  # one accumulator per group of layers sharing an input
 
     blocks_name, blocks = find_blocks(model)
@@ -184,10 +184,7 @@ def _compute(model: nn.Module, ids: torch.Tensor, refs: list[LayerRef], device: 
                     tensors[full_leader] = acc.gram.to("cpu")
                     # The Gram kernels compute one triangle: in*(in+1)/2 multiply-adds per token.
                     flops += float(acc.count) * acc.in_features * (acc.in_features + 1)
-                w = module.weight
-                shape = [int(w.shape[0]), int(w.shape[1])]
-                if type(module).__name__ == "Conv1D":  # stored (in, out)
-                    shape.reverse()
+                shape = [int(v) for v in get_weight(module).shape]  # (out, in): Conv1D, experts too
                 rows.append({"name": f"{blocks_name}.{b}.{rel}", "block": b, "rel": rel, "shape": shape,
                              "group": full_leader, "file": file})
             if tensors:

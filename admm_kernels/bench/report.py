@@ -34,6 +34,8 @@ SUMMARY_COLUMNS = ("method", "pattern", "sparsity", "layers", "mean_error", "mea
 # The reference of the per-layer ratio columns: the seed's ADMM-Grad under either of its spec names.
 RATIO_BASELINES = ("admm", "admm-grad")
 PPL_COLUMNS = ("method", "pattern", "sparsity", "perplexity", "seconds", "achieved_sparsity")
+PROJECTION_COLUMNS = ("projection", "method", "pattern", "sparsity", "layers", "mean_error", "mean_seconds",
+                      "achieved_sparsity")
 
 
 from .._io import atomic_write_bytes as write_file  # noqa: E402
@@ -100,6 +102,27 @@ def summarize(rows: list[dict]) -> list[dict]:
             **_ratios_to_baseline(rs, groups, pattern, sparsity),
         })
     return mark_pareto(out)
+
+
+def projection_of(layer: str) -> str:
+    """A layer's name with its block and expert indices as '*': "model.layers.*.mlp.experts.*.down_proj"
+    (every expert's down projection in every block is one projection)."""
+    import re
+    return re.sub(r"\.\d+(?=\.)", ".*", layer)
+
+
+def summarize_by_projection(rows: list[dict]) -> list[dict]:
+    """Per (projection, method, pattern, sparsity), first-seen order: mean error and seconds over its
+    layers (so a MoE's experts are one row per projection, not one per expert)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        key = (projection_of(r["layer"]), r["method"], r["pattern"], round(r["target_sparsity"], 6))
+        groups.setdefault(key, []).append(r)
+    return [{"projection": proj, "method": method, "pattern": pattern, "sparsity": sparsity,
+             "layers": len(rs), "mean_error": _mean(r["error"] for r in rs),
+             "mean_seconds": _mean(r["seconds"] for r in rs),
+             "achieved_sparsity": _mean(r["achieved_sparsity"] for r in rs)}
+            for (proj, method, pattern, sparsity), rs in groups.items()]
 
 
 def _median(values: list[float]) -> float | None:
@@ -300,9 +323,10 @@ def pareto_panels(summary: list[dict]) -> dict[str, list[tuple[str, float, float
 def write_outputs(out: Path, result: dict) -> list[Path]:
     """Write every output file for `result` (the results.json object) into `out`; return the paths."""
     out.mkdir(parents=True, exist_ok=True)
-    written = [out / "layers.csv", out / "summary.csv"]
+    written = [out / "layers.csv", out / "summary.csv", out / "projections.csv"]
     write_csv(written[0], result["rows"], ROW_COLUMNS)
     write_csv(written[1], result["summary"], SUMMARY_COLUMNS)
+    write_csv(written[2], result["by_projection"], PROJECTION_COLUMNS)
     if result.get("perplexity"):
         written.append(out / "perplexity.csv")
         write_csv(written[-1], result["perplexity"], PPL_COLUMNS)

@@ -93,9 +93,9 @@ def layer_rows(model: nn.Module, store: grams_mod.GramStore, settings: BenchSett
                peaks: dict, model_name: str) -> tuple[list[dict], int]:
     """Every layer x pattern x sparsity x method row (reused from the journal where finished);
     returns (rows, how many were computed now)."""
-    from ..models.discovery import get_weight
+    from ..models.discovery import get_weight, named_layers
 
-    modules = dict(model.named_modules())
+    modules = named_layers(model)
     device = torch.device(settings.device)
     plan = [(pat, s) for pat in settings.patterns
             for s in layers_mod.row_sparsities(pat, settings.sparsities)]
@@ -140,9 +140,9 @@ def perplexity_rows(model: nn.Module, calib_ids: torch.Tensor, eval_ids: torch.T
     prune_model, evaluate, restore the dense weights. Returns (rows, how many were computed now)."""
     from ..eval import evaluate_perplexity
     from ..models import prune_model
-    from ..models.discovery import get_weight, set_weight
+    from ..models.discovery import get_weight, named_layers, set_weight
 
-    modules = dict(model.named_modules())
+    modules = named_layers(model)
     dense = {n: get_weight(modules[n]).detach().clone() for n in names}
     chosen = set(names)
     device = torch.device(settings.device)
@@ -261,6 +261,7 @@ def run_bench(model: nn.Module, calib_ids: torch.Tensor, out: str | os.PathLike,
                 "perplexity_computed": ppl_computed, "seconds": time.perf_counter() - t0},
         "rows": rows,
         "summary": report.summarize(rows),
+        "by_projection": report.summarize_by_projection(rows),
         "perplexity": ppl_rows,
     }
     report.write_outputs(out, result)

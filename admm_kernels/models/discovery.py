@@ -135,6 +135,14 @@ def block_layers(block: nn.Module) -> tuple[dict[str, nn.Module], set[str]]:
     return out, routers
 
 
+def named_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """{full name: layer} of every prunable layer inside the model's blocks, expert projections included
+    (they are not submodules, so model.named_modules() does not list them)."""
+    blocks_name, blocks = find_blocks(model)
+    return {f"{blocks_name}.{i}.{rel}": m for i, b in enumerate(blocks)
+            for rel, m in block_layers(b)[0].items()}
+
+
 def prunable_layers(block: nn.Module, prefix: str, layers: LayerFilter = None) -> dict[str, nn.Module]:
     """{name relative to the block: layer} of the selected prunable layers of one block, module order.
 
