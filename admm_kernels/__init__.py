@@ -20,6 +20,7 @@ _LAZY = {
     "prune_layer": "prune",
     "PruneResult": "prune",
     "reconstruction_error": "prune",
+    "prune_experts": "batched",
     "prune_model": "models",
     "evaluate_perplexity": "eval",
     "evaluate_tasks": "integrations.lm_eval",  # lm-evaluation-harness (the `eval` extra)
