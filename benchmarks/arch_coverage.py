@@ -10,7 +10,9 @@ weight must equal numel - kept and the exact magnitude target int(numel * 0.5). 
 - pruned-verified: pruned, every pruned layer verified;
 - partial: pruned, but some layer's zeros differ from the target (or no layer was pruned);
 - error: prune_model raised (the exception's type and first line are recorded), or the time ran out;
-- build-failed: the tiny model could not be built ("build failed: <reason>").
+- build-failed: the tiny model could not be built ("build failed: <reason>"), or the dense model's own
+  forward on the calibration tokens fails (e.g. an assistant model that needs its main model's states):
+  there is no causal LM to prune.
 
     OMP_NUM_THREADS=1 python benchmarks/arch_coverage.py --out arch_coverage.md
     OMP_NUM_THREADS=1 python benchmarks/arch_coverage.py --only llama,mixtral,jamba
@@ -133,6 +135,15 @@ def sweep_one(arch: str, timeout: int) -> dict:
             return row
         row["params"] = sum(p.numel() for p in model.parameters())
         ids = tokens(NSAMPLES, SEQLEN, seed=0)
+        try:
+            import torch
+            with torch.no_grad():
+                model(input_ids=ids[:1], use_cache=False)
+        except ArchTimeout:
+            raise
+        except Exception as e:
+            row.update(status="build-failed", note=f"its own forward fails: {first_line(e)}")
+            return row
         before = zero_counts(model)
         try:
             report = admm_kernels.prune_model(model, ids, sparsity=SPARSITY, method="magnitude")

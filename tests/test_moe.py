@@ -452,3 +452,16 @@ def test_bench_on_moe_groups_experts_by_projection(moe_dir, tmp_path, capsys):
     assert {r["method"] for r in experts} == {"wanda", "admm"}
     assert all(int(r["layers"]) == 2 * 4 for r in experts)
     assert all(float(r["achieved_sparsity"]) == pytest.approx(0.5) for r in rows)
+
+
+class _SeparateGate(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate_proj = nn.Parameter(torch.randn(2, 8, 6))
+        self.up_proj = nn.Parameter(torch.randn(2, 8, 6))
+        self.down_proj = nn.Parameter(torch.randn(2, 6, 8))
+
+
+def test_experts_with_extra_3d_parameters_are_refused_not_guessed():
+    with pytest.raises(UnknownExpertsLayout, match="3-D parameters gate_proj beside up_proj and down_proj"):
+        experts_layout(_SeparateGate(), "mlp.shared_experts")

@@ -33,9 +33,14 @@ class BlockCall:
     kwargs: dict
     by_keyword: bool
     returns_tuple: int = 0  # what the model expects back: 0 the tensor, 1 (h,) (it indexes [0]: older
-    #                         transformers), 2 (h, None) (it unpacks two values: Bamba's layers)
+    #                         transformers), 2 (h, None), 3 (h, None, None) (it unpacks two or three
+    #                         values: Bamba's layers, RWKV's blocks)
+    skipped: bool = False   # the model's forward does not call this block (Mllama's cross-attention
+    #                         layers without an image): the hidden states pass it unchanged
 
     def __call__(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        if self.skipped:
+            return hidden
         if self.by_keyword:
             out = block(*self.args, hidden_states=hidden, **self.kwargs)
         else:
@@ -67,7 +72,8 @@ def _split(args: tuple, kwargs: dict) -> tuple[torch.Tensor, BlockCall]:
     else:
         raise ValueError("cannot find the hidden states among the block's arguments "
                          f"(no positional argument and no 'hidden_states' keyword; got {sorted(kwargs)})")
-    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3 or hidden.shape[0] != 1:
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() < 3 or hidden.shape[0] != 1:
+        # (1, seqlen, hidden), or with more trailing dimensions (hyper-connection streams: (1, L, S, H))
         raise ValueError("expected the block's hidden states as a (1, seqlen, hidden) tensor, got "
                          f"{getattr(hidden, 'shape', type(hidden).__name__)}")
     return hidden, BlockCall(rest, kwargs, by_kw)
@@ -107,14 +113,37 @@ class _Recorder:
         return as_output(hidden, self.form)
 
 
+OUTPUT_FORMS = 4  # h, (h,), (h, None), (h, None, None): RWKV unpacks (hidden, state, attentions)
+
+
 def as_output(hidden: torch.Tensor, form: int):
-    """A block's output in the form the model expects (BlockCall.returns_tuple)."""
-    return hidden if form == 0 else (hidden,) if form == 1 else (hidden, None)
+    """A block's output in the form the model expects (BlockCall.returns_tuple): the tensor itself, or
+    a tuple of it and form - 1 Nones."""
+    return hidden if form == 0 else (hidden,) + (None,) * (form - 1)
 
 
-class _Stub(nn.Module):
-    def __init__(self, index: int, recorder: _Recorder):
+class _StandIn(nn.Module):
+    """A parameter-free stand-in for a block. Attributes it lacks are read from the block it replaces
+    (models read e.g. layer.attention_type or layer.block_type while looping over their layers); the
+    block is not registered as a submodule, so model.to() never moves it."""
+
+    def __init__(self, original: nn.Module | None):
         super().__init__()
+        self.__dict__["_original"] = original
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            original = self.__dict__.get("_original")
+            if original is None or name.startswith("__"):
+                raise
+            return getattr(original, name)
+
+
+class _Stub(_StandIn):
+    def __init__(self, index: int, recorder: _Recorder, original: nn.Module | None = None):
+        super().__init__(original)
         self.index = index
         self.recorder = recorder
 
@@ -122,12 +151,15 @@ class _Stub(nn.Module):
         return self.recorder(self.index, args, kwargs)
 
 
-def _run(model: nn.Module, ids: torch.Tensor) -> None:
+def _run(model: nn.Module, ids: torch.Tensor, finish_ok: bool = False) -> None:
+    """The model's forward on ids until a stub stops it; finish_ok: the forward may also end without a
+    stop (its last blocks were not called)."""
     try:
         model(input_ids=ids, use_cache=False)
     except _Stop:
         return
-    raise RuntimeError("the model's forward did not call its decoder blocks")
+    if not finish_ok:
+        raise RuntimeError("the model's forward did not call its decoder blocks")
 
 
 def _home(model: nn.Module) -> torch.device:
@@ -159,16 +191,16 @@ def capture_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Ten
     home = _home(model)
     try:
         for i in range(len(originals)):
-            blocks[i] = _Stub(i, rec)
+            blocks[i] = _Stub(i, rec, originals[i])
         model.to(device)
         ids = input_ids.to(device)
         rec.all_blocks = True
-        for form in range(3):
+        for form in range(OUTPUT_FORMS):
             rec.form, rec.broken, rec.last = form, False, None
             try:
-                _run(model, ids[:1])
+                _run(model, ids[:1], finish_ok=True)
             except (ValueError, TypeError):  # e.g. unpacking two values from our one: the next form
-                if form == 2:
+                if form == OUTPUT_FORMS - 1:
                     raise
                 rec.broken = True
             if not rec.broken:
@@ -176,7 +208,10 @@ def capture_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Ten
         if rec.broken:
             raise ValueError(f"unsupported model {type(model).__name__}: its forward modifies the hidden "
                              "states between decoder blocks, so blocks cannot be pruned one at a time")
-        calls = list(rec.calls)
+        if rec.calls[0] is None:
+            raise RuntimeError("the model's forward did not call its decoder blocks")
+        # Blocks the forward never called (it skips them for this input) pass the hidden states on.
+        calls = [c if c is not None else BlockCall((), {}, False, skipped=True) for c in rec.calls]
         for c in calls:
             c.returns_tuple = rec.form
         rec.all_blocks = False
@@ -194,12 +229,12 @@ def capture_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Ten
     return hidden, calls
 
 
-class _Inject(nn.Module):
+class _Inject(_StandIn):
     """Stands in for block `index`: passes the hidden states through, except the last block, which returns
     the given final hidden states (so the model's own norm and head run on them)."""
 
-    def __init__(self, index: int, last: int, final: list, form: int):
-        super().__init__()
+    def __init__(self, index: int, last: int, final: list, form: int, original: nn.Module | None = None):
+        super().__init__(original)
         self.index, self.last, self.final, self.form = index, last, final, form
 
     def forward(self, *args, **kwargs):
@@ -220,7 +255,7 @@ def head_runner(model: nn.Module, blocks: nn.ModuleList, device: torch.device, f
     home = _home(model)
     try:
         for i in range(len(originals)):
-            blocks[i] = _Inject(i, len(originals) - 1, box, form)
+            blocks[i] = _Inject(i, len(originals) - 1, box, form, originals[i])
         model.to(device)
 
         @torch.no_grad()

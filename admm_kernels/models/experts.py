@@ -92,6 +92,9 @@ def experts_layout(module: nn.Module, name: str = "experts") -> ExpertsLayout:
     in_proj = "gate_up_proj" if "gate_up_proj" in params else "up_proj"
     if in_proj not in params or "down_proj" not in params:
         raise fail("expected gate_up_proj (or up_proj) and down_proj")
+    other = sorted(set(params) - {in_proj, "down_proj"})
+    if other:
+        raise fail(f"3-D parameters {', '.join(other)} beside {in_proj} and down_proj")
     a_in, down = params[in_proj], params["down_proj"]
     e, a, b = a_in.shape
     e2, c, d = down.shape
@@ -211,6 +214,9 @@ class ExpertInputs:
         """Per expert, the hidden-state rows it receives."""
         e_count = self.layout.num_experts
         index = inputs[1] if len(inputs) > 1 and isinstance(inputs[1], torch.Tensor) else None
+        if index is not None and (index.is_floating_point() or index.is_complex()):
+            raise UnknownExpertsLayout(f"{self.rel}: the experts' second argument is a {index.dtype} tensor, "
+                                       "not routing indices")
         if index is None:
             # Llama-4 style: the input is already (E·T, H), every token repeated per expert and scaled by
             # its routing weight (zero where the router did not choose the expert).
