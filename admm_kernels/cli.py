@@ -2,7 +2,7 @@
 default), evaluate perplexity, benchmark methods.
 
     admm-prune prune [MODEL] --sparsity 0.5 --pattern unstructured --method admm --out DIR
-    admm-prune eval [MODEL] --text PATH
+    admm-prune eval [MODEL] --eval-text PATH
     admm-prune bench [MODEL] ...    (admm_kernels.bench.cli)
 
 Every argument is validated before the model is loaded, so a typo fails in a second, not after an hour.
@@ -176,6 +176,22 @@ def add_task_arguments(p: argparse.ArgumentParser) -> None:
                         "with published numbers)")
 
 
+def add_eval_text_argument(p: argparse.ArgumentParser, help_text: str, old: str | None = None) -> None:
+    """--eval-text PATH (dest eval_path), the evaluation text's one name in prune, eval and bench; `old`:
+    the command's earlier spelling, still accepted with a deprecation warning."""
+    p.add_argument("--eval-text", metavar="PATH", default=None, dest="eval_path", help=help_text)
+    if old is not None:
+        p.add_argument(old, metavar="PATH", dest="eval_path", action=_deprecated_alias("--eval-text"),
+                       help=argparse.SUPPRESS)
+
+
+def split_globs(values: list[str] | None) -> list[str] | None:
+    """The patterns of repeated --layers values, each split at commas and whitespace; None if none."""
+    if values is None:
+        return None
+    return [g for v in values for g in v.replace(",", " ").split()]
+
+
 def add_eval_windows_argument(p: argparse.ArgumentParser, default_help: str = "") -> None:
     """--eval-windows, shared by prune, eval and bench."""
     p.add_argument("--eval-windows", type=_positive("--eval-windows"), default=None, metavar="N",
@@ -278,7 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench.cli import HELP as BENCH_HELP
     from .models.sparsity_profile import OWL_LAMBDA, OWL_M
 
-    p = argparse.ArgumentParser(prog="admm-prune", description=(
+    # allow_abbrev=False everywhere: argparse would otherwise read a misspelt or shortened flag as
+    # another one that starts the same (--text as --text-field), silently.
+    p = argparse.ArgumentParser(prog="admm-prune", allow_abbrev=False, description=(
         "Prune large language models layer by layer with ADMM (Boza 2024) or the SparseGPT / Wanda / "
         "magnitude baselines, evaluate their perplexity, and benchmark the methods. `python -m "
         "admm_kernels` is the same command."))
@@ -287,7 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="{prune,eval,bench,doctor}")
     sub.required = True
 
-    pr = sub.add_parser("prune", help="prune a causal LM (default: the embedded SmolLM2-135M on Shakespeare)",
+    pr = sub.add_parser("prune", allow_abbrev=False,
+                        help="prune a causal LM (default: the embedded SmolLM2-135M on Shakespeare)",
                         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_methods_epilog(),
                         description=textwrap.fill(
         "Prune every linear layer inside the decoder blocks of a transformers causal LM, block by block, "
@@ -328,8 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="OWL: the block sparsities span 2*LAMBDA around --sparsity (default "
                          f"{OWL_LAMBDA:g}, as published for LLaMA-7B at 70%%)")
     add_calibration_arguments(pr)
-    pr.add_argument("--eval", metavar="PATH", default=None, dest="eval_path",
-                    help="evaluation text for perplexity before/after (default: held-out Shakespeare plays)")
+    add_eval_text_argument(pr, "evaluation text for perplexity before/after: file, folder, .jsonl or saved "
+                               "dataset (default: held-out Shakespeare plays)", old="--eval")
     add_eval_windows_argument(pr)
     pr.add_argument("--no-eval", action="store_true", help="skip the perplexity evaluation")
     add_protocol_arguments(pr)
@@ -348,9 +367,13 @@ def build_parser() -> argparse.ArgumentParser:
                          f"checkpoint DIR/{PACKED_NAME} beside config.json and the tokenizer (read by "
                          "`admm-prune eval DIR` and admm_kernels.load_sparse(DIR))")
     pr.add_argument("--seed", type=int, default=0, help="seed of the calibration window draw (default 0)")
-    pr.add_argument("--layers", nargs="+", metavar="GLOB", default=None,
-                    help="prune only these layers (glob on names inside a block, e.g. 'mlp.*' "
-                         "'self_attn.q_proj'); default every linear inside the blocks")
+    # One value per --layers (repeatable): a list option taking every following word would swallow a
+    # MODEL given after it as one more pattern.
+    pr.add_argument("--layers", action="append", metavar="GLOBS", default=None,
+                    help="prune only these layers: globs on names inside a block (or full names), separated "
+                         "by commas or spaces in one value, or --layers repeated, e.g. --layers 'mlp.*' "
+                         "--layers self_attn.q_proj, or --layers 'mlp.*,self_attn.q_proj'; default every "
+                         "linear inside the blocks")
     pr.add_argument("--offload", action="store_true", help="keep calibration activations in host memory")
     pr.add_argument("--offload-dir", metavar="DIR", default=None,
                     help="keep calibration (and --stream evaluation) activations in a file in DIR instead, "
@@ -377,20 +400,21 @@ def build_parser() -> argparse.ArgumentParser:
                          "-o compute_dtype=float64 (values: int, float, true/false/none, a torch dtype for "
                          "*dtype keys or torch.NAME, else text)")
 
-    ev = sub.add_parser("eval", help="perplexity of a model on a text, lm-eval zero-shot tasks (default: the "
-                                     "embedded SmolLM2-135M)",
+    ev = sub.add_parser("eval", allow_abbrev=False,
+                        help="perplexity of a model on a text, lm-eval zero-shot tasks (default: the "
+                             "embedded SmolLM2-135M)",
                         description=(
         "Perplexity of a causal LM: exp(mean next-token loss) over non-overlapping windows of --seqlen "
         "tokens, with a progress bar over the windows. MODEL may be a transformers folder or a packed "
         "folder (prune --save-format packed). Defaults: for a folder written by `admm-prune prune`, the "
-        "--seqlen, --eval-windows and --text its report records (so eval reproduces prune's 'perplexity "
+        "--seqlen, --eval-windows and --eval-text its report records (so eval reproduces prune's 'perplexity "
         f"after'); for the embedded model {EMBEDDED_EVAL_WINDOWS} windows of {EMBEDDED_SEQLEN} tokens, as "
         "prune uses; otherwise every window of 2048 tokens (clipped to the model's maximum)."))
     ev.add_argument("model", nargs="?", default=None,
                     help="local transformers model folder or packed folder (default: the embedded "
                          "SmolLM2-135M)")
-    ev.add_argument("--text", metavar="PATH", default=None,
-                    help="evaluation text: file, folder or .jsonl (default: held-out Shakespeare plays)")
+    add_eval_text_argument(ev, "evaluation text: file, folder, .jsonl or saved dataset (default: what "
+                               "MODEL's prune report records, else held-out Shakespeare plays)", old="--text")
     ev.add_argument("--seqlen", type=_positive("--seqlen"), default=None,
                     help=f"tokens per window (default: see above; {EMBEDDED_SEQLEN} for the embedded model)")
     add_eval_windows_argument(ev, ", or what MODEL/prune_report.json records; --max-windows is a "
@@ -407,9 +431,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_task_arguments(ev)
 
     # Parsed by admm_kernels.bench.cli (main() hands it every argument after "bench").
-    sub.add_parser("bench", help=f"{BENCH_HELP} (admm-prune bench --help lists its options)", add_help=False)
-    sub.add_parser("doctor", add_help=False, help="versions, devices, backends and every kernel's check "
-                   "against the reference on this machine (admm_kernels/doctor.py)")
+    sub.add_parser("bench", help=f"{BENCH_HELP} (admm-prune bench --help lists its options)", add_help=False,
+                   allow_abbrev=False)
+    sub.add_parser("doctor", add_help=False, allow_abbrev=False,
+                   help="versions, devices, backends and every kernel's check against the reference on this "
+                        "machine (admm_kernels/doctor.py)")
     return p
 
 
@@ -540,6 +566,18 @@ def _prune_report(folder: Path) -> dict | None:
 
 # ---------------------------------------------------------------------------------------------------
 
+def _check_layers_model(args) -> None:
+    """A MODEL that does not exist, given right after a --layers value, is most likely a second pattern
+    written as --layers took several words before: say so instead of 'MODEL does not exist'."""
+    argv = getattr(args, "argv", None) or []
+    if args.model is None or Path(args.model).expanduser().exists() or args.model not in argv:
+        return
+    i = argv.index(args.model)
+    if i >= 2 and argv[i - 2] == "--layers":
+        raise CliError(f"MODEL {args.model!r} does not exist; if it is a layer pattern: --layers takes one "
+                       f"value, so give --layers '{argv[i - 1]},{args.model}' or repeat --layers")
+
+
 def _check_model(model_arg: str | None, packed: bool = False) -> None:
     from .models.loading import check_model_path
     if model_arg is not None:
@@ -643,6 +681,8 @@ def cmd_prune(args, comm=None) -> int:
 
     comm = comm or LOCAL
     # cheap checks first (on every rank: the same answer everywhere)
+    args.layers = split_globs(args.layers)
+    _check_layers_model(args)
     _check_model(args.model)
     try:  # syntax only here (M must divide in_features: checked per layer once the model is loaded)
         pattern = parse_pattern(args.pattern, pattern_group(args.pattern), name="--pattern")
@@ -690,7 +730,7 @@ def cmd_prune(args, comm=None) -> int:
 
     def prepare() -> None:  # rank 0 only: the output, the texts and the lock live on its machine
         _check_text_path(args.calib, "--calib")
-        _check_text_path(args.eval_path, "--eval")
+        _check_text_path(args.eval_path, "--eval-text")
         if args.offload_dir is not None and not Path(args.offload_dir).is_dir():
             raise CliError(f"--offload-dir {args.offload_dir!r} is not an existing folder")
         _check_out(out, overwrite, Path(args.model) if args.model else default_model_folder(), state_dir)
@@ -934,7 +974,7 @@ def _prune_run(args, device, out: Path, store, overwrite: bool, comm, log, built
 def _eval_defaults(args) -> tuple[int | None, int | None, str | None, str]:
     """(seqlen, windows, text, where they came from) for `admm-prune eval`, the explicit options first;
     else what MODEL's prune report recorded; else the embedded model's defaults (as prune uses)."""
-    seqlen, windows, text = args.seqlen, args.eval_windows, args.text
+    seqlen, windows, text = args.seqlen, args.eval_windows, args.eval_path
     if args.model is None:
         return (seqlen or EMBEDDED_SEQLEN, windows or EMBEDDED_EVAL_WINDOWS, text,
                 "the embedded model's defaults")
@@ -971,7 +1011,7 @@ def cmd_eval(args, comm=None) -> int:
     log = _logger(args.quiet or not comm.is_main)
     device = _check_device(args.device)
     if comm.is_main:
-        _check_text_path(args.text, "--text")
+        _check_text_path(args.eval_path, "--eval-text")
     _check_model(args.model, packed=not args.stream)
     explicit_protocol = args.protocol is not None
     recorded, recorded_corpus, recorded_field = _recorded_protocol(args.model)
@@ -984,8 +1024,8 @@ def cmd_eval(args, comm=None) -> int:
     if task_names and (args.stream or comm.distributed):
         raise CliError("--tasks runs lm-evaluation-harness on a model in memory in one process: not with "
                        "--stream or under torchrun")
-    # Perplexity unless only tasks were asked for (--tasks without --text or --protocol).
-    want_ppl = task_names is None or args.text is not None or explicit_protocol
+    # Perplexity unless only tasks were asked for (--tasks without --eval-text or --protocol).
+    want_ppl = task_names is None or args.eval_path is not None or explicit_protocol
     seqlen_arg, windows, text, source = _eval_defaults(args)
     if args.protocol != recorded and args.eval_windows is None:
         windows = None  # another protocol than the recorded one: its own windows (sparsegpt: every one)
