@@ -115,3 +115,12 @@ def test_prune_with_the_eval_text_evaluates_that_text(root, tmp_path, capsys):
     shutil.copy(root / "eval.txt", text)
     assert cli.main(_prune(root, out, "--eval-text", str(text))) == 0
     assert json.loads((out / cli.REPORT_NAME).read_text())["perplexity"]["text"].endswith("other.txt")
+
+
+def test_utf16_calibration_text_is_an_error_not_garbage(root, tmp_path, capsys):
+    calib = tmp_path / "calib16.txt"
+    calib.write_bytes((root / "calib.txt").read_text().encode("utf-16"))
+    argv = _prune(root, tmp_path / "o", "--no-eval")
+    argv[argv.index("--calib") + 1] = str(calib)
+    assert cli.main(argv) == 2
+    assert "calib16.txt' starts with a UTF-16 LE byte-order mark" in capsys.readouterr().err
