@@ -37,6 +37,8 @@ EMBEDDED_SEQLEN = 256
 EMBEDDED_EVAL_WINDOWS = 32
 DEFAULT_SPARSITY = 0.5
 REPORT_NAME = "prune_report.json"
+EVAL_TEXT_DEFAULT = "shakespeare:evaluation"  # how reports name the default texts (the held-out plays)
+CALIB_TEXT_DEFAULT = "shakespeare:calibration"
 PACKED_NAME = PACKED_FILE  # --save-format packed: DIR/this beside config.json; admm_kernels.load_sparse(DIR)
 THREADS_HELP = ("CPU threads for torch (default: torch's choice). Results depend on it (sums run in another "
                 "order: SmolLM2 pruned with 1 vs 2 threads gave perplexity 64.238 vs 64.301), so give the "
@@ -477,6 +479,16 @@ def _check_out(out: Path, overwrite: bool, model_dir: Path, state_dir: Path) -> 
                        f"({error.strerror or error})")
 
 
+def _text_record(path: str | None, default: str) -> tuple[str, str | None]:
+    """(absolute path or the default's name, sha256 content digest or None) of a text, for the report: a
+    relative path would name another file, or none, when `eval OUT` runs in another folder."""
+    from .data import text_digest
+
+    if path is None:
+        return default, None
+    return os.path.abspath(os.path.expanduser(path)), text_digest(path)
+
+
 def _check_text_path(path: str | None, flag: str) -> None:
     if path is not None and not Path(path).expanduser().exists():
         raise CliError(f"{flag} path {path!r} does not exist")
@@ -682,6 +694,9 @@ def cmd_prune(args, comm=None) -> int:
     comm = comm or LOCAL
     # cheap checks first (on every rank: the same answer everywhere)
     args.layers = split_globs(args.layers)
+    # the names reports give the default texts choose them (what a report says can be given back)
+    args.calib = None if args.calib == CALIB_TEXT_DEFAULT else args.calib
+    args.eval_path = None if args.eval_path == EVAL_TEXT_DEFAULT else args.eval_path
     _check_layers_model(args)
     _check_model(args.model)
     try:  # syntax only here (M must divide in_features: checked per layer once the model is loaded)
@@ -831,6 +846,8 @@ def _prune_run(args, device, out: Path, store, overwrite: bool, comm, log, built
     except (ValueError, TypeError) as exc:
         raise CliError(_flag_names(str(exc), isinstance(args.profile, list))) from None
 
+    texts: dict = {}
+
     def tokenise():  # rank 0 reads the texts; every rank gets the same token ids
         try:
             if tok is None:
@@ -842,6 +859,9 @@ def _prune_run(args, device, out: Path, store, overwrite: bool, comm, log, built
             eval_ids = None if args.no_eval else protocols.evaluation_tokens(
                 tok, args.eval_path, protocol=args.protocol, corpus=args.corpus, seqlen=seqlen,
                 field=args.text_field)
+            # what eval OUT needs to evaluate the same text, or to say that it cannot
+            texts.update(calib=_text_record(args.calib, CALIB_TEXT_DEFAULT),
+                         eval=_text_record(None if args.no_eval else args.eval_path, EVAL_TEXT_DEFAULT))
             log(f"tokenised: {nsamples} calibration windows of {seqlen} tokens"
                 + ("" if eval_ids is None else f", {eval_ids.numel()} evaluation tokens")
                 + f" ({time.perf_counter() - t:.1f} s)")
@@ -919,13 +939,15 @@ def _prune_run(args, device, out: Path, store, overwrite: bool, comm, log, built
     if ppl:
         n_win = eval_ids.numel() // seqlen
         ppl.update(seqlen=seqlen, windows=min(n_win, eval_windows or n_win),
-                   text=args.eval_path or "shakespeare:evaluation", protocol=args.protocol,
+                   text=texts["eval"][0] if texts else None, text_sha256=texts["eval"][1] if texts else None,
+                   protocol=args.protocol,
                    corpus=args.corpus if args.protocol == "sparsegpt" else None, text_field=args.text_field,
                    computed=protocols.describe(args.protocol, args.corpus))
     report.update({
         "command": "admm-prune " + " ".join(args.argv),
         "model_path": str(path), "seed": args.seed, "perplexity": ppl or None, "tasks": tasks or None,
-        "calibration": {"source": args.calib or "shakespeare:calibration", "nsamples": nsamples,
+        "calibration": {"source": texts["calib"][0] if texts else None,
+                        "source_sha256": texts["calib"][1] if texts else None, "nsamples": nsamples,
                         "seqlen": seqlen, "seed": args.seed, "protocol": args.protocol,
                         "text_field": args.text_field},
         "save_format": args.save_format, "seconds_total": time.perf_counter() - t0,
@@ -971,37 +993,99 @@ def _prune_run(args, device, out: Path, store, overwrite: bool, comm, log, built
     return 0
 
 
-def _eval_defaults(args) -> tuple[int | None, int | None, str | None, str]:
-    """(seqlen, windows, text, where they came from) for `admm-prune eval`, the explicit options first;
-    else what MODEL's prune report recorded; else the embedded model's defaults (as prune uses)."""
-    seqlen, windows, text = args.seqlen, args.eval_windows, args.eval_path
+class _Report:
+    """What `admm-prune eval MODEL` takes from MODEL/prune_report.json: each setting checked when it is used,
+    so a bad field is named as the report's field, not as a flag the user never passed."""
+
+    def __init__(self, path: Path, ppl: dict):
+        self.path, self.ppl = path, ppl
+
+    def field(self, key: str, ok, expected: str, flag: str):
+        value = self.ppl.get(key)
+        if value is not None and not ok(value):
+            raise CliError(f"{str(self.path)!r}: field perplexity.{key} is {value!r}, not {expected}; fix "
+                           f"the report, or give {flag} to choose the setting yourself")
+        return value
+
+
+def _eval_report(args, want_ppl: bool, log) -> _Report | None:
+    """MODEL's prune report (its perplexity settings), None when MODEL is no `admm-prune prune` output.
+    A report that cannot be read is an error naming it, unless every setting it would give is given."""
     if args.model is None:
-        return (seqlen or EMBEDDED_SEQLEN, windows or EMBEDDED_EVAL_WINDOWS, text,
-                "the embedded model's defaults")
-    report = _prune_report(Path(args.model).expanduser())
-    ppl = (report or {}).get("perplexity") or {}
-    if not ppl:
-        return seqlen, windows, text, ""
-    source = str(Path(args.model) / REPORT_NAME)
-    recorded = ppl.get("text")
-    if text is None and recorded and recorded != "shakespeare:evaluation":
-        if Path(recorded).expanduser().exists():
-            text = recorded
-        else:
-            source += f"; its evaluation text {recorded!r} is not found here, so not used"
-    return seqlen or ppl.get("seqlen"), windows or ppl.get("windows"), text, source
+        return None
+    path = Path(args.model).expanduser() / REPORT_NAME
+    if not path.exists():
+        return None
+    try:
+        report = json.loads(path.read_bytes().decode("utf-8"))
+        if not isinstance(report, dict):
+            raise ValueError(f"a JSON {type(report).__name__}, not an object")
+    except (OSError, ValueError) as exc:
+        given = (args.seqlen, args.eval_windows, args.eval_path, args.protocol)
+        if not want_ppl or all(v is not None for v in given):
+            log(f"admm-prune: ignoring {str(path)!r}, which cannot be read ({exc}): every setting is given")
+            return None
+        raise CliError(f"{str(path)!r} is damaged ({exc}); it records how prune evaluated this model: "
+                       "restore it, or give --seqlen, --eval-windows, --eval-text (PATH, or "
+                       f"{EVAL_TEXT_DEFAULT} for the default) and --protocol to evaluate without it") \
+            from None
+    if not str(report.get("command", "")).startswith("admm-prune prune"):
+        return None
+    ppl = report.get("perplexity")
+    if ppl is None:
+        ppl = {}
+    if not isinstance(ppl, dict):
+        raise CliError(f"{str(path)!r}: field perplexity is {ppl!r}, not an object; fix the report, or give "
+                       "--seqlen, --eval-windows, --eval-text and --protocol")
+    return _Report(path, ppl)
 
 
-def _recorded_protocol(model_arg: str | None) -> tuple[str, str | None, str | None]:
-    """(protocol, corpus, text field) MODEL's prune report used for its perplexity ("default" if none)."""
-    report = _prune_report(Path(model_arg).expanduser()) if model_arg else None
-    ppl = (report or {}).get("perplexity") or {}
-    return ppl.get("protocol") or "default", ppl.get("corpus"), ppl.get("text_field")
+def _recorded_text(rep: _Report) -> str | None:
+    """The evaluation text the prune run used, checked to be the same content (None: the default)."""
+    from . import data
+
+    recorded = rep.field("text", lambda v: isinstance(v, str) and v, "a path", "--eval-text")
+    digest = rep.field("text_sha256", lambda v: isinstance(v, str), "a sha256 hex digest", "--eval-text")
+    if recorded in (None, EVAL_TEXT_DEFAULT):
+        return None
+    p = Path(recorded).expanduser()
+    if not p.exists():
+        raise CliError(f"the evaluation text {recorded!r} recorded in {str(rep.path)!r} is not found here"
+                       + (" (a relative path, recorded by an older version: run eval from the folder prune "
+                          "ran in)" if not p.is_absolute() else "")
+                       + "; give --eval-text PATH to evaluate on another text on purpose")
+    if digest is not None:
+        now = data.text_digest(p)
+        if now != digest:
+            raise CliError(f"the evaluation text {recorded!r} recorded in {str(rep.path)!r} has changed "
+                           f"since the prune run (sha256 {now[:12]}..., recorded {digest[:12]}...); give "
+                           f"--eval-text {recorded} to evaluate on it as it is now, or another --eval-text")
+    return recorded
+
+
+def _check_report_path(report: str | None) -> None:
+    """--report FILE must be writable before any work: a run must not end without its result."""
+    from ._io import probe_writable
+
+    if report is None:
+        return
+    p = Path(report).expanduser()
+    if p.is_dir():
+        raise CliError(f"--report {report!r} is a folder; name a file")
+    folder = p.absolute().parent
+    if not folder.is_dir():
+        raise CliError(f"--report {report!r} cannot be written: its folder {str(folder)!r} does not exist")
+    error = probe_writable(folder)
+    if error is not None:
+        raise CliError(f"--report {report!r} is not writable: nothing can be created in {str(folder)!r} "
+                       f"({error.strerror or error})")
 
 
 def cmd_eval(args, comm=None) -> int:
     """`admm-prune eval`; under torchrun (comm) the windows are split over the ranks, rank 0 tokenises
-    and prints."""
+    and prints. Settings: the explicit options first; else what MODEL's prune report recorded (its
+    evaluation text only if it is still there with the same content: an error otherwise); else the
+    embedded model's defaults (as prune uses them)."""
     from . import data, protocols
     from .eval import evaluate_perplexity
     from .models import max_positions
@@ -1010,23 +1094,47 @@ def cmd_eval(args, comm=None) -> int:
     comm = comm or LOCAL
     log = _logger(args.quiet or not comm.is_main)
     device = _check_device(args.device)
+    default_text = args.eval_path == EVAL_TEXT_DEFAULT  # the held-out plays, chosen explicitly
     if comm.is_main:
-        _check_text_path(args.eval_path, "--eval-text")
+        if not default_text:
+            _check_text_path(args.eval_path, "--eval-text")
+        _check_report_path(args.report)
     _check_model(args.model, packed=not args.stream)
     explicit_protocol = args.protocol is not None
-    recorded, recorded_corpus, recorded_field = _recorded_protocol(args.model)
-    if not explicit_protocol:  # as the prune run that wrote MODEL evaluated it
-        args.protocol = recorded
-        args.corpus = args.corpus or (recorded_corpus if recorded == "sparsegpt" else None)
-    args.text_field = args.text_field or recorded_field
-    _check_protocol(args)
     task_names = _check_tasks(args)
     if task_names and (args.stream or comm.distributed):
         raise CliError("--tasks runs lm-evaluation-harness on a model in memory in one process: not with "
                        "--stream or under torchrun")
     # Perplexity unless only tasks were asked for (--tasks without --eval-text or --protocol).
     want_ppl = task_names is None or args.eval_path is not None or explicit_protocol
-    seqlen_arg, windows, text, source = _eval_defaults(args)
+    rep = _eval_report(args, want_ppl, log) if want_ppl else None
+    recorded = "default"
+    seqlen_arg, windows, text, source = args.seqlen, args.eval_windows, args.eval_path, ""
+    if default_text:
+        text = None
+    if args.model is None:
+        seqlen_arg, windows = seqlen_arg or EMBEDDED_SEQLEN, windows or EMBEDDED_EVAL_WINDOWS
+        source = "the embedded model's defaults"
+    elif rep is not None and rep.ppl:
+        source = str(rep.path)
+        recorded = rep.field("protocol", lambda v: v in protocols.PROTOCOLS,
+                             f"one of {protocols.PROTOCOLS}", "--protocol") or "default"
+        if not explicit_protocol:  # as the prune run that wrote MODEL evaluated it
+            args.protocol = recorded
+            if recorded == "sparsegpt":
+                args.corpus = args.corpus or rep.field("corpus", lambda v: v in protocols.CORPORA,
+                                                       f"one of {protocols.CORPORA}", "--corpus")
+        if args.text_field is None:
+            args.text_field = rep.field("text_field", lambda v: isinstance(v, str) and v, "a field name",
+                                        "--text-field")
+        if seqlen_arg is None:
+            seqlen_arg = rep.field("seqlen", lambda v: type(v) is int and v >= 2, "an int >= 2", "--seqlen")
+        if windows is None:
+            windows = rep.field("windows", lambda v: type(v) is int and v >= 1, "an int >= 1",
+                                "--eval-windows")
+        if args.eval_path is None and comm.is_main:
+            text = _recorded_text(rep)
+    _check_protocol(args)
     if args.protocol != recorded and args.eval_windows is None:
         windows = None  # another protocol than the recorded one: its own windows (sparsegpt: every one)
     t = time.perf_counter()
@@ -1048,14 +1156,14 @@ def cmd_eval(args, comm=None) -> int:
             n_win = min(n_win, windows or n_win)
             hint = (f" (settings from {source}; --seqlen / --eval-windows change them)" if source else
                     " (--eval-windows N evaluates fewer)" if windows is None else "")
-            log(f"evaluating {n_win} windows x {seqlen} tokens of {text or 'shakespeare:evaluation'} "
+            log(f"evaluating {n_win} windows x {seqlen} tokens of {text or EVAL_TEXT_DEFAULT} "
                 f"(protocol {args.protocol}){hint}")
             t = time.perf_counter()
             ppl = evaluate_perplexity(model, ids, seqlen=seqlen, max_windows=windows, device=device,
                                       progress=not args.quiet and comm.is_main, distributed=comm)
         except (ValueError, FileNotFoundError) as exc:
             raise CliError(str(exc)) from None
-        result.update({"text": text or "shakespeare:evaluation", "seqlen": seqlen, "windows": n_win,
+        result.update({"text": text or EVAL_TEXT_DEFAULT, "seqlen": seqlen, "windows": n_win,
                        "perplexity": ppl, "seconds": time.perf_counter() - t, "protocol": args.protocol,
                        "corpus": args.corpus if args.protocol == "sparsegpt" else None,
                        "computed": protocols.describe(args.protocol, args.corpus)})
@@ -1063,21 +1171,23 @@ def cmd_eval(args, comm=None) -> int:
         result["tasks"] = _run_tasks(model, tok, args, task_names, device, log)
     if not comm.is_main:
         return 0
+    # The result first: a --report that fails to be written must not take the printed result with it.
+    if args.json:
+        print(json.dumps(result), flush=True)
+    else:
+        if want_ppl:
+            print(f"perplexity {result['perplexity']:.4f} ({result['windows']} windows x {result['seqlen']} "
+                  f"tokens of {result['text']}, protocol {args.protocol})", flush=True)
+        if task_names:
+            from .integrations.lm_eval import format_table
+            print(format_table(result["tasks"]), flush=True)
     if args.report:
         from ._io import atomic_write_bytes
         try:
             atomic_write_bytes(Path(args.report), (json.dumps(result, indent=2) + "\n").encode())
         except OSError as exc:
-            raise CliError(f"could not write --report {args.report!r}: {exc}") from None
-    if args.json:
-        print(json.dumps(result))
-        return 0
-    if want_ppl:
-        print(f"perplexity {result['perplexity']:.4f} ({result['windows']} windows x {result['seqlen']} "
-              f"tokens of {result['text']}, protocol {args.protocol})")
-    if task_names:
-        from .integrations.lm_eval import format_table
-        print(format_table(result["tasks"]))
+            raise CliError(f"could not write --report {args.report!r} (the result is printed above): "
+                           f"{exc}") from None
     return 0
 
 

@@ -12,6 +12,7 @@ calibration and evaluation plays so a model is never evaluated on text it was ca
 from __future__ import annotations
 
 import gzip
+import hashlib
 import importlib.util
 import json
 import os
@@ -228,6 +229,26 @@ def read_text(source: str | os.PathLike | list, field: str = "text", name: str =
     if is_json_records(p):
         return "\n\n".join(json_records(p, field))
     return _read_file(p)
+
+
+def text_digest(source: str | os.PathLike) -> str:
+    """sha256 hex digest of a text source's content: a file's bytes; for a folder (of text files, or a
+    saved dataset), every file below it, by relative path and content, in sorted order."""
+    p = Path(source).expanduser()
+
+    def file_sha(f: Path) -> str:
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        return h.hexdigest()
+
+    if not p.is_dir():
+        return file_sha(p)
+    h = hashlib.sha256()
+    for f in sorted(f for f in p.rglob("*") if f.is_file()):
+        h.update(f"{f.relative_to(p).as_posix()}\0{file_sha(f)}\n".encode())
+    return h.hexdigest()
 
 
 def tokenize(text: str, tokenizer) -> torch.Tensor:

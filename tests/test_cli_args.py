@@ -4,10 +4,13 @@ says why not."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
 
 import pytest
+import torch
 
 pytest.importorskip("transformers")
 
@@ -114,7 +117,144 @@ def test_prune_with_the_eval_text_evaluates_that_text(root, tmp_path, capsys):
     text = tmp_path / "other.txt"
     shutil.copy(root / "eval.txt", text)
     assert cli.main(_prune(root, out, "--eval-text", str(text))) == 0
-    assert json.loads((out / cli.REPORT_NAME).read_text())["perplexity"]["text"].endswith("other.txt")
+    assert json.loads((out / cli.REPORT_NAME).read_text())["perplexity"]["text"] == os.path.abspath(text)
+
+
+# --- eval reproduces prune or says why not -----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pruned(tiny_model_root, tmp_path_factory):
+    """A pruned folder whose prune run was given relative --calib / --eval-text paths."""
+    work = tmp_path_factory.mktemp("relative")
+    shutil.copy(tiny_model_root / "eval.txt", work / "held_out.txt")
+    shutil.copy(tiny_model_root / "calib.txt", work / "calib.txt")
+    cwd = os.getcwd()
+    os.chdir(work)
+    try:
+        torch.set_num_threads(1)
+        assert cli.main(["prune", str(tiny_model_root / "tiny-llama"), "--nsamples", "4", "--seqlen", "32",
+                         "--calib", "calib.txt", "--eval-text", "held_out.txt", "--eval-windows", "4",
+                         "--out", "out", "--method", "magnitude", "--quiet"]) == 0
+    finally:
+        os.chdir(cwd)
+    return work
+
+
+def _copy(pruned, tmp_path):
+    dst = tmp_path / "copy"
+    shutil.copytree(pruned / "out", dst)
+    return dst
+
+
+def _eval_json(capsys, argv) -> dict:
+    capsys.readouterr()
+    assert cli.main(argv + ["--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_report_records_absolute_paths_and_digests(pruned):
+    report = json.loads((pruned / "out" / cli.REPORT_NAME).read_text())
+    text = pruned / "held_out.txt"
+    assert report["perplexity"]["text"] == str(text)
+    assert report["perplexity"]["text_sha256"] == hashlib.sha256(text.read_bytes()).hexdigest()
+    assert report["calibration"]["source"] == str(pruned / "calib.txt")
+    calib = (pruned / "calib.txt").read_bytes()
+    assert report["calibration"]["source_sha256"] == hashlib.sha256(calib).hexdigest()
+
+
+def test_eval_from_another_folder_uses_the_recorded_text(pruned, tmp_path, monkeypatch, capsys):
+    """A relative --eval path made `eval OUT` run elsewhere evaluate Shakespeare instead, exit 0."""
+    after = json.loads((pruned / "out" / cli.REPORT_NAME).read_text())["perplexity"]["after"]
+    monkeypatch.chdir(tmp_path)
+    result = _eval_json(capsys, ["eval", str(pruned / "out"), "--quiet"])
+    assert result["text"] == str(pruned / "held_out.txt") and result["windows"] == 4
+    assert result["perplexity"] == pytest.approx(after, rel=1e-6)
+
+
+def test_eval_refuses_a_missing_or_changed_recorded_text(pruned, tmp_path, capsys):
+    out = _copy(pruned, tmp_path)
+    report = json.loads((out / cli.REPORT_NAME).read_text())
+    changed = tmp_path / "changed.txt"
+    changed.write_text((pruned / "held_out.txt").read_text() + " one more line\n")
+    report["perplexity"]["text"] = str(changed)
+    (out / cli.REPORT_NAME).write_text(json.dumps(report))
+    assert cli.main(["eval", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"the evaluation text '{changed}' recorded in" in err and "has changed since the prune run" in err
+    assert f"give --eval-text {changed} to evaluate on it as it is now" in err
+    changed.unlink()
+    assert cli.main(["eval", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"the evaluation text '{changed}' recorded in" in err and "is not found here" in err
+    assert "give --eval-text PATH to evaluate on another text on purpose" in err
+    text = str(pruned / "held_out.txt")
+    assert _eval_json(capsys, ["eval", str(out), "--quiet", "--eval-text", text])["text"] == text
+    default = _eval_json(capsys, ["eval", str(out), "--quiet", "--eval-text", cli.EVAL_TEXT_DEFAULT])
+    assert default["text"] == cli.EVAL_TEXT_DEFAULT
+
+
+def test_damaged_report_is_an_error_unless_every_setting_is_given(pruned, tmp_path, capsys):
+    """A truncated prune_report.json was ignored without a word."""
+    out = _copy(pruned, tmp_path)
+    report = out / cli.REPORT_NAME
+    report.write_bytes(report.read_bytes()[:200])
+    assert cli.main(["eval", str(out), "--quiet", "--seqlen", "32"]) == 2
+    err = capsys.readouterr().err
+    assert f"'{report}' is damaged" in err and "give --seqlen, --eval-windows, --eval-text" in err
+    result = _eval_json(capsys, ["eval", str(out), "--quiet", "--seqlen", "32", "--eval-windows", "4",
+                                 "--protocol", "default", "--eval-text", str(pruned / "held_out.txt")])
+    assert (result["seqlen"], result["windows"]) == (32, 4)
+
+
+@pytest.mark.parametrize("field, value, flag", [
+    ("seqlen", "32", "--seqlen"), ("windows", 0, "--eval-windows"), ("protocol", "papers", "--protocol"),
+    ("text", 7, "--eval-text")])
+def test_bad_report_field_is_named(pruned, tmp_path, capsys, field, value, flag):
+    """A bad field gave an error about a flag the user never passed (--seqlen must be an int ...)."""
+    out = _copy(pruned, tmp_path)
+    report = json.loads((out / cli.REPORT_NAME).read_text())
+    report["perplexity"][field] = value
+    (out / cli.REPORT_NAME).write_text(json.dumps(report))
+    assert cli.main(["eval", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"field perplexity.{field} is {value!r}, not" in err and f"or give {flag} to choose" in err
+
+
+def test_unwritable_report_is_refused_before_loading(pruned, tmp_path, capsys, no_load):
+    missing = tmp_path / "no" / "r.json"
+    assert cli.main(["eval", str(pruned / "out"), "--report", str(missing)]) == 2
+    assert f"its folder '{missing.parent}' does not exist" in capsys.readouterr().err
+    assert cli.main(["eval", str(pruned / "out"), "--report", str(tmp_path)]) == 2
+    assert "is a folder; name a file" in capsys.readouterr().err
+    assert cli.main(["eval", str(pruned / "out"), "--report", "/proc/r.json"]) == 2
+    assert "--report '/proc/r.json' is not writable" in capsys.readouterr().err
+
+
+def test_result_is_printed_before_the_report_is_written(pruned, tmp_path, capsys, monkeypatch):
+    from admm_kernels import _io
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(_io, "atomic_write_bytes", full)
+    assert cli.main(["eval", str(pruned / "out"), "--quiet", "--report", str(tmp_path / "r.json")]) == 2
+    captured = capsys.readouterr()
+    assert captured.out.startswith("perplexity ") and "the result is printed above" in captured.err
+
+
+def test_other_dtype_gives_the_same_perplexity_for_hf_and_packed(root, tmp_path, capsys):
+    """A packed folder loaded in bfloat16 converted the rotary inv_freq too (transformers keeps it in
+    float32), so its perplexity differed from the transformers folder's."""
+    for fmt in ("hf", "packed"):
+        assert cli.main(_prune(root, tmp_path / fmt, "--no-eval", "--save-format", fmt)) == 0
+    for dtype in ("bfloat16", "float16"):
+        ppl = [_eval_json(capsys, ["eval", str(tmp_path / fmt), "--eval-text", str(root / "eval.txt"),
+                                   "--seqlen", "32", "--dtype", dtype, "--quiet"])["perplexity"]
+               for fmt in ("hf", "packed")]
+        assert ppl[0] == ppl[1], dtype
+    model, _, _ = loading.load_model(tmp_path / "packed", dtype="bfloat16", packed=True)
+    assert model.model.rotary_emb.inv_freq.dtype == torch.float32
+    assert model.model.layers[0].mlp.down_proj.values.dtype == torch.bfloat16
 
 
 def test_utf16_calibration_text_is_an_error_not_garbage(root, tmp_path, capsys):
