@@ -680,6 +680,63 @@ def _save(model, tokenizer, out: Path, fmt: str, report: dict, overwrite: bool,
             shutil.rmtree(old, ignore_errors=True)
 
 
+_SAFETENSORS_FLOATS = {"F64": "float64", "F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    from .models.loading import safetensors_files
+
+    try:
+        return safetensors_files(folder)
+    except ValueError:
+        return []
+
+
+def _dtype_note(args, model_path: Path, model, out: Path) -> str | None:
+    """One line when the output's weights have another dtype than MODEL's checkpoint (a bfloat16
+    checkpoint pruned with the CPU's default float32 is saved twice its size), with the sizes and the
+    --dtype that keeps the original; None when they agree or MODEL has no safetensors weights."""
+    from .models.streaming import SafetensorsReader
+
+    files = _weight_files(Path(model_path)) if args.model is not None else []
+    stored: dict[str, int] = {}
+    try:
+        for f in files:
+            for entry in SafetensorsReader(f).entries.values():
+                if entry.get("dtype") in _SAFETENSORS_FLOATS:
+                    begin, end = entry["data_offsets"]
+                    name = _SAFETENSORS_FLOATS[entry["dtype"]]
+                    stored[name] = stored.get(name, 0) + end - begin
+    except (ValueError, KeyError, TypeError):
+        return None
+    if not stored:
+        return None
+    source = max(stored, key=stored.get)
+    if args.stream:
+        now = str(model.dtype).replace("torch.", "")
+    else:
+        numel: dict[str, int] = {}
+        for p in model.parameters():
+            if p.is_floating_point():
+                numel[str(p.dtype)] = numel.get(str(p.dtype), 0) + p.numel()
+        now = max(numel, key=numel.get).replace("torch.", "") if numel else source
+    if now == source:
+        return None
+    written = [out / PACKED_NAME] if args.save_format == "packed" else _weight_files(out)
+    size_in = _size(sum(f.stat().st_size for f in files))
+    size_out = _size(sum(f.stat().st_size for f in written if f.is_file()))
+    return (f"admm-prune: note: the output's weights are {now} while MODEL's checkpoint stores {source}: "
+            f"{size_out} of weight files instead of {size_in}; give --dtype {source} to keep {source}")
+
+
+def _size(n: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""  # not reached
+
+
 def cmd_prune(args, comm=None) -> int:
     """`admm-prune prune`. comm: the run's admm_kernels.models.distributed.Comm (LOCAL for one process):
     rank 0 checks --out and the texts, holds the lock, tokenises, writes the state and the output; every
@@ -990,6 +1047,9 @@ def _prune_run(args, device, out: Path, store, overwrite: bool, comm, log, built
         from .integrations.lm_eval import format_table
         print(format_table([("before", tasks["before"]), ("after", tasks["after"])]))
     print(f"saved to {out} (report: {out / REPORT_NAME})")
+    note = _dtype_note(args, path, model, out)
+    if note:
+        print(note, file=sys.stderr)
     return 0
 
 

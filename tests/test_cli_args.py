@@ -264,3 +264,39 @@ def test_utf16_calibration_text_is_an_error_not_garbage(root, tmp_path, capsys):
     argv[argv.index("--calib") + 1] = str(calib)
     assert cli.main(argv) == 2
     assert "calib16.txt' starts with a UTF-16 LE byte-order mark" in capsys.readouterr().err
+
+
+# --- say what changed --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def bf16_model(tiny_model_root, tmp_path_factory):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("bf16") / "tiny-bf16"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_root / "tiny-llama", dtype=torch.bfloat16)
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_model_root / "tiny-llama").save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("extra", [[], ["--stream"], ["--save-format", "packed"]])
+def test_output_in_another_dtype_than_the_checkpoint_says_so(root, bf16_model, tmp_path, capsys, extra):
+    """A bf16 checkpoint pruned with the default dtype was saved as float32, twice its size, silently."""
+    argv = _prune(root, tmp_path / "o", "--no-eval", *extra)
+    argv[1] = str(bf16_model)
+    assert cli.main(argv) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if "note" in line]
+    assert len(notes) == 1
+    assert notes[0].startswith("admm-prune: note: the output's weights are float32 while MODEL's checkpoint "
+                               "stores bfloat16: ")
+    assert notes[0].endswith("give --dtype bfloat16 to keep bfloat16")
+    assert "KiB of weight files instead of" in notes[0]
+
+
+def test_output_in_the_checkpoints_dtype_says_nothing(root, bf16_model, tmp_path, capsys):
+    argv = _prune(root, tmp_path / "o", "--no-eval", "--dtype", "bfloat16")
+    argv[1] = str(bf16_model)
+    assert cli.main(argv) == 0
+    assert "note" not in capsys.readouterr().err
+    assert cli.main(_prune(root, tmp_path / "fp32", "--no-eval")) == 0  # float32 in, float32 out
+    assert "note" not in capsys.readouterr().err
