@@ -310,3 +310,11 @@ def test_prune_model_at_sparsity_zero_leaves_the_model_bit_identical(one_thread)
     prune_model(model, tiny_tokens(4, 16), sparsity=0.0, method="admm", iters=4, T=3, progress=False)
     after = model.state_dict()
     assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_block_tuning_epochs_have_an_upper_bound():
+    from admm_kernels.models.block_tune import MAX_TUNE_EPOCHS, check_block_tune
+
+    assert check_block_tune(MAX_TUNE_EPOCHS, 1e-4, 4).epochs == MAX_TUNE_EPOCHS
+    with pytest.raises(ValueError, match=rf"tune_epochs must be at most {MAX_TUNE_EPOCHS}, got 10000000000"):
+        check_block_tune(10 ** 10, 1e-4, 4)
