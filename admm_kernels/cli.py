@@ -490,8 +490,17 @@ def _text_record(path: str | None, default: str) -> tuple[str, str | None]:
 
 
 def _check_text_path(path: str | None, flag: str) -> None:
-    if path is not None and not Path(path).expanduser().exists():
+    """An existing text source whose beginning decodes as text: checked before the model is loaded."""
+    from .data import check_text_source
+
+    if path is None:
+        return
+    if not Path(path).expanduser().exists():
         raise CliError(f"{flag} path {path!r} does not exist")
+    try:
+        check_text_source(path)
+    except ValueError as exc:
+        raise CliError(f"{flag}: {exc}") from None
 
 
 def _check_protocol(args) -> None:

@@ -13,6 +13,7 @@ calibration and evaluation plays so a model is never evaluated on text it was ca
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import hashlib
 import importlib.util
@@ -119,6 +120,40 @@ def _read_file(path: Path) -> str:
     if path.suffix.lower() == ".gz":  # e.g. wiki.test.raw.gz: its text, not its compressed bytes
         raw = _gunzip(path, lambda: gzip.decompress(raw))
     return decode_text(raw, path)
+
+
+PROBE_BYTES = 1 << 18
+
+
+def check_text_source(source: str | os.PathLike) -> None:
+    """The cheap part of reading a text source, for before any heavy work (loading a model): the first
+    PROBE_BYTES of each file must decode as text (decode_text's errors, naming the file). Saved datasets
+    are not probed; a missing path is left to read_text."""
+    p = Path(source).expanduser()
+    if p.is_dir():
+        if (p / "dataset_info.json").is_file() or (p / "dataset_dict.json").is_file():
+            return
+        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in _TEXT_SUFFIXES)
+    else:
+        files = [p] if p.is_file() else []
+    for f in files:
+        try:
+            if f.suffix.lower() == ".gz":
+                with gzip.open(f, "rb") as fh:
+                    raw = fh.read(PROBE_BYTES)
+            else:
+                with open(f, "rb") as fh:
+                    raw = fh.read(PROBE_BYTES)
+        except (OSError, EOFError):
+            continue  # damaged gzip and unreadable files: read_text names them
+        if len(raw) == PROBE_BYTES:  # cut: drop a multi-byte character cut in two at the end
+            decoder = codecs.getincrementaldecoder("utf-8")()
+            try:
+                decoder.decode(raw, final=False)
+                raw = raw[:len(raw) - len(decoder.getstate()[0])]
+            except UnicodeDecodeError:
+                pass  # not UTF-8: decode_text decides
+        decode_text(raw, f, utf8_only=is_json_records(f))
 
 
 def _gunzip(path: Path, read):

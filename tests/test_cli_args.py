@@ -257,13 +257,22 @@ def test_other_dtype_gives_the_same_perplexity_for_hf_and_packed(root, tmp_path,
     assert model.model.layers[0].mlp.down_proj.values.dtype == torch.bfloat16
 
 
-def test_utf16_calibration_text_is_an_error_not_garbage(root, tmp_path, capsys):
+def test_utf16_or_binary_text_is_an_error_before_loading(root, tmp_path, capsys, no_load, monkeypatch):
     calib = tmp_path / "calib16.txt"
     calib.write_bytes((root / "calib.txt").read_text().encode("utf-16"))
     argv = _prune(root, tmp_path / "o", "--no-eval")
     argv[argv.index("--calib") + 1] = str(calib)
     assert cli.main(argv) == 2
-    assert "calib16.txt' starts with a UTF-16 LE byte-order mark" in capsys.readouterr().err
+    assert "--calib: '" in (err := capsys.readouterr().err) and "calib16.txt' starts with a UTF-16 LE" in err
+    binary = tmp_path / "texts"
+    binary.mkdir()
+    (binary / "a.txt").write_text("fine\n")
+    (binary / "b.txt").write_bytes(bytes(range(1, 256)) * 8)
+    assert cli.main(["eval", str(root / "tiny-llama"), "--eval-text", str(binary)]) == 2
+    assert "--eval-text: '" in (err := capsys.readouterr().err) and "b.txt' does not look like text" in err
+    monkeypatch.setattr("admm_kernels.models.loading.load_model", lambda *a, **k: pytest.fail("loaded"))
+    assert bench_cli.main([str(root / "tiny-llama"), "--perplexity", "--eval-text", str(calib)]) == 2
+    assert "--eval-text: '" in (err := capsys.readouterr().err) and "calib16.txt' starts with a UTF-16" in err
 
 
 # --- say what changed --------------------------------------------------------------------------------
@@ -300,3 +309,13 @@ def test_output_in_the_checkpoints_dtype_says_nothing(root, bf16_model, tmp_path
     assert "note" not in capsys.readouterr().err
     assert cli.main(_prune(root, tmp_path / "fp32", "--no-eval")) == 0  # float32 in, float32 out
     assert "note" not in capsys.readouterr().err
+
+
+def test_bench_out_is_checked_before_loading(root, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("admm_kernels.models.loading.load_model", lambda *a, **k: pytest.fail("loaded"))
+    assert bench_cli.main([str(root / "tiny-llama"), "--out", "/proc/bench-out"]) == 2
+    assert "--out '/proc/bench-out' is not writable" in capsys.readouterr().err
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert bench_cli.main([str(root / "tiny-llama"), "--out", str(blocker / "sub")]) == 2
+    assert f"'{blocker}' is not a folder" in capsys.readouterr().err

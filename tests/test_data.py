@@ -233,3 +233,19 @@ def test_json_lines_errors_give_the_line_number(tmp_path):
     bad.write_bytes(b'{"text": "caf\xe9"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl' is not UTF-8: byte 0xe9 at offset 13"):
         data.read_text(bad)
+
+
+def test_text_is_probed_cheaply_before_any_work(tmp_path):
+    """check_text_source reads only the beginning of each file: a character cut in two by the probe is
+    fine, a binary beginning is the error read_text would give."""
+    big = tmp_path / "big.txt"
+    big.write_bytes(b"a" * (data.PROBE_BYTES - 1) + "\u00e9".encode() + b" more text\n")
+    data.check_text_source(big)
+    data.check_text_source(tmp_path)  # a folder: each text file
+    (tmp_path / "zz.txt").write_bytes(b"\xff\xfe" + "text".encode("utf-16-le"))
+    with pytest.raises(ValueError, match="zz.txt' starts with a UTF-16 LE byte-order mark"):
+        data.check_text_source(tmp_path)
+    gz = tmp_path / "t.jsonl.gz"
+    gz.write_bytes(gzip.compress(b'{"text": "caf\xe9"}\n'))
+    with pytest.raises(ValueError, match="t.jsonl.gz' is not UTF-8"):
+        data.check_text_source(gz)

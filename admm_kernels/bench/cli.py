@@ -165,6 +165,15 @@ def _check_out(out: Path, resume: bool, overwrite: bool) -> None:
     if out.is_dir() and any(out.iterdir()) and not (resume or overwrite):
         raise BenchError(f"--out {str(out)!r} is not empty; pass --resume to continue its run or "
                          "--overwrite to start afresh")
+    from .._io import nearest_existing, probe_writable
+
+    probe = nearest_existing(out)  # before the model is loaded and the Grams computed, not after
+    if not probe.is_dir():
+        raise BenchError(f"--out {str(out)!r} cannot be created: {str(probe)!r} is not a folder")
+    error = probe_writable(probe)
+    if error is not None:
+        raise BenchError(f"--out {str(out)!r} is not writable: nothing can be created in {str(probe)!r} "
+                         f"({error.strerror or error})")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -199,9 +208,16 @@ def _run(args: argparse.Namespace) -> int:
             check_model_path(args.model, name="MODEL")
         except (FileNotFoundError, ValueError) as exc:
             raise BenchError(str(exc)) from None
+    from ..data import check_text_source
+
     for path, flag in ((args.calib, "--calib"), (args.eval_path, "--eval-text")):
         if path is not None and not Path(path).expanduser().exists():
             raise BenchError(f"{flag} path {path!r} does not exist")
+        try:  # before the model is loaded
+            if path is not None:
+                check_text_source(path)
+        except ValueError as exc:
+            raise BenchError(f"{flag}: {exc}") from None
     name = Path(args.model).name if args.model else "SmolLM2-135M-Instruct"
     out = Path(args.out) if args.out else Path("out") / f"bench-{name}"
     _check_out(out, args.resume, args.overwrite)
