@@ -179,11 +179,13 @@ def json_records(path: Path, field: str) -> list[str]:
     text = decode_text(raw, path, utf8_only=True)  # JSON is UTF-8 by definition
     inner = path.with_suffix("") if path.suffix.lower() == ".gz" else path
     rows = None
+    as_document = ""  # where a .json file failed as one document, for the error if lines fail too
     if inner.suffix.lower() != ".jsonl":  # one JSON document, unless it is JSON lines
         try:
             obj = json.loads(text)
-        except json.JSONDecodeError:
+        except json.JSONDecodeError as exc:
             obj = None
+            as_document = f" (as one JSON document: line {exc.lineno}, column {exc.colno}: {exc.msg})"
         if isinstance(obj, list):
             rows = obj
         elif isinstance(obj, dict):
@@ -199,7 +201,7 @@ def json_records(path: Path, field: str) -> list[str]:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{str(path)!r} is neither JSON nor JSON lines: line {number}, column "
-                                 f"{exc.colno}: {exc.msg}") from None
+                                 f"{exc.colno}: {exc.msg}{as_document}") from None
     if not isinstance(rows, list):
         raise ValueError(f"{str(path)!r} holds no list of records (its 'data' / 'rows' entry is a "
                          f"{type(rows).__name__})")

@@ -319,3 +319,18 @@ def test_bench_out_is_checked_before_loading(root, tmp_path, capsys, monkeypatch
     blocker.write_text("x")
     assert bench_cli.main([str(root / "tiny-llama"), "--out", str(blocker / "sub")]) == 2
     assert f"'{blocker}' is not a folder" in capsys.readouterr().err
+
+
+def test_default_texts_can_be_named(root, tmp_path, capsys, monkeypatch):
+    """The names reports give the default texts are accepted back by prune, eval and bench."""
+    def stop(*a, **k):
+        raise ValueError("stopped at loading")
+
+    monkeypatch.setattr(loading, "load_model", stop)
+    named = ["--calib", cli.CALIB_TEXT_DEFAULT, "--eval-text", cli.EVAL_TEXT_DEFAULT]
+    model = str(root / "tiny-llama")
+    assert bench_cli.main([model, "--perplexity", *named, "--out", str(tmp_path / "b")]) == 2
+    assert cli.main(["prune", str(root / "tiny-llama"), *named, "--out", str(tmp_path / "p")]) == 2
+    assert cli.main(["eval", str(root / "tiny-llama"), named[2], named[3]]) == 2
+    err = capsys.readouterr().err
+    assert err.count("stopped at loading") == 3 and "does not exist" not in err

@@ -229,6 +229,11 @@ def test_json_lines_errors_give_the_line_number(tmp_path):
     sep = tmp_path / "sep.jsonl"  # U+2028 inside a JSON string is not a line break
     sep.write_text('{"text": "a\u2028b"}\n{"text": "c"}\n', encoding="utf-8")
     assert data.read_text(sep) == "a\u2028b\n\nc"
+    doc = tmp_path / "doc.json"  # one document over several lines: both readings' positions
+    doc.write_text('[\n  {"text": "one"},\n  {"text": "two",}\n]\n')
+    with pytest.raises(ValueError, match=r"doc.json' is neither JSON nor JSON lines: line 1, column 2: .*"
+                                         r"\(as one JSON document: line 3, column 18: Expecting"):
+        data.read_text(doc)
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes(b'{"text": "caf\xe9"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl' is not UTF-8: byte 0xe9 at offset 13"):

@@ -208,8 +208,12 @@ def _run(args: argparse.Namespace) -> int:
             check_model_path(args.model, name="MODEL")
         except (FileNotFoundError, ValueError) as exc:
             raise BenchError(str(exc)) from None
+    from ..cli import CALIB_TEXT_DEFAULT, EVAL_TEXT_DEFAULT
     from ..data import check_text_source
 
+    # the names reports give the default texts choose them, as in prune and eval
+    args.calib = None if args.calib == CALIB_TEXT_DEFAULT else args.calib
+    args.eval_path = None if args.eval_path == EVAL_TEXT_DEFAULT else args.eval_path
     for path, flag in ((args.calib, "--calib"), (args.eval_path, "--eval-text")):
         if path is not None and not Path(path).expanduser().exists():
             raise BenchError(f"{flag} path {path!r} does not exist")
