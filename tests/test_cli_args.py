@@ -42,7 +42,8 @@ def _prune(root, out, *extra):
 
 # --- no abbreviations --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("command, flag", [("prune", "--text"), ("eval", "--eval-win"), ("prune", "--spars"),
+@pytest.mark.parametrize("command, flag", [("prune", "--text"), ("eval", "--eval"), ("eval", "--eval-win"),
+                                           ("prune", "--spars"),
                                            ("eval", "--text-f")])
 def test_abbreviated_flags_are_refused(root, capsys, no_load, command, flag):
     with pytest.raises(SystemExit) as exc:
