@@ -409,8 +409,10 @@ def build_parser() -> argparse.ArgumentParser:
         "Perplexity of a causal LM: exp(mean next-token loss) over non-overlapping windows of --seqlen "
         "tokens, with a progress bar over the windows. MODEL may be a transformers folder or a packed "
         "folder (prune --save-format packed). Defaults: for a folder written by `admm-prune prune`, the "
-        "--seqlen, --eval-windows and --eval-text its report records (so eval reproduces prune's 'perplexity "
-        f"after'); for the embedded model {EMBEDDED_EVAL_WINDOWS} windows of {EMBEDDED_SEQLEN} tokens, as "
+        "--seqlen, --eval-windows, --eval-text and --protocol its report records (so eval reproduces prune's "
+        "'perplexity after'; a recorded text that is missing or whose content changed, or a damaged report, "
+        "is an error: give the options to choose on purpose); for the embedded model "
+        f"{EMBEDDED_EVAL_WINDOWS} windows of {EMBEDDED_SEQLEN} tokens, as "
         "prune uses; otherwise every window of 2048 tokens (clipped to the model's maximum)."))
     ev.add_argument("model", nargs="?", default=None,
                     help="local transformers model folder or packed folder (default: the embedded "
