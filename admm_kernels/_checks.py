@@ -169,12 +169,25 @@ def check_schedule(schedule: object, name: str = "schedule") -> str:
     return str(schedule)
 
 
-def check_int(value: object, name: str, minimum: int = 0) -> int:
+# Upper bound of every iteration count option (iters, T, cg_iters, max_iters, ...): the defaults are 10 to
+# 300 and the published settings at most a few thousand; one iteration of a large layer takes up to a
+# second, so more than this is a typo (`-o iters=1e20`) that would run for days instead of failing.
+MAX_ITERATIONS = 100_000
+
+
+def check_int(value: object, name: str, minimum: int = 0, maximum: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int >= {minimum}, got {value!r} ({type(value).__name__})")
     if int(value) < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    if maximum is not None and int(value) > maximum:
+        raise ValueError(f"{name} must be at most {maximum}, got {value!r}")
     return int(value)
+
+
+def check_iters(value: object, name: str, minimum: int = 0) -> int:
+    """An iteration count in [minimum, MAX_ITERATIONS]."""
+    return check_int(value, name, minimum, MAX_ITERATIONS)
 
 
 def check_float(value: object, name: str, minimum: float = 0.0, strict: bool = False) -> float:

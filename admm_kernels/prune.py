@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -47,21 +48,74 @@ def _recorded(options: dict) -> dict:
     return {k: str(v).replace("torch.", "") if isinstance(v, torch.dtype) else v for k, v in options.items()}
 
 
+class _Default(float):
+    """The default of an argument that was not given (a float, so it works as the value): prune_layer
+    tells an explicit sparsity / pattern, which a mask must satisfy, from the default."""
+
+
+class _DefaultPattern(str):
+    """The default pattern, told apart from an explicit "unstructured" the same way."""
+
+
+DEFAULT_SPARSITY = _Default(0.5)
+DEFAULT_PATTERN = _DefaultPattern("unstructured")
+
+
+def _check_mask_fits(mask: torch.Tensor, pat, sparsity: float, explicit_sparsity: bool,
+                     explicit_pattern: bool) -> None:
+    """ValueError when an explicitly given sparsity or pattern is not what `mask` prunes: the result would
+    carry the mask's sparsity and pattern while the call (and its stats) said another."""
+    rows, cols = mask.shape
+    pruned = ~mask
+
+    def counts(n: int) -> set[int]:  # the prune count of n entries at `sparsity`, rounded either way
+        return {math.floor(n * sparsity), math.ceil(n * sparsity)}
+
+    if pat.kind == "nm":
+        kept = mask.reshape(rows, cols // pat.m, pat.m).sum(dim=2)
+        if bool((kept > pat.n).any()):
+            r, group = (int(i) for i in torch.nonzero(kept > pat.n)[0])
+            raise ValueError(f"mask does not satisfy pattern '{pat}': row {r} keeps {int(kept[r, group])} "
+                             f"of the {pat.m} inputs {group * pat.m}..{group * pat.m + pat.m - 1}, more than "
+                             f"{pat.n}; pass a {pat} mask, or no pattern to prune on the mask as it is")
+        return
+    if pat.kind == "per-row":
+        per_row = pruned.sum(dim=1)
+        want = counts(cols) if explicit_sparsity else {int(per_row[0])}
+        bad = [int(c) for c in per_row.unique() if int(c) not in want]
+        if explicit_pattern and bad:
+            raise ValueError("mask does not satisfy pattern 'per-row'"
+                             + (f" at sparsity {sparsity:g}" if explicit_sparsity else "")
+                             + f": its rows prune {sorted(int(c) for c in per_row.unique())} of {cols} inputs"
+                             + (f", expected {sorted(want)}" if explicit_sparsity else ", not one count"))
+        if explicit_pattern:
+            return
+    if explicit_sparsity and int(pruned.sum()) not in counts(mask.numel()):
+        raise ValueError(f"mask prunes {int(pruned.sum())} of {mask.numel()} weights (sparsity "
+                         f"{int(pruned.sum()) / mask.numel():.4g}), not the sparsity {sparsity:g} given; "
+                         "give the mask's own sparsity, or no sparsity with a mask")
+
+
 @torch.no_grad()  # weights are often nn.Parameters: no autograd graph, and out= GEMMs need it off
-def prune_layer(weight: torch.Tensor, gram: torch.Tensor, sparsity: float = 0.5,
-                pattern: str = "unstructured", method: str = "admm", mask: torch.Tensor | None = None,
+def prune_layer(weight: torch.Tensor, gram: torch.Tensor, sparsity: float = DEFAULT_SPARSITY,
+                pattern: str = DEFAULT_PATTERN, method: str = "admm", mask: torch.Tensor | None = None,
                 preset: str | None = None, **options) -> PruneResult:
     """Prune one linear layer's weight (out, in) given its Gram matrix G = Σ xᵀx (in, in).
 
-    sparsity: fraction pruned in [0, 1) (ignored by N:M patterns, whose sparsity is 1 - N/M);
-    pattern: "unstructured" (per layer) | "per-row" | "N:M"; method: a registered name
+    sparsity: fraction pruned in [0, 1) (default 0.5; ignored by N:M patterns, whose sparsity is
+    1 - N/M); 0 returns the weight unchanged (bit-identical), as does any call in which nothing is
+    pruned; pattern: "unstructured" (per layer, the default) | "per-row" | "N:M"; method: a registered name
     (admm_kernels.methods: "admm" | "sparsegpt" | "wanda" | "magnitude" | "alps"); mask: bool (out, in),
-    True = kept: update-only on exactly this mask (returned unchanged); preset: None (the method's
-    defaults) or one of the method's presets; options: the method's keyword options (they override the
-    preset's), e.g. for admm: rho=1, iters=20, T=15, percdamp=0.1, schedule ("constant" for unstructured,
-    "cubic" otherwise), one_shot=False, solve ("admm" | "exact": conjugate gradient on the final mask),
-    cg_iters, cg_tol, compute_dtype (torch.float32 | torch.float64). Inputs are never modified; the
-    result's weight has weight's dtype and device.
+    True = kept: update-only on exactly this mask (returned unchanged). A sparsity or pattern given with
+    a mask must be what the mask prunes (ValueError otherwise: an N:M pattern keeps at most N of each
+    group, per-row prunes the same count in every row, a sparsity s prunes floor or ceil of s x the
+    entries, per row for per-row); without them the stats record the mask's own sparsity
+    ("target_sparsity"). preset: None (the method's defaults) or one of the method's presets;
+    options: the method's keyword options (they override the preset's), e.g. for admm: rho=1, iters=20,
+    T=15, percdamp=0.1, schedule ("constant" for unstructured, "cubic" otherwise), one_shot=False, solve
+    ("admm" | "exact": conjugate gradient on the final mask), cg_iters, cg_tol, compute_dtype
+    (torch.float32 | torch.float64); iteration counts are bounded (_checks.MAX_ITERATIONS). Inputs are
+    never modified; the result's weight has weight's dtype and device.
     """
     t0 = time.perf_counter()
     w = check_weight(weight)
@@ -75,6 +129,12 @@ def prune_layer(weight: torch.Tensor, gram: torch.Tensor, sparsity: float = 0.5,
         raise ValueError(f"gram has a negative diagonal entry (gram[{j}, {j}] = {float(g[j, j])}); "
                          "a Gram matrix is positive semi-definite")
     mk = check_mask(mask, w.shape, w.device) if mask is not None else None
+    if mk is not None:
+        _check_mask_fits(mk, pat, s, not isinstance(sparsity, _Default),
+                         not isinstance(pattern, _DefaultPattern))
+    # without an explicit sparsity, a mask's own sparsity is the target recorded in the stats
+    target = pat.sparsity(s if mk is None or not isinstance(sparsity, _Default)
+                          else 1.0 - float(mk.sum()) / mk.numel())
     opts = meth.resolve(preset, options)
     G = g.to(w.device)
     # Extreme (finite) weights and Grams are solved on exact power-of-two rescalings (methods.ranges).
@@ -84,17 +144,21 @@ def prune_layer(weight: torch.Tensor, gram: torch.Tensor, sparsity: float = 0.5,
     pruned, kept, stats = res.weight, res.mask, res.stats
     if w_exp:
         pruned = ranges.finite_cast(pruned, w.dtype, w_exp, stats)
+    if mk is not None:
+        kept = mk.clone()
+    if bool(kept.all()):
+        # Nothing pruned: W itself is the exact optimum (zero error); a solver's round-off (~1e-6 from
+        # ADMM) must not change a layer the user asked to keep dense (sparsity 0).
+        pruned = w.clone()
     te = time.perf_counter()
     error = relative_error(w, pruned, G, None if (w_exp or g_exp) else res.denominator)
     seconds = stats.setdefault("seconds", {})
     seconds["error"] = time.perf_counter() - te
     seconds["total"] = time.perf_counter() - t0
-    if mk is not None:
-        kept = mk.clone()
     stats.update({
         "method": meth.name, "preset": meth.check_preset(preset), "options": _recorded(opts),
         "pattern": str(pat), "shape": (out_f, in_f), "dtype": str(w.dtype).replace("torch.", ""),
-        "target_sparsity": pat.sparsity(s), "sparsity": 1.0 - float(kept.sum()) / kept.numel(),
+        "target_sparsity": target, "sparsity": 1.0 - float(kept.sum()) / kept.numel(),
         "zeros": float((pruned == 0).sum()) / pruned.numel(), "update_only": mk is not None,
         "rescaled": {"weight_exponent": w_exp, "gram_exponent": g_exp} if (w_exp or g_exp) else None,
     })

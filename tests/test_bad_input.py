@@ -224,3 +224,97 @@ def test_perplexity_token_ids_outside_the_vocabulary(one_thread, bad, first):
     # ids beyond the evaluated windows are checked too: they mean the text was tokenised for another model
     with pytest.raises(ValueError, match="out of range"):
         evaluate_perplexity(tiny_model("llama"), ids, seqlen=16, max_windows=1)
+
+
+# --- arguments that conflict -------------------------------------------------------------------------
+
+def _half_mask():
+    torch.manual_seed(1)
+    return torch.rand(OUT, IN) > 0.5
+
+
+def test_mask_with_a_sparsity_it_does_not_have_is_an_error(layer):
+    """prune_layer(W, G, sparsity=0.9, mask=m) ignored the sparsity silently."""
+    W, G = layer
+    m = _half_mask()
+    pruned = int((~m).sum())
+    with pytest.raises(ValueError, match=rf"mask prunes {pruned} of 128 weights .* not the sparsity 0.9"):
+        ak.prune_layer(W, G, sparsity=0.9, mask=m)
+    res = ak.prune_layer(W, G, sparsity=pruned / 128, mask=m)  # its own sparsity is fine
+    assert torch.equal(res.mask, m) and res.stats["target_sparsity"] == pytest.approx(pruned / 128)
+
+
+def test_mask_without_a_sparsity_records_its_own(layer):
+    W, G = layer
+    m = _half_mask()
+    res = ak.prune_layer(W, G, mask=m)
+    own = 1.0 - float(m.sum()) / m.numel()
+    assert res.stats["target_sparsity"] == res.stats["sparsity"] == own != 0.5
+
+
+@pytest.mark.parametrize("method", ["admm", "sparsegpt", "wanda", "magnitude"])
+def test_mask_that_breaks_an_nm_pattern_is_an_error(layer, method):
+    """pattern='2:4' with a non-2:4 mask returned a result breaking 2:4 while its stats said 2:4."""
+    W, G = layer
+    with pytest.raises(ValueError, match=r"mask does not satisfy pattern '2:4': row 0 keeps 4 of the 4 "
+                                         r"inputs 0..3, more than 2"):
+        ak.prune_layer(W, G, pattern="2:4", mask=torch.ones(OUT, IN, dtype=torch.bool), method=method)
+    nm = ak.prune_layer(W, G, pattern="2:4", method="magnitude").mask
+    res = ak.prune_layer(W, G, pattern="2:4", mask=nm, method=method)
+    assert torch.equal(res.mask, nm) and res.stats["pattern"] == "2:4"
+    assert int((res.weight.reshape(OUT, IN // 4, 4) != 0).sum(dim=2).max()) <= 2
+
+
+def test_mask_that_is_not_per_row_is_an_error(layer):
+    W, G = layer
+    with pytest.raises(ValueError, match=r"mask does not satisfy pattern 'per-row': its rows prune"):
+        ak.prune_layer(W, G, pattern="per-row", mask=_half_mask())
+    row = ak.prune_layer(W, G, pattern="per-row", sparsity=0.25, method="magnitude").mask
+    with pytest.raises(ValueError, match=r"pattern 'per-row' at sparsity 0.5: its rows prune \[4\] of 16"):
+        ak.prune_layer(W, G, pattern="per-row", sparsity=0.5, mask=row)
+    assert torch.equal(ak.prune_layer(W, G, pattern="per-row", sparsity=0.25, mask=row).mask, row)
+
+
+@pytest.mark.parametrize("method,option", [("admm", "iters"), ("admm", "T"), ("admm", "cg_iters"),
+                                           ("alps", "max_iters"), ("alps", "cg_iters")])
+def test_iteration_counts_have_an_upper_bound(layer, method, option):
+    """-o iters=100000000000000000000 ran without end."""
+    from admm_kernels._checks import MAX_ITERATIONS
+
+    W, G = layer
+    with pytest.raises(ValueError, match=rf"{option} must be at most {MAX_ITERATIONS}, got 10{'0' * 19}"):
+        ak.prune_layer(W, G, method=method, **{option: 10 ** 20})
+
+
+@pytest.mark.parametrize("method", ["admm", "alps", "sparsegpt", "wanda", "magnitude"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sparsity_zero_returns_the_weights_bit_identical(layer, method, dtype):
+    """ADMM and ALPS changed the weights by ~1e-6 at sparsity 0."""
+    W, G = layer
+    W = (W * 3).to(dtype)
+    res = ak.prune_layer(W, G, sparsity=0.0, method=method)
+    assert torch.equal(res.weight, W) and res.weight.dtype == dtype and res.error == 0.0
+    assert bool(res.mask.all()) and res.weight is not W
+    res = ak.prune_layer(W, G, mask=torch.ones(OUT, IN, dtype=torch.bool), method=method)
+    assert torch.equal(res.weight, W)
+
+
+def test_prune_model_at_sparsity_zero_leaves_the_model_bit_identical(one_thread):
+    pytest.importorskip("transformers")
+    from tiny_models import tiny_model, tiny_tokens
+
+    from admm_kernels.models import prune_model
+
+    model = tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    prune_model(model, tiny_tokens(4, 16), sparsity=0.0, method="admm", iters=4, T=3, progress=False)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_block_tuning_epochs_have_an_upper_bound():
+    from admm_kernels.models.block_tune import MAX_TUNE_EPOCHS, check_block_tune
+
+    assert check_block_tune(MAX_TUNE_EPOCHS, 1e-4, 4).epochs == MAX_TUNE_EPOCHS
+    with pytest.raises(ValueError, match=rf"tune_epochs must be at most {MAX_TUNE_EPOCHS}, got 10000000000"):
+        check_block_tune(10 ** 10, 1e-4, 4)

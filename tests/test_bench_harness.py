@@ -55,7 +55,7 @@ def _load(folder: Path, out: str) -> dict:
 
 @pytest.fixture(scope="module")
 def first(folder):
-    rc = bench_main(_args(folder, "out1", "cache1", "--perplexity", "--eval", str(folder / "eval.txt"),
+    rc = bench_main(_args(folder, "out1", "cache1", "--perplexity", "--eval-text", str(folder / "eval.txt"),
                           "--eval-windows", "2"))
     assert rc == 0
     return _load(folder, "out1")
@@ -128,7 +128,7 @@ def test_methods_ordered_as_expected(first):
 
 
 def test_resume_reuses_rows_and_gram_cache(folder, first):
-    rc = bench_main(_args(folder, "out1", "cache1", "--perplexity", "--eval", str(folder / "eval.txt"),
+    rc = bench_main(_args(folder, "out1", "cache1", "--perplexity", "--eval-text", str(folder / "eval.txt"),
                           "--eval-windows", "2", "--resume"))
     assert rc == 0
     again = _load(folder, "out1")
@@ -140,7 +140,8 @@ def test_resume_reuses_rows_and_gram_cache(folder, first):
 def test_resume_refuses_rows_of_another_thread_count(folder, first, capsys):
     """--threads changes every timing and the BLAS sums: rows of a 1-thread run are not reused by 2."""
     try:
-        rc = bench_main(_args(folder, "out1", "cache1", "--perplexity", "--eval", str(folder / "eval.txt"),
+        rc = bench_main(_args(folder, "out1", "cache1", "--perplexity", "--eval-text",
+                              str(folder / "eval.txt"),
                               "--eval-windows", "2", "--resume", "--threads", "2"))
     finally:
         torch.set_num_threads(1)

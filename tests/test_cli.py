@@ -26,7 +26,7 @@ def tiny_dir(tmp_path_factory):
 
 def _args(root, out, *extra, fast=True):
     return ["prune", str(root / "tiny-llama"), "--nsamples", "4", "--seqlen", "32",
-            "--calib", str(root / "calib.txt"), "--eval", str(root / "eval.txt"), "--out", str(out),
+            "--calib", str(root / "calib.txt"), "--eval-text", str(root / "eval.txt"), "--out", str(out),
             *(["-o", "iters=4", "-o", "T=3"] if fast else []), *extra]
 
 
@@ -101,17 +101,17 @@ def test_packed_output_is_a_complete_folder_that_eval_and_load_sparse_read(tiny_
 
 
 def test_eval_command(tiny_dir, capsys):
-    assert cli.main(["eval", str(tiny_dir / "tiny-llama"), "--text", str(tiny_dir / "eval.txt"),
+    assert cli.main(["eval", str(tiny_dir / "tiny-llama"), "--eval-text", str(tiny_dir / "eval.txt"),
                      "--seqlen", "32", "--json"]) == 0
     captured = capsys.readouterr()
     result = json.loads(captured.out)
     assert result["seqlen"] == 32 and result["windows"] >= 10 and 1 < result["perplexity"] < 1e4
     assert "perplexity" in captured.err and "window/s" in captured.err  # a progress bar over the windows
     assert "evaluating" in captured.err and "--eval-windows N evaluates fewer" in captured.err
-    assert cli.main(["eval", str(tiny_dir / "tiny-llama"), "--text", str(tiny_dir / "eval.txt"),
+    assert cli.main(["eval", str(tiny_dir / "tiny-llama"), "--eval-text", str(tiny_dir / "eval.txt"),
                      "--seqlen", "32", "--eval-windows", "3", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["windows"] == 3
-    assert cli.main(["eval", str(tiny_dir / "tiny-llama"), "--text", str(tiny_dir / "eval.txt"),
+    assert cli.main(["eval", str(tiny_dir / "tiny-llama"), "--eval-text", str(tiny_dir / "eval.txt"),
                      "--seqlen", "32", "--max-windows", "2", "--json"]) == 0  # the deprecated name
     captured = capsys.readouterr()
     assert json.loads(captured.out)["windows"] == 2
@@ -126,7 +126,7 @@ def test_eval_without_model_uses_the_embedded_model_with_prunes_defaults(tiny_di
     monkeypatch.setattr(loading, "default_model_path", lambda: tiny_dir / "tiny-llama")
     monkeypatch.setattr(cli, "EMBEDDED_SEQLEN", 16)
     monkeypatch.setattr(cli, "EMBEDDED_EVAL_WINDOWS", 3)
-    assert cli.main(["eval", "--text", str(tiny_dir / "eval.txt"), "--json"]) == 0
+    assert cli.main(["eval", "--eval-text", str(tiny_dir / "eval.txt"), "--json"]) == 0
     captured = capsys.readouterr()
     result = json.loads(captured.out)
     assert (result["seqlen"], result["windows"]) == (16, 3)
@@ -164,7 +164,7 @@ def _error(capsys, argv) -> str:
 def test_bad_inputs_fail_early_with_clear_messages(tiny_dir, tmp_path, capsys):
     model = str(tiny_dir / "tiny-llama")
     out = str(tmp_path / "o")
-    base = ["--calib", str(tiny_dir / "calib.txt"), "--eval", str(tiny_dir / "eval.txt"), "--out", out]
+    base = ["--calib", str(tiny_dir / "calib.txt"), "--eval-text", str(tiny_dir / "eval.txt"), "--out", out]
 
     err = _error(capsys, ["prune", "/nonexistent/model", *base])
     assert "MODEL path '/nonexistent/model' does not exist" in err
@@ -211,7 +211,7 @@ def test_help_of_prune_and_bench(capsys):
         cli.main(["prune", "--help"])
     assert exc.value.code == 0
     text = capsys.readouterr().out
-    for flag in ("--sparsity", "--pattern", "--method", "--nsamples", "--seqlen", "--calib", "--eval",
+    for flag in ("--sparsity", "--pattern", "--method", "--nsamples", "--seqlen", "--calib", "--eval-text",
                  "--device", "--out", "--resume", "--overwrite", "--save-format"):
         assert flag in text
     assert "measurement" in text
@@ -312,7 +312,7 @@ def test_version_help_texts_and_python_m(capsys):
     for action in eval_parser._actions:
         if action.option_strings != ["--max-windows"]:  # the deprecated alias is hidden
             assert action.help, action.option_strings
-    for flag in ("--eval-windows", "--threads", "--quiet", "--device", "--dtype", "--text", "--seqlen"):
+    for flag in ("--eval-windows", "--threads", "--quiet", "--device", "--dtype", "--eval-text", "--seqlen"):
         assert flag in texts["eval"]
     assert "--max-windows is a deprecated alias" in texts["eval"]
 

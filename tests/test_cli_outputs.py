@@ -37,7 +37,8 @@ def model_copy(tiny_dir, tmp_path):
 
 def _args(root, model, out, *extra):
     return ["prune", str(model), "--nsamples", "4", "--seqlen", "32", "--calib", str(root / "calib.txt"),
-            "--eval", str(root / "eval.txt"), "--out", str(out), "--method", "magnitude", "--quiet", *extra]
+            "--eval-text", str(root / "eval.txt"), "--out", str(out), "--method", "magnitude", "--quiet",
+            *extra]
 
 
 def _error(capsys, argv) -> str:
@@ -145,7 +146,7 @@ def test_lock_released_after_success_and_failure(tiny_dir, tmp_path, capsys):
     short = tmp_path / "short.txt"
     short.write_text("to be")
     argv = _args(tiny_dir, tiny_dir / "tiny-llama", out)
-    argv[argv.index("--eval") + 1] = str(short)
+    argv[argv.index("--eval-text") + 1] = str(short)
     assert "evaluation text is too short" in _error(capsys, argv)
     assert not (tmp_path / "o.state").exists()  # nothing left behind, not even a lock file
     assert cli.main(_args(tiny_dir, tiny_dir / "tiny-llama", out, "--no-eval")) == 0

@@ -161,3 +161,96 @@ def test_perplexity_bad_input(args, error, match):
     kwargs.update(args)
     with pytest.raises(error, match=match):
         evaluate_perplexity(tiny_model("llama"), **kwargs)
+
+
+# --- text that is not text -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("raw, found", [
+    ("some text".encode("utf-16"), "starts with a UTF-16 LE byte-order mark"),
+    (b"\xfe\xff\x00h\x00i", "starts with a UTF-16 BE byte-order mark"),
+    ("some text".encode("utf-32"), "starts with a UTF-32 LE byte-order mark"),
+    ("some text".encode("utf-16-le"), r"contains a NUL byte \(at byte offset 1\)"),
+    (b"PK\x03\x04\x14\x00\x00\x00", r"contains a NUL byte \(at byte offset 5\)"),
+    (b"text\x01\x02\x03\x04 with \x05\x06 controls" * 20,
+     r"does not look like text: decoded as UTF-8, 120 of its .* are control"),
+    (bytes(range(0x80, 0x100)) * 40,
+     "does not look like text: decoded as latin-1 \\(not UTF-8\\), 1280 of its .* control"),
+    ("caf\u00e9 ".encode() * 50 + bytes(range(0xa0, 0x100)) * 4,
+     "does not look like text: .* not UTF-8.*yet others are UTF-8"),
+    ("caf\u00e9 ".encode() * 50 + b"\xe9",
+     "is neither UTF-8 nor legacy 8-bit text: it holds UTF-8 characters and 1 undecodable"),
+])
+def test_binary_and_wide_text_is_an_error_naming_the_file(tmp_path, raw, found):
+    """Such files were decoded as latin-1: calibration and evaluation ran on garbage with exit status 0."""
+    path = tmp_path / "input.txt"
+    path.write_bytes(raw)
+    with pytest.raises(ValueError, match=f"input.txt' {found}"):
+        data.read_text(path)
+    from admm_kernels import protocols
+
+    with pytest.raises(ValueError, match="input.txt'"):  # the papers' protocol reads files the same way
+        protocols.read_records(path)
+
+
+def test_legacy_latin1_text_still_reads_and_shakespeare_is_unchanged(tmp_path):
+    path = tmp_path / "old.txt"
+    path.write_bytes("Caf\u00e9 na\u00efve, \u00a9 1623: \u00bfqu\u00e9?\n".encode("latin-1") * 30)
+    assert data.read_text(path) == "Caf\u00e9 na\u00efve, \u00a9 1623: \u00bfqu\u00e9?\n" * 30
+    for split in ("calibration", "evaluation"):  # the embedded default: the same text, so the same token ids
+        files = data.shakespeare_files(split)
+        assert data.read_text(files) == "\n\n".join(f.read_bytes().decode("latin-1") for f in files)
+
+
+def test_crlf_text_reads_with_universal_newlines(tmp_path):
+    """data._read_file kept the '\\r' of CRLF files: the papers' protocol then differed from what the
+    `datasets` text loader (and Python's text mode) give."""
+    from admm_kernels import protocols
+
+    lines = ["= Title =\n", "\n", "first line\n", " second\n"]
+    lf, crlf, cr = tmp_path / "lf.txt", tmp_path / "crlf.txt", tmp_path / "cr.txt"
+    lf.write_bytes("".join(lines).encode())
+    crlf.write_bytes("".join(lines).replace("\n", "\r\n").encode())
+    cr.write_bytes("".join(lines).replace("\n", "\r").encode())
+    with open(crlf, encoding="utf-8") as f:
+        text_mode = f.read()
+    assert data.read_text(crlf) == data.read_text(cr) == data.read_text(lf) == text_mode
+    assert protocols.read_records(crlf) == protocols.read_records(lf) == ([ln if ln.strip() else ""
+                                                                           for ln in lines], False)
+    rec = tmp_path / "r.jsonl"
+    rec.write_bytes(b'{"text": "one"}\r\n{"text": "two\\r\\nkept"}\r\n')
+    assert data.read_text(rec) == "one\n\ntwo\r\nkept"  # escaped newlines inside a record are its text
+
+
+def test_json_lines_errors_give_the_line_number(tmp_path):
+    rec = tmp_path / "r.jsonl"
+    rec.write_text('{"text": "one"}\n\n{"text": "two"}\n{"text": "three\n{"text": "four"}\n')
+    with pytest.raises(ValueError, match=r"r.jsonl' is neither JSON nor JSON lines: line 4, column 10"):
+        data.read_text(rec)
+    sep = tmp_path / "sep.jsonl"  # U+2028 inside a JSON string is not a line break
+    sep.write_text('{"text": "a\u2028b"}\n{"text": "c"}\n', encoding="utf-8")
+    assert data.read_text(sep) == "a\u2028b\n\nc"
+    doc = tmp_path / "doc.json"  # one document over several lines: both readings' positions
+    doc.write_text('[\n  {"text": "one"},\n  {"text": "two",}\n]\n')
+    with pytest.raises(ValueError, match=r"doc.json' is neither JSON nor JSON lines: line 1, column 2: .*"
+                                         r"\(as one JSON document: line 3, column 18: Expecting"):
+        data.read_text(doc)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"text": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl' is not UTF-8: byte 0xe9 at offset 13"):
+        data.read_text(bad)
+
+
+def test_text_is_probed_cheaply_before_any_work(tmp_path):
+    """check_text_source reads only the beginning of each file: a character cut in two by the probe is
+    fine, a binary beginning is the error read_text would give."""
+    big = tmp_path / "big.txt"
+    big.write_bytes(b"a" * (data.PROBE_BYTES - 1) + "\u00e9".encode() + b" more text\n")
+    data.check_text_source(big)
+    data.check_text_source(tmp_path)  # a folder: each text file
+    (tmp_path / "zz.txt").write_bytes(b"\xff\xfe" + "text".encode("utf-16-le"))
+    with pytest.raises(ValueError, match="zz.txt' starts with a UTF-16 LE byte-order mark"):
+        data.check_text_source(tmp_path)
+    gz = tmp_path / "t.jsonl.gz"
+    gz.write_bytes(gzip.compress(b'{"text": "caf\xe9"}\n'))
+    with pytest.raises(ValueError, match="t.jsonl.gz' is not UTF-8"):
+        data.check_text_source(gz)

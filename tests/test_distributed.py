@@ -149,7 +149,7 @@ CLI_ARGS = ["--nsamples", "5", "--seqlen", "16", "--threads", "1", "-o", "iters=
 
 
 def _cli_args(root: Path, out: Path, *extra: str) -> list[str]:
-    return ["cli", "prune", str(root / "tiny-llama"), "--calib", str(root / "calib.txt"), "--eval",
+    return ["cli", "prune", str(root / "tiny-llama"), "--calib", str(root / "calib.txt"), "--eval-text",
             str(root / "eval.txt"), *CLI_ARGS, "--out", str(out), *extra]
 
 

@@ -152,7 +152,7 @@ def test_accurate_with_dead_inputs_fp64_and_update_only(llm_like_layer):
         masks.count_check(res.mask, parse_pattern("unstructured", 64), 0.5)
         assert not bool(res.mask[:, 5].any()) and bool(torch.isfinite(res.weight).all())
     mask = torch.rand(24, 64, generator=torch.Generator().manual_seed(3)) > 0.5
-    given = ak.prune_layer(W, G, 0.5, preset="accurate", mask=mask)
+    given = ak.prune_layer(W, G, preset="accurate", mask=mask)
     assert torch.equal(given.mask, mask) and bool((given.weight[~mask] == 0).all())
 
 

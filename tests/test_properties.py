@@ -64,7 +64,9 @@ def test_prune_layer_invariants(case):
     W0, G0 = W.clone(), G.clone()
     M0 = None if mask is None else mask.clone()
     method, preset = method
-    res = ak.prune_layer(W, G, sparsity, pattern, method=method, mask=mask, preset=preset)
+    # a mask is pruned on as it is: an explicit sparsity / pattern it does not satisfy is an error
+    given = {"sparsity": sparsity, "pattern": pattern} if mask is None else {}
+    res = ak.prune_layer(W, G, **given, method=method, mask=mask, preset=preset)
 
     assert torch.equal(W, W0) and torch.equal(G, G0)  # inputs unmodified
     assert res.weight.dtype == W.dtype and res.weight.shape == W.shape and res.weight.device == W.device
@@ -87,6 +89,8 @@ def test_prune_layer_invariants(case):
 @given(layers())
 def test_reconstruction_error_agrees_with_prune_layer(case):
     W, G, pattern, sparsity, mask, (method, preset) = case
-    res = ak.prune_layer(W, G, sparsity, pattern, method=method, mask=mask, preset=preset)
+    # a mask is pruned on as it is: an explicit sparsity / pattern it does not satisfy is an error
+    given = {"sparsity": sparsity, "pattern": pattern} if mask is None else {}
+    res = ak.prune_layer(W, G, **given, method=method, mask=mask, preset=preset)
     assert ak.reconstruction_error(W, res.weight, G) == pytest.approx(res.error, rel=1e-9, abs=1e-300)
     assert ak.reconstruction_error(W, W, G) == 0.0

@@ -204,7 +204,7 @@ def test_cli_eval_and_prune_with_the_sparsegpt_protocol(tiny_dir, tmp_path, caps
     calib.write_text("".join(json.dumps({"body": d}) + "\n" for d in scenes()))
     model_dir = tiny_dir / "tiny-llama"
 
-    assert cli.main(["eval", str(model_dir), "--protocol", "sparsegpt", "--text", str(test_file),
+    assert cli.main(["eval", str(model_dir), "--protocol", "sparsegpt", "--eval-text", str(test_file),
                      "--text-field", "body", "--seqlen", "32", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     from transformers import AutoModelForCausalLM
@@ -216,7 +216,8 @@ def test_cli_eval_and_prune_with_the_sparsegpt_protocol(tiny_dir, tmp_path, caps
 
     out = tmp_path / "pruned"
     assert cli.main(["prune", str(model_dir), "--protocol", "sparsegpt", "--calib", str(calib),
-                     "--text-field", "body", "--eval", str(test_file), "--nsamples", "4", "--seqlen", "32",
+                     "--text-field", "body", "--eval-text", str(test_file), "--nsamples", "4",
+                     "--seqlen", "32",
                      "--quiet", "-o", "iters=4", "-o", "T=3", "--out", str(out)]) == 0
     report = json.loads((out / cli.REPORT_NAME).read_text())
     assert report["calibration"]["protocol"] == "sparsegpt"

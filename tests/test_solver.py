@@ -168,7 +168,7 @@ def test_update_only_returns_mask_unchanged():
     W, G = layer()
     m = torch.rand(W.shape, generator=torch.Generator().manual_seed(3)) > 0.5
     m0 = m.clone()
-    res = ak.prune_layer(W, G, 0.5, mask=m)
+    res = ak.prune_layer(W, G, mask=m)
     assert torch.equal(res.mask, m0) and torch.equal(m, m0) and res.mask is not m
     assert bool((res.weight[~m] == 0).all())
     applied = ak.reconstruction_error(W, W * m, G)

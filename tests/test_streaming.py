@@ -240,7 +240,7 @@ def test_cli_stream_equals_in_memory(tiny_model_root, tmp_path, capsys):
     from admm_kernels.cli import main
 
     root = tiny_model_root
-    common = ["prune", str(root / "tiny-llama"), "--calib", str(root / "calib.txt"), "--eval",
+    common = ["prune", str(root / "tiny-llama"), "--calib", str(root / "calib.txt"), "--eval-text",
               str(root / "eval.txt"), "--nsamples", "3", "--seqlen", "16", "--quiet", "-o", "iters=4",
               "-o", "T=3", "--sequential"]
     assert main([*common, "--out", str(tmp_path / "memory")]) == 0
@@ -253,7 +253,7 @@ def test_cli_stream_equals_in_memory(tiny_model_root, tmp_path, capsys):
     wa, _, _ = load_model(tmp_path / "memory", with_tokenizer=False)
     wb, tok, _ = load_model(tmp_path / "streamed")
     assert _same(_state(wa), _state(wb)) and tok is not None
-    assert main(["eval", str(tmp_path / "streamed"), "--text", str(root / "eval.txt"), "--stream",
+    assert main(["eval", str(tmp_path / "streamed"), "--eval-text", str(root / "eval.txt"), "--stream",
                  "--quiet"]) == 0
     assert main([*common, "--out", str(tmp_path / "x"), "--stream", "--save-format", "packed"]) == 2
     capsys.readouterr()

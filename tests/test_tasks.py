@@ -161,7 +161,7 @@ def tiny_dir(tmp_path_factory):
 
 def _prune_args(root, out, task_folder, *extra):
     return ["prune", str(root / "tiny-llama"), "--nsamples", "4", "--seqlen", "32", "--quiet",
-            "--calib", str(root / "calib.txt"), "--eval", str(root / "eval.txt"), "--out", str(out),
+            "--calib", str(root / "calib.txt"), "--eval-text", str(root / "eval.txt"), "--out", str(out),
             "-o", "iters=4", "-o", "T=3", "--tasks", TASK, "--tasks-path", str(task_folder), *extra]
 
 
@@ -190,7 +190,7 @@ def test_prune_with_tasks_reports_before_and_after_and_eval_reads_every_folder(t
                                 "--no-eval")) == 0
     capsys.readouterr()
     assert (packed / "model.packed.safetensors").is_file()
-    assert cli.main(["eval", str(packed), "--tasks", TASK, "--tasks-path", str(folder), "--text",
+    assert cli.main(["eval", str(packed), "--tasks", TASK, "--tasks-path", str(folder), "--eval-text",
                      str(tiny_dir / "eval.txt"), "--seqlen", "32", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["tasks"]["results"][TASK] == after["results"][TASK]  # the packed model computes the same

@@ -51,7 +51,7 @@ def _positive(flag: str):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..cli import add_calibration_arguments, add_eval_windows_argument, add_run_arguments
+    from .. import cli
     from .methods import DEFAULT_METHODS, aliases
 
     p.add_argument("model", nargs="?", default=None,
@@ -70,13 +70,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "name matches (default: every linear in the decoder blocks)")
     p.add_argument("--max-layers", type=_positive("--max-layers"), default=None, metavar="N",
                    help="only the first N selected layers, in model order")
-    add_calibration_arguments(p)
+    cli.add_calibration_arguments(p)
     p.add_argument("--perplexity", action="store_true",
                    help="also prune the selected layers end to end with each method (prune_model) and "
                         "evaluate perplexity")
-    p.add_argument("--eval", metavar="PATH", default=None, dest="eval_path",
-                   help="evaluation text for --perplexity (default: held-out Shakespeare plays)")
-    add_eval_windows_argument(p)
+    cli.add_eval_text_argument(p, "evaluation text for --perplexity (default: held-out Shakespeare plays)",
+                               old="--eval")
+    cli.add_eval_windows_argument(p)
     p.add_argument("--gap", choices=("admm", "all", "none"), default="admm",
                    help="rows that get the gap to the exact least-squares optimum on their own mask (fp64 "
                         "row solves): ADMM variants (default), all methods, or none")
@@ -85,7 +85,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="reuse the finished rows in --out (rows.jsonl) and compute only the missing ones")
     p.add_argument("--overwrite", action="store_true", help="start afresh in a non-empty --out")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration window draw and of every row")
-    add_run_arguments(p, "no progress bars and no log lines")
+    cli.add_run_arguments(p, "no progress bars and no log lines")
     p.add_argument("--gram-dtype", choices=("float32", "float64"), default="float32",
                    help="Gram accumulation dtype (default float32)")
     p.add_argument("--cache-dir", metavar="DIR", default=None,
@@ -95,13 +95,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def register(subparsers) -> argparse.ArgumentParser:
     """Add the `bench` subcommand to admm-prune's subparsers; returns its parser."""
-    p = subparsers.add_parser("bench", help=HELP, description=DESCRIPTION)
+    p = subparsers.add_parser("bench", help=HELP, description=DESCRIPTION, allow_abbrev=False)
     add_arguments(p)
     return p
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION)
+    # allow_abbrev=False: a shortened or misspelt flag must not be read as another one silently.
+    p = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION, allow_abbrev=False)
     add_arguments(p)
     return p
 
@@ -145,12 +146,34 @@ def _settings(args):
                          resume=args.resume, progress=not args.quiet)
 
 
+def _check_swallowed_model(args) -> None:
+    """The list options take every word that follows them, MODEL included when it comes after one; a
+    model folder among their values would otherwise run the embedded model instead, or fail later on a
+    confusing 'unknown method'."""
+    if args.model is not None:
+        return
+    for flag in ("--methods", "--sparsities", "--patterns", "--layers"):
+        for value in getattr(args, flag[2:]) or []:
+            if (Path(value).expanduser() / "config.json").is_file():
+                raise BenchError(f"{flag} took the model folder {value!r} as one of its values: give MODEL "
+                                 f"before the list options, or end the list with -- before MODEL")
+
+
 def _check_out(out: Path, resume: bool, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise BenchError(f"--out {str(out)!r} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not (resume or overwrite):
         raise BenchError(f"--out {str(out)!r} is not empty; pass --resume to continue its run or "
                          "--overwrite to start afresh")
+    from .._io import nearest_existing, probe_writable
+
+    probe = nearest_existing(out)  # before the model is loaded and the Grams computed, not after
+    if not probe.is_dir():
+        raise BenchError(f"--out {str(out)!r} cannot be created: {str(probe)!r} is not a folder")
+    error = probe_writable(probe)
+    if error is not None:
+        raise BenchError(f"--out {str(out)!r} is not writable: nothing can be created in {str(probe)!r} "
+                         f"({error.strerror or error})")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -177,6 +200,7 @@ def _run(args: argparse.Namespace) -> int:
     from . import report
     from .runner import run_bench
 
+    _check_swallowed_model(args)
     settings = _settings(args)
     embedded = args.model is None
     if not embedded:
@@ -184,9 +208,20 @@ def _run(args: argparse.Namespace) -> int:
             check_model_path(args.model, name="MODEL")
         except (FileNotFoundError, ValueError) as exc:
             raise BenchError(str(exc)) from None
-    for path, flag in ((args.calib, "--calib"), (args.eval_path, "--eval")):
+    from ..cli import CALIB_TEXT_DEFAULT, EVAL_TEXT_DEFAULT
+    from ..data import check_text_source
+
+    # the names reports give the default texts choose them, as in prune and eval
+    args.calib = None if args.calib == CALIB_TEXT_DEFAULT else args.calib
+    args.eval_path = None if args.eval_path == EVAL_TEXT_DEFAULT else args.eval_path
+    for path, flag in ((args.calib, "--calib"), (args.eval_path, "--eval-text")):
         if path is not None and not Path(path).expanduser().exists():
             raise BenchError(f"{flag} path {path!r} does not exist")
+        try:  # before the model is loaded
+            if path is not None:
+                check_text_source(path)
+        except ValueError as exc:
+            raise BenchError(f"{flag}: {exc}") from None
     name = Path(args.model).name if args.model else "SmolLM2-135M-Instruct"
     out = Path(args.out) if args.out else Path("out") / f"bench-{name}"
     _check_out(out, args.resume, args.overwrite)

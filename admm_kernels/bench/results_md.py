@@ -130,7 +130,7 @@ def update(results: Path, outdirs: list[Path], names: list[str] | None = None) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m admm_kernels.bench.results_md",
+    p = argparse.ArgumentParser(prog="python -m admm_kernels.bench.results_md", allow_abbrev=False,
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("outdirs", nargs="+", metavar="OUTDIR", help="admm-prune bench --out folders")
     p.add_argument("--results", default=str(DEFAULT_RESULTS), help="the markdown file (default %(default)s)")

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import masks
-from .._checks import Pattern, check_float, check_int, check_schedule
+from .._checks import Pattern, check_float, check_iters, check_schedule
 from .ranges import finite_cast
 from .refit import masked_cg
 from .registry import Method, MethodResult, Option, bool_option, check_compute_dtype, choice_option
@@ -41,15 +41,15 @@ OBS_DAMP = 0.01
 
 OPTIONS = (
     Option("rho", 1.0, lambda v: check_float(v, "rho", 0.0, strict=True), "ADMM penalty ρ"),
-    Option("iters", 20, lambda v: check_int(v, "iters"), "ADMM iterations (0: mask only)"),
-    Option("T", 15, lambda v: check_int(v, "T"), "iterations that re-select the mask"),
+    Option("iters", 20, lambda v: check_iters(v, "iters"), "ADMM iterations (0: mask only)"),
+    Option("T", 15, lambda v: check_iters(v, "T"), "iterations that re-select the mask"),
     Option("percdamp", 0.1, lambda v: check_float(v, "percdamp"), "damping λ = percdamp · mean(diag Ĝ)"),
     Option("schedule", None, lambda v: v if v is None else check_schedule(v),
            "'constant' or 'cubic' sparsity schedule (default: constant for unstructured, cubic otherwise)"),
     Option("one_shot", False, bool_option("one_shot"), "fix the Wanda-score mask at t = 0"),
     Option("solve", "admm", choice_option("solve", ("admm", "exact")),
            "'exact': conjugate gradient on the final mask after the iterations"),
-    Option("cg_iters", 300, lambda v: check_int(v, "cg_iters"), "CG iterations of solve='exact'"),
+    Option("cg_iters", 300, lambda v: check_iters(v, "cg_iters"), "CG iterations of solve='exact'"),
     Option("cg_tol", 1e-6, lambda v: check_float(v, "cg_tol", 0.0, strict=True), "CG relative tolerance"),
     Option("compute_dtype", torch.float32, check_compute_dtype, "torch.float32 or torch.float64"),
     # Beyond the seed (preset "accurate"; each kept because a benchmark showed the gain, see PRESETS):
@@ -57,16 +57,17 @@ OPTIONS = (
            "'jacobi': unit-diagonal Ĝ (the seed); 'obs': the Optimal-Brain-Surgeon metric 1/[Ĝ⁻¹]_jj"),
     Option("rho_schedule", "constant", choice_option("rho_schedule", ("constant", "support")),
            "'support': grow ρ every rho_every iterations by how much the mask moved (rho_growth)"),
-    Option("rho_every", 4, lambda v: check_int(v, "rho_every", 1), "iterations between support checks"),
+    Option("rho_every", 4, lambda v: check_iters(v, "rho_every", 1), "iterations between support checks"),
     Option("rho_growth", (1.4, 1.25, 1.12), check_growth,
            "ρ factors for support changes > 0.1k, > 0.005k, ≥ 1 (rho_schedule='support')"),
     Option("rho_refactor", 1.0, lambda v: check_float(v, "rho_refactor", 1.0),
            "re-factor only when ρ moved by more than this factor (lazy W-update correction; 1: always)"),
-    Option("mask_iters", None, lambda v: v if v is None else check_int(v, "mask_iters"),
+    Option("mask_iters", None, lambda v: v if v is None else check_iters(v, "mask_iters"),
            "iterations that re-select the mask (None: T; the sparsity schedule still spans T)"),
     Option("stop_change", 0.0, lambda v: check_float(v, "stop_change"),
            "stop once a support check sees fewer than stop_change·k entries move (0: never)"),
-    Option("min_iters", 30, lambda v: check_int(v, "min_iters"), "no early stop before this many iterations"),
+    Option("min_iters", 30, lambda v: check_iters(v, "min_iters"),
+           "no early stop before this many iterations"),
 )
 
 # --- step 4: the iteration loop ----------------------------------------------------------------------------

@@ -43,7 +43,7 @@ from __future__ import annotations
 import torch
 
 from .. import masks
-from .._checks import Pattern, check_float, check_int
+from .._checks import Pattern, check_float, check_iters
 from .ranges import finite_cast
 from .refit import masked_cg
 from .registry import Method, MethodResult, Option, check_compute_dtype, float_dtype_option
@@ -61,15 +61,16 @@ OPTIONS = (
     Option("rho", 0.1, _positive_float("rho"), "initial ADMM penalty ρ₀"),
     Option("ridge", 0.01, lambda v: check_float(v, "ridge"), "ridge λ = ridge · mean(diag G) (before scaling)"
            ),
-    Option("max_iters", 300, lambda v: check_int(v, "max_iters"), "most ADMM iterations"),
-    Option("min_iters", 30, lambda v: check_int(v, "min_iters"), "no convergence stop before this iteration"),
-    Option("update_every", 3, lambda v: check_int(v, "update_every", 1), "iterations between ρ updates"),
+    Option("max_iters", 300, lambda v: check_iters(v, "max_iters"), "most ADMM iterations"),
+    Option("min_iters", 30, lambda v: check_iters(v, "min_iters"),
+           "no convergence stop before this iteration"),
+    Option("update_every", 3, lambda v: check_iters(v, "update_every", 1), "iterations between ρ updates"),
     Option("stop_change", 3e-4, lambda v: check_float(v, "stop_change"),
            "stop when the support change s/k falls below this (after min_iters)"),
     Option("rho_growth", (1.3, 1.2, 1.1), check_growth,
            "ρ factors for support changes > 0.1k, > 0.005k, ≥ 1"),
     Option("rho_max", 1e6, _positive_float("rho_max"), "upper bound of ρ"),
-    Option("cg_iters", 10, lambda v: check_int(v, "cg_iters"), "PCG iterations of the final refit"),
+    Option("cg_iters", 10, lambda v: check_iters(v, "cg_iters"), "PCG iterations of the final refit"),
     Option("cg_tol", 1e-4, _positive_float("cg_tol"), "PCG relative residual tolerance"),
     Option("eigh_dtype", torch.float64, float_dtype_option("eigh_dtype"), "dtype of the eigendecomposition"),
     Option("compute_dtype", torch.float32, check_compute_dtype, "torch.float32 or torch.float64"),

@@ -51,6 +51,11 @@ class BlockTune:
         return {"epochs": self.epochs, "lr": self.lr, "batch": self.batch}
 
 
+# Block tuning helped most at 8-12 epochs (benchmarks/RESULTS.md); each epoch is a pass over the whole
+# calibration set per block, so far more is a typo that would run for days instead of failing.
+MAX_TUNE_EPOCHS = 1000
+
+
 def check_block_tune(epochs, lr, batch) -> BlockTune:
     """BlockTune from prune_model's tune_epochs / tune_lr / tune_batch; ValueError / TypeError naming the
     option otherwise."""
@@ -59,6 +64,8 @@ def check_block_tune(epochs, lr, batch) -> BlockTune:
             raise TypeError(f"{name} must be an int, got {v!r}")
     if epochs < 0:
         raise ValueError(f"tune_epochs must be >= 0 (0 = no block tuning), got {epochs}")
+    if epochs > MAX_TUNE_EPOCHS:
+        raise ValueError(f"tune_epochs must be at most {MAX_TUNE_EPOCHS}, got {epochs}")
     if batch < 1:
         raise ValueError(f"tune_batch must be >= 1 window, got {batch}")
     if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not math.isfinite(lr) or lr <= 0:

@@ -197,7 +197,7 @@ def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype | str =
 
         model = load_sparse(p)  # ValueError naming the file when corrupt
         if dtype != "auto":
-            model.to(dtype)
+            cast_as_transformers(model, dtype)
     else:
         from safetensors import SafetensorError
 
@@ -228,6 +228,19 @@ def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype | str =
                              + "; ".join(problems) + " (check num_hidden_layers and the layer sizes)")
     model.eval()
     return model, load_tokenizer(p) if with_tokenizer else None, p
+
+
+def cast_as_transformers(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """model.to(dtype), except that float32 buffers outside the state dict (non-persistent: the rotary
+    tables inv_freq, computed at construction) stay float32, as transformers' from_pretrained(dtype=...)
+    leaves them: converting them too changes every attention score, so a packed folder evaluated in
+    bfloat16 gave another perplexity than the same model's transformers folder."""
+    keep = [(module, name, buf) for module in model.modules() for name, buf in module._buffers.items()
+            if buf is not None and buf.dtype == torch.float32 and name in module._non_persistent_buffers_set]
+    model.to(dtype)
+    for module, name, buf in keep:
+        module._buffers[name] = buf.to(module._buffers[name].device)
+    return model
 
 
 def load_tokenizer(path: str | os.PathLike):
