@@ -57,6 +57,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--profiles", default="uniform",
                    help="comma-separated sparsity profiles, each run for every method: uniform, owl (OWL "
                         "runs skip N:M settings, which it does not define) (default uniform)")
+    p.add_argument("--upcycle", default=None, metavar="E:K",
+                   help="also run every method on the model upcycled to a Mixtral with E experts, top-K "
+                        "routing (admm_kernels.models.upcycle: every expert a copy of the block's MLP, a "
+                        "random router), same calibration and evaluation: the MoE's perplexity and its time "
+                        "per pruned weight next to the dense model's")
     p.add_argument("--max-blocks", type=int, default=None,
                    help="prune only the first N blocks (smoke checks)")
     p.add_argument("--device", default="cpu")
@@ -75,6 +80,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     bad = [x for x in args.profiles if x not in PROFILES]
     if bad:
         p.error(f"--profiles: unknown {bad}; choose from {PROFILES}")
+    if args.upcycle is not None:
+        try:
+            e, k = (int(v) for v in args.upcycle.split(":"))
+        except ValueError:
+            p.error(f"--upcycle: expected E:K (e.g. 4:2), got {args.upcycle!r}")
+        args.upcycle = (e, k)
     args.settings = [s.strip() for s in args.settings.split(",") if s.strip()]
     for s in args.settings:
         if ":" not in s:
@@ -109,8 +120,7 @@ def setting_kwargs(setting: str) -> dict:
 
 
 def run(args) -> dict:
-    from admm_kernels import data, prune_model
-    from admm_kernels.eval import evaluate_perplexity
+    from admm_kernels import data
     from admm_kernels.models import find_blocks, load_model
 
     if args.threads:
@@ -119,29 +129,62 @@ def run(args) -> dict:
     device = torch.device(args.device)
     calib = data.calibration_tokens(tok, args.nsamples, args.seqlen, seed=args.seed)
     ev = data.evaluation_tokens(tok)
+    models = [("", model)]
+    moe_check = None
+    if args.upcycle:
+        from admm_kernels.models.upcycle import upcycle_to_mixtral
+
+        moe = upcycle_to_mixtral(model, *args.upcycle, seed=args.seed)
+        with torch.no_grad():
+            x = ev[: args.seqlen][None]
+            moe_check = float((moe(x).logits - model(x).logits).abs().max())
+        print(f"upcycled to {args.upcycle[0]} experts, top {args.upcycle[1]}: max |logit difference| "
+              f"{moe_check:.2e}", flush=True)
+        models.append(("moe:", moe))
+    results: dict = {}
+    for tag, net in models:
+        _run_model(args, net, tag, calib, ev, device, results)
+    blocks_name, blocks = find_blocks(model)
+    n_blocks = len(blocks) if args.max_blocks is None else min(args.max_blocks, len(blocks))
+    eval_tokens = min(ev.numel() // args.seqlen, args.eval_windows) * args.seqlen
+    return {"model": str(path), "nsamples": args.nsamples, "seqlen": args.seqlen,
+            "eval_windows": args.eval_windows, "eval_tokens": eval_tokens,
+            "blocks_pruned": n_blocks, "blocks": len(blocks), "seed": args.seed,
+            "upcycle": args.upcycle, "upcycle_max_logit_difference": moe_check,
+            "machine": machine(), "results": results}
+
+
+def _run_model(args, model, tag: str, calib, ev, device, results: dict) -> None:
+    """Every method and setting on `model` (tag "" for the model itself, "moe:" for its upcycled MoE);
+    results keyed "<tag><run>@<setting>"."""
+    from admm_kernels import prune_model
+    from admm_kernels.eval import evaluate_perplexity
+    from admm_kernels.models import find_blocks
+
     dense_state = {k: v.clone() for k, v in model.state_dict().items()}
     blocks_name, blocks = find_blocks(model)
     n_blocks = len(blocks) if args.max_blocks is None else min(args.max_blocks, len(blocks))
     prefixes = tuple(f"{blocks_name}.{i}." for i in range(n_blocks))
+    # every block: the default selection (MoE routers stay dense); fewer: a name filter
+    layers = None if n_blocks == len(blocks) else (lambda name, m: name.startswith(prefixes))
 
     def ppl() -> float:
         return evaluate_perplexity(model, ev, seqlen=args.seqlen, max_windows=args.eval_windows,
                                    device=device)
 
     t = time.perf_counter()
-    results = {"dense": {"perplexity": ppl(), "eval_seconds": time.perf_counter() - t}}
-    print(f"dense: perplexity {results['dense']['perplexity']:.3f}", flush=True)
+    results[f"{tag}dense"] = {"perplexity": ppl(), "eval_seconds": time.perf_counter() - t}
+    print(f"{tag}dense: perplexity {results[f'{tag}dense']['perplexity']:.3f}", flush=True)
     for setting in args.settings:
         for profile in args.profiles:
             if profile != "uniform" and ":" in setting:
                 continue
             for name in args.methods:
                 spec = args.specs[name]
-                run_name = name + ("" if profile == "uniform" else f"+{profile}")
+                run_name = tag + name + ("" if profile == "uniform" else f"+{profile}")
                 model.load_state_dict(dense_state)
                 t = time.perf_counter()
-                report = prune_model(model, calib, method=spec.method, device=device,
-                                     layers=(lambda name, m: name.startswith(prefixes)),
+                report = prune_model(model, calib, method=spec.method, device=device, layers=layers,
                                      sparsity_profile=profile, **setting_kwargs(setting), **spec.options)
                 wall = time.perf_counter() - t
                 value = ppl()
@@ -150,6 +193,8 @@ def run(args) -> dict:
                     "method": name, "profile": profile, "setting": setting, "perplexity": value,
                     "wall_seconds": wall, "timings": report["timings"],
                     "achieved_sparsity": report["achieved_sparsity"],
+                    "pruned_weights": sum(r["numel"] for r in report["layers"] if r["error"] is not None),
+                    "coverage": report["coverage"]["share"],
                     "mean_layer_error": sum(errors) / len(errors), "layers": report["layers"],
                 }
                 tm = report["timings"]
@@ -157,11 +202,6 @@ def run(args) -> dict:
                       f"(forward {tm['forward']:.1f}, gram {tm['gram']:.1f}, solve {tm['solve']:.1f})",
                       flush=True)
     model.load_state_dict(dense_state)
-    eval_tokens = min(ev.numel() // args.seqlen, args.eval_windows) * args.seqlen
-    return {"model": str(path), "nsamples": args.nsamples, "seqlen": args.seqlen,
-            "eval_windows": args.eval_windows, "eval_tokens": eval_tokens,
-            "blocks_pruned": n_blocks, "blocks": len(blocks), "seed": args.seed,
-            "machine": machine(), "results": results}
 
 
 def markdown(res: dict, methods: list[str], settings: list[str], profiles: list[str] = ("uniform",)) -> str:
@@ -221,6 +261,26 @@ def markdown(res: dict, methods: list[str], settings: list[str], profiles: list[
                 ratio = f"{e['wall_seconds'] / r[f'{base}@{s}']['wall_seconds']:.2f}x"
             lines.append(f"| {label(run)} | {s} | {e['wall_seconds']:.1f} | {t['capture']:.1f} | "
                          f"{t['forward']:.1f} | {t['gram']:.1f} | {t['solve']:.1f} | {ratio} |")
+    if res.get("upcycle"):
+        e, k = res["upcycle"]
+        lines += ["", f"## The upcycled MoE ({e} experts, top {k}; max |logit difference| to the dense model "
+                  f"{res['upcycle_max_logit_difference']:.1e})", "",
+                  "Perplexity of the dense model / of its MoE pruned the same way, the MoE's coverage of its "
+                  "block weights, and the MoE's end-to-end time per pruned weight over the dense model's:",
+                  "",
+                  "| method | setting | dense | MoE | MoE / dense | MoE coverage | "
+                  "time per weight, MoE / dense |",
+                  "|---|---|---|---|---|---|---|",
+                  f"| unpruned | - | {r['dense']['perplexity']:.2f} | {r['moe:dense']['perplexity']:.2f} | "
+                  f"{r['moe:dense']['perplexity'] / r['dense']['perplexity']:.3f} | - | - |"]
+        for s in settings:
+            for run in runs:
+                a, b = r.get(f"{run}@{s}"), r.get(f"moe:{run}@{s}")
+                if a is None or b is None:
+                    continue
+                per = (b["wall_seconds"] / b["pruned_weights"]) / (a["wall_seconds"] / a["pruned_weights"])
+                lines.append(f"| {label(run)} | {s} | {a['perplexity']:.2f} | {b['perplexity']:.2f} | "
+                             f"{b['perplexity'] / a['perplexity']:.3f} | {b['coverage']:.3f} | {per:.2f}x |")
     lines += ["", "Mean relative layer error tr(dW G dW^T)/tr(W G W^T):", "",
               "| method | " + " | ".join(settings) + " |", "|---|" + "---|" * len(settings)]
     for run in runs:

@@ -359,7 +359,7 @@ def test_cli_prunes_moe_groups_experts_and_reports_coverage(moe_dir, tmp_path, c
     from admm_kernels import cli
 
     out = tmp_path / "pruned"
-    base = ["--nsamples", "4", "--seqlen", "32", "--calib", str(moe_dir / "calib.txt"), "--eval",
+    base = ["--nsamples", "4", "--seqlen", "32", "--calib", str(moe_dir / "calib.txt"), "--eval-text",
             str(moe_dir / "eval.txt"), "--eval-windows", "2", "--method", "wanda"]
     assert cli.main(["prune", str(moe_dir / "qwen3_moe"), *base, "--out", str(out)]) == 0
     printed = capsys.readouterr().out
