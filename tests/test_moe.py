@@ -123,9 +123,9 @@ class _LinearSpy(torch.overrides.TorchFunctionMode):
     """Records the input of every F.linear / matmul whose weight lives in one of `params`' storage, per
     parameter and expert (the eager experts forward multiplies by views param[e])."""
 
-    def __init__(self, *params):
+    def __init__(self, experts: int, *params):
         super().__init__()
-        self.params, self.inputs = params, {}
+        self.params, self.inputs, self.experts = params, {}, experts
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -135,19 +135,26 @@ class _LinearSpy(torch.overrides.TorchFunctionMode):
             for i, param in enumerate(self.params):
                 if isinstance(w, torch.Tensor) and w.untyped_storage().data_ptr() == \
                         param.untyped_storage().data_ptr():
-                    e = w.storage_offset() // param.stride(0)
+                    e = w.storage_offset() // (param.numel() // self.experts)
                     self.inputs.setdefault((i, e), []).append(x.detach().reshape(-1, x.shape[-1]).clone())
         return func(*args, **kwargs)
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])
+@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss", "dbrx"])
 def test_expert_inputs_are_what_the_module_feeds_each_expert(arch):
     """gate/up inputs are the routed tokens' hidden states and down's act(gate)*up of them: the very
     rows the module's own forward multiplies with each expert's weights (Grams compared, row order
     differs)."""
-    model = tiny_model(arch)
-    experts = model.model.layers[1].mlp.experts
+    if arch == "dbrx":  # DBRX's flat w1/v1/w2 layout; its config needs the sweep's shrink
+        from arch_sweep import build_tiny
+
+        model = build_tiny("dbrx")
+        experts = model.transformer.blocks[1].ffn.experts
+    else:
+        model = tiny_model(arch)
+        experts = model.model.layers[1].mlp.experts
     lay = experts_layout(experts)
+    params = {p: experts.get_parameter(lay.param_name(p)) for p in lay.projections}
     seen: dict[str, list] = {}
     hook = ExpertInputs(experts, "mlp.experts", lay, lambda n, x: seen.setdefault(n, []).append(x.clone()))
     try:
@@ -155,18 +162,22 @@ def test_expert_inputs_are_what_the_module_feeds_each_expert(arch):
             model(tiny_tokens(1, 24))
     finally:
         hook.remove()
-    spy = _LinearSpy(experts.gate_up_proj, experts.down_proj)  # a second forward: the hook's own
-    model.config._experts_implementation = "eager"  # products stay out; the loop the spy can follow
+    unique = list({id(p): p for p in params.values()}.values())
+    spy = _LinearSpy(lay.num_experts, *unique)  # a second forward: the hook's own products stay out
+    model.config._experts_implementation = "eager"  # the per-expert loop the spy can follow
     with spy, torch.no_grad():
         model(tiny_tokens(1, 24))
     for e in range(lay.num_experts):
-        for proj, i in (("gate_proj", 0), ("up_proj", 0), ("down_proj", 1)):
+        for proj in lay.projections:
+            i = next(j for j, p in enumerate(unique) if p is params[proj])
             ours = torch.cat(seen[f"mlp.experts.{e}.{proj}"])
             theirs = torch.cat(spy.inputs.get((i, e), [torch.zeros(0, ours.shape[1])]))
             assert ours.shape == theirs.shape
             torch.testing.assert_close(ours.T @ ours, theirs.T @ theirs, rtol=1e-5, atol=1e-5)
         assert hook.tokens[e] == ours.shape[0]
-    assert sum(hook.tokens) == 24 * model.config.num_experts_per_tok
+    cfg = model.config
+    top_k = cfg.ffn_config.moe_top_k if arch == "dbrx" else cfg.num_experts_per_tok
+    assert sum(hook.tokens) == 24 * top_k
 
 
 def test_moe_calibration_all_sends_every_token_to_every_expert():

@@ -110,8 +110,7 @@ def _tunable(layers: dict[str, nn.Module], index: int) -> tuple[list[nn.Paramete
     fused: dict[int, torch.Tensor] = {}
     for module in layers.values():
         if isinstance(module, ExpertProjection):
-            name = "down_proj" if module.projection == "down_proj" else module.layout.in_proj
-            w = getattr(module.experts, name)
+            w = module.parameter()
             if id(w) not in fused:
                 fused[id(w)] = torch.zeros(w.shape, dtype=torch.bool, device=w.device)
                 params.append(w)

@@ -56,7 +56,7 @@ def _owners(layers: dict[str, nn.Module]) -> tuple[dict[int, str], dict[int, int
     fused: dict[int, int] = {}
     for name, m in layers.items():
         if isinstance(m, ExpertProjection):
-            p = m.experts.down_proj if m.projection == "down_proj" else getattr(m.experts, m.layout.in_proj)
+            p = m.parameter()
             fused[id(p)] = fused.get(id(p), 0) + m.weight_view().numel()
         else:
             plain[id(m.weight)] = name

@@ -7,7 +7,9 @@ not as ``nn.Linear``:
   GLM-4-MoE, Granite-MoE, ERNIE-4.5-MoE, Qwen3-Next, Jamba, ... (gate rows first, then up rows);
 - transposed, ``gate_up_proj`` (E, H, 2·I) and ``down_proj`` (E, I, H): Llama-4, Aria; GPT-OSS also
   interleaves gate and up columns (gate = even, up = odd) and has ``*_bias`` parameters;
-- without a gate, ``up_proj`` (E, I, H) and ``down_proj`` (E, H, I): Nemotron-H.
+- without a gate, ``up_proj`` (E, I, H) and ``down_proj`` (E, H, I): Nemotron-H;
+- DBRX's flat layout: the experts module's ``mlp`` holds ``w1`` (gate), ``v1`` (up) and ``w2`` (down,
+  used as ``h @ w2``), each 2-D (E·I, H).
 
 The layout is declared on the instance by transformers' ``use_experts_implementation`` decorator
 (``is_transposed``, ``is_concatenated``, ``has_gate``, ``has_bias``); where it is not (Llama-4), it
@@ -62,8 +64,15 @@ class ExpertsLayout:
 
     @property
     def projections(self) -> tuple[str, ...]:
-        return ("gate_proj", "up_proj", "down_proj") if self.in_proj == "gate_up_proj" else ("up_proj",
-                                                                                             "down_proj")
+        if self.in_proj == "up_proj":
+            return ("up_proj", "down_proj")
+        return ("gate_proj", "up_proj", "down_proj")
+
+    def param_name(self, projection: str) -> str:
+        """The experts module's parameter (a dotted path) holding `projection` of every expert."""
+        if self.in_proj == "flat":
+            return {"gate_proj": "mlp.w1", "up_proj": "mlp.v1", "down_proj": "mlp.w2"}[projection]
+        return "down_proj" if projection == "down_proj" else self.in_proj
 
 
 class UnknownExpertsLayout(ValueError):
@@ -74,15 +83,39 @@ def _three_d(module: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p for n, p in module.named_parameters(recurse=False) if p.dim() == 3}
 
 
+_FLAT = ("w1", "v1", "w2")
+
+
+def _flat_params(module: nn.Module) -> dict[str, torch.Tensor] | None:
+    """DBRX's flat experts: module.mlp's 2-D w1, v1, w2 of one shape (E·I, H), E = module.num_experts."""
+    mlp = getattr(module, "mlp", None)
+    e = getattr(module, "num_experts", None)
+    if not isinstance(mlp, nn.Module) or not isinstance(e, int) or e < 1:
+        return None
+    params = {n: getattr(mlp, n, None) for n in _FLAT}
+    if not all(isinstance(p, nn.Parameter) and p.dim() == 2 for p in params.values()):
+        return None
+    shapes = {tuple(p.shape) for p in params.values()}
+    return params if len(shapes) == 1 and next(iter(shapes))[0] % e == 0 else None
+
+
 def is_experts_module(module: nn.Module) -> bool:
-    """True for a module holding fused 3-D expert parameters (gate_up_proj / up_proj and down_proj)."""
+    """True for a module holding fused expert parameters: 3-D gate_up_proj / up_proj and down_proj, or
+    DBRX's flat w1 / v1 / w2 in its mlp."""
     params = _three_d(module)
-    return "down_proj" in params and ("gate_up_proj" in params or "up_proj" in params)
+    fused = "down_proj" in params and ("gate_up_proj" in params or "up_proj" in params)
+    return fused or _flat_params(module) is not None
 
 
 def experts_layout(module: nn.Module, name: str = "experts") -> ExpertsLayout:
     """The layout of a fused experts module; UnknownExpertsLayout naming it and its parameters when the
     shapes fit no layout or contradict the declared attributes."""
+    flat = _flat_params(module)
+    if flat is not None:
+        e = module.num_experts
+        rows, hidden = flat["w1"].shape
+        return ExpertsLayout(num_experts=e, hidden=hidden, intermediate=rows // e, in_proj="flat",
+                             transposed=False, interleaved=False, has_bias=False)
     params = _three_d(module)
     shapes = ", ".join(f"{n} {tuple(p.shape)}" for n, p in module.named_parameters(recurse=False))
 
@@ -123,8 +156,11 @@ def experts_layout(module: nn.Module, name: str = "experts") -> ExpertsLayout:
 
 
 def projection_view(fused: torch.Tensor, layout: ExpertsLayout, expert: int, projection: str) -> torch.Tensor:
-    """(out, in) view of one expert's projection inside `fused`, the module's down_proj for "down_proj",
-    else its gate_up_proj / up_proj: (I, H) for gate/up, (H, I) for down."""
+    """(out, in) view of one expert's projection inside `fused`, the parameter layout.param_name(
+    projection): (I, H) for gate/up, (H, I) for down."""
+    if layout.in_proj == "flat":  # (E·I, H): expert e's rows; down is used as h @ w2, so transposed
+        w = fused.view(layout.num_experts, layout.intermediate, layout.hidden)[expert]
+        return w.t() if projection == "down_proj" else w
     w = fused[expert]
     if layout.transposed:
         w = w.t()  # now (out, in) like the row layout
@@ -150,10 +186,13 @@ class ExpertProjection(nn.Module):
         self.expert = expert
         self.projection = projection
 
+    def parameter(self) -> nn.Parameter:
+        """The fused parameter this projection is a view of."""
+        return self.experts.get_parameter(self.layout.param_name(self.projection))
+
     def weight_view(self) -> torch.Tensor:
         """(out, in) view into the fused parameter: (I, H) for gate/up, (H, I) for down."""
-        name = "down_proj" if self.projection == "down_proj" else self.layout.in_proj
-        return projection_view(getattr(self.experts, name).data, self.layout, self.expert, self.projection)
+        return projection_view(self.parameter().data, self.layout, self.expert, self.projection)
 
     def extra_repr(self) -> str:
         return f"expert={self.expert}, projection={self.projection}"
@@ -179,6 +218,13 @@ def _gate_function(experts: nn.Module, layout: ExpertsLayout) -> Callable[[torch
     apply_gate = getattr(experts, "_apply_gate", None)
     if layout.in_proj == "up_proj":
         return experts.act_fn
+    if layout.in_proj == "flat":  # DBRX: [gate | up] concatenated by _down_input
+        act = experts.mlp.activation_fn
+
+        def flat_gate(h: torch.Tensor) -> torch.Tensor:
+            g, u = h.chunk(2, dim=-1)
+            return act(g) * u
+        return flat_gate
     if callable(apply_gate):
         return apply_gate
     act = experts.act_fn
@@ -248,6 +294,10 @@ class ExpertInputs:
 
     def _down_input(self, e: int, x: torch.Tensor) -> torch.Tensor:
         lay = self.layout
+        if lay.in_proj == "flat":
+            g = projection_view(self.experts.mlp.w1, lay, e, "gate_proj")
+            u = projection_view(self.experts.mlp.v1, lay, e, "up_proj")
+            return self.gate(torch.cat([x @ g.t(), x @ u.t()], dim=-1))
         w = getattr(self.experts, lay.in_proj)[e]
         h = x @ w if lay.transposed else x @ w.t()
         bias = getattr(self.experts, f"{lay.in_proj}_bias", None)
