@@ -20,13 +20,13 @@ pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 
 # What this checkout reaches with transformers 5.24 (RESULTS.md, "Architecture coverage"); a change
 # that loses an architecture fails here.
-MIN_VERIFIED_SHARE = 0.92
+MIN_VERIFIED_SHARE = 0.925
 # Families that must prune with verified sparsity: the classic ones SparseGPT and Wanda report on, the
 # MoE layouts and the hybrid layer lists.
 MUST = ("llama", "opt", "bloom", "falcon", "gpt_neo", "mpt", "gpt2", "gpt_neox", "mixtral", "qwen3_moe",
         "qwen2_moe", "olmoe", "gpt_oss", "deepseek_v3", "glm4_moe", "granitemoe", "ernie4_5_moe",
         "llama4_text", "jamba", "bamba", "granitemoehybrid", "falcon_h1", "zamba2", "qwen3_next", "lfm2",
-        "nemotron_h")
+        "nemotron_h", "dbrx", "mllama", "rwkv", "big_bird", "xmod")
 
 
 def test_every_architecture_prunes_with_verified_sparsity_or_refuses(tmp_path):
