@@ -87,6 +87,8 @@ def prune_experts(weights, grams, sparsity: float = 0.5, pattern: str = "unstruc
         del W, G
         share = (time.perf_counter() - t0) / len(chunk)
         for (e, g), res in zip(chunk, outs):
+            if bool(res.mask.all()):  # nothing pruned: the weight itself, as prune_layer returns it
+                res.weight = checked[e].clone()
             error = relative_error(checked[e], res.weight, g, res.denominator)
             stats = res.stats
             stats["seconds"]["total"] = share

@@ -99,7 +99,8 @@ def _check_mask_fits(mask: torch.Tensor, pat, sparsity: float, explicit_sparsity
 @torch.no_grad()  # weights are often nn.Parameters: no autograd graph, and out= GEMMs need it off
 def prune_layer(weight: torch.Tensor, gram: torch.Tensor, sparsity: float = DEFAULT_SPARSITY,
                 pattern: str = DEFAULT_PATTERN, method: str = "admm", mask: torch.Tensor | None = None,
-                preset: str | None = None, **options) -> PruneResult:
+                preset: str | None = None, heldout_gram: torch.Tensor | None = None,
+                **options) -> PruneResult:
     """Prune one linear layer's weight (out, in) given its Gram matrix G = Σ xᵀx (in, in).
 
     sparsity: fraction pruned in [0, 1) (default 0.5; ignored by N:M patterns, whose sparsity is
@@ -115,13 +116,17 @@ def prune_layer(weight: torch.Tensor, gram: torch.Tensor, sparsity: float = DEFA
     T=15, percdamp=0.1, schedule ("constant" for unstructured, "cubic" otherwise), one_shot=False, solve
     ("admm" | "exact": conjugate gradient on the final mask), cg_iters, cg_tol, compute_dtype
     (torch.float32 | torch.float64); iteration counts are bounded (_checks.MAX_ITERATIONS). Inputs are
-    never modified; the result's weight has weight's dtype and device.
+    never modified; the result's weight has weight's dtype and device. heldout_gram: the Gram (in, in)
+    of inputs the solve did not see (other text, or windows held out of the calibration): the error on
+    it, the out-of-sample error, is stats["heldout_error"] (res.error is in-sample: measured on the Gram
+    the layer was fitted to).
     """
     t0 = time.perf_counter()
     w = check_weight(weight)
     out_f, in_f = w.shape
     meth = registry.get(method)
     g = check_gram(gram, in_f)
+    h = check_gram(heldout_gram, in_f, "heldout_gram") if heldout_gram is not None else None
     s = check_sparsity(sparsity)
     pat = parse_pattern(pattern, in_f)
     if bool((g.diagonal() < 0).any()):
@@ -152,6 +157,8 @@ def prune_layer(weight: torch.Tensor, gram: torch.Tensor, sparsity: float = DEFA
         pruned = w.clone()
     te = time.perf_counter()
     error = relative_error(w, pruned, G, None if (w_exp or g_exp) else res.denominator)
+    if h is not None:
+        stats["heldout_error"] = relative_error(w, pruned, h.to(w.device))
     seconds = stats.setdefault("seconds", {})
     seconds["error"] = time.perf_counter() - te
     seconds["total"] = time.perf_counter() - t0

@@ -109,3 +109,10 @@ def test_pipeline_solves_experts_in_batches_with_the_looped_result(monkeypatch):
     ak.prune_model(other, ids, sparsity=0.5, iters=6, T=4)
     for (n, p), (_, q) in zip(model.named_parameters(), other.named_parameters()):
         assert torch.equal(p, q), n
+
+
+def test_sparsity_zero_returns_every_expert_bit_identical():
+    W, G = _problem(E=3)
+    got = prune_experts(W, G, 0.0)
+    _same(got, [ak.prune_layer(W[e], G[e], 0.0) for e in range(3)])
+    assert all(torch.equal(r.weight, W[e]) and r.error == 0 for e, r in enumerate(got))

@@ -77,6 +77,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     cli.add_eval_text_argument(p, "evaluation text for --perplexity (default: held-out Shakespeare plays)",
                                old="--eval")
     cli.add_eval_windows_argument(p)
+    p.add_argument("--heldout-windows", type=int, default=None, metavar="N",
+                   help="windows of held-out text whose Grams give every row's out-of-sample error "
+                        "(heldout_error, beside the in-sample error on the calibration Gram; the Pareto "
+                        "front uses it); default as many as calibration windows, 0 = off")
+    p.add_argument("--heldout-text", metavar="PATH", default=None,
+                   help="the held-out text (default the evaluation text, --eval-text or the held-out "
+                        "Shakespeare plays); it may not be the calibration text")
     p.add_argument("--gap", choices=("admm", "all", "none"), default="admm",
                    help="rows that get the gap to the exact least-squares optimum on their own mask (fp64 "
                         "row solves): ADMM variants (default), all methods, or none")
@@ -159,6 +166,17 @@ def _check_swallowed_model(args) -> None:
                                  f"before the list options, or end the list with -- before MODEL")
 
 
+def _same_text(a: str | None, b: str | None) -> bool:
+    """Whether two text arguments name the same file or folder (None: the default text of its role, the
+    calibration and evaluation plays, which differ)."""
+    if a is None or b is None:
+        return False
+    try:
+        return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+    except OSError:
+        return False
+
+
 def _check_out(out: Path, resume: bool, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise BenchError(f"--out {str(out)!r} exists and is not a folder")
@@ -214,7 +232,14 @@ def _run(args: argparse.Namespace) -> int:
     # the names reports give the default texts choose them, as in prune and eval
     args.calib = None if args.calib == CALIB_TEXT_DEFAULT else args.calib
     args.eval_path = None if args.eval_path == EVAL_TEXT_DEFAULT else args.eval_path
-    for path, flag in ((args.calib, "--calib"), (args.eval_path, "--eval-text")):
+    if args.heldout_windows is not None and args.heldout_windows < 0:
+        raise BenchError(f"--heldout-windows must be >= 0, got {args.heldout_windows}")
+    heldout_path = args.heldout_text if args.heldout_text is not None else args.eval_path
+    if _same_text(heldout_path, args.calib):
+        raise BenchError("the held-out text is the calibration text: an out-of-sample error needs text "
+                         "the calibration never saw (give another --heldout-text, or --heldout-windows 0)")
+    for path, flag in ((args.calib, "--calib"), (args.eval_path, "--eval-text"),
+                       (args.heldout_text, "--heldout-text")):
         if path is not None and not Path(path).expanduser().exists():
             raise BenchError(f"{flag} path {path!r} does not exist")
         try:  # before the model is loaded
@@ -239,14 +264,21 @@ def _run(args: argparse.Namespace) -> int:
             raise BenchError(f"model folder {str(path)!r} has no tokenizer, needed to tokenize text")
         calib = data.calibration_tokens(tok, nsamples, seqlen, args.calib, seed=args.seed)
         eval_ids = data.evaluation_tokens(tok, args.eval_path) if settings.perplexity else None
+        n_held = nsamples if args.heldout_windows is None else args.heldout_windows
+        heldout_ids = None
+        if n_held:
+            what = f"held-out text {heldout_path!r}" if heldout_path else "the held-out Shakespeare plays"
+            heldout_ids = data.calibration_windows(data.evaluation_tokens(tok, heldout_path), n_held, seqlen,
+                                                   args.seed, source=what)
         if eval_ids is not None and eval_ids.numel() < seqlen:
             raise BenchError(f"evaluation text is too short: found {eval_ids.numel()} tokens, need at least "
                              f"--seqlen = {seqlen} tokens for one window")
         meta = {"command": "admm-prune bench " + " ".join(getattr(args, "argv", []) or sys.argv[2:]),
                 "model_path": str(path), "calibration_source": args.calib or "shakespeare:calibration",
+                "heldout_source": (heldout_path or "shakespeare:evaluation") if n_held else None,
                 "eval_source": (args.eval_path or "shakespeare:evaluation") if settings.perplexity else None}
         result = run_bench(model, calib, out, settings, eval_ids=eval_ids, seqlen=seqlen, model_name=name,
-                           meta=meta)
+                           meta=meta, heldout_ids=heldout_ids)
     except (ValueError, TypeError, OSError) as exc:  # OSError: unwritable --out or cache folder
         raise BenchError(str(exc)) from None
     print(report.text_table(result["summary"], report.SUMMARY_COLUMNS))

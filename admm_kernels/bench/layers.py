@@ -121,17 +121,20 @@ def check_methods(specs: list[MethodSpec]) -> None:
 
 
 def run_row(weight: torch.Tensor, gram: torch.Tensor, spec: MethodSpec, pattern: str, sparsity: float,
-            peaks: dict | None = None, gap: bool = False) -> dict:
+            peaks: dict | None = None, gap: bool = False, heldout: torch.Tensor | None = None) -> dict:
     """Prune one layer with one method; return the row's figures (no layer/model identification).
 
-    weight (out, in) and gram (in, in) on the compute device; peaks: machine.measure()'s figures."""
+    weight (out, in) and gram (in, in) on the compute device; peaks: machine.measure()'s figures;
+    heldout: the layer's Gram on held-out text (in, in), for the out-of-sample "heldout_error"."""
     from ..prune import prune_layer
 
-    res = prune_layer(weight, gram, sparsity, pattern, method=spec.method, **spec.options)
+    res = prune_layer(weight, gram, sparsity, pattern, method=spec.method, heldout_gram=heldout,
+                      **spec.options)
     sec = res.stats.get("seconds", {})
     out_f, in_f = weight.shape
     row = {
         "error": float(res.error),
+        "heldout_error": res.stats.get("heldout_error"),
         "seconds": max(sec.get("total", 0.0) - sec.get("error", 0.0), 0.0),
         "error_seconds": sec.get("error", 0.0),
         "target_sparsity": float(res.stats["target_sparsity"]),

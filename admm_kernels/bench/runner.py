@@ -90,9 +90,11 @@ def _wants_gap(settings: BenchSettings, spec: MethodSpec) -> bool:
 
 
 def layer_rows(model: nn.Module, store: grams_mod.GramStore, settings: BenchSettings, journal: Journal,
-               peaks: dict, model_name: str) -> tuple[list[dict], int]:
+               peaks: dict, model_name: str,
+               heldout: grams_mod.GramStore | None = None) -> tuple[list[dict], int]:
     """Every layer x pattern x sparsity x method row (reused from the journal where finished);
-    returns (rows, how many were computed now)."""
+    returns (rows, how many were computed now). heldout: the Grams of held-out windows (each row's
+    out-of-sample error)."""
     from ..models.discovery import get_weight, named_layers
 
     modules = named_layers(model)
@@ -105,7 +107,7 @@ def layer_rows(model: nn.Module, store: grams_mod.GramStore, settings: BenchSett
     computed = 0
     try:
         for lay in store.layers:
-            weight = G = None
+            weight = G = H = None
             for pattern, s in plan:
                 for spec in settings.methods:
                     gap = _wants_gap(settings, spec)
@@ -115,11 +117,12 @@ def layer_rows(model: nn.Module, store: grams_mod.GramStore, settings: BenchSett
                         if weight is None:
                             weight = get_weight(modules[lay["name"]]).detach().to(device)
                             G = store.gram(lay["name"]).to(device)
+                            H = heldout.gram(lay["name"]).to(device) if heldout is not None else None
                         torch.manual_seed(settings.seed)
                         row = {"key": key, "model": model_name, "layer": lay["name"], "block": lay["block"],
                                "shape": "x".join(map(str, lay["shape"])), "group": lay["group"],
                                "method": spec.label, "pattern": pattern,
-                               **layers_mod.run_row(weight, G, spec, pattern, s, peaks, gap)}
+                               **layers_mod.run_row(weight, G, spec, pattern, s, peaks, gap, H)}
                         journal.add(row)
                         computed += 1
                     rows.append(row)
@@ -183,12 +186,25 @@ def perplexity_rows(model: nn.Module, calib_ids: torch.Tensor, eval_ids: torch.T
     return rows, computed
 
 
+def check_disjoint(calib: torch.Tensor, heldout: torch.Tensor) -> None:
+    """ValueError when a held-out window is also a calibration window (an out-of-sample error must be
+    measured on inputs the solve never saw)."""
+    seen = {tuple(w.tolist()) for w in calib}
+    shared = sum(1 for w in heldout if tuple(w.tolist()) in seen)
+    if shared:
+        raise ValueError(f"{shared} of the {heldout.shape[0]} held-out windows are calibration windows too: "
+                         "draw them from other text or other windows")
+
+
 def run_bench(model: nn.Module, calib_ids: torch.Tensor, out: str | os.PathLike,
               settings: BenchSettings | None = None, eval_ids: torch.Tensor | None = None,
-              seqlen: int | None = None, model_name: str | None = None, meta: dict | None = None) -> dict:
+              seqlen: int | None = None, model_name: str | None = None, meta: dict | None = None,
+              heldout_ids: torch.Tensor | None = None) -> dict:
     """Run the benchmark on `model` (a transformers causal LM) with calibration ids (N, L) int64; write
     the outputs to `out` and return the results.json object. eval_ids (n,) int64 and seqlen are needed
-    for settings.perplexity. meta: extra entries for result["meta"] (e.g. the command line)."""
+    for settings.perplexity. meta: extra entries for result["meta"] (e.g. the command line).
+    heldout_ids (M, L) int64: windows not used for calibration (no window in common with calib_ids:
+    checked); every row then has its error on their Grams too ("heldout_error", out of sample)."""
     from ..models.discovery import get_weight
     from ..models.loading import cache_dir
     from ..models.pipeline import check_calibration, versions
@@ -198,6 +214,9 @@ def run_bench(model: nn.Module, calib_ids: torch.Tensor, out: str | os.PathLike,
     t0 = time.perf_counter()
     out = Path(out)
     ids = check_calibration(calib_ids, model)
+    held_ids = check_calibration(heldout_ids, model) if heldout_ids is not None else None
+    if held_ids is not None:
+        check_disjoint(ids, held_ids)
     if settings.perplexity and (eval_ids is None or seqlen is None):
         raise ValueError("perplexity needs eval_ids and seqlen")
     model_name = model_name or type(model).__name__
@@ -219,6 +238,14 @@ def run_bench(model: nn.Module, calib_ids: torch.Tensor, out: str | os.PathLike,
     gram_seconds = time.perf_counter() - t
     _log(settings, f"Grams of {len(store.layers)} layers: {'cache hit' if hit else 'computed'} "
                    f"({gram_seconds:.1f} s) in {store.folder}")
+    held_store = None
+    if held_ids is not None:
+        t = time.perf_counter()
+        held_store, held_hit = grams_mod.load_or_compute(model, held_ids, refs, root, device,
+                                                         settings.gram_dtype, settings.progress)
+        how = "cache hit" if held_hit else "computed"
+        _log(settings, f"held-out Grams ({held_ids.shape[0]} windows): {how} "
+                       f"({time.perf_counter() - t:.1f} s)")
     idx = store.index
     if idx["not_called"]:
         _log(settings, f"skipped (never called by their block's forward): {', '.join(idx['not_called'])}")
@@ -233,8 +260,9 @@ def run_bench(model: nn.Module, calib_ids: torch.Tensor, out: str | os.PathLike,
     # threads: BLAS splits its sums per thread (errors change in the last bits) and every timing depends
     # on it, so rows of another --threads are not reused.
     journal = Journal(out, {"grams": store.key, "device": device.type, "seed": settings.seed,
-                            "threads": torch.get_num_threads()}, settings.resume)
-    rows, computed = layer_rows(model, store, settings, journal, peaks, model_name)
+                            "threads": torch.get_num_threads(),
+                            "heldout": held_store.key if held_store is not None else None}, settings.resume)
+    rows, computed = layer_rows(model, store, settings, journal, peaks, model_name, held_store)
     ppl_rows, ppl_computed = [], 0
     if settings.perplexity:
         ppl_rows, ppl_computed = perplexity_rows(model, ids, eval_ids, seqlen,
@@ -257,6 +285,8 @@ def run_bench(model: nn.Module, calib_ids: torch.Tensor, out: str | os.PathLike,
         },
         "machine": peaks,
         "grams": gram_info,
+        "heldout": ({"windows": int(held_ids.shape[0]), "key": held_store.key,
+                     "tokens_sha256": grams_mod.tokens_digest(held_ids)} if held_store is not None else None),
         "run": {"rows": len(rows), "computed": computed, "reused": len(rows) - computed,
                 "perplexity_computed": ppl_computed, "seconds": time.perf_counter() - t0},
         "rows": rows,
