@@ -25,6 +25,7 @@ import torch
 from .. import masks
 from .._checks import Pattern
 from .admm import OBS_DAMP, AdmmState, finish, gradual_mask
+from .lapack import one_thread
 from .ranges import finite_cast
 from .registry import MethodResult
 from .scaling import ScaledProblem, scale_eps
@@ -53,10 +54,12 @@ def _problems(weights: torch.Tensor, grams: torch.Tensor, obs: bool) -> tuple[li
     if obs:  # ScaledProblem.rescale_obs, batched
         A = Gh.clone()
         A.diagonal(dim1=1, dim2=2).add_(OBS_DAMP)
-        L, info = torch.linalg.cholesky_ex(A)
+        with one_thread(A.device):
+            L, info = torch.linalg.cholesky_ex(A)
         _check_info(info, f"the scaled Gram + {OBS_DAMP:g}*I", "use scaling='jacobi'")
         del A
-        e = torch.cholesky_inverse(L).diagonal(dim1=1, dim2=2).rsqrt()
+        with one_thread(L.device):
+            e = torch.cholesky_inverse(L).diagonal(dim1=1, dim2=2).rsqrt()
         del L
         e = torch.stack([ei * ei.pow(-2).mean().sqrt() for ei in e])
         d = d * e
@@ -97,10 +100,12 @@ def run_batched(weights: torch.Tensor, grams: torch.Tensor, pattern: Pattern, sp
     denominators = [p.denominator() for p in probs]
     timer.lap("factor")
     Gh.diagonal(dim1=1, dim2=2).add_(rho)
-    L, info = torch.linalg.cholesky_ex(Gh)
+    with one_thread(Gh.device):
+        L, info = torch.linalg.cholesky_ex(Gh)
     _check_info(info, "the scaled, damped Gram + rho*I", f"increase percdamp or rho (got {rho})")
     del Gh
-    inverse = torch.cholesky_inverse(L)
+    with one_thread(L.device):
+        inverse = torch.cholesky_inverse(L)
     del L
     timer.lap("factor")
 

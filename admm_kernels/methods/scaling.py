@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import masks
+from .lapack import one_thread
 
 # ε in d = sqrt(diag G) + ε: the seed's absolute 1e-8, scaled down with Grams whose mean diagonal m is
 # below 1, ε = 1e-8 · min(1, sqrt(m)), so the result does not depend on the Gram's overall scale (issue 10
@@ -85,12 +86,14 @@ class ScaledProblem:
         seed's scale (unnormalised, the diagonal 1/e_j² averaged 3-27 on those layers)."""
         A = self.G_hat.clone()
         A.diagonal().add_(mu)
-        L, info = torch.linalg.cholesky_ex(A)
+        with one_thread(A.device):
+            L, info = torch.linalg.cholesky_ex(A)
         if int(info) != 0:
             raise ValueError(f"gram: the scaled Gram + {mu:g}*I is not positive definite (Cholesky failed at "
                              f"column {int(info)}); use scaling='jacobi'")
         del A
-        e = torch.cholesky_inverse(L).diagonal().rsqrt()
+        with one_thread(L.device):
+            e = torch.cholesky_inverse(L).diagonal().rsqrt()
         del L
         e = e * e.pow(-2).mean().sqrt()  # mean(1 / e²) = 1: Ĝ's new mean diagonal
         self.d = self.d * e

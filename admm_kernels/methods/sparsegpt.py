@@ -26,6 +26,7 @@ import torch
 
 from .. import masks
 from .._checks import Pattern, check_float, check_int
+from .lapack import one_thread
 from .ranges import finite_cast
 from .registry import Method, MethodResult, Option, check_compute_dtype
 
@@ -57,11 +58,13 @@ def run(weight: torch.Tensor, G: torch.Tensor, pattern: Pattern, sparsity: float
         live = H.diagonal()[~dead]
         H.diagonal()[dead] = float(live.mean()) if live.numel() else 1.0
     H.diagonal().add_(percdamp * float(H.diagonal().mean()))
-    L, info = torch.linalg.cholesky_ex(H)
+    with one_thread(H.device):
+        L, info = torch.linalg.cholesky_ex(H)
     if int(info) != 0:
         raise ValueError(f"gram + damping is not positive definite (Cholesky failed at column {int(info)}); "
                          f"increase percdamp (got {percdamp})")
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    with one_thread(L.device):
+        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
     del H, L
     t_factor = time.perf_counter()
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from .lapack import one_thread
+
 MODES = ("cholesky", "eigh")
 
 
@@ -44,7 +46,8 @@ class WUpdate:
             self._A = G_hat
             self._diag = G_hat.diagonal().clone()
         else:
-            lam, Q = torch.linalg.eigh(G_hat.to(eigh_dtype or G_hat.dtype))
+            with one_thread(G_hat.device):
+                lam, Q = torch.linalg.eigh(G_hat.to(eigh_dtype or G_hat.dtype))
             # The inverse is formed in G_hat's dtype: at n = 1536 on this CPU a float64 eigh takes 0.72 s
             # (float32: 0.38 s) but a float64 GEMM Q diag Qᵀ 0.17 s against 0.08 s, and ALPS forms a new
             # inverse every 3 iterations.
@@ -67,11 +70,13 @@ class WUpdate:
                 raise RuntimeError("WUpdate(keep_gram=False) cannot change rho after the first factorisation")
             A = self._A
             A.diagonal().copy_(self._diag).add_(rho)
-            L, info = torch.linalg.cholesky_ex(A)
+            with one_thread(A.device):
+                L, info = torch.linalg.cholesky_ex(A)
             if int(info) != 0:
                 raise ValueError(f"gram: the scaled, damped Gram + rho*I is not positive definite (Cholesky "
                                  f"failed at column {int(info)}); increase percdamp or rho (got {rho})")
-            self.inverse = torch.cholesky_inverse(L)
+            with one_thread(L.device):
+                self.inverse = torch.cholesky_inverse(L)
             del L
             if not self.keep_gram:
                 self._A = None  # frees n² floats during the loop (the caller dropped its reference)
