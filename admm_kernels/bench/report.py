@@ -37,8 +37,12 @@ PPL_COLUMNS = ("method", "pattern", "sparsity", "perplexity", "seconds", "achiev
 
 
 from .._io import atomic_write_bytes as write_file  # noqa: E402
+from .._io import writing  # noqa: E402
 
-_write = write_file
+
+def _write(path: Path, data: bytes) -> None:
+    with writing("the bench output", path):  # a full or read-only disk: one line naming the file
+        write_file(path, data)
 
 
 def _mean(values) -> float | None:
@@ -299,7 +303,8 @@ def pareto_panels(summary: list[dict]) -> dict[str, list[tuple[str, float, float
 
 def write_outputs(out: Path, result: dict) -> list[Path]:
     """Write every output file for `result` (the results.json object) into `out`; return the paths."""
-    out.mkdir(parents=True, exist_ok=True)
+    with writing("the bench output folder", out):
+        out.mkdir(parents=True, exist_ok=True)
     written = [out / "layers.csv", out / "summary.csv"]
     write_csv(written[0], result["rows"], ROW_COLUMNS)
     write_csv(written[1], result["summary"], SUMMARY_COLUMNS)

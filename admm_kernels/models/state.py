@@ -50,6 +50,7 @@ from .._io import (
     atomic_write_with,
     fsync_dir,
     publish_folder,  # noqa: F401  (re-exported: callers import it from here)
+    writing,
 )
 
 STATE_FILE = "state.json"
@@ -109,7 +110,8 @@ def fingerprint(**parts) -> dict:
 
 
 def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+    with writing("the resumable state file", path):  # a full disk: one line, the previous state kept
+        atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -440,7 +442,8 @@ class PipelineState:
             # Hash what is on the disk (read back from the page cache: ~1 GB/s), not what we meant to write.
             rec.update(sha256=file_sha256(tmp), bytes=tmp.stat().st_size)
 
-        atomic_write_with(self.folder / name, write)
+        with writing("the resumable state file", self.folder / name):
+            atomic_write_with(self.folder / name, write)
         rec["tensors"] = _tensor_record(cpu)
         return rec
 
