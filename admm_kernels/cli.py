@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import sys
 import textwrap
 import time
@@ -1131,15 +1130,6 @@ def cmd_bench(argv: list[str]) -> int:
     return int(bench_main(argv) or 0)
 
 
-class _Terminated(BaseException):
-    """SIGTERM under torchrun (its agent stops every rank when one fails): unwinds like an exception so
-    temporary output folders are removed."""
-
-
-def _on_sigterm(signum, frame):
-    raise _Terminated
-
-
 def _start_distributed(args):
     """The Comm of this process: under torchrun with several ranks, the rank's device (cuda ->
     cuda:LOCAL_RANK) and the process group; else LOCAL."""
@@ -1153,7 +1143,6 @@ def _start_distributed(args):
         comm = distributed.init_from_environment(device, args.dist_backend, args.dist_timeout)
     except ValueError as exc:
         raise CliError(str(exc)) from None
-    signal.signal(signal.SIGTERM, _on_sigterm)
     return comm
 
 
@@ -1165,6 +1154,7 @@ def main(argv: list[str] | None = None) -> int:
         from .doctor import main as doctor_main
 
         return doctor_main(argv[1:])
+    from ._signals import Terminated, sigterm_raises, stopped
     from .models.distributed import RESUME_HINT, DistributedError, launched_world_size, shutdown
 
     parser = build_parser()
@@ -1173,24 +1163,25 @@ def main(argv: list[str] | None = None) -> int:
     set_threads(args.threads)
     many = launched_world_size() > 1
     who = f" (rank {os.environ.get('RANK', '?')})" if many else ""
+    # prune saves its state after every block, so it can continue; eval has nothing to continue from.
+    next_step = "" if args.command != "prune" else RESUME_HINT if many else \
+        "rerun with --resume to continue from the last finished block"
     try:
-        comm = _start_distributed(args)
-        with hf_progress_bars(not args.quiet and comm.is_main):
-            return cmd_prune(args, comm) if args.command == "prune" else cmd_eval(args, comm)
+        with sigterm_raises():
+            comm = _start_distributed(args)
+            with hf_progress_bars(not args.quiet and comm.is_main):
+                return cmd_prune(args, comm) if args.command == "prune" else cmd_eval(args, comm)
     except CliError as exc:
         print(f"admm-prune: error{who}: {exc}", file=sys.stderr)
         return 2
     except DistributedError as exc:
         print(f"admm-prune: error{who}: {exc}", file=sys.stderr)
         return 3
-    except _Terminated:
-        print(f"admm-prune{who}: terminated (SIGTERM; torchrun stops every rank when one fails: see the "
-              f"failing rank's message); {RESUME_HINT}", file=sys.stderr)
-        return 143
-    except KeyboardInterrupt:
-        print(f"admm-prune{who}: interrupted; rerun with --resume to continue from the last finished block",
-              file=sys.stderr)
-        return 130
+    except (Terminated, KeyboardInterrupt) as exc:
+        if many and isinstance(exc, Terminated):
+            next_step = "; ".join(filter(None, ["torchrun stops every rank when one fails: see the failing "
+                                                "rank's message", next_step]))
+        return stopped(f"admm-prune{who}", exc, next_step)
     finally:
         if many:
             shutdown()

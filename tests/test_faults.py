@@ -318,3 +318,132 @@ def test_bench_gram_cache_on_a_full_disk_is_one_line(tiny_model_root, tmp_path, 
     cache = tmp_path / "cache"
     assert err.startswith(f"admm-prune bench: error: cannot write the Gram cache '{cache}/grams-")
     assert err.endswith("No space left on device; free space on that filesystem or write somewhere else")
+
+
+# ---------------------------------------------------------------------------------------------------
+# signals: real SIGINT / SIGTERM sent to a CLI subprocess paused at a known point
+
+_PAUSED_CLI = r"""
+import sys, time
+
+def pause(*a, **k):
+    print("READY", flush=True)
+    time.sleep(120)
+
+kind = sys.argv[1]
+if kind == "prune":  # paused right after block 0's state was saved
+    from admm_kernels.models import state
+    real_save = state.PipelineState.save
+
+    def save(self, *a, **k):
+        result = real_save(self, *a, **k)
+        pause()
+        return result
+    state.PipelineState.save = save
+elif kind == "eval":
+    import admm_kernels.eval
+    admm_kernels.eval.evaluate_perplexity = pause
+elif kind == "bench":  # paused right after the first row was journalled
+    from admm_kernels.bench import journal
+    real_add = journal.Journal.add
+
+    def add(self, row):
+        real_add(self, row)
+        pause()
+    journal.Journal.add = add
+elif kind == "doctor":
+    from admm_kernels import doctor
+    doctor.run_checks = pause
+from admm_kernels.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def _run_until_signalled(kind: str, argv: list[str], signum: int) -> tuple[int, str]:
+    """Start the CLI with `argv`, wait until it reaches its pause, send `signum`; (exit status, stderr)."""
+    import os
+    import signal
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", _PAUSED_CLI, kind, *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env,
+                            # Python turns SIGINT into KeyboardInterrupt only when it is not ignored at
+                            # start (a shell's background job ignores it)
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        line = proc.stdout.readline()
+        while line and line.strip() != "READY":
+            line = proc.stdout.readline()
+        assert line.strip() == "READY", proc.communicate(timeout=60)[1]
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, err
+
+
+def _signal_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_prune_stopped_by_a_signal_says_so_and_resume_continues(tiny_model_root, tmp_path, sig, reference):
+    import signal
+
+    out = tmp_path / "out"
+    argv = [*_args(tiny_model_root, out), "--threads", "1"]
+    rc, err = _run_until_signalled("prune", argv, getattr(signal, sig))
+    verb = "interrupted" if sig == "SIGINT" else "terminated"
+    assert rc == (130 if sig == "SIGINT" else 143), err
+    assert _signal_lines(err) == [f"admm-prune: {verb} ({sig}); rerun with --resume to continue from the "
+                                  "last finished block"], err
+    assert (tmp_path / "out.state" / "state.json").is_file() and not out.exists()
+    assert not (tmp_path / "out.state" / ".lock").exists()  # unwound: the lock was released in order
+    assert cli.main([*argv, "--resume"]) == 0
+    assert json.loads((out / "prune_report.json").read_text())["resumed_from_block"] == 1
+    assert _layers(out) == reference["mem"]
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_eval_stopped_by_a_signal_says_so_without_resume(tiny_model_root, sig):
+    import signal
+
+    argv = ["eval", str(tiny_model_root / "tiny-llama"), "--text", str(tiny_model_root / "eval.txt"),
+            "--seqlen", "32", "--quiet", "--threads", "1"]
+    rc, err = _run_until_signalled("eval", argv, getattr(signal, sig))
+    verb = "interrupted" if sig == "SIGINT" else "terminated"
+    assert rc == (130 if sig == "SIGINT" else 143), err
+    assert _signal_lines(err) == [f"admm-prune: {verb} ({sig})"], err
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_bench_stopped_by_a_signal_says_so_and_resume_keeps_the_rows(tiny_model_root, tmp_path, sig):
+    import signal
+
+    from admm_kernels.bench import main as bench_main
+
+    argv = [str(tiny_model_root / "tiny-llama"), "--calib", str(tiny_model_root / "calib.txt"), "--nsamples",
+            "2", "--seqlen", "16", "--methods", "magnitude", "--sparsities", "0.5", "--patterns",
+            "unstructured", "--max-layers", "2", "--out", str(tmp_path / "bench"), "--cache-dir",
+            str(tmp_path / "cache"), "--quiet", "--threads", "1"]
+    rc, err = _run_until_signalled("bench", ["bench", *argv], getattr(signal, sig))
+    verb = "interrupted" if sig == "SIGINT" else "terminated"
+    assert rc == (130 if sig == "SIGINT" else 143), err
+    assert _signal_lines(err) == [f"admm-prune bench: {verb} ({sig}); rerun with --resume to keep the "
+                                  "finished rows"], err
+    assert bench_main([*argv, "--resume"]) == 0
+    result = json.loads((tmp_path / "bench" / "results.json").read_text())
+    assert result["run"]["reused"] == 1
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_doctor_stopped_by_a_signal_says_so(sig):
+    import signal
+
+    rc, err = _run_until_signalled("doctor", ["doctor"], getattr(signal, sig))
+    verb = "interrupted" if sig == "SIGINT" else "terminated"
+    assert rc == (130 if sig == "SIGINT" else 143), err
+    assert _signal_lines(err) == [f"admm-prune doctor: {verb} ({sig})"], err
