@@ -790,7 +790,7 @@ def _prune_locked(args, device, out: Path, store, overwrite: bool, replace_defau
     """The work of `admm-prune prune`, done while rank 0 holds the lock of the output's state folder.
     overwrite: the output folder may be replaced (--overwrite, or the default folder's own previous
     output when replace_default)."""
-    from ._io import WriteError, make_temp_sibling
+    from ._io import WriteError, make_temp_sibling, writing
 
     log = _logger(args.quiet or not comm.is_main)
     built = None
@@ -811,11 +811,12 @@ def _prune_locked(args, device, out: Path, store, overwrite: bool, replace_defau
         if replace_default:
             log(f"replacing the previous output in {out} (give --out to keep it)")
         if args.stream:  # the streamed shards are written here as the blocks are pruned
-            out.resolve().parent.mkdir(parents=True, exist_ok=True)
-            built = make_temp_sibling(out.resolve())
+            with writing("--out", out):
+                out.resolve().parent.mkdir(parents=True, exist_ok=True)
+                built = make_temp_sibling(out.resolve())
 
-    comm.decided_by_main(tidy, "preparing --out")
     try:
+        comm.decided_by_main(tidy, "preparing --out")
         return _prune_run(args, device, out, store, overwrite, comm, log, built)
     except WriteError as exc:  # the state, a streamed block, the activation file: one line, what to do
         hint = ("; then rerun with --resume to continue from the last finished block"
@@ -1154,6 +1155,7 @@ def main(argv: list[str] | None = None) -> int:
         from .doctor import main as doctor_main
 
         return doctor_main(argv[1:])
+    from ._io import WriteError
     from ._signals import Terminated, sigterm_raises, stopped
     from .models.distributed import RESUME_HINT, DistributedError, launched_world_size, shutdown
 
@@ -1177,6 +1179,9 @@ def main(argv: list[str] | None = None) -> int:
     except DistributedError as exc:
         print(f"admm-prune: error{who}: {exc}", file=sys.stderr)
         return 3
+    except WriteError as exc:  # any write the commands did not word themselves
+        print(f"admm-prune: error{who}: {exc}", file=sys.stderr)
+        return 2
     except (Terminated, KeyboardInterrupt) as exc:
         if many and isinstance(exc, Terminated):
             next_step = "; ".join(filter(None, ["torchrun stops every rank when one fails: see the failing "

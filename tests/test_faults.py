@@ -447,3 +447,23 @@ def test_doctor_stopped_by_a_signal_says_so(sig):
     verb = "interrupted" if sig == "SIGINT" else "terminated"
     assert rc == (130 if sig == "SIGINT" else 143), err
     assert _signal_lines(err) == [f"admm-prune doctor: {verb} ({sig})"], err
+
+
+def test_a_full_disk_when_locking_or_preparing_the_output_is_one_line(tiny_model_root, tmp_path, capsys,
+                                                                      monkeypatch):
+    import admm_kernels._io as io_mod
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    with monkeypatch.context() as m:
+        m.setattr(state_mod.os, "pwrite", full)
+        err = _one_line_error(capsys, _args(tiny_model_root, tmp_path / "a"))
+        state = tmp_path / "a.state"
+        assert err.endswith(f"cannot be used: state folder '{state}' is not writable: No space left on "
+                            "device")
+    with monkeypatch.context() as m:  # the folder a streamed run writes its blocks into
+        m.setattr(io_mod, "make_temp_sibling", full)
+        err = _one_line_error(capsys, _args(tiny_model_root, tmp_path / "b", "--stream"))
+        assert err == (f"admm-prune: error: cannot write --out '{tmp_path / 'b'}': No space left on device; "
+                       "free space on that filesystem or write somewhere else")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -30,6 +30,7 @@ Three guarantees, all in this module so that one owner (rank 0 of a distributed 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -217,8 +218,16 @@ def lock_folder(folder: str | os.PathLike, what: str = "state folder") -> Folder
             if same:
                 break
             os.close(fd)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:  # the pid is only for other runs' messages, but a full disk must not be a traceback here
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as exc:
+            path.unlink(missing_ok=True)  # still holding the lock: nobody else uses this name yet
+            os.close(fd)
+            if created:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+            raise StateError(f"{what} {str(folder)!r} is not writable: {exc.strerror or exc}") from None
         lock = FolderLock(folder, key, fd, created)
         _held[key] = lock
         return lock
