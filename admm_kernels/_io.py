@@ -1,5 +1,7 @@
 """Safe file output: atomic durable writes, writability probes, temporary sibling folders that a later
-run can tell apart from a live run's, and the overlap test between an output and an input folder.
+run can tell apart from a live run's, the overlap test between an output and an input folder, and the
+one-line errors of writes that fail for a reason of the filesystem (WriteError: no space, read-only, no
+permission, ...; every write path raises it, and checks free space first where the sizes are known).
 
 Atomic writes go to a temporary file in the target's folder, are fsync'ed, renamed with os.replace and
 the folder is fsync'ed: a reader (or a machine that lost power) sees either the old file or the whole

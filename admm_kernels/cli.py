@@ -6,7 +6,9 @@ default), evaluate perplexity, benchmark methods.
     admm-prune bench [MODEL] ...    (admm_kernels.bench.cli)
 
 Every argument is validated before the model is loaded, so a typo fails in a second, not after an hour.
-Errors are printed as one line "admm-prune: error: ..." with exit status 2. Option groups shared by the
+Errors are printed as one line "admm-prune: error: ..." with exit status 2, a failed write too (a full,
+read-only or forbidden disk: admm_kernels._io.WriteError). SIGINT and SIGTERM end a command with one
+line and status 130 / 143 (admm_kernels._signals). Option groups shared by the
 subcommands (calibration, evaluation windows, device/dtype/threads/quiet) are defined once here.
 """
 
