@@ -707,6 +707,7 @@ def cmd_prune(args, comm=None) -> int:
     rank 0 checks --out and the texts, holds the lock, tokenises, writes the state and the output; every
     rank loads the model and takes its share of the work."""
     from ._checks import parse_pattern, pattern_group
+    from ._io import write_error
     from .models import default_state_dir
     from .models.distributed import LOCAL
     from .models.loading import default_model_folder
@@ -765,6 +766,12 @@ def cmd_prune(args, comm=None) -> int:
         _check_text_path(args.eval_path, "--eval")
         if args.offload_dir is not None and not Path(args.offload_dir).is_dir():
             raise CliError(f"--offload-dir {args.offload_dir!r} is not an existing folder")
+        if args.offload_dir is not None:  # a real probe, as for --out: read-only mounts fool os.access
+            from ._io import probe_writable
+
+            error = probe_writable(args.offload_dir)
+            if error is not None:
+                raise CliError(str(write_error(error, "--offload-dir", args.offload_dir)))
         _check_out(out, overwrite, Path(args.model) if args.model else default_model_folder(), state_dir)
         # One run at a time per --out: the lock on OUT.state covers the state and the final save.
         try:

@@ -467,3 +467,15 @@ def test_a_full_disk_when_locking_or_preparing_the_output_is_one_line(tiny_model
         assert err == (f"admm-prune: error: cannot write --out '{tmp_path / 'b'}': No space left on device; "
                        "free space on that filesystem or write somewhere else")
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_an_unwritable_offload_dir_is_refused_before_the_model_is_loaded(tiny_model_root, tmp_path, capsys,
+                                                                         monkeypatch):
+    from admm_kernels.models import loading
+
+    def never(*a, **k):
+        raise AssertionError("the model was loaded before --offload-dir was checked")
+    monkeypatch.setattr(loading, "load_model", never)
+    # /proc refuses new files even for root (a chmod'ed folder does not stop root)
+    err = _one_line_error(capsys, _args(tiny_model_root, tmp_path / "out", "--offload-dir", "/proc"))
+    assert err.startswith("admm-prune: error: cannot write --offload-dir '/proc': ") and "; " in err, err
