@@ -298,6 +298,15 @@ def test_bench_outputs_on_a_full_disk_are_one_line(tiny_model_root, tmp_path, ca
     monkeypatch.undo()
     assert bench_main([*argv, "--resume"]) == 0
     assert (out / "results.json").is_file()
+    # and the tool that copies a bench output into RESULTS.md
+    from admm_kernels.bench import results_md
+
+    monkeypatch.setattr(report, "write_file", full)
+    md = tmp_path / "RESULTS.md"
+    assert results_md.main(["--results", str(md), str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("results_md: error: cannot write the bench output '") and "\n" not in err, err
+    assert err.endswith("No space left on device; free space on that filesystem or write somewhere else")
 
 
 def test_bench_gram_cache_on_a_full_disk_is_one_line(tiny_model_root, tmp_path, capsys, monkeypatch):
