@@ -488,3 +488,18 @@ def test_an_unwritable_offload_dir_is_refused_before_the_model_is_loaded(tiny_mo
     # /proc refuses new files even for root (a chmod'ed folder does not stop root)
     err = _one_line_error(capsys, _args(tiny_model_root, tmp_path / "out", "--offload-dir", "/proc"))
     assert err.startswith("admm-prune: error: cannot write --offload-dir '/proc': ") and "; " in err, err
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_streamed_output_size_checked_up_front_is_what_is_written(tiny_model_root, tmp_path, dtype):
+    from tiny_models import tiny_tokens
+
+    import admm_kernels as ak
+
+    out = tmp_path / "out"
+    out.mkdir()
+    model = streaming.StreamedModel(tiny_model_root / "tiny-llama", dtype=dtype, output=out)
+    expected = model.output_bytes()
+    ak.prune_model(model, tiny_tokens(2, 16), sparsity=0.5, method="magnitude")
+    index = json.loads((out / streaming.INDEX_FILE).read_text())
+    assert index["metadata"]["total_size"] == expected
