@@ -8,7 +8,6 @@ from __future__ import annotations
 import gc
 import json
 import os
-import warnings
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ import torch
 pytest.importorskip("transformers")
 
 from tiny_models import Interrupt, stop_after, tiny_model, tiny_tokens  # noqa: E402
+from tiny_models import live_cpu_tensor_bytes as _live_cpu_tensor_bytes  # noqa: E402
 
 import admm_kernels as ak  # noqa: E402
 from admm_kernels._digest import model_digest  # noqa: E402
@@ -101,23 +101,6 @@ def test_resume_across_in_memory_and_streamed_runs(tmp_path):
     assert report["resumed_from_block"] == 1
     written, _, _ = load_model(out, with_tokenizer=False)
     assert _same(_state(written), _state(reference))
-
-
-def _live_cpu_tensor_bytes() -> int:
-    """Bytes of every distinct CPU storage a live Python tensor object holds (found through the garbage
-    collector, so it counts what really exists, not what the code under test claims to hold)."""
-    seen, total = set(), 0
-    with warnings.catch_warnings():  # isinstance on some deprecated torch objects warns
-        warnings.simplefilter("ignore")
-        live = [o for o in gc.get_objects() if isinstance(o, torch.Tensor)]
-    live = [o for o in live if type(o) in (torch.Tensor, torch.nn.Parameter)]  # no fake tensors of others
-    for obj in live:
-        if obj.device.type == "cpu":
-            storage = obj.untyped_storage()
-            if storage.data_ptr() and storage.data_ptr() not in seen:
-                seen.add(storage.data_ptr())
-                total += storage.nbytes()
-    return total
 
 
 def _peak_live_bytes(tmp_path, layers: int, streamed: bool, monkeypatch) -> tuple[int, int]:
