@@ -1,5 +1,7 @@
 """Safe file output: atomic durable writes, writability probes, temporary sibling folders that a later
-run can tell apart from a live run's, and the overlap test between an output and an input folder.
+run can tell apart from a live run's, the overlap test between an output and an input folder, and the
+one-line errors of writes that fail for a reason of the filesystem (WriteError: no space, read-only, no
+permission, ...; every write path raises it, and checks free space first where the sizes are known).
 
 Atomic writes go to a temporary file in the target's folder, are fsync'ed, renamed with os.replace and
 the folder is fsync'ed: a reader (or a machine that lost power) sees either the old file or the whole
@@ -9,12 +11,107 @@ new one, never a torn write. Files get the permissions a plain open() would give
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+# ---------------------------------------------------------------------------------------------------
+# write errors: one line naming the path, the reason and what to do
+
+_ADVICE = {
+    errno.ENOSPC: "free space on that filesystem or write somewhere else",
+    errno.EDQUOT: "the disk quota is exhausted: free some of it or write somewhere else",
+    errno.EROFS: "the filesystem is read-only: write somewhere else",
+    errno.EACCES: "no permission to write there: write somewhere else or change its permissions",
+    errno.EPERM: "no permission to write there: write somewhere else or change its permissions",
+    errno.EFBIG: "the file is too large for that filesystem: write somewhere else",
+    errno.EIO: "the device reported an I/O error: check the disk, or write somewhere else",
+}
+
+
+def _mib(n: int) -> str:
+    if n < 2**20:
+        return f"{n / 2**10:.1f} KiB"
+    return f"{n / 2**20:.1f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
+
+
+class WriteError(OSError):
+    """A file or folder could not be written for a reason of the filesystem (no space, read-only,
+    no permission, ...). str() is one line: what, the path, the reason and what to do; `path` is the
+    destination the caller meant (not a temporary name), `errno` the cause's."""
+
+    def __init__(self, code: int | None, what: str, path: str | os.PathLike, reason: str | None = None,
+                 needed: int | None = None, available: int | None = None):
+        reason = reason or (os.strerror(code) if code else "write failed")
+        sizes = ""
+        if needed is not None:
+            sizes = f" ({_mib(needed)} needed" + (f", {_mib(available)} available" if available is not None
+                                                 else "") + ")"
+        advice = _ADVICE.get(code, "check that location, or write somewhere else")
+        message = f"cannot write {what} {str(path)!r}: {reason}{sizes}; {advice}"
+        super().__init__(code, message) if code else super().__init__(message)
+        self.message, self.path, self.what, self.reason = message, str(path), what, reason
+        self.needed, self.available = needed, available
+
+    def __str__(self) -> str:
+        return self.message
+
+
+# safetensors' Rust errors are not OSErrors: 'Error while serializing: I/O error: No space left on device
+# (os error 28)'. The reason and the errno are what count; the temporary file it names means nothing.
+_SAFETENSORS_IO = re.compile(r"I/O error: (?P<reason>.*?) \(os error (?P<errno>\d+)\)")
+
+
+def write_error(exc: BaseException, what: str, path: str | os.PathLike) -> BaseException:
+    """`exc` as a WriteError about `path` when it is a failed write (an OSError or safetensors' I/O
+    error); anything else (a TypeError, an interrupt) is returned unchanged."""
+    if isinstance(exc, WriteError):
+        return exc
+    if isinstance(exc, OSError):
+        return WriteError(exc.errno, what, path, exc.strerror or str(exc))
+    if type(exc).__name__ == "SafetensorError":
+        m = _SAFETENSORS_IO.search(str(exc))
+        if m:
+            return WriteError(int(m["errno"]), what, path, m["reason"])
+    return exc
+
+
+@contextlib.contextmanager
+def writing(what: str, path: str | os.PathLike) -> Iterator[None]:
+    """Turn a failed write inside the block into a WriteError about `path` (see write_error)."""
+    try:
+        yield
+    except Exception as exc:
+        err = write_error(exc, what, path)
+        if err is exc:
+            raise
+        raise err from exc
+
+
+def free_bytes(path: str | os.PathLike) -> int:
+    """Bytes available to this user on the filesystem holding `path` (or its nearest existing folder)."""
+    return shutil.disk_usage(nearest_existing(path)).free
+
+
+def check_free_space(needs: list[tuple[str, str | os.PathLike, int]]) -> None:
+    """Raise WriteError (ENOSPC) before any work when what is going to be written does not fit.
+
+    needs: (what, path, bytes) per output; outputs on the same filesystem are added up, and the error
+    names the first of them with the total needed and the space available."""
+    by_device: dict[int, list[tuple[str, str | os.PathLike, int]]] = {}
+    for what, path, size in needs:
+        by_device.setdefault(os.stat(nearest_existing(path)).st_dev, []).append((what, path, size))
+    for group in by_device.values():
+        needed = sum(size for _, _, size in group)
+        available = free_bytes(group[0][1])
+        if needed > available:
+            what = " and ".join(w for w, _, _ in group)
+            raise WriteError(errno.ENOSPC, what, group[0][1], "not enough free space", needed, available)
 
 
 def _read_umask() -> int:

@@ -6,7 +6,9 @@ default), evaluate perplexity, benchmark methods.
     admm-prune bench [MODEL] ...    (admm_kernels.bench.cli)
 
 Every argument is validated before the model is loaded, so a typo fails in a second, not after an hour.
-Errors are printed as one line "admm-prune: error: ..." with exit status 2. Option groups shared by the
+Errors are printed as one line "admm-prune: error: ..." with exit status 2, a failed write too (a full,
+read-only or forbidden disk: admm_kernels._io.WriteError). SIGINT and SIGTERM end a command with one
+line and status 130 / 143 (admm_kernels._signals). Option groups shared by the
 subcommands (calibration, evaluation windows, device/dtype/threads/quiet) are defined once here.
 """
 
@@ -18,7 +20,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import sys
 import textwrap
 import time
@@ -699,29 +700,15 @@ def _save(model, tokenizer, out: Path, fmt: str, report: dict, overwrite: bool,
     shards): only the tokenizer and report are added before the rename. Every file is on the disk
     before the rename, and the rename before this returns: the caller then deletes the resumable state,
     which must not outlive its only other copy on a machine that loses power."""
-    from ._io import fsync_dir, fsync_tree, make_temp_sibling, old_sibling, publish_folder
+    from ._io import fsync_dir, make_temp_sibling, old_sibling, writing
 
     out = out.resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = built or make_temp_sibling(out)  # .OUT.tmp-PID-*: removed by a later run if this process is killed
+    with writing("--out", out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = built or make_temp_sibling(out)  # .OUT.tmp-PID-*: removed by a later run if this process dies
     old = None
     try:
-        if built is not None:
-            pass
-        elif fmt == "packed":  # a complete folder: `admm-prune eval` and load_sparse(folder) read it
-            from .sparse import save_sparse
-
-            save_sparse(model, tmp / PACKED_NAME)
-            model.config.save_pretrained(tmp)
-            if getattr(model, "generation_config", None) is not None:
-                model.generation_config.save_pretrained(tmp)
-        else:
-            model.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2, default=str) + "\n")
-        publish_folder(tmp)
-        fsync_tree(tmp)
+        _save_into(model, tokenizer, tmp, fmt, report, built is not None, out)
         if out.exists():
             if not overwrite and any(out.iterdir()):
                 raise CliError(f"--out {str(out)!r} became non-empty during the run; pass --overwrite")
@@ -796,6 +783,89 @@ def _size(n: int) -> str:
             return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
         n /= 1024
     return ""  # not reached
+def _save_into(model, tokenizer, tmp: Path, fmt: str, report: dict, built: bool, out: Path) -> None:
+    """_save's writes into the temporary folder `tmp`; a failed write is a WriteError naming `out` (the
+    temporary name means nothing to the user; safetensors' own errors are not OSErrors)."""
+    from ._io import WriteError, writing
+
+    try:
+        with writing("--out", out):
+            _write_output(model, tokenizer, tmp, fmt, report, built)
+    except WriteError as exc:  # e.g. save_sparse's, naming the file in the temporary folder
+        raise WriteError(exc.errno, "--out", out, exc.reason, exc.needed, exc.available) from exc
+
+
+def _write_output(model, tokenizer, tmp: Path, fmt: str, report: dict, built: bool) -> None:
+    from ._io import fsync_tree, publish_folder
+
+    if built:
+        pass
+    elif fmt == "packed":  # a complete folder: `admm-prune eval` and load_sparse(folder) read it
+        from .sparse import save_sparse
+
+        save_sparse(model, tmp / PACKED_NAME)
+        model.config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+    else:
+        model.save_pretrained(tmp, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2, default=str) + "\n")
+    publish_folder(tmp)
+    fsync_tree(tmp)
+
+
+def _space_needed(args, model, out: Path, store, nsamples: int, seqlen: int, eval_ids,
+                  eval_windows: int | None) -> list[tuple[str, Path, int]]:
+    """(what, where, bytes) of what a prune run is going to write, known once the model is loaded: the
+    output (hf: the model's bytes; a packed output's size depends on the result and is not counted), the
+    state (every block's weights and two activation files, less what a resumed state already holds) and
+    the activation file of --offload-dir (the calibration windows; with --stream the evaluation
+    windows too)."""
+    from .models.streaming import StreamedModel
+
+    streamed = isinstance(model, StreamedModel)
+    net = model.model if streamed else model
+    dtype = model.dtype if streamed else next(net.parameters()).dtype
+    if streamed:
+        model_bytes = model.output_bytes()
+    else:
+        storages = {}
+        for t in net.state_dict().values():
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()  # tied weights once
+        model_bytes = sum(storages.values())
+    from .models import find_blocks
+
+    _, blocks = find_blocks(net)
+    block_bytes = sum(p.numel() * p.element_size() for p in blocks.parameters())
+    hidden = getattr(net.config, "hidden_size", None) or getattr(net.config, "n_embd", None) or 0
+    acts = nsamples * seqlen * hidden * dtype.itemsize
+    needs = []
+    if args.save_format == "hf":
+        needs.append(("--out", out, model_bytes))
+    held = sum(f.stat().st_size for f in store.folder.glob("*") if f.is_file()) if store.folder.is_dir() \
+        else 0
+    needs.append(("the resumable state", store.folder, max(0, block_bytes + 2 * acts - held)))
+    if args.offload_dir is not None:
+        windows = 0
+        if args.stream and eval_ids is not None:
+            windows = eval_ids.numel() // seqlen
+            windows = min(windows, eval_windows or windows)
+        needs.append(("the activation file in --offload-dir", Path(args.offload_dir),
+                      acts + windows * seqlen * hidden * dtype.itemsize))
+    return needs
+
+
+def _check_space(args, model, out: Path, store, nsamples: int, seqlen: int, eval_ids,
+                 eval_windows: int | None) -> None:
+    """Refuse, before any pruning, a run whose output, state or activation file cannot fit on its disk."""
+    from ._io import WriteError, check_free_space
+
+    try:
+        check_free_space(_space_needed(args, model, out, store, nsamples, seqlen, eval_ids, eval_windows))
+    except WriteError as exc:
+        raise CliError(str(exc)) from None
 
 
 def cmd_prune(args, comm=None) -> int:
@@ -803,6 +873,7 @@ def cmd_prune(args, comm=None) -> int:
     rank 0 checks --out and the texts, holds the lock, tokenises, writes the state and the output; every
     rank loads the model and takes its share of the work."""
     from ._checks import parse_pattern, pattern_group
+    from ._io import write_error
     from .models import default_state_dir
     from .models.distributed import LOCAL
     from .models.loading import default_model_folder
@@ -866,6 +937,12 @@ def cmd_prune(args, comm=None) -> int:
         _check_text_path(args.eval_path, "--eval-text")
         if args.offload_dir is not None and not Path(args.offload_dir).is_dir():
             raise CliError(f"--offload-dir {args.offload_dir!r} is not an existing folder")
+        if args.offload_dir is not None:  # a real probe, as for --out: read-only mounts fool os.access
+            from ._io import probe_writable
+
+            error = probe_writable(args.offload_dir)
+            if error is not None:
+                raise CliError(str(write_error(error, "--offload-dir", args.offload_dir)))
         _check_out(out, overwrite, Path(args.model) if args.model else default_model_folder(), state_dir)
         # One run at a time per --out: the lock on OUT.state covers the state and the final save.
         try:
@@ -893,7 +970,7 @@ def _prune_locked(args, device, out: Path, store, overwrite: bool, replace_defau
     """The work of `admm-prune prune`, done while rank 0 holds the lock of the output's state folder.
     overwrite: the output folder may be replaced (--overwrite, or the default folder's own previous
     output when replace_default)."""
-    from ._io import make_temp_sibling
+    from ._io import WriteError, make_temp_sibling, writing
 
     log = _logger(args.quiet or not comm.is_main)
     built = None
@@ -914,12 +991,17 @@ def _prune_locked(args, device, out: Path, store, overwrite: bool, replace_defau
         if replace_default:
             log(f"replacing the previous output in {out} (give --out to keep it)")
         if args.stream:  # the streamed shards are written here as the blocks are pruned
-            out.resolve().parent.mkdir(parents=True, exist_ok=True)
-            built = make_temp_sibling(out.resolve())
+            with writing("--out", out):
+                out.resolve().parent.mkdir(parents=True, exist_ok=True)
+                built = make_temp_sibling(out.resolve())
 
-    comm.decided_by_main(tidy, "preparing --out")
     try:
+        comm.decided_by_main(tidy, "preparing --out")
         return _prune_run(args, device, out, store, overwrite, comm, log, built)
+    except WriteError as exc:  # the state, a streamed block, the activation file: one line, what to do
+        hint = ("; then rerun with --resume to continue from the last finished block"
+                if comm.is_main and store.exists() else "")
+        raise CliError(f"{exc}{hint}") from None
     finally:
         if built is not None:  # renamed into place on success: only a failed run's folder is removed
             shutil.rmtree(built, ignore_errors=True)
@@ -930,6 +1012,7 @@ def _prune_run(args, device, out: Path, store, overwrite: bool, comm, log, built
 
     from . import data, protocols
     from ._digest import model_digest
+    from ._io import write_error
     from .eval import evaluate_perplexity
     from .models import max_positions, prune_model
     from .models.pipeline import check_prunable, versions
@@ -991,6 +1074,8 @@ def _prune_run(args, device, out: Path, store, overwrite: bool, comm, log, built
         return calib, eval_ids
 
     calib, eval_ids = comm.decided_by_main(tokenise, "tokenising")
+    comm.decided_by_main(lambda: _check_space(args, model, out, store, nsamples, seqlen, eval_ids,
+                                              eval_windows), "checking free space")
     eval_kwargs = dict(seqlen=seqlen, max_windows=eval_windows, device=device, distributed=comm)
 
     def digest() -> str:
@@ -1075,8 +1160,9 @@ def _prune_run(args, device, out: Path, store, overwrite: bool, comm, log, built
     def save() -> None:
         try:
             _save(None if args.stream else model, tok, out, args.save_format, report, overwrite, built=built)
-        except OSError as exc:
-            raise CliError(f"could not write --out {str(out)!r}: {exc}") from None
+        except OSError as exc:  # the state holds every pruned block: a rerun only saves again
+            raise CliError(f"{write_error(exc, '--out', out)}; then rerun with --resume to save the pruned "
+                           "model without pruning again") from None
         store.remove()
 
     comm.decided_by_main(save, "saving the output")
@@ -1310,12 +1396,22 @@ def cmd_eval(args, comm=None) -> int:
             from .integrations.lm_eval import format_table
             print(format_table(result["tasks"]), flush=True)
     if args.report:
-        from ._io import atomic_write_bytes
+        from ._io import atomic_write_bytes, write_error
         try:
             atomic_write_bytes(Path(args.report), (json.dumps(result, indent=2) + "\n").encode())
         except OSError as exc:
             raise CliError(f"could not write --report {args.report!r} (the result is printed above): "
                            f"{exc}") from None
+            raise CliError(str(write_error(exc, "--report", args.report))) from None
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    if want_ppl:
+        print(f"perplexity {result['perplexity']:.4f} ({result['windows']} windows x {result['seqlen']} "
+              f"tokens of {result['text']}, protocol {args.protocol})")
+    if task_names:
+        from .integrations.lm_eval import format_table
+        print(format_table(result["tasks"]))
     return 0
 
 
@@ -1328,15 +1424,6 @@ def cmd_bench(argv: list[str]) -> int:
     from .bench.cli import main as bench_main
 
     return int(bench_main(argv) or 0)
-
-
-class _Terminated(BaseException):
-    """SIGTERM under torchrun (its agent stops every rank when one fails): unwinds like an exception so
-    temporary output folders are removed."""
-
-
-def _on_sigterm(signum, frame):
-    raise _Terminated
 
 
 def _start_distributed(args):
@@ -1352,7 +1439,6 @@ def _start_distributed(args):
         comm = distributed.init_from_environment(device, args.dist_backend, args.dist_timeout)
     except ValueError as exc:
         raise CliError(str(exc)) from None
-    signal.signal(signal.SIGTERM, _on_sigterm)
     return comm
 
 
@@ -1364,6 +1450,8 @@ def main(argv: list[str] | None = None) -> int:
         from .doctor import main as doctor_main
 
         return doctor_main(argv[1:])
+    from ._io import WriteError
+    from ._signals import Terminated, sigterm_raises, stopped
     from .models.distributed import RESUME_HINT, DistributedError, launched_world_size, shutdown
 
     parser = build_parser()
@@ -1372,24 +1460,28 @@ def main(argv: list[str] | None = None) -> int:
     set_threads(args.threads)
     many = launched_world_size() > 1
     who = f" (rank {os.environ.get('RANK', '?')})" if many else ""
+    # prune saves its state after every block, so it can continue; eval has nothing to continue from.
+    next_step = "" if args.command != "prune" else RESUME_HINT if many else \
+        "rerun with --resume to continue from the last finished block"
     try:
-        comm = _start_distributed(args)
-        with hf_progress_bars(not args.quiet and comm.is_main):
-            return cmd_prune(args, comm) if args.command == "prune" else cmd_eval(args, comm)
+        with sigterm_raises():
+            comm = _start_distributed(args)
+            with hf_progress_bars(not args.quiet and comm.is_main):
+                return cmd_prune(args, comm) if args.command == "prune" else cmd_eval(args, comm)
     except CliError as exc:
         print(f"admm-prune: error{who}: {exc}", file=sys.stderr)
         return 2
     except DistributedError as exc:
         print(f"admm-prune: error{who}: {exc}", file=sys.stderr)
         return 3
-    except _Terminated:
-        print(f"admm-prune{who}: terminated (SIGTERM; torchrun stops every rank when one fails: see the "
-              f"failing rank's message); {RESUME_HINT}", file=sys.stderr)
-        return 143
-    except KeyboardInterrupt:
-        print(f"admm-prune{who}: interrupted; rerun with --resume to continue from the last finished block",
-              file=sys.stderr)
-        return 130
+    except WriteError as exc:  # any write the commands did not word themselves
+        print(f"admm-prune: error{who}: {exc}", file=sys.stderr)
+        return 2
+    except (Terminated, KeyboardInterrupt) as exc:
+        if many and isinstance(exc, Terminated):
+            next_step = "; ".join(filter(None, ["torchrun stops every rank when one fails: see the failing "
+                                                "rank's message", next_step]))
+        return stopped(f"admm-prune{who}", exc, next_step)
     finally:
         if many:
             shutdown()

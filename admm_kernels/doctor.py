@@ -225,7 +225,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="admm-prune doctor", description=__doc__.splitlines()[0],
                                 allow_abbrev=False)
     add_arguments(p)
-    return run(p.parse_args(argv))
+    args = p.parse_args(argv)
+    from ._signals import Terminated, sigterm_raises, stopped
+
+    try:
+        with sigterm_raises():
+            return run(args)
+    except (Terminated, KeyboardInterrupt) as exc:  # nothing is written: nothing to continue
+        return stopped("admm-prune doctor", exc)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ processes with torchrun's environment variables so a test can kill one of them).
 
 Environment: DIST_TEST_FAULT="RANK:BLOCK:kill|hang" makes that rank SIGKILL itself (or sleep for an hour)
 when it reaches that block; DIST_TEST_WRITES=FILE appends "RANK WHAT" for every state save, state extra
-and output save, so a test can check that only rank 0 writes.
+and output save, so a test can check that only rank 0 writes; DIST_TEST_LIVE_BYTES=FILE appends
+"RANK BYTES" (live CPU tensor bytes) whenever a streamed block is loaded.
 """
 
 from __future__ import annotations
@@ -66,6 +67,28 @@ def _install_write_log() -> None:
     cli._save = logged("output", cli._save)
 
 
+def _install_live_bytes_log() -> None:
+    """DIST_TEST_LIVE_BYTES=FILE: append "RANK BYTES" (the live CPU tensor bytes) whenever a streamed
+    block is loaded."""
+    log = os.environ.get("DIST_TEST_LIVE_BYTES")
+    if not log:
+        return
+    import gc
+
+    from tiny_models import live_cpu_tensor_bytes
+
+    from admm_kernels.models.streaming import StreamedModel
+
+    real = StreamedModel.load_block
+
+    def load_and_log(self, b):
+        real(self, b)
+        gc.collect()
+        with open(log, "a") as fh:
+            fh.write(f"{RANK} {live_cpu_tensor_bytes()}\n")
+    StreamedModel.load_block = load_and_log
+
+
 def prune_tiny(arch: str, sequential: bool, distributed=None, **profile) -> dict:
     """The API run the distributed tests compare: a tiny model of `arch` evaluated, pruned on 5 windows (so
     2 and 3 ranks get unequal shares) and evaluated again (7 windows: unequal shares too). Returns the
@@ -102,6 +125,7 @@ def main() -> int:
         return 0
     _install_fault()
     _install_write_log()
+    _install_live_bytes_log()
     from admm_kernels.cli import main as cli_main
 
     return cli_main(args)

@@ -189,6 +189,25 @@ def test_cli_distributed_writes_once_and_matches_one_process(cli_reference):
     assert report["perplexity"]["before"] == one_report["perplexity"]["before"]  # the same float
 
 
+def test_streamed_ranks_hold_one_block_at_a_time(tmp_path):
+    """Under torchrun every rank streams: the live tensor bytes when each block arrives stay at those of
+    block 0's arrival on every rank (rank 0 also saves the state), as in one process."""
+    from tiny_models import tiny_model
+
+    root = save_tiny_folder(tmp_path, 400, 1, 200, 2)
+    block = sum(p.numel() * p.element_size() for p in tiny_model("llama").model.layers[0].parameters())
+    log = tmp_path / "live.log"
+    _torchrun(2, *_cli_args(root, tmp_path / "out", "--stream", "--no-eval", "--nsamples", "2"),
+              env=_env(DIST_TEST_LIVE_BYTES=str(log)))
+    samples: dict[str, list[int]] = {}
+    for line in log.read_text().splitlines():
+        rank, size = line.split()
+        samples.setdefault(rank, []).append(int(size))
+    assert sorted(samples) == ["0", "1"] and all(len(v) == 3 for v in samples.values()), samples
+    for rank, sizes in samples.items():
+        assert max(sizes) - sizes[0] < 0.5 * block, (rank, sizes, block)
+
+
 def test_killed_rank_stops_the_others_and_resume_matches(cli_reference):
     """Rank 1 is SIGKILLed when it reaches block 1: rank 0 stops at its next collective with one clear
     line, leaves no output folder (nor a temporary one), keeps the state of block 0; `--resume` (here

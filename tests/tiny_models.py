@@ -192,3 +192,23 @@ def interrupt_after_first_save(monkeypatch):
 
     monkeypatch.setattr(state_mod.PipelineState, "save", crash_after_first_block)
     return real_save
+
+
+def live_cpu_tensor_bytes() -> int:
+    """Bytes of every distinct CPU storage a live Python tensor object holds (found through the garbage
+    collector, so it counts what really exists, not what the code under test claims to hold)."""
+    import gc
+    import warnings
+
+    seen, total = set(), 0
+    with warnings.catch_warnings():  # isinstance on some deprecated torch objects warns
+        warnings.simplefilter("ignore")
+        live = [o for o in gc.get_objects() if isinstance(o, torch.Tensor)]
+    live = [o for o in live if type(o) in (torch.Tensor, torch.nn.Parameter)]  # no fake tensors of others
+    for obj in live:
+        if obj.device.type == "cpu":
+            storage = obj.untyped_storage()
+            if storage.data_ptr() and storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+    return total

@@ -196,18 +196,18 @@ def _check_out(out: Path, resume: bool, overwrite: bool) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Execute `admm-prune bench` with parsed args; returns the exit status."""
+    from .._signals import Terminated, sigterm_raises, stopped
     from ..cli import hf_progress_bars, set_threads
 
     set_threads(args.threads)
     try:
-        with hf_progress_bars(not args.quiet):
+        with sigterm_raises(), hf_progress_bars(not args.quiet):
             return _run(args)
     except BenchError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; rerun with --resume to keep the finished rows", file=sys.stderr)
-        return 130
+    except (Terminated, KeyboardInterrupt) as exc:  # the journal holds every finished row
+        return stopped(PROG, exc, "rerun with --resume to keep the finished rows")
 
 
 def _run(args: argparse.Namespace) -> int:

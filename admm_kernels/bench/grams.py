@@ -31,6 +31,7 @@ from torch import nn
 
 from .._digest import tokens_digest  # noqa: F401  (re-exported: bench.runner uses it)
 from .._digest import update_with_tensor as _update
+from .._io import writing
 
 FORMAT = 1
 INDEX = "index.json"
@@ -216,12 +217,14 @@ def load_or_compute(model: nn.Module, ids: torch.Tensor, refs: list[LayerRef], c
         store = GramStore(target)
         if store.key == key:
             return store, True
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=root))
+    with writing("the Gram cache", target):  # a full disk is one line naming the cache, not a traceback
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=root))
     try:
-        index = _compute(model, ids, refs, device, gram_dtype, tmp, progress)
-        index["key"] = key
-        (tmp / INDEX).write_text(json.dumps(index, indent=1) + "\n")
+        with writing("the Gram cache", target):
+            index = _compute(model, ids, refs, device, gram_dtype, tmp, progress)
+            index["key"] = key
+            (tmp / INDEX).write_text(json.dumps(index, indent=1) + "\n")
         if (target / INDEX).is_file():  # another process finished the same Grams first: use theirs
             shutil.rmtree(tmp)
         else:

@@ -13,7 +13,7 @@ import json
 import os
 from pathlib import Path
 
-from .._io import atomic_write_text
+from .._io import atomic_write_text, writing
 
 FORMAT = 1
 NAME = "rows.jsonl"
@@ -29,8 +29,9 @@ class Journal:
         if resume and self.path.is_file():
             self._read()
         else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.path, json.dumps({"header": self.settings}, sort_keys=True) + "\n")
+            with writing("the bench journal", self.path):
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(self.path, json.dumps({"header": self.settings}, sort_keys=True) + "\n")
 
     def _read(self) -> None:
         lines = self.path.read_text().splitlines()
@@ -54,15 +55,17 @@ class Journal:
             if isinstance(row, dict) and "key" in row:
                 self.rows[row["key"]] = row
         # Rewrite without the torn line, so the next append starts on a line of its own.
-        atomic_write_text(self.path, "".join(json.dumps(x, sort_keys=True) + "\n" for x in
-                                              [{"header": self.settings}, *self.rows.values()]))
+        with writing("the bench journal", self.path):
+            atomic_write_text(self.path, "".join(json.dumps(x, sort_keys=True) + "\n" for x in
+                                                  [{"header": self.settings}, *self.rows.values()]))
 
     def get(self, key: str) -> dict | None:
         return self.rows.get(key)
 
     def add(self, row: dict) -> None:
         self.rows[row["key"]] = row
-        with open(self.path, "a") as fh:
+        # A row torn by a full disk is dropped by the next --resume, which recomputes it.
+        with writing("the bench journal", self.path), open(self.path, "a") as fh:
             fh.write(json.dumps(row, sort_keys=True) + "\n")
             fh.flush()
             os.fsync(fh.fileno())

@@ -40,8 +40,12 @@ PROJECTION_COLUMNS = ("projection", "method", "pattern", "sparsity", "layers", "
 
 
 from .._io import atomic_write_bytes as write_file  # noqa: E402
+from .._io import writing  # noqa: E402
 
-_write = write_file
+
+def _write(path: Path, data: bytes) -> None:
+    with writing("the bench output", path):  # a full or read-only disk: one line naming the file
+        write_file(path, data)
 
 
 def _mean(values) -> float | None:
@@ -333,7 +337,8 @@ def pareto_panels(summary: list[dict]) -> dict[str, list[tuple[str, float, float
 
 def write_outputs(out: Path, result: dict) -> list[Path]:
     """Write every output file for `result` (the results.json object) into `out`; return the paths."""
-    out.mkdir(parents=True, exist_ok=True)
+    with writing("the bench output folder", out):
+        out.mkdir(parents=True, exist_ok=True)
     written = [out / "layers.csv", out / "summary.csv", out / "projections.csv"]
     write_csv(written[0], result["rows"], ROW_COLUMNS)
     write_csv(written[1], result["summary"], SUMMARY_COLUMNS)

@@ -20,6 +20,7 @@ import re
 import sys
 from pathlib import Path
 
+from .._io import WriteError
 from . import report
 
 BEGIN = "<!-- bench:begin {name} -->"
@@ -96,7 +97,7 @@ def replace_section(text: str, name: str, body: str) -> str:
 
 def update(results: Path, outdirs: list[Path], names: list[str] | None = None) -> list[str]:
     """Regenerate one section per output folder in `results`; returns the section names."""
-    atomic_write_bytes = report.write_file
+    atomic_write_bytes = report._write  # a failed write is one line naming the file (a WriteError)
     if names is not None and len(names) != len(outdirs):
         raise ValueError(f"--name was given {len(names)} times for {len(outdirs)} folders")
     results = Path(results)
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         names = update(Path(args.results), [Path(d) for d in args.outdirs], args.name)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, WriteError, FileNotFoundError) as exc:
         print(f"results_md: error: {exc}", file=sys.stderr)
         return 2
     print(f"updated {args.results}: {', '.join(names)}")

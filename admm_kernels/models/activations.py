@@ -6,19 +6,24 @@
               in `folder` (default: the system's temporary folder), for calibration sets larger than host
               memory. The file is unlinked as soon as it is mapped, so nothing is left behind, whatever
               happens to the process; its pages are file-backed, so the kernel writes them out and drops
-              them under memory pressure instead of the process running out of memory.
+              them under memory pressure instead of the process running out of memory. Its disk space is
+              reserved when it is created (posix_fallocate): a disk too small for it is an error naming
+              the folder and the bytes needed, never a SIGBUS when a page is written back later.
 
 All three hand out ordinary tensors, so the pipeline indexes them the same way (acts[j] = ...).
 """
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import tempfile
 from pathlib import Path
 
 import torch
+
+from .._io import WriteError, check_free_space, free_bytes, write_error
 
 PLACES = ("device", "cpu", "disk")
 
@@ -32,6 +37,24 @@ def resolve_offload(offload) -> str:
     if isinstance(offload, str) and offload in PLACES:
         return offload
     raise ValueError(f"offload must be False, True, 'cpu' or 'disk' (or 'device'), got {offload!r}")
+
+
+def _reserve(fd: int, nbytes: int, folder: Path) -> None:
+    """Allocate `nbytes` of disk blocks to the open file `fd` (posix_fallocate), or raise WriteError
+    with the bytes needed and available. Where the filesystem cannot preallocate, the file is only
+    sized, after checking that the free space covers it."""
+    try:
+        os.posix_fallocate(fd, 0, nbytes)
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            available = free_bytes(folder)
+            raise WriteError(exc.errno, "the activation file in offload_dir", folder, exc.strerror,
+                             needed=nbytes, available=available) from None
+    except AttributeError:  # pragma: no cover - no posix_fallocate on this platform
+        pass
+    check_free_space([("the activation file in offload_dir", folder, nbytes)])
+    os.ftruncate(fd, nbytes)
 
 
 class ActivationStore:
@@ -55,13 +78,23 @@ class ActivationStore:
             return torch.empty(shape, dtype=dtype, device=self.device)
         numel = math.prod(shape)
         nbytes = numel * torch.empty((), dtype=dtype).element_size()
-        fd, name = tempfile.mkstemp(prefix=f"admm-acts-{os.getpid()}-", suffix=".bin", dir=self.folder)
+        what = "the activation file in offload_dir"
         try:
-            os.ftruncate(fd, max(nbytes, 1))  # sparse: blocks are allocated as rows are written
+            fd, name = tempfile.mkstemp(prefix=f"admm-acts-{os.getpid()}-", suffix=".bin", dir=self.folder)
+        except OSError as exc:
+            raise write_error(exc, what, self.folder) from exc
+        try:
+            # Claim every block now. A sparse file (ftruncate alone) gets its blocks only as pages are
+            # written back, and a shared mapping that cannot get them kills the process with SIGBUS,
+            # with no message and no state saved.
+            _reserve(fd, max(nbytes, 1), self.folder)
             t = torch.from_file(name, shared=True, size=max(numel, 1), dtype=dtype)
+        except WriteError:
+            raise
         except (OSError, RuntimeError) as exc:
-            raise OSError(f"cannot create the activation file in offload_dir {str(self.folder)!r} "
-                          f"({nbytes / 2**20:.0f} MiB): {exc}") from exc
+            err = write_error(exc, what, self.folder)
+            raise (err if err is not exc else OSError(
+                f"cannot create {what} {str(self.folder)!r} ({nbytes / 2**20:.0f} MiB): {exc}")) from exc
         finally:
             os.close(fd)
             os.unlink(name)  # the mapping keeps the space until the tensor is freed

@@ -416,11 +416,14 @@ def prune_model(model: nn.Module | StreamedModel, calibration, sparsity: float |
                             gathered = comm.gather_rows(acts, counts, full, f"block {b}: collecting the "
                                                         "activations for the state") if more else None
                             if comm.is_main:
-                                weights = {rel: get_weight(m) for rel, m in selected[b].items()}
                                 saved_report = {"layers": report_layers}
                                 if tune.enabled:
                                     saved_report["block_tune"] = tune_reports
-                                state = store.save(fp, b + 1, weights, gathered, saved_report, state)
+                                # No name for the weights: one would keep a streamed block's memory alive
+                                # through the next block, after release_block has freed the block itself.
+                                state = store.save(fp, b + 1, {rel: get_weight(m) for rel, m in
+                                                               selected[b].items()}, gathered, saved_report,
+                                                   state)
                             timings["state"] += time.perf_counter() - t
                         bar.block_done()
                         if callback is not None:

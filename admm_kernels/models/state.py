@@ -30,6 +30,7 @@ Three guarantees, all in this module so that one owner (rank 0 of a distributed 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -50,6 +51,7 @@ from .._io import (
     atomic_write_with,
     fsync_dir,
     publish_folder,  # noqa: F401  (re-exported: callers import it from here)
+    writing,
 )
 
 STATE_FILE = "state.json"
@@ -109,7 +111,8 @@ def fingerprint(**parts) -> dict:
 
 
 def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+    with writing("the resumable state file", path):  # a full disk: one line, the previous state kept
+        atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -215,8 +218,16 @@ def lock_folder(folder: str | os.PathLike, what: str = "state folder") -> Folder
             if same:
                 break
             os.close(fd)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:  # the pid is only for other runs' messages, but a full disk must not be a traceback here
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as exc:
+            path.unlink(missing_ok=True)  # still holding the lock: nobody else uses this name yet
+            os.close(fd)
+            if created:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+            raise StateError(f"{what} {str(folder)!r} is not writable: {exc.strerror or exc}") from None
         lock = FolderLock(folder, key, fd, created)
         _held[key] = lock
         return lock
@@ -440,7 +451,8 @@ class PipelineState:
             # Hash what is on the disk (read back from the page cache: ~1 GB/s), not what we meant to write.
             rec.update(sha256=file_sha256(tmp), bytes=tmp.stat().st_size)
 
-        atomic_write_with(self.folder / name, write)
+        with writing("the resumable state file", self.folder / name):
+            atomic_write_with(self.folder / name, write)
         rec["tensors"] = _tensor_record(cpu)
         return rec
 

@@ -26,13 +26,12 @@ import errno
 import hashlib
 import json
 import os
-import re
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .._io import atomic_write_with
+from .._io import atomic_write_with, write_error
 from ..backends import reference as _ref
 from .formats import PackedCSR, PackedNM, parse_pattern
 from .linear import SparseLinear, eligible_linears, layer_pattern, set_submodule
@@ -199,25 +198,10 @@ def save_sparse(model: nn.Module, path: str | os.PathLike, *, pattern: str | Non
     return path
 
 
-# "Error while serializing: I/O error: Permission denied (os error 13) at path "/x/.tmpAbC"": the parts
-# worth keeping are the reason and the errno; the temporary file it names means nothing to the caller.
-_SAFETENSORS_IO = re.compile(r"I/O error: (?P<reason>.*?) \(os error (?P<errno>\d+)\)")
-
-
 def _write_error(exc: Exception, path: Path) -> Exception:
-    """An OSError naming the destination `path` (not a temporary file) for a failed write; other errors
+    """A WriteError naming the destination `path` (not a temporary file) for a failed write; other errors
     (e.g. a TypeError from a tensor safetensors cannot store) are returned unchanged."""
-    from safetensors import SafetensorError
-
-    if isinstance(exc, OSError):
-        code, reason = exc.errno, exc.strerror or str(exc)
-    elif isinstance(exc, SafetensorError):
-        m = _SAFETENSORS_IO.search(str(exc))
-        code, reason = (int(m["errno"]), m["reason"]) if m else (None, str(exc))
-    else:
-        return exc
-    msg = f"cannot write the sparse checkpoint {str(path)!r}: {reason}"
-    return OSError(code, msg) if code else OSError(msg)  # OSError(errno, ...) picks the subclass
+    return write_error(exc, "the sparse checkpoint", path)
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
