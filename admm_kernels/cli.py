@@ -1400,18 +1400,8 @@ def cmd_eval(args, comm=None) -> int:
         try:
             atomic_write_bytes(Path(args.report), (json.dumps(result, indent=2) + "\n").encode())
         except OSError as exc:
-            raise CliError(f"could not write --report {args.report!r} (the result is printed above): "
-                           f"{exc}") from None
-            raise CliError(str(write_error(exc, "--report", args.report))) from None
-    if args.json:
-        print(json.dumps(result))
-        return 0
-    if want_ppl:
-        print(f"perplexity {result['perplexity']:.4f} ({result['windows']} windows x {result['seqlen']} "
-              f"tokens of {result['text']}, protocol {args.protocol})")
-    if task_names:
-        from .integrations.lm_eval import format_table
-        print(format_table(result["tasks"]))
+            error = write_error(exc, "--report", args.report)
+            raise CliError(f"{error} (the result is printed above)") from None
     return 0
 
 

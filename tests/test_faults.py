@@ -54,7 +54,7 @@ def small_disk(tmp_path):
 
 def _args(root, out, *extra, model=None):
     return ["prune", str(model or root / "tiny-llama"), "--nsamples", "4", "--seqlen", "32", "--calib",
-            str(root / "calib.txt"), "--eval", str(root / "eval.txt"), "--out", str(out), "--method",
+            str(root / "calib.txt"), "--eval-text", str(root / "eval.txt"), "--out", str(out), "--method",
             "magnitude", "--quiet", *extra]
 
 
@@ -274,11 +274,11 @@ def test_eval_report_on_a_read_only_disk_is_one_line(tiny_model_root, tmp_path, 
         raise OSError(errno.EROFS, "Read-only file system")
     monkeypatch.setattr(io_mod, "atomic_write_bytes", read_only)
     report = tmp_path / "r.json"
-    argv = ["eval", str(tiny_model_root / "tiny-llama"), "--text", str(tiny_model_root / "eval.txt"),
+    argv = ["eval", str(tiny_model_root / "tiny-llama"), "--eval-text", str(tiny_model_root / "eval.txt"),
             "--seqlen", "32", "--eval-windows", "2", "--quiet", "--report", str(report)]
     err = _one_line_error(capsys, argv)
     assert err == (f"admm-prune: error: cannot write --report '{report}': Read-only file system; the "
-                   "filesystem is read-only: write somewhere else")
+                   "filesystem is read-only: write somewhere else (the result is printed above)")
 
 
 def test_bench_outputs_on_a_full_disk_are_one_line(tiny_model_root, tmp_path, capsys, monkeypatch):
@@ -422,7 +422,7 @@ def test_prune_stopped_by_a_signal_says_so_and_resume_continues(tiny_model_root,
 def test_eval_stopped_by_a_signal_says_so_without_resume(tiny_model_root, sig):
     import signal
 
-    argv = ["eval", str(tiny_model_root / "tiny-llama"), "--text", str(tiny_model_root / "eval.txt"),
+    argv = ["eval", str(tiny_model_root / "tiny-llama"), "--eval-text", str(tiny_model_root / "eval.txt"),
             "--seqlen", "32", "--quiet", "--threads", "1"]
     rc, err = _run_until_signalled("eval", argv, getattr(signal, sig))
     verb = "interrupted" if sig == "SIGINT" else "terminated"

@@ -290,7 +290,7 @@ def test_cli_stream_holds_one_block_whatever_the_mode(six_block_folder, tmp_path
         samples.append(_live_cpu_tensor_bytes())
     monkeypatch.setattr(StreamedModel, "load_block", load_and_sample)
     mode = [str(tmp_path) if m == "DIR" else m for m in mode]
-    argv = ["prune", str(root / "model"), "--stream", "--calib", str(root / "calib.txt"), "--eval",
+    argv = ["prune", str(root / "model"), "--stream", "--calib", str(root / "calib.txt"), "--eval-text",
             str(root / "eval.txt"), "--nsamples", "4", "--seqlen", "16", "--eval-windows", "2", "--method",
             "magnitude", "--quiet", "--out", str(tmp_path / "out"), *mode]
     assert main(argv) == 0
