@@ -442,7 +442,9 @@ class StreamedModel:
         """Bytes of tensor data the output will hold: every checkpoint tensor, floats in the model's dtype."""
         size = self.dtype.itemsize
         total = 0
-        for f, k in (self._source[key] for key in self._key_of.values()):
+        keys = [k for key in self._key_of.values()  # a fused experts parameter: its per-expert tensors
+                for k in ([part[2] for part in key] if isinstance(key, tuple) else [key])]
+        for f, k in (self._source[key] for key in keys):
             reader = self._readers[f]
             dtype = reader.dtype(k)
             total += math.prod(reader.shape(k)) * (size if dtype.is_floating_point else dtype.itemsize)
