@@ -189,9 +189,10 @@ def run_bench(model: nn.Module, calib_ids: torch.Tensor, out: str | os.PathLike,
     """Run the benchmark on `model` (a transformers causal LM) with calibration ids (N, L) int64; write
     the outputs to `out` and return the results.json object. eval_ids (n,) int64 and seqlen are needed
     for settings.perplexity. meta: extra entries for result["meta"] (e.g. the command line)."""
+    from ..environment import versions
     from ..models.discovery import get_weight
     from ..models.loading import cache_dir
-    from ..models.pipeline import check_calibration, versions
+    from ..models.pipeline import check_calibration
 
     settings = settings or BenchSettings()
     _check(settings)
