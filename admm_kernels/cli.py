@@ -32,8 +32,6 @@ from .cli_common import (  # noqa: F401  (defined there so that bench and doctor
     EMBEDDED_SEQLEN,
     EVAL_TEXT_DEFAULT,
     THREADS_HELP,
-    _deprecated_alias,
-    _positive,
     add_calibration_arguments,
     add_eval_text_argument,
     add_eval_windows_argument,
@@ -42,6 +40,8 @@ from .cli_common import (  # noqa: F401  (defined there so that bench and doctor
     parse_option_value,
     set_threads,
 )
+from .cli_common import deprecated_alias as _deprecated_alias
+from .cli_common import positive as _positive
 from .sparse.checkpoint import PACKED_FILE
 
 DEFAULT_SPARSITY = 0.5

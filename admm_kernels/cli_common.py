@@ -28,7 +28,8 @@ THREADS_HELP = ("CPU threads for torch (default: torch's choice). Results depend
                 "threads on 2 busy cores a SmolLM2 forward was measured 5x slower than with 1")
 
 
-def _positive(flag: str):
+def positive(flag: str):
+    """An argparse type: a positive int, or an error naming `flag`."""
     def parse(text: str) -> int:
         try:
             v = int(text)
@@ -72,7 +73,7 @@ def parse_option_value(key: str, text: str):
     return {"true": True, "false": False, "none": None}.get(value.lower(), value)
 
 
-def _deprecated_alias(new_flag: str):
+def deprecated_alias(new_flag: str):
     """An argparse action for an old option name: stores like `new_flag` and warns on stderr."""
     class DeprecatedAlias(argparse.Action):
         def __call__(self, parser, namespace, values, option_string=None):
@@ -83,9 +84,9 @@ def _deprecated_alias(new_flag: str):
 
 def add_calibration_arguments(p: argparse.ArgumentParser) -> None:
     """--nsamples, --seqlen and --calib, shared by `admm-prune prune` and `admm-prune bench`."""
-    p.add_argument("--nsamples", type=_positive("--nsamples"), default=None,
+    p.add_argument("--nsamples", type=positive("--nsamples"), default=None,
                    help=f"calibration windows (default 128; {EMBEDDED_NSAMPLES} for the embedded model)")
-    p.add_argument("--seqlen", type=_positive("--seqlen"), default=None,
+    p.add_argument("--seqlen", type=positive("--seqlen"), default=None,
                    help="tokens per calibration / evaluation window (default 2048 clipped to the model's "
                         f"maximum; {EMBEDDED_SEQLEN} for the embedded model)")
     p.add_argument("--calib", metavar="PATH", default=None,
@@ -98,13 +99,13 @@ def add_eval_text_argument(p: argparse.ArgumentParser, help_text: str, old: str 
     the command's earlier spelling, still accepted with a deprecation warning."""
     p.add_argument("--eval-text", metavar="PATH", default=None, dest="eval_path", help=help_text)
     if old is not None:
-        p.add_argument(old, metavar="PATH", dest="eval_path", action=_deprecated_alias("--eval-text"),
+        p.add_argument(old, metavar="PATH", dest="eval_path", action=deprecated_alias("--eval-text"),
                        help=argparse.SUPPRESS)
 
 
 def add_eval_windows_argument(p: argparse.ArgumentParser, default_help: str = "") -> None:
     """--eval-windows, shared by prune, eval and bench."""
-    p.add_argument("--eval-windows", type=_positive("--eval-windows"), default=None, metavar="N",
+    p.add_argument("--eval-windows", type=positive("--eval-windows"), default=None, metavar="N",
                    help=f"evaluate perplexity on at most N windows (default: all; {EMBEDDED_EVAL_WINDOWS} "
                         f"for the embedded model{default_help})")
 
@@ -114,7 +115,7 @@ def add_run_arguments(p: argparse.ArgumentParser, quiet_help: str) -> None:
     p.add_argument("--device", default="cpu", help="compute device, e.g. cpu, cuda, cuda:1 (default cpu)")
     p.add_argument("--dtype", default=None, choices=("auto", "float32", "bfloat16", "float16"),
                    help="dtype to load the model in (default float32 on the CPU, auto elsewhere)")
-    p.add_argument("--threads", type=_positive("--threads"), default=None, help=THREADS_HELP)
+    p.add_argument("--threads", type=positive("--threads"), default=None, help=THREADS_HELP)
     p.add_argument("--quiet", action="store_true",
                    help=f"{quiet_help} (transformers' loading and saving bars included; warnings and the "
                         "result are still printed)")

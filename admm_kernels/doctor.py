@@ -18,7 +18,7 @@ import torch
 
 from . import backends
 from .backends import _extension, selfcheck
-from .cli_common import _positive
+from .cli_common import positive
 from .environment import versions
 
 # Timed repetitions of each check (medians reported): enough for a stable median at these sizes.
@@ -173,7 +173,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.add_argument(
         "--repeat",
-        type=_positive("--repeat"),
+        type=positive("--repeat"),
         default=REPEAT,
         help=f"timed runs of each check, median reported (default {REPEAT})",
     )

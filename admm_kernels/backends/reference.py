@@ -172,3 +172,4 @@ def csr_mm(
 # override it for their device. Registered from here, not from _ops, so that _ops imports no backend.
 for _name in _ops._SCHEMAS:
     _ops.register_reference(_name, globals()[_name])
+del _name

@@ -56,7 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", nargs="+", default=None, metavar="GLOB",
                    help="only linears whose name inside a block (e.g. 'mlp.*', 'self_attn.q_proj') or full "
                         "name matches (default: every linear in the decoder blocks)")
-    p.add_argument("--max-layers", type=cli_common._positive("--max-layers"), default=None, metavar="N",
+    p.add_argument("--max-layers", type=cli_common.positive("--max-layers"), default=None, metavar="N",
                    help="only the first N selected layers, in model order")
     cli_common.add_calibration_arguments(p)
     p.add_argument("--perplexity", action="store_true",
