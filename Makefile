@@ -6,7 +6,7 @@ JOBS ?= 2
 # Exact versions CI passed with (pip constraints); requirements.txt is the human-edited list.
 LOCK := requirements-lock.txt
 
-.PHONY: venv build install demo test test-fast test-integration lint check-cuda check-gpu-build lock bench clean
+.PHONY: venv build install demo test test-fast test-integration lint check-cuda check-gpu-build lock clean
 
 $(VENV)/.deps: requirements.txt requirements-data.txt $(LOCK)
 	python3 -m venv $(VENV)
@@ -39,15 +39,22 @@ install: build
 demo: install
 	$(VENV)/bin/admm-prune prune
 
+# --durations=25: the slowest tests are listed after every run (CI's included), so the suite's time is known.
 test: install lint
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
+
+# The suite without the tests marked slow (pyproject.toml's markers): a quick check while working.
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" tests
 
 # llm-compressor integration tests in their own venv (cached in ~/.cache/admm_kernels; ~1 min to create).
 test-integration: build
 	tools/run_integration_tests.sh
 
+# ruff, then the import contracts of .importlinter: the layer order and no import cycles (docs/DESIGN.md).
 lint: venv
 	$(VENV)/bin/ruff check admm_kernels tests tests_integration benchmarks tools setup.py
+	$(VENV)/bin/lint-imports
 
 check-cuda: venv
 	$(PY) tools/check_cuda_syntax.py

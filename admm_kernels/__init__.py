@@ -1,7 +1,7 @@
 """admm_kernels: fast and optimal layer-wise weight update (ADMM) for pruning large language models.
 
-Public API (stable names; see SPEC §2). Submodules are imported lazily so `import admm_kernels` stays
-cheap and never needs transformers, triton or the compiled extension.
+Public API: the stable names below (README.md shows them in use). Submodules are imported lazily so
+`import admm_kernels` stays cheap and never needs transformers, triton or the compiled extension.
 """
 
 from __future__ import annotations
@@ -9,12 +9,12 @@ from __future__ import annotations
 import importlib
 
 from . import _ops  # noqa: F401  (defines the torch.library ops)
+from ._version import __version__
+from .backends import reference as _reference  # noqa: F401  (registers every op's pure-torch kernel)
 
 # Imported eagerly: the submodule `admm_kernels.gram` shares its name with the function `gram`, and
 # importing the submodule anywhere would otherwise bind the package attribute to the module.
 from .gram import GramAccumulator, gram  # noqa: F401  (public API)
-
-__version__ = "0.1.0"
 
 _LAZY = {
     "prune_layer": "prune",

@@ -1,4 +1,4 @@
-"""`python -m admm_kernels ...` = `admm-prune ...` (SPEC §2)."""
+"""`python -m admm_kernels ...` = `admm-prune ...`."""
 
 import sys
 

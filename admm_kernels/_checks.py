@@ -1,4 +1,4 @@
-"""Argument validation shared by prune_layer, the masks and the methods.
+"""Argument validation shared by prune_layer, the masks and the methods (a leaf: imports only torch).
 
 Every helper raises ValueError (bad value or shape) or TypeError (bad type or dtype) with a message that
 names the argument and the offending value, and never modifies its input.
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
 
 import torch
 
@@ -86,56 +85,6 @@ def check_sparsity(sparsity: object, name: str = "sparsity") -> float:
     return s
 
 
-@dataclass(frozen=True)
-class Pattern:
-    """A parsed sparsity pattern: kind is "unstructured" (per layer), "per-row" or "nm" (n of every m)."""
-
-    kind: str
-    n: int = 0
-    m: int = 0
-
-    def __str__(self) -> str:
-        return f"{self.n}:{self.m}" if self.kind == "nm" else self.kind
-
-    def sparsity(self, requested: float) -> float:
-        """The sparsity this pattern prunes to: `requested`, or 1 - n/m for N:M (which fixes it)."""
-        return 1.0 - self.n / self.m if self.kind == "nm" else requested
-
-
-def parse_pattern(pattern: object, in_features: int, name: str = "pattern") -> Pattern:
-    """ "unstructured" | "per-row" | "N:M" (integers 1 <= N < M, M dividing in_features)."""
-    if isinstance(pattern, Pattern):
-        pattern = str(pattern)
-    if not isinstance(pattern, str):
-        raise TypeError(f"{name} must be a str ('unstructured', 'per-row' or 'N:M'), got {pattern!r}")
-    p = pattern.strip().lower()
-    if p in ("unstructured", "per-layer"):
-        return Pattern("unstructured")
-    if p in ("per-row", "per_row", "row"):
-        return Pattern("per-row")
-    if ":" in p:
-        parts = p.split(":")
-        # isascii: str.isdigit also accepts '２', '٢' or '²' (int() takes the first two, not the third)
-        if len(parts) != 2 or not all(x.strip().isascii() and x.strip().isdigit() for x in parts):
-            raise ValueError(f"{name} {pattern!r} is not of the form 'N:M' with integers N and M "
-                             "(ASCII digits 0-9)")
-        n, m = (int(x) for x in parts)
-        if n < 1 or n >= m:
-            raise ValueError(f"{name} {pattern!r}: N:M needs 1 <= N < M, got N={n}, M={m}")
-        if in_features % m != 0:
-            raise ValueError(f"{name} {pattern!r}: M={m} does not divide in_features={in_features}")
-        return Pattern("nm", n, m)
-    raise ValueError(f"unknown {name} {pattern!r}; expected 'unstructured', 'per-row' or 'N:M' (e.g. '2:4')")
-
-
-def pattern_group(pattern: object) -> int:
-    """M of an "N:M" pattern string whose M is a positive ASCII integer, else 1: an in_features that any
-    valid pattern divides, for syntax checks before the layers are known:
-    parse_pattern(p, pattern_group(p))."""
-    tail = pattern.split(":")[-1].strip() if isinstance(pattern, str) and ":" in pattern else ""
-    return int(tail) if tail.isascii() and tail.isdigit() and int(tail) > 0 else 1
-
-
 def check_mask(mask: object, shape: torch.Size, device: torch.device, name: str = "mask") -> torch.Tensor:
     """mask: a bool tensor of exactly `shape` (True = kept); moved to `device` if elsewhere (a copy)."""
     mk = check_tensor(mask, name)
@@ -144,23 +93,6 @@ def check_mask(mask: object, shape: torch.Size, device: torch.device, name: str 
     if tuple(mk.shape) != tuple(shape):
         raise ValueError(f"{name} has shape {_shape(mk)} but weight has shape ({', '.join(map(str, shape))})")
     return mk.to(device)
-
-
-def check_method(method: object, name: str = "method") -> str:
-    """The registered method name (admm_kernels.methods) for `method`; ValueError / TypeError otherwise."""
-    from .methods import get
-
-    return get(method, name).name
-
-
-def __getattr__(name: str):
-    # METHODS reads the method registry (admm_kernels.methods), imported on first use: the methods import
-    # this module, so a module-level import here would be circular.
-    if name == "METHODS":
-        from .methods import names
-
-        return names()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def check_schedule(schedule: object, name: str = "schedule") -> str:

@@ -17,10 +17,11 @@ from collections.abc import Sequence
 import torch
 
 from . import methods as registry
-from ._checks import check_gram, check_sparsity, check_weight, parse_pattern
+from ._checks import check_gram, check_sparsity, check_weight
 from .methods import ranges
 from .methods.admm_batched import batchable, run_batched
 from .methods.error import relative_error
+from .patterns import parse_pattern
 from .prune import PruneResult, _recorded, prune_layer
 
 # Experts solved per batch: bounds the batched (E, in, in) inverse and factor (3 · E · in² floats at

@@ -1,5 +1,8 @@
 """Calibration and evaluation text: reading text sources, tokenising, drawing calibration windows.
 
+The building blocks; admm_kernels.protocols composes them into what a run uses (its
+`calibration_windows` and `evaluation_tokens`, the "default" protocol being these functions in a row).
+
 Sources: a text file, a folder of text files (*.txt, *.md, read in sorted order), a JSON-lines / JSON
 file of records with a "text" field (also gzip'd: *.json.gz, *.jsonl.gz), or a Hugging Face `datasets`
 folder saved with save_to_disk (needs the `datasets` package); any other *.gz file is read decompressed.
@@ -313,8 +316,8 @@ def resolve_seqlen(seqlen: int | None, max_positions: int | None, name: str = "s
     return seqlen
 
 
-def calibration_windows(tokens: torch.Tensor, nsamples: int = DEFAULT_NSAMPLES, seqlen: int = DEFAULT_SEQLEN,
-                        seed: int = 0, source: str = "calibration text") -> torch.Tensor:
+def sample_windows(tokens: torch.Tensor, nsamples: int = DEFAULT_NSAMPLES, seqlen: int = DEFAULT_SEQLEN,
+                   seed: int = 0, source: str = "calibration text") -> torch.Tensor:
     """nsamples distinct, non-overlapping windows of seqlen tokens, drawn with `seed`: (nsamples, seqlen).
 
     The token stream is cut into consecutive slots of seqlen tokens after a random offset, and
@@ -337,18 +340,3 @@ def calibration_windows(tokens: torch.Tensor, nsamples: int = DEFAULT_NSAMPLES, 
     offset = int(torch.randint(0, n - slots * seqlen + 1, (1,), generator=g))
     chosen = torch.randperm(slots, generator=g)[:nsamples]
     return tokens[offset:offset + slots * seqlen].view(slots, seqlen)[chosen].clone()
-
-
-def calibration_tokens(tokenizer, nsamples: int = DEFAULT_NSAMPLES, seqlen: int = DEFAULT_SEQLEN,
-                       source: str | os.PathLike | None = None, seed: int = 0) -> torch.Tensor:
-    """Calibration windows (nsamples, seqlen) from `source`, or from the Shakespeare calibration plays."""
-    what = ("the default calibration text (Shakespeare)" if source is None
-            else f"calibration text {str(source)!r}")
-    text = read_text(shakespeare_files("calibration") if source is None else source, name="calib")
-    return calibration_windows(tokenize(text, tokenizer), nsamples, seqlen, seed, source=what)
-
-
-def evaluation_tokens(tokenizer, source: str | os.PathLike | None = None) -> torch.Tensor:
-    """Token ids (n,) of `source`, or of the held-out Shakespeare evaluation plays."""
-    text = read_text(shakespeare_files("evaluation") if source is None else source, name="eval")
-    return tokenize(text, tokenizer)

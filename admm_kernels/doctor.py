@@ -11,39 +11,18 @@ machine, and what a bug report should contain. `--json` prints the same as one J
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
-import platform
 import sys
 
 import torch
 
-from . import __version__, backends
+from . import backends
 from .backends import _extension, selfcheck
-from .cli import _positive
+from .cli_common import positive
+from .environment import versions
 
 # Timed repetitions of each check (medians reported): enough for a stable median at these sizes.
 REPEAT = 5
-
-
-def _version(module: str) -> str | None:
-    try:
-        mod = importlib.import_module(module)
-    except Exception:  # noqa: BLE001 - a broken optional package is reported, not fatal
-        return None
-    return str(getattr(mod, "__version__", "unknown"))
-
-
-def versions() -> dict:
-    return {
-        "python": platform.python_version(),
-        "admm_kernels": __version__,
-        "torch": torch.__version__,
-        "torch_cuda": torch.version.cuda,
-        "triton": _version("triton"),
-        "numpy": _version("numpy"),
-        "transformers": _version("transformers"),
-    }
 
 
 def extension() -> dict:
@@ -112,7 +91,7 @@ def run_checks(repeat: int = REPEAT) -> list[dict]:
 
 def report(repeat: int = REPEAT) -> dict:
     return {
-        "versions": versions(),
+        "versions": versions(detail=True),
         "extension": extension(),
         "devices": devices(),
         "backends": backend_table(),
@@ -194,7 +173,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.add_argument(
         "--repeat",
-        type=_positive("--repeat"),
+        type=positive("--repeat"),
         default=REPEAT,
         help=f"timed runs of each check, median reported (default {REPEAT})",
     )

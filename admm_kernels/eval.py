@@ -9,13 +9,13 @@ exp(sum of window mean losses * seqlen / (windows * seqlen)).
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator
 
 import torch
 from torch import nn
 
 from ._checks import check_compute_device, model_device
+from .perplexity import perplexity_from, window_nll
 
 
 def _as_tokens(tokens_or_text, tokenizer) -> torch.Tensor:
@@ -61,11 +61,6 @@ def check_token_range(ids: torch.Tensor, vocab: int | None, name: str = "token i
                          "another model's tokenizer?")
 
 
-def window_nll(logits: torch.Tensor, x: torch.Tensor) -> float:
-    """Summed next-token NLL of one window: logits (1, L, vocab), token ids x (1, L) -> float."""
-    return float(nn.functional.cross_entropy(logits[0, :-1].float(), x[0, 1:], reduction="sum"))
-
-
 @contextlib.contextmanager
 def evaluation_mode(model: nn.Module, device: torch.device | str | None = None) -> Iterator[torch.device]:
     """Inside the block the model is in eval mode on `device` (default: where it is; the meta device is
@@ -83,15 +78,6 @@ def evaluation_mode(model: nn.Module, device: torch.device | str | None = None) 
         if run_on != home:
             model.to(home)
         model.train(was_training)
-
-
-def perplexity_from(nll: torch.Tensor, seqlen: int) -> float:
-    """exp(mean NLL) from the per-window summed NLLs (float64 (windows,)), added in window order (so a
-    distributed evaluation gives the very same float as one process)."""
-    total = 0.0
-    for v in nll.tolist():
-        total += v
-    return math.exp(total / (nll.numel() * (seqlen - 1)))
 
 
 def evaluation_windows(model: nn.Module, tokens_or_text, seqlen: int | None, tokenizer,

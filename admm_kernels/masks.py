@@ -7,7 +7,7 @@ more than asked when scores tie exactly at the threshold; we prune exactly the r
 equal scores, the smaller index first. On real-valued weights exact ties are rare (zeros being the usual
 case, where which of the equal zeros is pruned does not change the output).
 
-Patterns (SPEC §1):
+Patterns:
 - unstructured: the k = int(numel * s) smallest scores of the layer are pruned;
 - per-row: the k = int(in * s) smallest of every row;
 - N:M: at the pattern's own sparsity 1 - N/M, the N largest of each M consecutive inputs are kept; below
@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from . import backends
-from ._checks import Pattern
+from .patterns import Pattern
 
 DEAD_SCORE = -1.0
 
@@ -40,17 +40,6 @@ def sparsity_at(t: int, T: int, sparsity: float, schedule: str) -> float:
         return sparsity
     frac = min(1.0, (t + 1) / T)
     return sparsity - sparsity * (1.0 - frac) ** 3
-
-
-def op(name: str, device: torch.device, reference: bool = False, used: dict | None = None):
-    """The implementation of op `name` for `device` (the reference when asked); records the backend name."""
-    if reference:
-        backend, fn = "reference", getattr(backends.get("reference"), name)
-    else:
-        backend, fn = backends.select(name, device)
-    if used is not None:
-        used[name] = backend
-    return fn
 
 
 def with_dead(scores: torch.Tensor, dead: torch.Tensor | None) -> torch.Tensor:
@@ -74,19 +63,19 @@ def select(scores: torch.Tensor, pattern: Pattern, sparsity: float, *, reference
     dev = scores.device
     if pattern.kind == "unstructured":
         k = int(scores.numel() * sparsity)
-        return op("prune_mask", dev, reference, used)(scores, k, False)
+        return backends.implementation("prune_mask", dev, reference=reference, used=used)(scores, k, False)
     if pattern.kind == "per-row":
         k = int(cols * sparsity)
-        return op("prune_mask", dev, reference, used)(scores, k, True)
+        return backends.implementation("prune_mask", dev, reference=reference, used=used)(scores, k, True)
     n, m = pattern.n, pattern.m
-    keep = op("nm_mask", dev, reference, used)(scores, n, m)
+    keep = backends.implementation("nm_mask", dev, reference=reference, used=used)(scores, n, m)
     if sparsity >= pattern.sparsity(sparsity):
         return keep
     # Gradual N:M: protect the N largest of each group (+inf), then prune the int(numel * s_t) smallest of
     # the layer; since s_t < 1 - N/M, at most the unprotected entries are pruned, so N:M stays reachable.
     protected = scores.masked_fill(keep, float("inf"))
     k = int(scores.numel() * sparsity)
-    return op("prune_mask", dev, reference, used)(protected, k, False)
+    return backends.implementation("prune_mask", dev, reference=reference, used=used)(protected, k, False)
 
 
 def select_rows_balanced(scores: torch.Tensor, k: int, *, reference: bool = False,
@@ -100,7 +89,7 @@ def select_rows_balanced(scores: torch.Tensor, k: int, *, reference: bool = Fals
     if not 0 <= k <= rows * cols:
         raise ValueError(f"k must be in [0, {rows * cols}], got {k}")
     q, r = divmod(k, rows)
-    prune_rows = op("prune_mask", scores.device, reference, used)
+    prune_rows = backends.implementation("prune_mask", scores.device, reference=reference, used=used)
     keep = prune_rows(scores.contiguous(), q, True)
     if r:
         nxt = scores.kthvalue(q + 1, dim=1).values  # q < cols whenever r > 0

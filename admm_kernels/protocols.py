@@ -182,7 +182,7 @@ def calibration_windows(tokenizer, source, *, nsamples: int, seqlen: int, seed: 
             else f"calibration text {str(source)!r}")
     text = data.read_text(data.shakespeare_files("calibration") if source is None else source, field,
                           "calib")
-    return data.calibration_windows(data.tokenize(text, tokenizer), nsamples, seqlen, seed, source=what)
+    return data.sample_windows(data.tokenize(text, tokenizer), nsamples, seqlen, seed, source=what)
 
 
 def describe(protocol: str, corpus: str = "wikitext2") -> str:

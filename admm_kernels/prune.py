@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 import torch
 
 from . import methods as registry
-from ._checks import check_gram, check_mask, check_sparsity, check_weight, parse_pattern
+from ._checks import check_gram, check_mask, check_sparsity, check_weight
 from .methods import ranges
 from .methods.error import relative_error
+from .patterns import parse_pattern
 
 
 @dataclass

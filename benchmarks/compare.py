@@ -9,7 +9,7 @@ runs every method x pattern through admm_kernels.prune_layer and prints a markdo
 it measures the machine's fp32 matmul throughput on the ADMM loop's own GEMM shape ((in, in) x (in, out))
 and a Cholesky of (in, in), and reports
   - the ADMM loop's throughput (its 2*in^2*out FLOPs per iteration over the loop's time, mask updates
-    included) as a fraction of that matmul throughput (issue 2's target: >= 75 %), and
+    included) as a fraction of that matmul throughput (the target: >= 75 %), and
   - a whole ADMM prune_layer's time over "iters GEMMs + one Cholesky" (target: <= 1.5).
 With --reference, ADMM also runs with ADMM_KERNELS_BACKEND=reference (the plain-torch ops) for the ratio.
 Methods are specs as `admm-prune bench --methods` takes them (every registered method, e.g. alps, and

@@ -1,4 +1,4 @@
-"""Distributed and streaming pipeline benchmarks (issue 11), each writing JSON and a markdown table:
+"""Distributed and streaming pipeline benchmarks, each writing JSON and a markdown table:
 
     python benchmarks/dist_stream.py ranks --out DIR     1 rank x 2 threads against 2 ranks x 1 thread
                                                          (torchrun, gloo) pruning the embedded SmolLM2

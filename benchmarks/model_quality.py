@@ -120,15 +120,16 @@ def setting_kwargs(setting: str) -> dict:
 
 
 def run(args) -> dict:
-    from admm_kernels import data
+    from admm_kernels import protocols
     from admm_kernels.models import find_blocks, load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tok, path = load_model(args.model)
     device = torch.device(args.device)
-    calib = data.calibration_tokens(tok, args.nsamples, args.seqlen, seed=args.seed)
-    ev = data.evaluation_tokens(tok)
+    calib = protocols.calibration_windows(tok, None, nsamples=args.nsamples, seqlen=args.seqlen,
+                                          seed=args.seed)
+    ev = protocols.evaluation_tokens(tok, None)
     models = [("", model)]
     moe_check = None
     if args.upcycle:

@@ -64,7 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def run(args, out: Path) -> dict:
-    from admm_kernels import data, prune_model
+    from admm_kernels import protocols, prune_model
     from admm_kernels.eval import evaluate_perplexity
     from admm_kernels.models import find_blocks, get_weight, load_model, prunable_layers
     from admm_kernels.models.owl import allocate, input_square_sums, outlier_ratio
@@ -73,8 +73,9 @@ def run(args, out: Path) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tok, path = load_model(args.model)
-    calib = data.calibration_tokens(tok, args.nsamples, args.seqlen, seed=args.seed)
-    ev = data.evaluation_tokens(tok)
+    calib = protocols.calibration_windows(tok, None, nsamples=args.nsamples, seqlen=args.seqlen,
+                                          seed=args.seed)
+    ev = protocols.evaluation_tokens(tok, None)
     dense_state = {k: v.clone() for k, v in model.state_dict().items()}
     blocks_name, blocks = find_blocks(model)
     n = len(blocks) if args.max_blocks is None else min(args.max_blocks, len(blocks))

@@ -7,7 +7,7 @@ and end-to-end greedy decoding tokens/s of a model dense vs 2:4.
 
 Shapes are (out, in) of LLaMA-7B's linears by default. Times are medians of --reps calls after a warm-up,
 with torch's thread count as set by --threads. Writes <out>.md and <out>.json (atomically).
-Targets (issue 5, measured not asserted): 2:4 at batch 1 >= 1.4x the fastest dense fp32 path;
+Targets (measured, not asserted): 2:4 at batch 1 >= 1.4x the fastest dense fp32 path;
 unstructured 90 % >= 2x.
 """
 

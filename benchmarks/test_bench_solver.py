@@ -16,7 +16,7 @@ import torch
 
 import admm_kernels as ak
 from admm_kernels import backends, masks
-from admm_kernels._checks import parse_pattern
+from admm_kernels.patterns import parse_pattern
 
 N = int(os.environ.get("ADMM_BENCH_SIZE", "1024"))
 TOKENS = 2048

@@ -7,7 +7,7 @@ from conftest import correlated_inputs
 
 import admm_kernels as ak
 from admm_kernels import masks
-from admm_kernels._checks import parse_pattern
+from admm_kernels.patterns import parse_pattern
 
 
 def layer(out=48, inn=64, n=512, seed=0):

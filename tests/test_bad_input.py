@@ -1,5 +1,5 @@
 """Every bad-input path of prune_layer / reconstruction_error raises ValueError or TypeError naming the
-argument and the value (issue 2's "Bad input" list), and nothing is modified in place on the way."""
+argument and the value, and nothing is modified in place on the way."""
 
 import math
 

@@ -215,7 +215,7 @@ def test_help_of_prune_and_bench(capsys):
                  "--device", "--out", "--resume", "--overwrite", "--save-format"):
         assert flag in text
     assert "measurement" in text
-    # `bench` is handed to admm_kernels.bench (issue 6) with its own options.
+    # `bench` is handed to admm_kernels.bench with its own options.
     with pytest.raises(SystemExit) as exc:
         cli.main(["bench", "--help"])
     assert exc.value.code == 0

@@ -1,4 +1,4 @@
-"""`admm-prune prune` never loses or silently mixes data (issue 10): --out may not touch the input
+"""`admm-prune prune` never loses or silently mixes data: --out may not touch the input
 model, is checked for writability before any work, is locked against a second run, stale temporary
 folders of killed runs are tidied, and --resume refuses another model or thread count."""
 

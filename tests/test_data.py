@@ -13,7 +13,7 @@ pytest.importorskip("transformers")
 
 from tiny_models import MAX_POS, tiny_model, tiny_text, tiny_tokenizer  # noqa: E402
 
-from admm_kernels import data  # noqa: E402
+from admm_kernels import data, protocols  # noqa: E402
 from admm_kernels.eval import evaluate_perplexity  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -21,9 +21,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def test_windows_are_seeded_distinct_and_cut_from_the_stream():
     tokens = torch.arange(1000)
-    a = data.calibration_windows(tokens, nsamples=8, seqlen=50, seed=1)
-    b = data.calibration_windows(tokens, nsamples=8, seqlen=50, seed=1)
-    c = data.calibration_windows(tokens, nsamples=8, seqlen=50, seed=2)
+    a = data.sample_windows(tokens, nsamples=8, seqlen=50, seed=1)
+    b = data.sample_windows(tokens, nsamples=8, seqlen=50, seed=1)
+    c = data.sample_windows(tokens, nsamples=8, seqlen=50, seed=2)
     assert a.shape == (8, 50) and a.dtype == torch.int64
     assert torch.equal(a, b) and not torch.equal(a, c)
     # Each window is a contiguous run of the stream, and windows never overlap.
@@ -31,13 +31,13 @@ def test_windows_are_seeded_distinct_and_cut_from_the_stream():
     starts = sorted(int(s) for s in a[:, 0])
     assert all(s2 - s1 >= 50 for s1, s2 in zip(starts, starts[1:]))
     # Exactly enough text works; the input is not modified.
-    exact = data.calibration_windows(tokens[:400], nsamples=8, seqlen=50, seed=0)
+    exact = data.sample_windows(tokens[:400], nsamples=8, seqlen=50, seed=0)
     assert sorted(int(s) for s in exact[:, 0]) == list(range(0, 400, 50))
 
 
 def test_too_short_text_says_found_and_needed():
     with pytest.raises(ValueError, match=r"found 399 tokens, need nsamples x seqlen = 8 x 50 = 400"):
-        data.calibration_windows(torch.arange(399), nsamples=8, seqlen=50)
+        data.sample_windows(torch.arange(399), nsamples=8, seqlen=50)
 
 
 @pytest.mark.parametrize("kwargs,match", [(dict(nsamples=0), "nsamples must be a positive int"),
@@ -45,7 +45,7 @@ def test_too_short_text_says_found_and_needed():
                                           (dict(seed="x"), "seed must be an int")])
 def test_window_arguments_are_checked(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
-        data.calibration_windows(torch.arange(100), **{"nsamples": 2, "seqlen": 10, **kwargs})
+        data.sample_windows(torch.arange(100), **{"nsamples": 2, "seqlen": 10, **kwargs})
 
 
 def test_read_text_sources(tmp_path):
@@ -75,7 +75,7 @@ def test_read_text_sources(tmp_path):
 
 
 def test_read_text_reads_gzip_and_json_lines_named_json(tmp_path):
-    """C4's shards are JSON lines named *.json(.gz): read_text (bench --calib, data.calibration_tokens)
+    """C4's shards are JSON lines named *.json(.gz): read_text (bench --calib, protocols.calibration_windows)
     gave the gzip bytes decoded as latin-1 for .gz, and a bare JSONDecodeError for JSON lines in .json."""
     lines = json.dumps({"text": "one", "url": "u"}) + "\n" + json.dumps({"text": "two", "url": "v"}) + "\n"
     plain = tmp_path / "c4-train.00000-of-01024.json"
@@ -118,14 +118,14 @@ def test_calibration_tokens_from_a_file(tmp_path):
     tok = tiny_tokenizer()
     path = tmp_path / "t.txt"
     path.write_text(tiny_text(300))
-    ids = data.calibration_tokens(tok, nsamples=4, seqlen=32, source=path, seed=3)
+    ids = protocols.calibration_windows(tok, path, nsamples=4, seqlen=32, seed=3)
     assert ids.shape == (4, 32)
     stream = data.tokenize(path.read_text(), tok)
     for w in ids:  # every window is a slice of the tokenised text
         hits = (stream.unfold(0, 32, 1) == w).all(1)
         assert bool(hits.any())
     with pytest.raises(ValueError, match=r"calibration text .*t\.txt' is too short: found \d+ tokens"):
-        data.calibration_tokens(tok, nsamples=1000, seqlen=32, source=path)
+        protocols.calibration_windows(tok, path, nsamples=1000, seqlen=32)
 
 
 def test_perplexity_is_exp_mean_nll_over_windows():

@@ -1,4 +1,4 @@
-"""Distributed pipeline (issue 11): 2 and 3 gloo ranks on the CPU, launched by torchrun or as plain
+"""Distributed pipeline: 2 and 3 gloo ranks on the CPU, launched by torchrun or as plain
 processes with torchrun's environment (so a test can kill or stall one rank). Every launch is bounded by
 a subprocess timeout, so a hang fails the test instead of stalling CI.
 

@@ -255,13 +255,13 @@ def test_progress_bars_and_report(capsys):
 def test_real_smollm2_first_blocks():
     """The embedded SmolLM2-135M: prune blocks 0-1 with ADMM on a little Shakespeare; the model still
     predicts Shakespeare reasonably well."""
-    from admm_kernels import data
+    from admm_kernels import protocols
     from admm_kernels.eval import evaluate_perplexity
     from admm_kernels.models import load_model
 
     model, tok, _ = load_model(None)
-    calib = data.calibration_tokens(tok, nsamples=4, seqlen=128, seed=0)
-    ev = data.evaluation_tokens(tok)
+    calib = protocols.calibration_windows(tok, None, nsamples=4, seqlen=128, seed=0)
+    ev = protocols.evaluation_tokens(tok, None)
     before = evaluate_perplexity(model, ev, seqlen=128, max_windows=4)
     report = ak.prune_model(model, calib, sparsity=0.5,
                             layers=lambda name, m: name.startswith(("model.layers.0.", "model.layers.1.")))

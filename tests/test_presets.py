@@ -8,11 +8,11 @@ from conftest import correlated_inputs
 
 import admm_kernels as ak
 from admm_kernels import masks
-from admm_kernels._checks import parse_pattern
 from admm_kernels.methods import admm, registry
 from admm_kernels.methods.rho import change_class, growth_factor
 from admm_kernels.methods.scaling import scale
 from admm_kernels.methods.wupdate import WUpdate
+from admm_kernels.patterns import parse_pattern
 
 SETTINGS = [("unstructured", 0.5), ("unstructured", 0.7), ("2:4", 0.5), ("per-row", 0.6)]
 

@@ -17,7 +17,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 import admm_kernels as ak  # noqa: E402
 from admm_kernels import masks, methods  # noqa: E402
-from admm_kernels._checks import parse_pattern  # noqa: E402
+from admm_kernels.patterns import parse_pattern  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PROPERTY = settings(max_examples=120, deadline=None, derandomize=True,

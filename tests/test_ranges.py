@@ -1,4 +1,4 @@
-"""Nothing silently wrong in prune_layer (issue 10 items 6-8 and clear errors): extreme but finite weights,
+"""Nothing silently wrong in prune_layer (and clear errors): extreme but finite weights,
 the Gram's overall scale, exact targets for every method, meta tensors, non-ASCII pattern digits."""
 
 import math
@@ -89,7 +89,7 @@ def test_result_does_not_depend_on_the_gram_scale(method, pattern):
 
 
 def test_tiny_gram_admm_beats_magnitude():
-    """The issue's case: diag G ≈ 1e-14 made ADMM no better than magnitude pruning."""
+    """The case that was once wrong: diag G ≈ 1e-14 made ADMM no better than magnitude pruning."""
     W, G = layer(64, 64)
     G = G * (1e-14 / float(G.diagonal().mean()))
     admm = ak.prune_layer(W, G, 0.6).error

@@ -123,12 +123,10 @@ def test_cpu_backend_is_not_checked_at_selection(no_forced_backend, monkeypatch)
 
 def test_mask_selection_uses_the_fallback(fake_gpu):
     """The solver's mask step goes through the registry: a faulty kernel never reaches prune_layer."""
-    from admm_kernels import masks
-
     fake_gpu("cuda", "prune_mask", lambda s, k, per_row: torch.ones_like(s, dtype=torch.bool))
     used: dict = {}
     scores = torch.rand(8, 16)
-    mask = masks.op("prune_mask", scores.device, used=used)(scores, 64, False)
+    mask = backends.implementation("prune_mask", scores.device, used=used)(scores, 64, False)
     assert used["prune_mask"] == "reference" and int((~mask).sum()) == 64
 
 

@@ -1,4 +1,4 @@
-"""Sequential pruning inside a block (issue 9 §3): the layer groups are pruned in the block's call order,
+"""Sequential pruning inside a block: the layer groups are pruned in the block's call order,
 each group's Gram taken from the block with the earlier groups already pruned."""
 
 from __future__ import annotations

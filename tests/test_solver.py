@@ -1,4 +1,5 @@
-"""prune_layer's ADMM-Grad against a plain fp64 transcription of SPEC §1, plus the solver's invariants."""
+"""prune_layer's ADMM-Grad against a plain fp64 transcription of its steps (admm_kernels/methods/admm.py),
+plus the solver's invariants."""
 
 import pytest
 import torch
@@ -6,13 +7,13 @@ from conftest import correlated_inputs
 
 import admm_kernels as ak
 from admm_kernels import masks
-from admm_kernels._checks import parse_pattern
+from admm_kernels.patterns import parse_pattern
 
 OUT, IN = 48, 64
 
 
 def transcription(W, G, s, pattern, iters=20, T=15, rho=1.0, percdamp=0.1, schedule=None, one_shot=False):
-    """SPEC §1 step by step in fp64 (thresholds as the released code; a linear solve per iteration)."""
+    """The algorithm step by step in fp64 (thresholds as the released code; a linear solve per iteration)."""
     W, G = W.double(), G.double()
     d = G.diagonal().sqrt() + 1e-8
     Gh = G / d[:, None] / d[None, :]

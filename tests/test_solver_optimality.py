@@ -10,7 +10,7 @@ import admm_kernels as ak
 def masked_optimum(W, G, mask, percdamp):
     """Row by row: argmin (w - w')ᵀ Gd (w - w') over w' supported on the row's mask, fp64.
 
-    Gd = G + λ diag(G) with λ = percdamp · mean(diag Ĝ): the damping of SPEC §1 mapped back from the
+    Gd = G + λ diag(G) with λ = percdamp · mean(diag Ĝ): the damping of the ADMM solve mapped back from the
     scaled space (Ĝ = D⁻¹GD⁻¹, d = sqrt(diag G) + 1e-8)."""
     W, G = W.double(), G.double()
     d = G.diagonal().sqrt() + 1e-8

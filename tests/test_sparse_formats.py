@@ -7,7 +7,7 @@ import torch
 from sparse_helpers import has_kernels, nm_weight, unstructured_weight
 
 from admm_kernels.backends import reference as ref
-from admm_kernels.sparse import PackedCSR, PackedNM, detect_pattern, parse_pattern
+from admm_kernels.sparse import PackedCSR, PackedNM, detect_pattern, parse_packed_pattern
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 PATTERNS = ((2, 4), (1, 4), (3, 4), (4, 8), (3, 8), (2, 3), (5, 16))
@@ -64,7 +64,7 @@ def test_pack_rejects_wrong_pattern():
 @pytest.mark.parametrize("bad", ["2:2", "0:4", "x", "2:4:8", "5:3"])
 def test_parse_pattern_rejects(bad):
     with pytest.raises(ValueError, match="pattern"):
-        parse_pattern(bad)
+        parse_packed_pattern(bad)
 
 
 def test_detect_pattern():
@@ -107,15 +107,15 @@ def test_validate_rejects_bad_tensors():
         PackedNM(q.values, meta, 2, 3, q.shape).validate()
 
 
-# --- matmul ops: every backend against an fp64 reference (SPEC §5 tolerance rule) --------------------
+# --- matmul ops: every backend against an fp64 reference (the tolerance rule) -----------------------
 
 def _fp64(x, w):
     return x.double() @ w.double().T
 
 
 def _check(y, x, w):
-    """SPEC §5: the kernel's error against fp64 at most 2x the fp32 reference's (Frobenius norms, so a
-    single lucky output of the reference does not decide), plus 1e-7 relative for sums of ~10 terms where
+    """The tolerance rule: the kernel's error against fp64 at most 2x the fp32 reference's (Frobenius norms,
+    so a single lucky output of the reference does not decide), plus 1e-7 relative for sums of ~10 terms where
     both errors are a few ulps."""
     exact = _fp64(x, w)
     ref_err = torch.linalg.norm((x.float() @ w.float().T).double() - exact).item()

@@ -1,4 +1,4 @@
-"""Resumable state that cannot silently give a wrong result (issue 10): the fingerprint covers every
+"""Resumable state that cannot silently give a wrong result: the fingerprint covers every
 weight, the calibration and the thread count; state files are checksummed; the folder is locked; the
 model is left intact on any exception; non-compute devices are refused up front."""
 

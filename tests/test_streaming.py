@@ -1,4 +1,4 @@
-"""Models larger than memory (issue 11): a StreamedModel reads each block from the checkpoint just before
+"""Models larger than memory: a StreamedModel reads each block from the checkpoint just before
 its turn and writes it out when pruned. Its output, report, digest and perplexity equal the in-memory
 path's bit for bit; the live tensor bytes do not grow with the number of blocks; activations can live in
 a file."""

@@ -19,32 +19,23 @@ a forced backend that fails its check raises instead. ``ADMM_KERNELS_SELF_CHECK=
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 from collections.abc import Callable
-from types import ModuleType
 
 import torch
 
 from . import selfcheck
+from ._modules import BACKENDS, get  # noqa: F401  (public: backends.get, backends.BACKENDS)
 
 log = logging.getLogger("admm_kernels")
 
-BACKENDS = ("reference", "cpu", "triton", "cuda")
 OPS = ("gram_update", "prune_mask", "nm_mask", "admm_dual_step")
 # Fastest first, by measurement (see benchmarks/RESULTS.md).
 PREFERENCE = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
 ENV_VAR = "ADMM_KERNELS_BACKEND"
 
 _warned: set[tuple[str, str]] = set()
-
-
-def get(name: str) -> ModuleType:
-    """The backend module `name` (imported lazily). Raises ValueError for an unknown name."""
-    if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
-    return importlib.import_module(f"{__name__}.{name}")
 
 
 def available() -> list[str]:
@@ -101,6 +92,15 @@ def _self_check_ok(backend: str, op: str, device: torch.device, fn: Callable) ->
     return selfcheck.passed(backend, op, device, fn).ok
 
 
-def implementation(op: str, device: torch.device | str) -> Callable:
-    """Shorthand for select(op, device)[1]."""
-    return select(op, device)[1]
+def implementation(op: str, device: torch.device | str, *, reference: bool = False,
+                   used: dict | None = None) -> Callable:
+    """The implementation of `op` for tensors on `device`: select(op, device)[1], or the reference's when
+    `reference`. `used`, when given, records the backend that runs it (used[op] = its name): the solvers
+    report which kernels computed a result."""
+    if reference:
+        backend, fn = "reference", getattr(get("reference"), op)
+    else:
+        backend, fn = select(op, device)
+    if used is not None:
+        used[op] = backend
+    return fn

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import torch
 
+from .. import _ops
+from .._ops import nm_meta_bits, nm_meta_bytes  # noqa: F401  (part of the packed layout below)
+
 NAME = "reference"
 
 
@@ -90,16 +93,6 @@ def unavailable_reason() -> str:
 # positions inside a group are distinct and unpack is a plain scatter. Zeros are stored as +0.0.
 
 
-def nm_meta_bits(m: int) -> int:
-    """Bits of position metadata per kept value for groups of m: ceil(log2 m), at least 1."""
-    return max(1, (m - 1).bit_length())
-
-
-def nm_meta_bytes(cols: int, n: int, m: int) -> int:
-    """Bytes of metadata per row for a (rows, cols) N:M weight."""
-    return ((cols // m) * n * nm_meta_bits(m) + 7) // 8
-
-
 def _bits_pack(fields: torch.Tensor, bits: int) -> torch.Tensor:
     """(rows, k) int64 fields < 2**bits -> (rows, ceil(k*bits/8)) uint8 little-endian bit stream."""
     rows, k = fields.shape
@@ -173,3 +166,10 @@ def csr_mm(
     w = torch.zeros(rows, cols, dtype=torch.float32, device=x.device)
     w[row_idx, col.to(torch.int64)] = values.float()
     return (x.float() @ w.T).to(x.dtype)
+
+
+# Every op's default kernel on every device (CompositeExplicitAutograd): the compiled CPU and CUDA kernels
+# override it for their device. Registered from here, not from _ops, so that _ops imports no backend.
+for _name in _ops._SCHEMAS:
+    _ops.register_reference(_name, globals()[_name])
+del _name

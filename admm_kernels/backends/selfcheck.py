@@ -3,8 +3,8 @@
 The CUDA and Triton kernels cannot be tested in CI (no GPU there), so before the registry hands out a
 kernel of a backend in SELF_CHECKED for the first time on a device in this process, it runs that kernel
 on the small fixed inputs of CASES and compares with the pure-torch reference run on the CPU (masks
-exactly, values by SPEC §5's tolerance rule). A kernel that raises or disagrees is reported with one
-warning naming it, and the registry uses the next backend for the rest of the process (ultimately the
+exactly, values by the tolerance rule of _close below). A kernel that raises or disagrees is reported
+with one warning naming it, and the registry uses the next backend for the rest of the process (ultimately the
 reference, which is never checked). ADMM_KERNELS_SELF_CHECK=0 turns the check off.
 
 The inputs are a few thousand elements per op (shapes that are not multiples of any block size, ties
@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from . import reference
+from ._modules import get
 
 log = logging.getLogger("admm_kernels")
 
@@ -94,7 +95,7 @@ def _same_mask(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
 
 
 def _close(got: torch.Tensor, truth: torch.Tensor, ref: torch.Tensor, what: str) -> None:
-    """SPEC §5: error against the fp64 truth at most 2x the fp32 reference's, plus a tiny slack."""
+    """The tolerance rule: error against the fp64 truth at most 2x the fp32 reference's, plus a tiny slack."""
     got64 = got.detach().cpu().double()
     if got64.shape != truth.shape:
         raise Mismatch(f"{what}: shape {tuple(got64.shape)}, expected {tuple(truth.shape)}")
@@ -296,8 +297,6 @@ def check(
         raise ValueError(f"no self-check for op {op!r}; ops with one: {sorted(CASES)}")
     device = device_key(device)
     if fn is None:
-        from . import get
-
         fn = getattr(get(backend), op)
     spec = CASES[op]
     cases = list(spec.cases())

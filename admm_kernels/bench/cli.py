@@ -38,20 +38,8 @@ def _split(values: list[str]) -> list[str]:
     return [p.strip() for v in values for p in v.split(",") if p.strip()]
 
 
-def _positive(flag: str):
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            v = 0
-        if v < 1:
-            raise argparse.ArgumentTypeError(f"{flag} must be a positive integer, got {text!r}")
-        return v
-    return parse
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from .. import cli
+    from .. import cli_common
     from .methods import DEFAULT_METHODS, aliases
 
     p.add_argument("model", nargs="?", default=None,
@@ -68,15 +56,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", nargs="+", default=None, metavar="GLOB",
                    help="only linears whose name inside a block (e.g. 'mlp.*', 'self_attn.q_proj') or full "
                         "name matches (default: every linear in the decoder blocks)")
-    p.add_argument("--max-layers", type=_positive("--max-layers"), default=None, metavar="N",
+    p.add_argument("--max-layers", type=cli_common.positive("--max-layers"), default=None, metavar="N",
                    help="only the first N selected layers, in model order")
-    cli.add_calibration_arguments(p)
+    cli_common.add_calibration_arguments(p)
     p.add_argument("--perplexity", action="store_true",
                    help="also prune the selected layers end to end with each method (prune_model) and "
                         "evaluate perplexity")
-    cli.add_eval_text_argument(p, "evaluation text for --perplexity (default: held-out Shakespeare plays)",
-                               old="--eval")
-    cli.add_eval_windows_argument(p)
+    cli_common.add_eval_text_argument(
+        p, "evaluation text for --perplexity (default: held-out Shakespeare plays)", old="--eval")
+    cli_common.add_eval_windows_argument(p)
     p.add_argument("--heldout-windows", type=int, default=None, metavar="N",
                    help="windows of held-out text whose Grams give every row's out-of-sample error "
                         "(heldout_error, beside the in-sample error on the calibration Gram; the Pareto "
@@ -92,7 +80,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="reuse the finished rows in --out (rows.jsonl) and compute only the missing ones")
     p.add_argument("--overwrite", action="store_true", help="start afresh in a non-empty --out")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration window draw and of every row")
-    cli.add_run_arguments(p, "no progress bars and no log lines")
+    cli_common.add_run_arguments(p, "no progress bars and no log lines")
     p.add_argument("--gram-dtype", choices=("float32", "float64"), default="float32",
                    help="Gram accumulation dtype (default float32)")
     p.add_argument("--cache-dir", metavar="DIR", default=None,
@@ -118,7 +106,7 @@ def _settings(args):
     """BenchSettings from parsed args; BenchError on a bad value (before any heavy work)."""
     import torch
 
-    from .._checks import parse_pattern, pattern_group
+    from ..patterns import parse_pattern, pattern_group
     from .layers import check_methods
     from .methods import parse_methods
     from .runner import BenchSettings
@@ -197,7 +185,7 @@ def _check_out(out: Path, resume: bool, overwrite: bool) -> None:
 def run(args: argparse.Namespace) -> int:
     """Execute `admm-prune bench` with parsed args; returns the exit status."""
     from .._signals import Terminated, sigterm_raises, stopped
-    from ..cli import hf_progress_bars, set_threads
+    from ..cli_common import hf_progress_bars, set_threads
 
     set_threads(args.threads)
     try:
@@ -211,8 +199,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .. import data
-    from ..cli import EMBEDDED_EVAL_WINDOWS, EMBEDDED_NSAMPLES, EMBEDDED_SEQLEN
+    from .. import data, protocols
+    from ..cli_common import EMBEDDED_EVAL_WINDOWS, EMBEDDED_NSAMPLES, EMBEDDED_SEQLEN
     from ..models import max_positions
     from ..models.loading import check_model_path, load_model, parse_dtype
     from . import report
@@ -226,7 +214,7 @@ def _run(args: argparse.Namespace) -> int:
             check_model_path(args.model, name="MODEL")
         except (FileNotFoundError, ValueError) as exc:
             raise BenchError(str(exc)) from None
-    from ..cli import CALIB_TEXT_DEFAULT, EVAL_TEXT_DEFAULT
+    from ..cli_common import CALIB_TEXT_DEFAULT, EVAL_TEXT_DEFAULT
     from ..data import check_text_source
 
     # the names reports give the default texts choose them, as in prune and eval
@@ -262,14 +250,15 @@ def _run(args: argparse.Namespace) -> int:
                                      max_positions(model), name="--seqlen")
         if tok is None:
             raise BenchError(f"model folder {str(path)!r} has no tokenizer, needed to tokenize text")
-        calib = data.calibration_tokens(tok, nsamples, seqlen, args.calib, seed=args.seed)
-        eval_ids = data.evaluation_tokens(tok, args.eval_path) if settings.perplexity else None
+        calib = protocols.calibration_windows(tok, args.calib, nsamples=nsamples, seqlen=seqlen,
+                                              seed=args.seed)
+        eval_ids = protocols.evaluation_tokens(tok, args.eval_path) if settings.perplexity else None
         n_held = nsamples if args.heldout_windows is None else args.heldout_windows
         heldout_ids = None
         if n_held:
             what = f"held-out text {heldout_path!r}" if heldout_path else "the held-out Shakespeare plays"
-            heldout_ids = data.calibration_windows(data.evaluation_tokens(tok, heldout_path), n_held, seqlen,
-                                                   args.seed, source=what)
+            heldout_ids = data.sample_windows(protocols.evaluation_tokens(tok, heldout_path), n_held, seqlen,
+                                              args.seed, source=what)
         if eval_ids is not None and eval_ids.numel() < seqlen:
             raise BenchError(f"evaluation text is too short: found {eval_ids.numel()} tokens, need at least "
                              f"--seqlen = {seqlen} tokens for one window")

@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from .._checks import parse_pattern
+from ..patterns import parse_pattern
 from .methods import MethodSpec
 
 # Row-solve batches are cut so the gathered (rows, k, k) fp64 systems stay under ~256 MB.

@@ -2,7 +2,8 @@
 description: the one implementation every benchmark of the project uses (benchmarks/roofline.py,
 benchmarks/compare.py and `admm-prune bench` import it), so they all divide by the same measurement.
 
-Measured in the run that uses them (SPEC §6: ratios from one run), best of `reps` after a warm-up.
+Measured in the run that uses them (a ratio compares two numbers of the same run, never of two runs),
+best of `reps` after a warm-up.
 Sizes: a square fp32 GEMM of side `n` (the bench passes the model's largest in_features, so the GEMM is
 the size the ADMM loop runs) and a copy of 256 MiB (far beyond any last-level cache, so it measures
 memory bandwidth; bytes counted = read + write).

@@ -205,9 +205,10 @@ def run_bench(model: nn.Module, calib_ids: torch.Tensor, out: str | os.PathLike,
     for settings.perplexity. meta: extra entries for result["meta"] (e.g. the command line).
     heldout_ids (M, L) int64: windows not used for calibration (no window in common with calib_ids:
     checked); every row then has its error on their Grams too ("heldout_error", out of sample)."""
+    from ..environment import versions
     from ..models.discovery import get_weight
     from ..models.loading import cache_dir
-    from ..models.pipeline import check_calibration, versions
+    from ..models.pipeline import check_calibration
 
     settings = settings or BenchSettings()
     _check(settings)

@@ -1,4 +1,4 @@
-"""Adapters to other tools, each an optional extra imported only when used (SPEC §2):
+"""Adapters to other tools, each an optional extra imported only when used:
 
 - `admm_kernels.integrations.llmcompressor`: `ADMMPruningModifier` for llm-compressor's `oneshot`
   (`pip install admm_kernels[llmcompressor]`).

@@ -23,7 +23,7 @@ That is the same scheme as `admm_kernels.prune_model` (see tests_integration/llm
 
 The Hessian. llm-compressor's SparseGPT accumulates H = (2/n) Σ xᵀx in fp32, as a running average
 (H ← H·n/(n+k) + (2/(n+k))·XᵀX per batch of k samples; n counts samples, not tokens). `prune_layer`
-takes the plain sum G = Σ xᵀx (SPEC §1). With `hessian="llmcompressor"` (default) the modifier
+takes the plain sum G = Σ xᵀx (as prune_layer does). With `hessian="llmcompressor"` (default) the modifier
 accumulates with llm-compressor's own function and passes G = H·n/2. The factor changes no result
 beyond rounding: ADMM works on D⁻¹GD⁻¹ with D = diag(G)^½ (invariant to a positive scale up to the
 1e-8 added to D), its damping and SparseGPT's are fractions of the mean diagonal, Wanda's score
@@ -70,9 +70,9 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "pip install 'admm_kernels[llmcompressor]' (tested with llmcompressor==0.13.0); "
         f"import failed: {exc}") from exc
 
-from .._checks import parse_pattern, pattern_group
 from ..gram import GramAccumulator
 from ..models.discovery import _is_conv1d, get_weight, is_prunable
+from ..patterns import parse_pattern, pattern_group
 
 __all__ = ["ADMMPruningModifier"]
 

@@ -1,4 +1,4 @@
-"""ADMM-Grad (Boža 2024), SPEC §1, as its released code runs it, in named steps that presets recombine.
+"""ADMM-Grad (Boža 2024) as its released code runs it, in named steps that presets recombine.
 
 Steps (each a function or object here; `run` is the seed's recipe, preset=None):
 1. scale   — `scaling.scale`: dead inputs out, d = sqrt(diag G) + ε, V = D Wᵀ (in_live, out);
@@ -22,8 +22,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import masks
-from .._checks import Pattern, check_float, check_iters, check_schedule
+from .. import backends, masks
+from .._checks import check_float, check_iters, check_schedule
+from ..patterns import Pattern
 from .ranges import finite_cast
 from .refit import masked_cg
 from .registry import Method, MethodResult, Option, bool_option, check_compute_dtype, choice_option
@@ -105,7 +106,7 @@ StopRule = Callable[[int, AdmmState], bool]
 def gradual_mask(problem: ScaledProblem, pattern: Pattern, sparsity: float, steps: int, schedule: str,
                  timer: Timer, reference: bool = False, used: dict | None = None,
                  updates: int | None = None) -> MaskSchedule:
-    """The seed's mask schedule: while t < steps, M from |W + U| at s_t (SPEC §1), selected by
+    """The seed's mask schedule: while t < steps, M from |W + U| at s_t (masks.sparsity_at), selected by
     ScaledProblem.select_mask (in the solve layout for unstructured masks without dead inputs).
     updates > steps keeps re-selecting the mask (at the target sparsity) until iteration `updates`."""
     buf: list[torch.Tensor | None] = [None]
@@ -129,9 +130,9 @@ def gradual_mask(problem: ScaledProblem, pattern: Pattern, sparsity: float, step
 def iterate(problem: ScaledProblem, solver: WUpdate, state: AdmmState, iters: int, step,
             mask_schedule: MaskSchedule | None = None, rho_schedule: RhoSchedule | None = None,
             stop: StopRule | None = None) -> AdmmState:
-    """Run up to `iters` iterations on `state` in place (SPEC §1 step 4). step: the fused dual-step op
-    (masks.op("admm_dual_step", ...)). rho_schedule(t, state) -> a new ρ or None, after iteration t;
-    stop(t, state) -> True ends the loop after iteration t."""
+    """Run up to `iters` iterations on `state` in place (step 4 of the module docstring). step: the fused
+    dual-step op (backends.implementation("admm_dual_step", ...)). rho_schedule(t, state) -> a new ρ or
+    None, after iteration t; stop(t, state) -> True ends the loop after iteration t."""
     R = torch.empty_like(state.W)
     for t in range(iters):
         if mask_schedule is not None:
@@ -196,8 +197,8 @@ def settled(watch: SupportWatch, stop_change: float, min_iters: int) -> StopRule
 
 
 def finish(state: AdmmState) -> torch.Tensor:
-    """Z = (W + U) ⊙ M (in_live, out), a new tensor: the exactly sparse ADMM output (SPEC §1 step 5); also
-    sets state.Mfull when the loop selected masks in the solve layout."""
+    """Z = (W + U) ⊙ M (in_live, out), a new tensor: the exactly sparse ADMM output (step 5 of the module
+    docstring); also sets state.Mfull when the loop selected masks in the solve layout."""
     if state.Mfull is None:
         state.Mfull = state.M.T.contiguous()
     return (state.W + state.U).masked_fill_(~state.M, 0)
@@ -262,7 +263,7 @@ def run(weight: torch.Tensor, G: torch.Tensor, pattern: Pattern, sparsity: float
             watch = SupportWatch(o["rho_every"])
             rho_fn = support_rho(watch, o["rho_growth"]) if support else None
             stop_fn = settled(watch, o["stop_change"], o["min_iters"]) if o["stop_change"] > 0 else None
-            step = masks.op("admm_dual_step", weight.device, ref, used)
+            step = backends.implementation("admm_dual_step", weight.device, reference=ref, used=used)
             iterate(problem, solver, state, iters, step, schedule_fn, rho_fn, stop_fn)  # 4.
             if schedule_fn is not None:
                 if mask_iters > T_eff and state.mask_updates == state.iterations:
@@ -304,7 +305,7 @@ def run(weight: torch.Tensor, G: torch.Tensor, pattern: Pattern, sparsity: float
     return MethodResult(pruned, Mfull, stats, denominator)
 
 
-# Presets (issue 9): option sets over the seed's defaults; explicit options override them. Chosen by
+# Presets: option sets over the seed's defaults; explicit options override them. Chosen by
 # measurement on SmolLM2-135M's real layers (benchmarks/RESULTS.md, "ADMM presets"):
 # - "accurate": the OBS metric (ScaledProblem.rescale_obs), ρ grown from 0.15 by the support rule
 #   (methods.rho: ×1.2 / ×1.1 / ×1.05 as the support moves much / some / at all) checked every 3

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from .. import masks
-from .._checks import Pattern
+from .. import backends, masks
+from ..patterns import Pattern
 from .admm import OBS_DAMP, AdmmState, finish, gradual_mask
 from .lapack import one_thread
 from .ranges import finite_cast
@@ -117,7 +117,7 @@ def run_batched(weights: torch.Tensor, grams: torch.Tensor, pattern: Pattern, sp
         st.U = U[i]  # views of one (E, in, out) dual
     schedules = [gradual_mask(p, pattern, s, T_eff, schedule, timer, False, used, updates=mask_iters)
                  for p in probs]
-    step = masks.op("admm_dual_step", weights.device, False, used)
+    step = backends.implementation("admm_dual_step", weights.device, reference=False, used=used)
     flat = V.shape[0] * V.shape[1], V.shape[2]
     R = torch.empty_like(V)
     M = None

@@ -43,7 +43,8 @@ from __future__ import annotations
 import torch
 
 from .. import masks
-from .._checks import Pattern, check_float, check_iters
+from .._checks import check_float, check_iters
+from ..patterns import Pattern
 from .ranges import finite_cast
 from .refit import masked_cg
 from .registry import Method, MethodResult, Option, check_compute_dtype, float_dtype_option

@@ -1,4 +1,4 @@
-"""The relative reconstruction error tr((W-W')G(W-W')ᵀ) / tr(W G Wᵀ) (SPEC §1), evaluated once for every
+"""The relative reconstruction error tr((W-W')G(W-W')ᵀ) / tr(W G Wᵀ), evaluated once for every
 method. weight, pruned: (out, in) of any float dtypes; G: (in, in) on the same device.
 """
 

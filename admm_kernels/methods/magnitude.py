@@ -7,7 +7,7 @@ import time
 import torch
 
 from .. import masks
-from .._checks import Pattern
+from ..patterns import Pattern
 from .registry import Method, MethodResult
 
 

@@ -1,4 +1,4 @@
-"""Keeping finite inputs finite (issue 10 item 6): power-of-two normalisation of extreme weights and Grams,
+"""Keeping finite inputs finite: power-of-two normalisation of extreme weights and Grams,
 and the cast of a method's float32/float64 result to the weight's dtype without overflow.
 
 Every method is linear in the weight (ADMM, ALPS and SparseGPT's updates are linear in W for a given mask,

@@ -1,9 +1,9 @@
 """The method registry: every `prune_layer(method=...)` name, its options (defaults and validators), its
 presets and the one-line description of its grouping, in one place.
 
-`prune_layer`, the CLI's --method choices and help, `_checks.METHODS` and the bench's method list all read
-this registry; a method is added by writing its module under admm_kernels/methods/ and registering its
-`METHOD` in admm_kernels/methods/__init__.py.
+`prune_layer`, the CLI's --method choices and help and the bench's method list all read this registry; a
+method is added by writing its module under admm_kernels/methods/ and registering its `METHOD` in
+admm_kernels/methods/__init__.py.
 
 A method's `run(weight, G, pattern, sparsity, mask, options) -> MethodResult` receives validated inputs:
 weight (out, in) of any float dtype, G (in, in) float on weight's device, a parsed Pattern, the requested

@@ -1,8 +1,8 @@
 """The scaled problem shared by ADMM-Grad and ALPS: dead inputs out, unit-diagonal scaling, damping.
 
-SPEC §1 steps 1-2: inputs with diag G == 0 ("dead") are pruned first and kept out of the solve (the data
-says nothing about them, so pruning them costs no error); on the live inputs, d = sqrt(diag G) + ε
-(ε: see SCALE_EPS),
+Steps 1-2 of ADMM-Grad (admm_kernels/methods/admm.py lists the steps): inputs with diag G == 0 ("dead")
+are pruned first and kept out of the solve (the data says nothing about them, so pruning them costs no
+error); on the live inputs, d = sqrt(diag G) + ε (ε: see SCALE_EPS),
 Ĝ = D⁻¹ G D⁻¹ (unit diagonal), V = D Wᵀ (in_live, out), then Ĝ ← Ĝ + λI and B = Ĝ V. Everything is in
 the solve's (in, out) layout and in the compute dtype (float32, or float64).
 """
@@ -17,8 +17,8 @@ from .. import masks
 from .lapack import one_thread
 
 # ε in d = sqrt(diag G) + ε: the seed's absolute 1e-8, scaled down with Grams whose mean diagonal m is
-# below 1, ε = 1e-8 · min(1, sqrt(m)), so the result does not depend on the Gram's overall scale (issue 10
-# item 7: with diag G ≈ 1e-14 the absolute 1e-8 outweighed sqrt(diag G) = 1e-7, Ĝ was no longer unit-
+# below 1, ε = 1e-8 · min(1, sqrt(m)), so the result does not depend on the Gram's overall scale (with
+# diag G ≈ 1e-14 the absolute 1e-8 outweighed sqrt(diag G) = 1e-7, Ĝ was no longer unit-
 # diagonal and ADMM did no better than magnitude pruning). For Grams with m >= 1 (every Gram of summed
 # calibration tokens we have seen: SmolLM2's blocks 0-1 have m = 7-950 with 8k-33k tokens) this is
 # exactly the seed's d; below, ε stays
@@ -179,7 +179,7 @@ class ScaledProblem:
 
 def scale(weight: torch.Tensor, G: torch.Tensor, compute_dtype: torch.dtype,
           ridge: float = 0.0) -> ScaledProblem:
-    """Dead inputs out, then d = sqrt(diag(G_live + ridge·I)) + ε and V = D W_liveᵀ (SPEC §1 step 1).
+    """Dead inputs out, then d = sqrt(diag(G_live + ridge·I)) + ε and V = D W_liveᵀ (step 1).
 
     weight (out, in) any float dtype; G (in, in) on weight's device. ridge > 0 (ALPS) is added to the live
     Gram's diagonal before the scaling, so Ĝ then has an exactly unit diagonal."""

@@ -24,8 +24,9 @@ import time
 
 import torch
 
-from .. import masks
-from .._checks import Pattern, check_float, check_int
+from .. import backends, masks
+from .._checks import check_float, check_int
+from ..patterns import Pattern
 from .lapack import one_thread
 from .ranges import finite_cast
 from .registry import Method, MethodResult, Option, check_compute_dtype
@@ -74,8 +75,11 @@ def run(weight: torch.Tensor, G: torch.Tensor, pattern: Pattern, sparsity: float
     t_mask = 0.0
     # Looked up once: the N:M branch selects every M columns (2752 times at in=11008), and both a registry
     # look-up and a dead-input test (a device sync on CUDA) per group would sit on that hot path.
-    select_pm = masks.op("prune_mask", W.device, ref, used) if mask is None and pattern.kind != "nm" else None
-    select_nm = masks.op("nm_mask", W.device, ref, used) if mask is None and pattern.kind == "nm" else None
+    select_pm = select_nm = None
+    if mask is None and pattern.kind != "nm":
+        select_pm = backends.implementation("prune_mask", W.device, reference=ref, used=used)
+    if mask is None and pattern.kind == "nm":
+        select_nm = backends.implementation("nm_mask", W.device, reference=ref, used=used)
     any_dead = bool(dead.any())
 
     def scored(w: torch.Tensor, d: torch.Tensor, lo: int, hi: int) -> torch.Tensor:

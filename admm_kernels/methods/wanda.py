@@ -14,7 +14,7 @@ import time
 import torch
 
 from .. import masks
-from .._checks import Pattern
+from ..patterns import Pattern
 from .registry import Method, MethodResult, Option, bool_option
 
 OPTIONS = (Option("per_row", True, bool_option("per_row"), "compare scores within each output row"),)

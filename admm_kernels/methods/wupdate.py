@@ -1,10 +1,10 @@
 """The W-update of the scaled ADMM problems: W ← (Ĝ + ρI)⁻¹ R, for the current ρ, as one GEMM.
 
 Two ways to hold (Ĝ + ρI)⁻¹, both forming the explicit inverse so that each iteration is one GEMM:
-- "cholesky" (ADMM-Grad, SPEC §1 step 3): a Cholesky factorisation of Ĝ + ρI, then its inverse from the
-  factor (never torch.inverse). At in = out = 2048 on this CPU: cholesky 0.05 s, cholesky_inverse 0.13 s,
-  one GEMM A⁻¹R 0.11 s, one cholesky_solve 0.20 s, so the inverse pays for itself after two iterations
-  (20 iterations: 2.4 s vs 4.0 s). A new ρ re-factors.
+- "cholesky" (ADMM-Grad, step 3 in admm_kernels/methods/admm.py): a Cholesky factorisation of Ĝ + ρI,
+  then its inverse from the factor (never torch.inverse). At in = out = 2048 on this CPU: cholesky
+  0.05 s, cholesky_inverse 0.13 s, one GEMM A⁻¹R 0.11 s, one cholesky_solve 0.20 s, so the inverse pays
+  for itself after two iterations (20 iterations: 2.4 s vs 4.0 s). A new ρ re-factors.
 - "eigh" (ALPS, growing-ρ schedules): Ĝ = Q diag(λ) Qᵀ once; any ρ then costs one GEMM,
   (Ĝ + ρI)⁻¹ = Q diag(1/(λ + ρ)) Qᵀ.
 

@@ -1,5 +1,5 @@
-"""The pipeline's view of torch.distributed (SPEC §1 "Model pipeline", distributed): who this process is,
-the few collectives the pipeline needs, and what happens when a peer dies or hangs.
+"""The pipeline's view of torch.distributed (docs/DESIGN.md, "Distributed and streamed runs"): who this
+process is, the few collectives the pipeline needs, and what happens when a peer dies or hangs.
 
 Launch with torchrun (`torchrun --nproc-per-node N -m admm_kernels prune ...`), which sets RANK,
 WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; `init_from_environment` then creates the process

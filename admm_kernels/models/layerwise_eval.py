@@ -7,7 +7,7 @@ streamed_perplexity reads each dense block from the checkpoint and frees it (the
 pruning); the CLI registers LayerwisePerplexity.advance in StreamedModel.on_block_final, so each pruned
 block is evaluated while the pipeline has it loaded (the perplexity after pruning, without reading the
 model again). Windows are split over the ranks of a distributed run; the per-window losses are summed
-in window order (eval.perplexity_from).
+in window order (admm_kernels.perplexity.perplexity_from).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..perplexity import perplexity_from, window_nll
 from .activations import ActivationStore, resolve_offload
 from .capture import capture_inputs, head_runner
 from .discovery import find_blocks
@@ -52,8 +53,6 @@ class LayerwisePerplexity:
     @torch.no_grad()
     def result(self) -> float:
         """The perplexity, once every block was passed (on every rank: the losses are all-reduced)."""
-        from ..eval import perplexity_from, window_nll
-
         if self.next_block != len(self.blocks):
             raise RuntimeError(f"layer-wise evaluation has passed {self.next_block} of {len(self.blocks)} "
                                "blocks")

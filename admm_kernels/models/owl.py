@@ -31,7 +31,7 @@ from torch import nn
 from .capture import capture_inputs
 from .discovery import get_weight
 from .experts import layer_input_hooks
-from .sparsity_profile import BlockSparsity, weighted_mean
+from .sparsity_profile import BlockSparsity, ProfileRequest, weighted_mean
 
 
 class SquareSumHooks:
@@ -151,3 +151,20 @@ def owl_profile(model: nn.Module, blocks: nn.ModuleList, selected: Sequence[dict
                for sel, s in zip(selected, sums)]
     values = allocate(ratios, weights, target, lam)
     return BlockSparsity("owl", values, target, {"owl_m": m, "owl_lambda": lam, "outlier_ratios": ratios})
+
+
+def resolve_profile(request: ProfileRequest, model: nn.Module, blocks: nn.ModuleList,
+                    selected: Sequence[dict[str, nn.Module]], ids: torch.Tensor, device: torch.device,
+                    act_device: torch.device, progress: bool = False,
+                    empty: Callable | None = None) -> BlockSparsity:
+    """The run's BlockSparsity for `request`. "owl" runs its dense pre-pass here (the model must be in
+    eval mode; weights untouched, blocks back on their devices; its activations allocated by
+    empty(shape, dtype), e.g. the pipeline's ActivationStore.empty); selected[b]: the layers pruned in
+    block b (their sizes weight the averages)."""
+    if request.name == "owl":
+        return owl_profile(model, blocks, selected, ids, request.target, request.owl_m, request.owl_lambda,
+                           device, act_device, progress, empty=empty)
+    if request.name == "list":
+        weights = [sum(get_weight(m).numel() for m in sel.values()) for sel in selected]
+        return BlockSparsity("list", request.values, weighted_mean(request.values, weights))
+    return BlockSparsity("uniform", request.planned(), request.target)

@@ -1,4 +1,4 @@
-"""Whole-model pruning (SPEC §1 "Model pipeline"), as SparseGPT / Wanda / the seed paper do, on one
+"""Whole-model pruning (docs/DESIGN.md, "A prune run"), as SparseGPT / Wanda / the seed paper do, on one
 process or on every rank of a torch.distributed run, with the model in memory or streamed from its
 checkpoint.
 
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import platform
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -31,8 +30,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .._checks import check_compute_device, model_device, parse_pattern, pattern_group
+from .._checks import check_compute_device, model_device
 from .._digest import model_digest
+from ..environment import versions
+from ..patterns import parse_pattern, pattern_group
 from .activations import ActivationStore, resolve_offload
 from .block import prune_block, solver
 from .block_tune import BlockTune, check_block_tune
@@ -43,21 +44,10 @@ from .distributed import Comm, resolve_comm, shard, shard_counts
 from .experts import MOE_CALIBRATION
 from .grams import GramHooks  # noqa: F401  (admm_kernels.bench.grams imports it from here)
 from .loading import max_positions
+from .owl import resolve_profile
 from .sparsity_profile import BlockSparsity, check_profile
 from .state import PipelineState, StateLayout, fingerprint
 from .streaming import StreamedModel
-
-
-def versions() -> dict:
-    """Versions of the software that produced a result (for reports)."""
-    from .. import __version__
-    out = {"admm_kernels": __version__, "torch": torch.__version__, "python": platform.python_version()}
-    try:
-        import transformers
-        out["transformers"] = transformers.__version__
-    except ImportError:  # pragma: no cover - transformers is needed for real models only
-        pass
-    return out
 
 
 def check_calibration(calibration, model: nn.Module) -> torch.Tensor:
@@ -232,7 +222,7 @@ def prune_model(model: nn.Module | StreamedModel, calibration, sparsity: float |
         time and back), or an admm_kernels.models.StreamedModel (blocks read from the checkpoint before
         their turn, written to its output folder when final, then freed: host memory does not grow with
         the number of blocks). calibration: int token ids (nsamples, seqlen), e.g. from
-        admm_kernels.data.calibration_windows. sparsity / pattern / method / **options: as prune_layer
+        admm_kernels.protocols.calibration_windows. sparsity / pattern / method / **options: as prune_layer
         (sparsity is ignored by N:M patterns). layers: None (every nn.Linear / Conv1D inside the blocks;
         never the embeddings or LM head), a list of glob patterns ("self_attn.*", "mlp.down_proj") or a
         callable(full_name, module) -> bool. device: compute device (default: the model's; "meta" and
@@ -349,8 +339,8 @@ def prune_model(model: nn.Module | StreamedModel, calibration, sparsity: float |
                 stack.enter_context(store.lock())
             t = time.perf_counter()
             try:  # before the first block is pruned: OWL's dense pass (eval mode; no weight is changed)
-                profile = request.resolve(net.eval(), blocks, selected, ids, device, acts_store.device,
-                                          progress, empty=acts_store.empty)
+                profile = resolve_profile(request, net.eval(), blocks, selected, ids, device,
+                                          acts_store.device, progress, empty=acts_store.empty)
             finally:
                 net.train(was_training)
             timings["profile"] = time.perf_counter() - t

@@ -2,8 +2,9 @@
 per-block list given by the user, or OWL's outlier-weighted allocation (admm_kernels.models.owl).
 
 `check_profile` validates the request before any work (it needs only the number of blocks and the
-pattern); `BlockSparsity` is the result the pipeline asks, block by block (`of(b)`), and records in its
-report and resume fingerprint.
+pattern) and returns it as plain data (`ProfileRequest`); `owl.resolve_profile` turns it into the
+`BlockSparsity` the pipeline asks, block by block (`of(b)`), and records in its report and resume
+fingerprint. This module runs no model: owl.py, which does, builds on it and not the other way round.
 
 Averages: a target sparsity s means that the model's selected linear weights are pruned to s overall,
 so a non-uniform profile is centred on s with weights = the number of selected weights of each block
@@ -22,15 +23,11 @@ from __future__ import annotations
 import json
 import math
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-from torch import nn
-
 from .._checks import check_float, check_sparsity
-from .discovery import get_weight
 
 PROFILES = ("uniform", "owl")
 
@@ -72,7 +69,8 @@ class BlockSparsity:
 
 @dataclass(frozen=True)
 class ProfileRequest:
-    """A validated sparsity request, before any model pass (made by check_profile).
+    """A validated sparsity request, before any model pass (made by check_profile): plain data.
+    admm_kernels.models.owl.resolve_profile turns it into the run's BlockSparsity (OWL needs the model).
 
     name: "uniform" | "owl" | "list"; n_blocks: the model's decoder blocks; target: the requested
     overall sparsity (None for "list", whose target is its weighted mean); values: the user's list."""
@@ -87,22 +85,6 @@ class ProfileRequest:
     def planned(self) -> tuple[float, ...]:
         """The block sparsities known before any pass (OWL: the target, until its pre-pass has run)."""
         return self.values if self.values is not None else (self.target,) * self.n_blocks
-
-    def resolve(self, model: nn.Module, blocks: nn.ModuleList, selected: Sequence[dict[str, nn.Module]],
-                ids: torch.Tensor, device: torch.device, act_device: torch.device,
-                progress: bool = False, empty: Callable | None = None) -> BlockSparsity:
-        """The run's BlockSparsity. "owl" runs its dense pre-pass here (admm_kernels.models.owl: the
-        model must be in eval mode; weights untouched, blocks back on their devices; its activations
-        allocated by empty(shape, dtype), e.g. the pipeline's ActivationStore.empty); selected[b]: the
-        layers pruned in block b (their sizes weight the averages)."""
-        if self.name == "owl":
-            from .owl import owl_profile
-            return owl_profile(model, blocks, selected, ids, self.target, self.owl_m, self.owl_lambda, device,
-                               act_device, progress, empty=empty)
-        if self.name == "list":
-            weights = [sum(get_weight(m).numel() for m in sel.values()) for sel in selected]
-            return BlockSparsity("list", self.values, weighted_mean(self.values, weights))
-        return BlockSparsity("uniform", self.planned(), self.target)
 
 
 def _check_value_list(values: object, n_blocks: int, name: str) -> tuple[float, ...]:

@@ -7,7 +7,7 @@
 """
 
 from .checkpoint import load_sparse, read_checkpoint, save_sparse
-from .formats import PackedCSR, PackedNM, detect_pattern, parse_pattern
+from .formats import PackedCSR, PackedNM, detect_pattern, parse_packed_pattern
 from .linear import SparseLinear, sparsify
 
 __all__ = [
@@ -16,7 +16,7 @@ __all__ = [
     "SparseLinear",
     "detect_pattern",
     "load_sparse",
-    "parse_pattern",
+    "parse_packed_pattern",
     "read_checkpoint",
     "save_sparse",
     "sparsify",

@@ -33,7 +33,7 @@ from torch import nn
 
 from .._io import atomic_write_with, write_error
 from ..backends import reference as _ref
-from .formats import PackedCSR, PackedNM, parse_pattern
+from .formats import PackedCSR, PackedNM, parse_packed_pattern
 from .linear import SparseLinear, eligible_linears, layer_pattern, set_submodule
 
 FORMAT = "admm_kernels.sparse"
@@ -89,7 +89,8 @@ def _packed_state(model: nn.Module, pattern: str | None, min_sparsity: float, dt
 # In memory 2:4 metadata is 2 bits a kept value (4 bits a group: what the kernels decode fastest). On disk
 # a group only needs to say which of the C(4,2) = 6 position pairs it keeps: three groups fit one byte
 # (6**3 = 216 <= 256), 2.67 bits a group. For fp16 that is the difference between 56.25 % of the dense
-# size (2-bit fields) and 54.2 % (this code), i.e. what makes the issue's <= 56 % reachable.
+# size (2-bit fields) and 54.2 % (this code), i.e. what makes a packed 2:4 fp16 checkpoint <= 56 % of the
+# dense one (tests/test_sparse_checkpoint.py).
 _PAIRS = ((0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3))
 
 
@@ -165,7 +166,7 @@ def save_sparse(model: nn.Module, path: str | os.PathLike, *, pattern: str | Non
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if pattern is not None:
-        parse_pattern(pattern)
+        parse_packed_pattern(pattern)
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"path must be a file name, got the directory {str(path)!r}")
@@ -277,7 +278,8 @@ def load_sparse(path: str | os.PathLike, model: nn.Module | None = None) -> nn.M
         raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
     for name, desc in doc["layers"].items():
         prefix = f"{name}." if name else ""
-        kind, n, m = parse_pattern(desc["pattern"])
+        stored = parse_packed_pattern(desc["pattern"])
+        kind, n, m = stored.kind, stored.n, stored.m
         shape = (int(desc["out_features"]), int(desc["in_features"]))
         try:
             if kind == "nm":

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..backends import reference as _ref
+from ..patterns import Pattern
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
@@ -31,22 +32,24 @@ DETECT_M = (4, 8)
 UNSTRUCTURED_FIRST = 0.8
 
 
-def parse_pattern(pattern: str) -> tuple[str, int, int]:
-    """("nm", n, m) for "N:M" (1 <= n < m <= 256), ("unstructured", 0, 0) for "unstructured".
+def parse_packed_pattern(pattern: str) -> Pattern:
+    """The Pattern of a stored layout: Pattern("nm", n, m) for "N:M" (1 <= n < m <= 256),
+    Pattern("unstructured") for "unstructured" (per-row is a way to prune, not a way to store).
 
-    Raises ValueError naming `pattern` otherwise.
+    Looser than admm_kernels.patterns.parse_pattern (no in_features to divide), stricter on M (the
+    metadata packs positions in at most 8 bits). Raises ValueError naming `pattern` otherwise.
     """
     if not isinstance(pattern, str):
         raise TypeError(f"pattern must be a str like '2:4' or 'unstructured', got {type(pattern).__name__}")
     if pattern.strip().lower() == "unstructured":
-        return "unstructured", 0, 0
+        return Pattern("unstructured")
     match = _NM_RE.match(pattern)
     if match is None:
         raise ValueError(f"pattern must be 'N:M' (e.g. '2:4') or 'unstructured', got {pattern!r}")
     n, m = int(match.group(1)), int(match.group(2))
     if not (1 <= n < m <= 256):
         raise ValueError(f"pattern {pattern!r}: need 1 <= N < M <= 256")
-    return "nm", n, m
+    return Pattern("nm", n, m)
 
 
 def _check_weight(weight: torch.Tensor, name: str = "weight") -> None:

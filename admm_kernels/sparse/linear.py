@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .. import backends
-from .formats import FLOAT_DTYPES, PackedCSR, PackedNM, detect_pattern, parse_pattern
+from .formats import FLOAT_DTYPES, PackedCSR, PackedNM, detect_pattern, parse_packed_pattern
 
 log = logging.getLogger("admm_kernels")
 
@@ -101,7 +101,8 @@ class SparseLinear(nn.Module):
                     f"linear.weight {tuple(w.shape)} has no zeros; prune it first or pass "
                         "pattern='unstructured'"
                 )
-        kind, n, m = parse_pattern(pattern)
+        stored = parse_packed_pattern(pattern)
+        kind, n, m = stored.kind, stored.n, stored.m
         packed = PackedNM.pack(w, n, m) if kind == "nm" else PackedCSR.pack(w)
         bias = None if linear.bias is None else linear.bias.detach().to(w.dtype)
         return cls(packed, bias, max_sparse_batch)
@@ -291,7 +292,7 @@ def sparsify(model: nn.Module, pattern: str | None = None, *, min_sparsity: floa
     if not 0.0 <= float(min_sparsity) <= 1.0:
         raise ValueError(f"min_sparsity must be in [0, 1], got {min_sparsity}")
     if pattern is not None:
-        parse_pattern(pattern)
+        parse_packed_pattern(pattern)
     if not inplace:
         import copy
 
@@ -325,7 +326,8 @@ def eligible_linears(model: nn.Module, pattern: str | None, min_sparsity: float,
         if w.dtype not in FLOAT_DTYPES or w.numel() == 0:
             continue
         if pattern is not None:
-            kind, n, m = parse_pattern(pattern)
+            stored = parse_packed_pattern(pattern)
+            kind, n, m = stored.kind, stored.n, stored.m
             ok = (w.shape[1] % m == 0 and max_group_count(w, m) <= n) if kind == "nm" else \
                 sparsity(w) >= min_sparsity
         else:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""GPU kernel benchmarks for issue 3, every ratio measured in the same run (SPEC §6).
+"""GPU kernel benchmarks, every ratio measured in the same run (never across runs).
 
 Sections (each one's failure is recorded and the others still run):
   gram      Gram from bf16 (Triton upper-triangle kernel, the registry's CUDA choice, the torch

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-shot GPU check for issue 3: build the extension with CUDA, run the GPU and Triton tests, benchmark.
+# One-shot GPU check: build the extension with CUDA, run the GPU and Triton tests, benchmark.
 #
 # Usage: benchmarks/gpu/run.sh OUTDIR
 # For a machine with one NVIDIA GPU and its own CUDA torch (never pip-installs torch). Every step has a

@@ -231,7 +231,7 @@ void rows_generic(const float* x, int64_t batch, int64_t cols, const T* vals, co
     for (int64_t b0 = 0; b0 < batch; b0 += kBatchChunk) {
       const int64_t bb = std::min<int64_t>(kBatchChunk, batch - b0);
       // double accumulators: free in scalar code, and a sequential fp32 sum over a whole row would be
-      // several times less accurate than the blocked sums of a dense GEMM (SPEC §5 tolerance rule).
+      // several times less accurate than the blocked sums of a dense GEMM (the tolerance rule of admm_kernels/backends/selfcheck.py).
       double s[kBatchChunk] = {0.0, 0.0, 0.0, 0.0};
       const float* xb = x + b0 * cols;
       PosReader rd{meta + r * meta_bytes, bits, mask};
