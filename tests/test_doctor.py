@@ -68,3 +68,21 @@ def test_doctor_listed_in_help(capsys):
     with pytest.raises(SystemExit):
         cli.main(["--help"])
     assert "doctor" in capsys.readouterr().out
+
+
+def test_batched_expert_solve_is_checked_against_one_expert_at_a_time(capsys, monkeypatch):
+    rc, out = _doctor(capsys)
+    assert rc == 0 and "batched experts (ADMM-Grad) on cpu: ok" in out
+    rc, out = _doctor(capsys, "--json")
+    assert [c["ok"] for c in json.loads(out)["solver_checks"]] == [True]
+    from admm_kernels import batched
+
+    real = batched.run_batched
+
+    def off_by_one(W, G, pattern, sparsity, o, dtype):
+        results = real(W, G, pattern, sparsity, o, dtype)
+        results[1].weight = results[1].weight * 1.01
+        return results
+    monkeypatch.setattr(batched, "run_batched", off_by_one)
+    rc, out = _doctor(capsys)
+    assert rc == 1 and "batched experts (ADMM-Grad) on cpu: FAIL" in out and "experts [1] differ" in out
