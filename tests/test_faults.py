@@ -505,3 +505,23 @@ def test_the_streamed_output_size_checked_up_front_is_what_is_written(tiny_model
     ak.prune_model(model, tiny_tokens(2, 16), sparsity=0.5, method="magnitude")
     index = json.loads((out / streaming.INDEX_FILE).read_text())
     assert index["metadata"]["total_size"] == expected
+
+
+def test_the_python_api_checks_the_states_space_before_any_block(small_disk):
+    """prune_model(state_dir=...) on a disk too small for the state raises WriteError before a block is
+    pruned (the model is untouched), naming the state folder and the bytes needed."""
+    import copy
+
+    from tiny_models import tiny_model, tiny_tokens
+
+    import admm_kernels as ak
+    from admm_kernels._io import WriteError
+
+    disk = small_disk("64k")
+    model = tiny_model("llama")
+    dense = copy.deepcopy(model)
+    with pytest.raises(WriteError, match=r"cannot write the resumable state .*not enough free space") as info:
+        ak.prune_model(model, tiny_tokens(4, 32), method="magnitude", state_dir=disk / "state")
+    assert info.value.needed > info.value.available
+    for (n, p), (_, q) in zip(model.named_parameters(), dense.named_parameters()):
+        assert torch.equal(p, q), n

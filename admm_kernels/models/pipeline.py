@@ -354,6 +354,8 @@ def prune_model(model: nn.Module | StreamedModel, calibration, sparsity: float |
                                  moe_calibration=moe_calibration,
                                  dense_model=streamed.digest() if streamed is not None else None)
             state = store.load(fp, _layout(selected, end, ids))  # verified before the model is touched
+            _check_state_space(state_dir, selected, state["next_block"] if state else 0, end, ids, net,
+                               streamed)
             timings["state"] += time.perf_counter() - t
             if state is None:
                 return {"start": 0, "saving": True, "layers": [], "acts": None, "sparsity": profile}
@@ -453,6 +455,22 @@ def prune_model(model: nn.Module | StreamedModel, calibration, sparsity: float |
             {"rank": comm.rank, "device": str(device), "windows": [mine.start, mine.stop],
              "threads": torch.get_num_threads(), "timings": timings}, "collecting the per-rank timings")
     return report
+
+
+def _check_state_space(state_dir, selected: list[dict[str, nn.Module]], start: int, end: int,
+                       ids: torch.Tensor, net: nn.Module, streamed: StreamedModel | None) -> None:
+    """WriteError (ENOSPC) before any work when the state cannot fit on its disk: the pruned weights of
+    blocks start .. end - 1 and two activation files (the state keeps the previous one until the next
+    is written), (nsamples, seqlen, hidden) each."""
+    from .._io import check_free_space
+
+    weights = sum(get_weight(m).numel() * get_weight(m).element_size()
+                  for sel in selected[start:end] for m in sel.values())
+    dtype = streamed.dtype if streamed is not None else next(net.parameters()).dtype
+    cfg = getattr(net, "config", None)
+    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None) or 0
+    acts = int(ids.numel()) * int(hidden) * dtype.itemsize
+    check_free_space([("the resumable state", state_dir, weights + 2 * acts)])
 
 
 def _restore_block(store: PipelineState | None, state: dict | None, b: int, layers: dict[str, nn.Module],
