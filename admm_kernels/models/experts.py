@@ -215,19 +215,14 @@ def _bound_inputs(module: nn.Module, args: tuple, kwargs: dict) -> list:
 
 def _gate_function(experts: nn.Module, layout: ExpertsLayout) -> Callable[[torch.Tensor], torch.Tensor]:
     """act(gate)·up from the fused gate_up output (in the stored column order), as the module computes it."""
-    apply_gate = getattr(experts, "_apply_gate", None)
     if layout.in_proj == "up_proj":
         return experts.act_fn
-    if layout.in_proj == "flat":  # DBRX: [gate | up] concatenated by _down_input
-        act = experts.mlp.activation_fn
-
-        def flat_gate(h: torch.Tensor) -> torch.Tensor:
-            g, u = h.chunk(2, dim=-1)
-            return act(g) * u
-        return flat_gate
-    if callable(apply_gate):
+    apply_gate = getattr(experts, "_apply_gate", None)
+    if layout.in_proj != "flat" and callable(apply_gate):
         return apply_gate
-    act = experts.act_fn
+    # the default gate (transformers' _default_apply_gate): gate block, then up block; DBRX's _down_input
+    # concatenates its two products the same way
+    act = experts.mlp.activation_fn if layout.in_proj == "flat" else experts.act_fn
 
     def gate(h: torch.Tensor) -> torch.Tensor:
         g, u = h.chunk(2, dim=-1)
