@@ -169,19 +169,19 @@ def _solve_stage(leaders: list[str], accs: dict, layers: dict[str, nn.Module], p
     wanted = {plan.group_of[rel] for rel in mine}
     grams: dict[str, torch.Tensor] = {}
     tokens = _token_counts(leaders, accs, layers, comm, index)
+    starved = {g for g, c in tokens.items() if c < MIN_EXPERT_TOKENS}
+    pool_keys = {_pool_key(g, layers[g]) for g in starved}
     pooled: dict[tuple, torch.Tensor] = {}  # experts' pooled Gram per (module, kind): the fallback
     for g in leaders:  # one symmetric Gram per group, summed over the ranks, kept only where needed
         acc = accs.pop(g)
         gram = acc.gram
         del acc
         comm.all_reduce_sum_(gram, f"block {index}: summing the Gram of {g}")
-        if g in tokens:
-            key = _pool_key(g, layers[g])
+        if g in tokens and (key := _pool_key(g, layers[g])) in pool_keys:
             pooled[key] = gram.clone() if key not in pooled else pooled[key].add_(gram)
         if g in wanted:
             grams[g] = gram
         del gram
-    starved = {g for g, c in tokens.items() if c < MIN_EXPERT_TOKENS}
     for g in starved & set(grams):
         grams[g] = pooled[_pool_key(g, layers[g])]
     del pooled
