@@ -1,4 +1,5 @@
-"""`prune_experts`: prune E layers of one shape (the experts of a MoE projection) with batched solves.
+"""`prune_experts`: prune E layers of one shape (the experts of a MoE projection) with batched solves
+(by default on a GPU only: on the CPU they measured no faster than one expert at a time).
 
 For ADMM-Grad with options whose control flow is the same for every expert (admm_kernels.methods.
 admm_batched.batchable: the seed recipe and preset "fast"), the experts are solved together: one
@@ -43,12 +44,16 @@ def _as_list(x, name: str) -> list[torch.Tensor]:
 @torch.no_grad()
 def prune_experts(weights, grams, sparsity: float = 0.5, pattern: str = "unstructured",
                   method: str = "admm", preset: str | None = None, batch: int = BATCH,
-                  **options) -> list[PruneResult]:
+                  batched: bool | None = None, **options) -> list[PruneResult]:
     """prune_layer on each (weights[e], grams[e]) pair, batched where possible (module docstring).
 
     weights: (E, out, in) or a list of E (out, in) tensors of one shape, dtype and device; grams: (E, in,
-    in) or a list of E (in, in); other arguments as prune_layer. Returns E PruneResults, in order; batched
-    ones carry stats["batched"] = the batch size and their share of the batch's seconds."""
+    in) or a list of E (in, in); other arguments as prune_layer. batched: None = batch on a GPU and solve
+    one expert at a time on the CPU, where batching measured 0.90-0.98x the one-at-a-time time
+    (benchmarks/moe_batched.py, RESULTS.md "Batched expert solves": each expert's solve already runs at
+    the CPU's matmul rate, and nothing of it is shared between experts); True / False force it. Returns E
+    PruneResults, in order; batched ones carry stats["batched"] = the batch size and their share of the
+    batch's seconds."""
     ws, gs = _as_list(weights, "weights"), _as_list(grams, "grams")
     if len(ws) != len(gs):
         raise ValueError(f"got {len(ws)} weights and {len(gs)} grams")
@@ -57,6 +62,8 @@ def prune_experts(weights, grams, sparsity: float = 0.5, pattern: str = "unstruc
     meth = registry.get(method)
     opts = meth.resolve(preset, options)
     checked = [check_weight(w, f"weights[{e}]") for e, w in enumerate(ws)]
+    if batched is not None and not isinstance(batched, bool):
+        raise TypeError(f"batched must be None, True or False, got {batched!r}")
     shapes = {(tuple(w.shape), w.dtype, w.device) for w in checked}
     if len(shapes) != 1:
         raise ValueError(f"weights must share one shape, dtype and device, got {sorted(map(str, shapes))}")
@@ -64,7 +71,9 @@ def prune_experts(weights, grams, sparsity: float = 0.5, pattern: str = "unstruc
     def alone(e: int) -> PruneResult:
         return prune_layer(ws[e], gs[e], sparsity, pattern, method, preset=preset, **options)
 
-    if meth.name != "admm" or not batchable(opts):
+    if batched is None:
+        batched = checked[0].device.type != "cpu"
+    if not batched or meth.name != "admm" or not batchable(opts):
         return [alone(e) for e in range(len(ws))]
     s = check_sparsity(sparsity)
     in_f = checked[0].shape[1]

@@ -110,7 +110,7 @@ def solver_checks() -> list[dict]:
         try:
             w, gram = W.to(dev), G.to(dev)
             t = time.perf_counter()
-            batched = prune_experts(w, gram, 0.5)
+            batched = prune_experts(w, gram, 0.5, batched=True)
             row["seconds"] = time.perf_counter() - t
             t = time.perf_counter()
             looped = [prune_layer(w[e], gram[e], 0.5) for e in range(4)]

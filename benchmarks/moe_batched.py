@@ -69,7 +69,7 @@ def part_experts(shapes, counts, repeats) -> list[dict]:
             def looped_run(W=W, G=G):
                 return [ak.prune_layer(w, g, 0.5) for w, g in zip(W, G)]
             looped_s, looped = best(looped_run, repeats)
-            batched_s, batched = best(lambda W=W, G=G: prune_experts(W, G, 0.5), repeats)
+            batched_s, batched = best(lambda W=W, G=G: prune_experts(W, G, 0.5, batched=True), repeats)
             same = all(torch.equal(a.mask, b.mask) for a, b in zip(looped, batched))
             rows.append({"part": "experts", "shape": f"{out_f}x{in_f}", "experts": E,
                          "looped_s": round(looped_s, 3), "batched_s": round(batched_s, 3),

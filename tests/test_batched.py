@@ -35,7 +35,7 @@ def _same(batched, looped, exact=True):
 ])
 def test_batched_admm_equals_prune_layer_per_expert(pattern, kwargs):
     W, G = _problem()
-    batched = prune_experts(W, G, 0.6, pattern, **kwargs)
+    batched = prune_experts(W, G, 0.6, pattern, batched=True, **kwargs)
     assert all(r.stats["batched"] == 5 for r in batched)
     _same(batched, [ak.prune_layer(W[e], G[e], 0.6, pattern, **kwargs) for e in range(5)])
 
@@ -43,14 +43,14 @@ def test_batched_admm_equals_prune_layer_per_expert(pattern, kwargs):
 def test_batches_smaller_than_the_expert_count_and_lists_of_views():
     W, G = _problem(E=7, out_f=16, in_f=32)
     views = [w.t().contiguous().t() for w in W]  # non-contiguous (out, in) views
-    batched = prune_experts(views, list(G), 0.5, batch=3)
+    batched = prune_experts(views, list(G), 0.5, batch=3, batched=True)
     assert [r.stats["batched"] for r in batched] == [3, 3, 3, 3, 3, 3, 1]
     _same(batched, [ak.prune_layer(W[e], G[e], 0.5) for e in range(7)])
 
 
 def test_bf16_weights_keep_their_dtype():
     W, G = _problem(dtype=torch.bfloat16)
-    _same(prune_experts(W, G, 0.5), [ak.prune_layer(W[e], G[e], 0.5) for e in range(5)])
+    _same(prune_experts(W, G, 0.5, batched=True), [ak.prune_layer(W[e], G[e], 0.5) for e in range(5)])
 
 
 @pytest.mark.parametrize("method,kwargs", [("admm", {"preset": "accurate"}), ("sparsegpt", {}),
@@ -58,7 +58,7 @@ def test_bf16_weights_keep_their_dtype():
                                            ("admm", {"one_shot": True}), ("admm", {"solve": "exact"})])
 def test_other_methods_and_options_run_one_expert_at_a_time(method, kwargs):
     W, G = _problem(E=3)
-    got = prune_experts(W, G, 0.5, method=method, **kwargs)
+    got = prune_experts(W, G, 0.5, method=method, batched=True, **kwargs)
     assert all("batched" not in r.stats for r in got)
     _same(got, [ak.prune_layer(W[e], G[e], 0.5, method=method, **kwargs) for e in range(3)])
 
@@ -68,7 +68,7 @@ def test_an_expert_with_dead_inputs_or_extreme_values_is_solved_alone():
     G[1, 3, :] = 0
     G[1, :, 3] = 0  # input 3 of expert 1 never fired
     W[2] *= 1e30    # rescaled by prune_layer
-    got = prune_experts(W, G, 0.5)
+    got = prune_experts(W, G, 0.5, batched=True)
     assert ["batched" in r.stats for r in got] == [True, False, False, True]
     _same(got, [ak.prune_layer(W[e], G[e], 0.5) for e in range(4)])
 
@@ -85,9 +85,20 @@ def test_bad_input_names_the_problem():
         prune_experts(W[0], G)
     with pytest.raises(ValueError, match="iters"):
         prune_experts(W, G, iters=-1)
+    with pytest.raises(TypeError, match="batched must be None, True or False"):
+        prune_experts(W, G, batched="yes")
+
+
+def test_the_cpu_default_solves_one_expert_at_a_time():
+    W, G = _problem(E=3)
+    got = prune_experts(W, G, 0.5)
+    assert all("batched" not in r.stats for r in got)
+    _same(got, prune_experts(W, G, 0.5, batched=True))
 
 
 def test_pipeline_solves_experts_in_batches_with_the_looped_result(monkeypatch):
+    """The pipeline hands each experts projection to prune_experts as one job; forced batched, the model
+    is bit-identical to the one solved one expert at a time."""
     import sys
     from pathlib import Path
 
@@ -96,11 +107,18 @@ def test_pipeline_solves_experts_in_batches_with_the_looped_result(monkeypatch):
 
     from admm_kernels import batched as batched_mod
 
+    real = batched_mod.prune_experts
+    calls = []
+
+    def forced(weights, grams, *args, **kw):
+        calls.append(len(weights))
+        return real(weights, grams, *args, batched=True, **kw)
+    monkeypatch.setattr(batched_mod, "prune_experts", forced)
     ids = tiny_tokens(4, 32)
     model = tiny_model("qwen3_moe")
     report = ak.prune_model(model, ids, sparsity=0.5, iters=6, T=4)
     experts = [r for r in report["layers"] if "tokens" in r]
-    assert experts and all(r["batch"] == 4 for r in experts)
+    assert experts and all(r["batch"] == 4 for r in experts) and calls == [4] * 6  # 2 blocks x 3 projections
 
     def looped(weights, grams, sparsity, pattern, method, **kw):
         return [ak.prune_layer(w, g, sparsity, pattern, method, **kw) for w, g in zip(weights, grams)]
@@ -113,6 +131,6 @@ def test_pipeline_solves_experts_in_batches_with_the_looped_result(monkeypatch):
 
 def test_sparsity_zero_returns_every_expert_bit_identical():
     W, G = _problem(E=3)
-    got = prune_experts(W, G, 0.0)
+    got = prune_experts(W, G, 0.0, batched=True)
     _same(got, [ak.prune_layer(W[e], G[e], 0.0) for e in range(3)])
     assert all(torch.equal(r.weight, W[e]) and r.error == 0 for e, r in enumerate(got))
