@@ -223,12 +223,14 @@ def prune_model(model: nn.Module | StreamedModel, calibration, sparsity: float |
         their turn, written to its output folder when final, then freed: host memory does not grow with
         the number of blocks). calibration: int token ids (nsamples, seqlen), e.g. from
         admm_kernels.protocols.calibration_windows. sparsity / pattern / method / **options: as prune_layer
-        (sparsity is ignored by N:M patterns). layers: None (every nn.Linear / Conv1D inside the blocks;
-        never the embeddings or LM head), a list of glob patterns ("self_attn.*", "mlp.down_proj") or a
-        callable(full_name, module) -> bool. device: compute device (default: the model's; "meta" and
-        unavailable devices are refused). offload: where the (nsamples, seqlen, hidden) activations live:
-        False = on the device, True / "cpu" = host memory, "disk" = a file in offload_dir (default the
-        temporary folder; see admm_kernels.models.activations). gram_dtype: torch.float32 or
+        (sparsity is ignored by N:M patterns). layers: None (every nn.Linear / Conv1D and expert projection
+        inside the blocks except MoE routers; never the embeddings or LM head; a model whose blocks this
+        leaves more than 5 % dense for other reasons is refused, see admm_kernels.models.coverage), a list of
+        glob patterns ("self_attn.*", "mlp.down_proj", "mlp.experts.*.down_proj") or a callable(full_name,
+        module) -> bool. device: compute device (default: the model's; "meta" and unavailable devices are
+        refused). offload: where the (nsamples, seqlen, hidden) activations live: False = on the device, True
+        / "cpu" = host memory, "disk" = a file in offload_dir (default the temporary folder; see
+        admm_kernels.models.activations). gram_dtype: torch.float32 or
         torch.float64. sequential: prune a block's layer groups one after the other, each group's Gram
         taken from the block with the earlier groups already pruned (q/k/v, then o, then gate/up, then
         down for LLaMA; the rule is in admm_kernels.models.grams). tune_epochs > 0: block tuning after
