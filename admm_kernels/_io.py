@@ -229,6 +229,18 @@ def probe_writable(folder: str | os.PathLike) -> OSError | None:
     return None
 
 
+def unwritable_reason(what: str, folder: Path) -> str | None:
+    """Why nothing named `what` (e.g. "--out 'x'") can be created in `folder` (the nearest existing
+    folder of its path), as one line, or None when a probe could create something there."""
+    if not folder.is_dir():
+        return f"{what} cannot be created: {str(folder)!r} is not a folder"
+    error = probe_writable(folder)
+    if error is not None:
+        return (f"{what} is not writable: nothing can be created in {str(folder)!r} "
+                f"({error.strerror or error})")
+    return None
+
+
 # ---------------------------------------------------------------------------------------------------
 # temporary sibling folders tagged with their creator's pid
 

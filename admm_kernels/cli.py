@@ -355,7 +355,7 @@ def _check_out(out: Path, overwrite: bool, model_dir: Path, state_dir: Path) -> 
     """Refuse, before any work, an --out that would replace or lie inside the input model (even with
     --overwrite), that is not a folder, is not empty, or cannot be written (a real probe: /proc and
     read-only mounts fool os.access)."""
-    from ._io import nearest_existing, paths_overlap, probe_writable
+    from ._io import nearest_existing, paths_overlap, unwritable_reason
 
     if out.resolve() in (Path.cwd().resolve(), *Path.cwd().resolve().parents):
         raise CliError(f"--out {str(out)!r} is the current folder or above it; name a folder of its own")
@@ -369,13 +369,9 @@ def _check_out(out: Path, overwrite: bool, model_dir: Path, state_dir: Path) -> 
         raise CliError(f"--out {str(out)!r} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise CliError(f"--out {str(out)!r} is not empty; pass --overwrite to replace it")
-    probe = nearest_existing(out.absolute().parent)
-    if not probe.is_dir():
-        raise CliError(f"--out {str(out)!r} cannot be created: {str(probe)!r} is not a folder")
-    error = probe_writable(probe)
-    if error is not None:
-        raise CliError(f"--out {str(out)!r} is not writable: nothing can be created in {str(probe)!r} "
-                       f"({error.strerror or error})")
+    reason = unwritable_reason(f"--out {str(out)!r}", nearest_existing(out.absolute().parent))
+    if reason is not None:
+        raise CliError(reason)
 
 
 def _text_record(path: str | None, default: str) -> tuple[str, str | None]:
@@ -1165,7 +1161,7 @@ def _recorded_text(rep: _Report) -> str | None:
 
 def _check_report_path(report: str | None) -> None:
     """--report FILE must be writable before any work: a run must not end without its result."""
-    from ._io import probe_writable
+    from ._io import unwritable_reason
 
     if report is None:
         return
@@ -1175,10 +1171,9 @@ def _check_report_path(report: str | None) -> None:
     folder = p.absolute().parent
     if not folder.is_dir():
         raise CliError(f"--report {report!r} cannot be written: its folder {str(folder)!r} does not exist")
-    error = probe_writable(folder)
-    if error is not None:
-        raise CliError(f"--report {report!r} is not writable: nothing can be created in {str(folder)!r} "
-                       f"({error.strerror or error})")
+    reason = unwritable_reason(f"--report {report!r}", folder)
+    if reason is not None:
+        raise CliError(reason)
 
 
 def cmd_eval(args, comm=None) -> int:

@@ -171,15 +171,12 @@ def _check_out(out: Path, resume: bool, overwrite: bool) -> None:
     if out.is_dir() and any(out.iterdir()) and not (resume or overwrite):
         raise BenchError(f"--out {str(out)!r} is not empty; pass --resume to continue its run or "
                          "--overwrite to start afresh")
-    from .._io import nearest_existing, probe_writable
+    from .._io import nearest_existing, unwritable_reason
 
-    probe = nearest_existing(out)  # before the model is loaded and the Grams computed, not after
-    if not probe.is_dir():
-        raise BenchError(f"--out {str(out)!r} cannot be created: {str(probe)!r} is not a folder")
-    error = probe_writable(probe)
-    if error is not None:
-        raise BenchError(f"--out {str(out)!r} is not writable: nothing can be created in {str(probe)!r} "
-                         f"({error.strerror or error})")
+    # before the model is loaded and the Grams computed, not after
+    reason = unwritable_reason(f"--out {str(out)!r}", nearest_existing(out))
+    if reason is not None:
+        raise BenchError(reason)
 
 
 def run(args: argparse.Namespace) -> int:
