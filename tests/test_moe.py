@@ -476,3 +476,26 @@ class _SeparateGate(nn.Module):
 def test_experts_with_extra_3d_parameters_are_refused_not_guessed():
     with pytest.raises(UnknownExpertsLayout, match="3-D parameters gate_proj beside up_proj and down_proj"):
         experts_layout(_SeparateGate(), "mlp.shared_experts")
+
+
+@pytest.mark.parametrize("arch", ["mllama", "bloom", "llama"])
+def test_head_runner_gives_the_models_logits_when_its_last_block_is_skipped(arch):
+    """Block-by-block evaluation runs the head on the output of the last block the forward calls: Mllama's
+    last layer is a cross-attention layer that text-only input skips."""
+    from arch_sweep import build_tiny
+
+    from admm_kernels.models.capture import capture_inputs, head_runner
+
+    model = build_tiny(arch) if arch == "mllama" else tiny_model(arch)
+    ids = tiny_tokens(1, 24) % 90
+    _, blocks = find_blocks(model)
+    with torch.no_grad():
+        hidden, calls = capture_inputs(model, blocks, ids, torch.device("cpu"), torch.device("cpu"))
+        assert (arch == "mllama") == calls[-1].skipped
+        h = hidden[:1]
+        for block, call in zip(blocks, calls):
+            h = call(block, h)
+        last = max(i for i, c in enumerate(calls) if not c.skipped)
+        with head_runner(model, blocks, torch.device("cpu"), calls[-1].output_form, last) as run:
+            got = run(ids, h)
+        torch.testing.assert_close(got, model(ids).logits, rtol=1e-5, atol=1e-5)

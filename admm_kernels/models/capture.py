@@ -32,9 +32,9 @@ class BlockCall:
     args: tuple
     kwargs: dict
     by_keyword: bool
-    returns_tuple: int = 0  # what the model expects back: 0 the tensor, 1 (h,) (it indexes [0]: older
-    #                         transformers), 2 (h, None), 3 (h, None, None) (it unpacks two or three
-    #                         values: Bamba's layers, RWKV's blocks)
+    output_form: int = 0    # what the model expects back (as_output): 0 the tensor, 1 (h,) (it indexes [0]:
+    #                         older transformers), 2 (h, None), 3 (h, None, None) (it unpacks two or
+    #                         three values: Bamba's layers, RWKV's blocks)
     skipped: bool = False   # the model's forward does not call this block (Mllama's cross-attention
     #                         layers without an image): the hidden states pass it unchanged
 
@@ -85,7 +85,7 @@ class _Recorder:
         self.calls: list[BlockCall | None] = [None] * n_blocks
         self.hidden: torch.Tensor | None = None
         self.all_blocks = False          # record every block (first window) or stop at block 0
-        self.form = 0                    # what a stub returns: OUTPUT_FORMS[form](h)
+        self.form = 0                    # what a stub returns: as_output(h, form)
         self.last: torch.Tensor | None = None
         self.broken = False
 
@@ -117,7 +117,7 @@ OUTPUT_FORMS = 4  # h, (h,), (h, None), (h, None, None): RWKV unpacks (hidden, s
 
 
 def as_output(hidden: torch.Tensor, form: int):
-    """A block's output in the form the model expects (BlockCall.returns_tuple): the tensor itself, or
+    """A block's output in the form the model expects (BlockCall.output_form): the tensor itself, or
     a tuple of it and form - 1 Nones."""
     return hidden if form == 0 else (hidden,) + (None,) * (form - 1)
 
@@ -213,7 +213,7 @@ def capture_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Ten
         # Blocks the forward never called (it skips them for this input) pass the hidden states on.
         calls = [c if c is not None else BlockCall((), {}, False, skipped=True) for c in rec.calls]
         for c in calls:
-            c.returns_tuple = rec.form
+            c.output_form = rec.form
         rec.all_blocks = False
         hidden = None
         for row, j in enumerate(windows):
@@ -244,10 +244,12 @@ class _Inject(_StandIn):
 
 
 @contextlib.contextmanager
-def head_runner(model: nn.Module, blocks: nn.ModuleList, device: torch.device, form: int = 0):
+def head_runner(model: nn.Module, blocks: nn.ModuleList, device: torch.device, form: int = 0,
+                last: int | None = None):
     """Yields run(input_ids (1, L), final (1, L, hidden)) -> the model's logits (1, L, vocab) for one window
     whose last block produced `final`. The model's own forward runs with every block replaced by a
-    pass-through and the last one returning `final`, so the final norm, head and any logit scaling are
+    pass-through and the last one (block `last`: the last the forward calls) returning `final`, so the
+    final norm, head and any logit scaling are
     exactly the model's. Inside the context the stem and head are on `device`; the blocks are never moved
     (they may be on the meta device) and are back in place afterwards."""
     originals = list(blocks)
@@ -255,7 +257,7 @@ def head_runner(model: nn.Module, blocks: nn.ModuleList, device: torch.device, f
     home = _home(model)
     try:
         for i in range(len(originals)):
-            blocks[i] = _Inject(i, len(originals) - 1, box, form, originals[i])
+            blocks[i] = _Inject(i, len(originals) - 1 if last is None else last, box, form, originals[i])
         model.to(device)
 
         @torch.no_grad()

@@ -58,8 +58,10 @@ class LayerwisePerplexity:
                                "blocks")
         nll = torch.zeros(self.windows.shape[0], dtype=torch.float64)
         if self.hidden is not None:
-            form = self.calls[-1].returns_tuple
-            with head_runner(self.model, self.blocks, self.device, form) as run:
+            # the last block the model's forward calls returns the final hidden states (a block it skips
+            # for text input, such as Mllama's cross-attention layers, would never return them)
+            last = max(i for i, c in enumerate(self.calls) if not c.skipped)
+            with head_runner(self.model, self.blocks, self.device, self.calls[-1].output_form, last) as run:
                 for row, i in enumerate(self.mine):
                     x = self.windows[i:i + 1]
                     nll[i] = window_nll(run(x, self.hidden[row:row + 1]), x.to(self.device))
