@@ -23,7 +23,7 @@ from .methods import ranges
 from .methods.admm_batched import batchable, run_batched
 from .methods.error import relative_error
 from .patterns import parse_pattern
-from .prune import PruneResult, _recorded, prune_layer
+from .prune import PruneResult, prune_layer, result_summary
 
 # Experts solved per batch: bounds the batched (E, in, in) inverse and factor (3 · E · in² floats at
 # the peak; 16 experts of in = 2048: 768 MiB).
@@ -102,14 +102,8 @@ def prune_experts(weights, grams, sparsity: float = 0.5, pattern: str = "unstruc
             error = relative_error(checked[e], res.weight, g, res.denominator)
             stats = res.stats
             stats["seconds"]["total"] = share
-            stats.update({
-                "method": meth.name, "preset": meth.check_preset(preset), "options": _recorded(opts),
-                "pattern": str(pat), "shape": tuple(checked[e].shape),
-                "dtype": str(checked[e].dtype).replace("torch.", ""), "target_sparsity": pat.sparsity(s),
-                "sparsity": 1.0 - float(res.mask.sum()) / res.mask.numel(),
-                "zeros": float((res.weight == 0).sum()) / res.weight.numel(), "update_only": False,
-                "rescaled": None,
-            })
+            stats.update(result_summary(meth, preset, opts, pat, checked[e], res.weight, res.mask,
+                                        pat.sparsity(s), False, None))
             results[e] = PruneResult(res.weight, res.mask, error, stats)
     return [results[e] for e in range(len(ws))]
 

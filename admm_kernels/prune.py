@@ -97,6 +97,20 @@ def _check_mask_fits(mask: torch.Tensor, pat, sparsity: float, explicit_sparsity
                          "give the mask's own sparsity, or no sparsity with a mask")
 
 
+def result_summary(meth, preset, options: dict, pattern, weight: torch.Tensor, pruned: torch.Tensor,
+                   kept: torch.Tensor, target: float, update_only: bool, rescaled: dict | None) -> dict:
+    """The stats entries every PruneResult carries besides the method's own (prune_layer and
+    batched.prune_experts): what ran, the shapes and dtype, the target and the achieved sparsity."""
+    return {
+        "method": meth.name, "preset": meth.check_preset(preset), "options": _recorded(options),
+        "pattern": str(pattern), "shape": tuple(weight.shape),
+        "dtype": str(weight.dtype).replace("torch.", ""),
+        "target_sparsity": target, "sparsity": 1.0 - float(kept.sum()) / kept.numel(),
+        "zeros": float((pruned == 0).sum()) / pruned.numel(), "update_only": update_only,
+        "rescaled": rescaled,
+    }
+
+
 @torch.no_grad()  # weights are often nn.Parameters: no autograd graph, and out= GEMMs need it off
 def prune_layer(weight: torch.Tensor, gram: torch.Tensor, sparsity: float = DEFAULT_SPARSITY,
                 pattern: str = DEFAULT_PATTERN, method: str = "admm", mask: torch.Tensor | None = None,
@@ -124,7 +138,7 @@ def prune_layer(weight: torch.Tensor, gram: torch.Tensor, sparsity: float = DEFA
     """
     t0 = time.perf_counter()
     w = check_weight(weight)
-    out_f, in_f = w.shape
+    in_f = w.shape[1]
     meth = registry.get(method)
     g = check_gram(gram, in_f)
     h = check_gram(heldout_gram, in_f, "heldout_gram") if heldout_gram is not None else None
@@ -163,13 +177,9 @@ def prune_layer(weight: torch.Tensor, gram: torch.Tensor, sparsity: float = DEFA
     seconds = stats.setdefault("seconds", {})
     seconds["error"] = time.perf_counter() - te
     seconds["total"] = time.perf_counter() - t0
-    stats.update({
-        "method": meth.name, "preset": meth.check_preset(preset), "options": _recorded(opts),
-        "pattern": str(pat), "shape": (out_f, in_f), "dtype": str(w.dtype).replace("torch.", ""),
-        "target_sparsity": target, "sparsity": 1.0 - float(kept.sum()) / kept.numel(),
-        "zeros": float((pruned == 0).sum()) / pruned.numel(), "update_only": mk is not None,
-        "rescaled": {"weight_exponent": w_exp, "gram_exponent": g_exp} if (w_exp or g_exp) else None,
-    })
+    stats.update(result_summary(meth, preset, opts, pat, w, pruned, kept, target, mk is not None,
+                                {"weight_exponent": w_exp, "gram_exponent": g_exp} if (w_exp or g_exp)
+                                else None))
     return PruneResult(pruned, kept, error, stats)
 
 

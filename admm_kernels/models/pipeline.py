@@ -466,8 +466,8 @@ def _check_state_space(state_dir, selected: list[dict[str, nn.Module]], start: i
     is written), (nsamples, seqlen, hidden) each."""
     from .._io import check_free_space
 
-    weights = sum(get_weight(m).numel() * get_weight(m).element_size()
-                  for sel in selected[start:end] for m in sel.values())
+    weights = sum(w.numel() * w.element_size()
+                  for sel in selected[start:end] for w in map(get_weight, sel.values()))
     dtype = streamed.dtype if streamed is not None else next(net.parameters()).dtype
     cfg = getattr(net, "config", None)
     hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None) or 0
