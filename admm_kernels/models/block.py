@@ -24,7 +24,7 @@ from .block_tune import BlockTune, check_tunable, dense_targets, tune_block
 from .capture import BlockCall
 from .discovery import get_weight, set_weight
 from .distributed import Comm, DistributedError, assign_by_cost
-from .experts import MIN_EXPERT_TOKENS, ExpertProjection
+from .experts import MIN_EXPERT_TOKENS, ExpertProjection, input_kind
 from .grams import BlockPlan, GramHooks, StopBlock, sync
 
 
@@ -170,20 +170,20 @@ def _solve_stage(leaders: list[str], accs: dict, layers: dict[str, nn.Module], p
     grams: dict[str, torch.Tensor] = {}
     tokens = _token_counts(leaders, accs, layers, comm, index)
     starved = {g for g, c in tokens.items() if c < MIN_EXPERT_TOKENS}
-    pool_keys = {_pool_key(g, layers[g]) for g in starved}
+    pool_keys = {input_kind(g, layers[g]) for g in starved}
     pooled: dict[tuple, torch.Tensor] = {}  # experts' pooled Gram per (module, kind): the fallback
     for g in leaders:  # one symmetric Gram per group, summed over the ranks, kept only where needed
         acc = accs.pop(g)
         gram = acc.gram
         del acc
         comm.all_reduce_sum_(gram, f"block {index}: summing the Gram of {g}")
-        if g in tokens and (key := _pool_key(g, layers[g])) in pool_keys:
+        if g in tokens and (key := input_kind(g, layers[g])) in pool_keys:
             pooled[key] = gram.clone() if key not in pooled else pooled[key].add_(gram)
         if g in wanted:
             grams[g] = gram
         del gram
     for g in starved & set(grams):
-        grams[g] = pooled[_pool_key(g, layers[g])]
+        grams[g] = pooled[input_kind(g, layers[g])]
     del pooled
 
     records: dict[str, dict] = {}
@@ -252,10 +252,6 @@ def _solve_stage(leaders: list[str], accs: dict, layers: dict[str, nn.Module], p
     for recs in comm.all_gather_objects(records, f"block {index}: collecting the layer reports"):
         records.update(recs)
     return records
-
-
-def _pool_key(leader: str, module: nn.Module) -> tuple:
-    return (leader.rsplit(".", 2)[0], module.projection == "down_proj")
 
 
 def _token_counts(leaders: list[str], accs: dict, layers: dict[str, nn.Module], comm: Comm,

@@ -198,6 +198,12 @@ class ExpertProjection(nn.Module):
         return f"expert={self.expert}, projection={self.projection}"
 
 
+def input_kind(name: str, m: ExpertProjection) -> tuple[str, str]:
+    """(experts module prefix, "in" | "down") of an expert projection named "<prefix>.<e>.<projection>":
+    gate and up read the same input ("in"), down reads act(gate)·up."""
+    return name.rsplit(".", 2)[0], "down" if m.projection == "down_proj" else "in"
+
+
 def expert_projections(experts: nn.Module, rel: str, layout: ExpertsLayout) -> dict[str, ExpertProjection]:
     """{"<rel>.<e>.<projection>": handle} for every expert, in expert order (gate, up, down each)."""
     return {f"{rel}.{e}.{p}": ExpertProjection(experts, layout, e, p)

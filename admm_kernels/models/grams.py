@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..gram import GramAccumulator
-from .experts import ExpertProjection, layer_input_hooks
+from .experts import ExpertProjection, input_kind, layer_input_hooks
 
 
 class StopBlock(Exception):
@@ -130,7 +130,7 @@ class GramHooks:
             leader = group_of[name]
             if leader not in order:
                 order.append(leader)
-        stage_of = {g: _expert_group(g, self.layers[g])[:2] + (_expert_group(g, self.layers[g])[3],)
+        stage_of = {g: ("experts", *input_kind(g, self.layers[g]))
                     for g in order if isinstance(self.layers[g], ExpertProjection)}
         self._plan = BlockPlan(group_of=group_of, leaders=order,
                                calls={g: len(self.first[g]) for g in order},
@@ -182,5 +182,5 @@ class GramHooks:
 
 def _expert_group(name: str, m: ExpertProjection) -> tuple:
     """("experts", module prefix, expert, "in" | "down"): gate and up of one expert share a Gram."""
-    prefix = name.rsplit(".", 2)[0]
-    return ("experts", prefix, m.expert, "down" if m.projection == "down_proj" else "in")
+    prefix, kind = input_kind(name, m)
+    return ("experts", prefix, m.expert, kind)
