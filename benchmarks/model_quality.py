@@ -35,6 +35,10 @@ METHODS = ("magnitude", "wanda", "sparsegpt", "admm")
 LABELS = {"dense": "dense", "magnitude": "magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT",
           "admm": "ADMM-Grad", "admm-accurate": "ADMM accurate", "admm-fast": "ADMM fast", "alps": "ALPS"}
 PROFILES = ("uniform", "owl")
+TEXTS = ("shakespeare", "pydoc")
+# pydoc topics in sorted order: the first 70 % calibrate, the rest is evaluated (about 330 k and 140 k
+# characters: ~75 k and ~32 k SmolLM2 tokens, enough for 32 x 512 calibration and 32 x 512 evaluation)
+PYDOC_CALIBRATION_SHARE = 0.7
 
 
 def label(run: str) -> str:
@@ -62,6 +66,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "routing (admm_kernels.models.upcycle: every expert a copy of the block's MLP, a "
                         "random router), same calibration and evaluation: the MoE's perplexity and its time "
                         "per pruned weight next to the dense model's")
+    p.add_argument("--text", choices=TEXTS, default="shakespeare",
+                   help="calibration and evaluation text: shakespeare (the calibration plays, evaluated on "
+                        "the held-out plays; what the presets were tuned on) or pydoc (the Python language "
+                        "reference topics shipped with Python, split by topic: technical prose neither the "
+                        "presets nor SmolLM2's defaults were tuned on) (default shakespeare)")
+    p.add_argument("--no-dense", action="store_true",
+                   help="with --upcycle: run the methods on the MoE only (the dense model's perplexity "
+                        "is still measured, once)")
     p.add_argument("--max-blocks", type=int, default=None,
                    help="prune only the first N blocks (smoke checks)")
     p.add_argument("--device", default="cpu")
@@ -112,6 +124,24 @@ def machine() -> dict:
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
+def text_sources(text: str, folder: Path) -> tuple[str | None, str | None, str]:
+    """(calibration source, evaluation source, description) for --text; None = the default Shakespeare
+    split of admm_kernels.protocols. pydoc's two parts are written to `folder` (calib/eval .txt)."""
+    if text == "shakespeare":
+        return None, None, "Shakespeare calibration plays; perplexity on the held-out plays"
+    from pydoc_data.topics import topics
+
+    names = sorted(topics)
+    cut = int(len(names) * PYDOC_CALIBRATION_SHARE)
+    paths = []
+    for part, chosen in (("calib", names[:cut]), ("eval", names[cut:])):
+        path = folder / f"pydoc-{part}.txt"
+        atomic_write_text(path, "\n\n".join(topics[n] for n in chosen))
+        paths.append(str(path))
+    return paths[0], paths[1], (f"Python reference topics: the first {cut} of {len(names)} (sorted by "
+                                "name) calibrate; perplexity on the others")
+
+
 def setting_kwargs(setting: str) -> dict:
     """'0.6' -> unstructured 60 %; '2:4' -> the N:M pattern."""
     if ":" in setting:
@@ -121,16 +151,18 @@ def setting_kwargs(setting: str) -> dict:
 
 def run(args) -> dict:
     from admm_kernels import protocols
+    from admm_kernels.eval import evaluate_perplexity
     from admm_kernels.models import find_blocks, load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tok, path = load_model(args.model)
     device = torch.device(args.device)
-    calib = protocols.calibration_windows(tok, None, nsamples=args.nsamples, seqlen=args.seqlen,
+    calib_source, eval_source, text_note = text_sources(args.text, Path(args.out))
+    calib = protocols.calibration_windows(tok, calib_source, nsamples=args.nsamples, seqlen=args.seqlen,
                                           seed=args.seed)
-    ev = protocols.evaluation_tokens(tok, None)
-    models = [("", model)]
+    ev = protocols.evaluation_tokens(tok, eval_source)
+    models = [] if args.no_dense and args.upcycle else [("", model)]
     moe_check = None
     if args.upcycle:
         from admm_kernels.models.upcycle import upcycle_to_mixtral
@@ -143,12 +175,16 @@ def run(args) -> dict:
               f"{moe_check:.2e}", flush=True)
         models.append(("moe:", moe))
     results: dict = {}
+    if not models or models[0][0] != "":  # --no-dense: the dense model's perplexity only
+        results["dense"] = {"perplexity": evaluate_perplexity(model, ev, seqlen=args.seqlen,
+                                                              max_windows=args.eval_windows, device=device)}
     for tag, net in models:
         _run_model(args, net, tag, calib, ev, device, results)
     blocks_name, blocks = find_blocks(model)
     n_blocks = len(blocks) if args.max_blocks is None else min(args.max_blocks, len(blocks))
     eval_tokens = min(ev.numel() // args.seqlen, args.eval_windows) * args.seqlen
-    return {"model": str(path), "nsamples": args.nsamples, "seqlen": args.seqlen,
+    return {"model": str(path), "text": args.text, "text_note": text_note, "nsamples": args.nsamples,
+            "seqlen": args.seqlen,
             "eval_windows": args.eval_windows, "eval_tokens": eval_tokens,
             "blocks_pruned": n_blocks, "blocks": len(blocks), "seed": args.seed,
             "upcycle": args.upcycle, "upcycle_max_logit_difference": moe_check,
@@ -213,8 +249,9 @@ def markdown(res: dict, methods: list[str], settings: list[str], profiles: list[
         "# Whole-model quality and speed",
         "",
         f"Model `{Path(res['model']).name}`, {res['blocks_pruned']}/{res['blocks']} blocks pruned; "
-        f"calibration {res['nsamples']} x {res['seqlen']} tokens (Shakespeare calibration plays, seed "
-        f"{res['seed']}); perplexity on {res['eval_tokens']} held-out tokens (windows of {res['seqlen']}). "
+        f"calibration {res['nsamples']} x {res['seqlen']} tokens, seed {res['seed']} ("
+        f"{res.get('text_note', 'Shakespeare')}); perplexity on {res['eval_tokens']} held-out tokens "
+        f"(windows of {res['seqlen']}). "
         f"{m['date']}, commit {m['commit']}, {m['cores']} cores ({m['cpu']}), torch {m['torch']} with "
         f"{m['torch_threads']} threads{', GPU ' + m['cuda'] if m['cuda'] else ''}.",
         "",
@@ -240,7 +277,7 @@ def markdown(res: dict, methods: list[str], settings: list[str], profiles: list[
             ratios = [f"{r[f'{run}@{s}']['perplexity'] / r[f'admm@{s}']['perplexity']:.3f}"
                       if f"{run}@{s}" in r else "-" for s in settings]
             lines.append(f"| {label(run)} | " + " | ".join(ratios) + " |")
-    if {"admm", "sparsegpt", "wanda"} <= set(methods):
+    if {"admm", "sparsegpt", "wanda"} <= set(methods) and all(f"admm@{s}" in r for s in settings):
         def beats(s: str) -> str:
             best_baseline = min(r[f"sparsegpt@{s}"]["perplexity"], r[f"wanda@{s}"]["perplexity"])
             return "yes" if r[f"admm@{s}"]["perplexity"] < best_baseline else "NO"
