@@ -42,10 +42,30 @@ on the CPU between batches) and preserve_sparsity_mask (False only: prune_layer 
 weights pruned" constraint, so True raises). Plus ours: method ("admm" | "sparsegpt" | "wanda" |
 "magnitude"), preset (prune_layer's ADMM presets, passed only when set), options (any further
 prune_layer method option, e.g. {"iters": 40, "rho": 1.0}), hessian, gram_dtype (with
-hessian="admm_kernels" only). Every setting is
+hessian="admm_kernels" only), prune_routers (False: MoE routers stay dense). Every setting is
 checked when the modifier is built (a bad method or option fails before any calibration).
-After `oneshot`, `modifier.layer_report` lists per module: name, shape, sparsity, relative
-reconstruction error tr(ΔGΔᵀ)/tr(WGWᵀ) on its Gram, seconds.
+After `oneshot`, `modifier.layer_report` lists per module (every expert projection included): name,
+shape, sparsity, relative reconstruction error tr(ΔGΔᵀ)/tr(WGWᵀ) on its Gram, seconds, samples (batches),
+tokens (rows of its inputs), "fallback": "pooled" for a starved expert, and "skipped" with sparsity 0 for
+a targeted module the calibration forward never called (left dense, with a warning).
+
+Mixture of experts. Before any modifier starts, oneshot replaces every fused experts module it
+recognises (the transformers 5.x classes declared with `use_experts_implementation`: Qwen2/3-MoE,
+Mixtral, OLMoE, GPT-OSS, Qwen3-Next, Jamba, GraniteMoeHybrid, ...) by a `LinearExperts2D`, one
+nn.Linear per expert projection named `<experts>.<e>.gate_proj|up_proj|down_proj` (llm-compressor's own
+copy; the fused parameters leave the model). With oneshot's `moe_calibrate_all_experts=True` (its
+default) every expert computes on every token during calibration, so its Grams hold all tokens (gate/up:
+the hidden states; down: act(gate)·up of them), as `prune_model(..., moe_calibration="all")`; with
+False each expert sees the tokens its router sends it, as `moe_calibration="routed"`. The experts of one
+module and projection are pruned together with `ak.prune_experts`; an expert that saw fewer than
+MIN_EXPERT_TOKENS tokens is solved on its module's pooled Gram, as in prune_model. An experts module
+oneshot leaves fused is calibrated by the modifier's own pre-hook on it (admm_kernels.models.experts.
+ExpertInputs, routing as above) and pruned in place through (out, in) views of the fused parameters
+(admm_kernels.integrations.llmcompressor_moe); a fused layout it does not know raises, naming the module
+and its parameters, and one the calibration never ran raises at the end, so nothing is skipped
+silently. Routers are left dense unless prune_routers=True: the linears of a decoder layer holding
+experts named gate / router / shared_expert_gate or with one output per expert or a single output
+(prune_model's rule); transformers' TopKRouter modules are not linears and are never targeted.
 """
 
 from __future__ import annotations
