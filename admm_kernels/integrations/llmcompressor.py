@@ -61,7 +61,9 @@ module and projection are pruned together with `ak.prune_experts`; an expert tha
 MIN_EXPERT_TOKENS tokens is solved on its module's pooled Gram, as in prune_model. An experts module
 oneshot leaves fused is calibrated by the modifier's own pre-hook on it (admm_kernels.models.experts.
 ExpertInputs, routing as above) and pruned in place through (out, in) views of the fused parameters
-(admm_kernels.integrations.llmcompressor_moe); a fused layout it does not know raises, naming the module
+(admm_kernels.integrations.llmcompressor_moe; their Grams are always ak.GramAccumulator's, whatever
+`hessian` says: llm-compressor has no Hessian for fused parameters); a fused layout it does not know
+raises, naming the module
 and its parameters, and one the calibration never ran raises at the end, so nothing is skipped
 silently. Routers are left dense unless prune_routers=True: the linears of a decoder layer holding
 experts named gate / router / shared_expert_gate or with one output per expert or a single output
@@ -239,7 +241,8 @@ class ADMMPruningModifier(SparsityModifierBase):
         layers, less `ignore` and embeddings), less the MoE routers unless prune_routers, plus one hook per
         fused experts module llm-compressor left fused (llmcompressor_moe.FusedExpertsGrams)."""
         model = state.model
-        self._moe = find_moe_modules(model, LinearExperts2D)
+        self._moe = find_moe_modules(model, LinearExperts2D,
+                                     ignored=lambda name, module: match_targets(name, module, self.ignore))
         layer_names = [n for n, _ in match_named_modules(model, self._sequential_targets)]
         self._routers = router_names(model, self._moe, layer_names) if self._moe else set()
         for index, (layer_name, layer) in enumerate(self._target_layers.items()):
@@ -248,7 +251,7 @@ class ADMMPruningModifier(SparsityModifierBase):
                 name = f"{layer_name}.{rel}"
                 if match_targets(name, module, self.ignore) or isinstance(module, torch.nn.Embedding):
                     continue
-                full = name.rstrip(".")
+                full = name.rstrip(".")  # a target that is the module itself gives "<target>."
                 if full in self._routers and not self.prune_routers:
                     logger.info(f"{full}: a MoE router, left dense (prune_routers=True prunes it)")
                     continue

@@ -29,6 +29,7 @@ from ..models.experts import (
     MIN_EXPERT_TOKENS,
     ExpertInputs,
     ExpertsLayout,
+    UnknownExpertsLayout,
     experts_layout,
     is_experts_module,
     is_router,
@@ -54,19 +55,25 @@ class MoEModule:
         return self.layout is not None
 
 
-def find_moe_modules(model: nn.Module, linear_experts_cls: type) -> dict[str, MoEModule]:
+def find_moe_modules(model: nn.Module, linear_experts_cls: type,
+                     ignored: Callable[[str, nn.Module], bool] = lambda name, module: False
+                     ) -> dict[str, MoEModule]:
     """{name: MoEModule} of every experts module in `model`: llm-compressor's linearized ones
-    (instances of `linear_experts_cls`) and fused ones (admm_kernels.models.experts.is_experts_module).
-    A fused module whose parameters fit no known layout raises UnknownExpertsLayout naming it and its
-    parameters (it must never be skipped silently)."""
+    (instances of `linear_experts_cls`) and fused ones (admm_kernels.models.experts.is_experts_module)
+    that `ignored(name, module)` does not leave out. A fused module whose parameters fit no known layout
+    raises UnknownExpertsLayout naming it and its parameters (it must never be skipped silently)."""
     found: dict[str, MoEModule] = {}
     for name, module in model.named_modules():
         if any(name.startswith(f"{n}.") for n in found):
             continue  # inside an experts module found already
         if isinstance(module, linear_experts_cls):
             found[name] = MoEModule(name, module, int(module.num_experts), None)
-        elif is_experts_module(module):
-            layout = experts_layout(module, name)
+        elif is_experts_module(module) and not ignored(name, module):
+            try:
+                layout = experts_layout(module, name)
+            except UnknownExpertsLayout as exc:
+                raise UnknownExpertsLayout(f"ADMMPruningModifier cannot prune the experts: {exc} (or add "
+                                           f"{name} to `ignore` to leave its experts dense)") from exc
             found[name] = MoEModule(name, module, layout.num_experts, layout)
     return found
 

@@ -213,13 +213,19 @@ def test_unknown_fused_layout_is_an_error_naming_it(dense_models, calib_ids, kee
         run_oneshot(model, calib_ids, [ADMMPruningModifier(sparsity=0.5, ignore=IGNORE)])
 
 
-def test_ignored_expert_projections_stay_dense(dense_models, calib_ids, keep_fused):
+def test_ignored_experts_stay_dense(dense_models, calib_ids, keep_fused):
+    """`ignore` names expert projections ("<experts>.<e>.<projection>", here by regex) or a whole fused
+    experts module."""
     dense = dense_models["mixtral"]
     model = copy.deepcopy(dense)
-    mod = ADMMPruningModifier(sparsity=0.5, ignore=[*IGNORE, "re:.*experts.*down_proj"])
+    mod = ADMMPruningModifier(sparsity=0.5, ignore=[*IGNORE, "re:.*experts.*down_proj",
+                                                    "model.layers.1.mlp.experts"])
     run_oneshot(model, calib_ids, [mod])
     before, after = layer_weights(dense), layer_weights(model)
     for name, w in after.items():
         if is_expert(name):
-            assert torch.equal(w, before[name]) == name.endswith("down_proj"), name
-    assert not any(r["name"].endswith("down_proj") and is_expert(r["name"]) for r in mod.layer_report)
+            left = name.endswith("down_proj") or name.startswith("model.layers.1.")
+            assert torch.equal(w, before[name]) == left, name
+    reported = {r["name"] for r in mod.layer_report}
+    assert {n for n in after if is_expert(n)} & reported == {
+        f"model.layers.0.mlp.experts.{e}.{p}" for e in range(EXPERTS) for p in ("gate_proj", "up_proj")}
