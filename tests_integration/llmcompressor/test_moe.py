@@ -229,3 +229,29 @@ def test_ignored_experts_stay_dense(dense_models, calib_ids, keep_fused):
     reported = {r["name"] for r in mod.layer_report}
     assert {n for n in after if is_expert(n)} & reported == {
         f"model.layers.0.mlp.experts.{e}.{p}" for e in range(EXPERTS) for p in ("gate_proj", "up_proj")}
+
+
+def test_a_fused_experts_module_never_called_is_an_error(dense_models, calib_ids, keep_fused):
+    """A targeted fused experts module the calibration forward never runs cannot be pruned: oneshot fails
+    naming it rather than leaving it dense unreported."""
+    model = copy.deepcopy(dense_models["qwen3_moe"])
+    layer = model.get_submodule("model.layers.0")
+    layer.spare_experts = copy.deepcopy(layer.mlp.experts)  # not called by the layer's forward
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.spare_experts \(Qwen3MoeExperts: gate_up_proj "
+                                         r"\(4, 64, 32\), down_proj \(4, 32, 32\)\) were never called"):
+        run_oneshot(model, calib_ids, [ADMMPruningModifier(sparsity=0.5, ignore=IGNORE)])
+
+
+def test_linears_never_called_are_reported_dense(dense_models, calib_ids):
+    """Linears the forward never calls (here: a spare copy of linearized experts) are listed in
+    layer_report with sparsity 0 and the reason, and left as they are."""
+    model = copy.deepcopy(dense_models["mixtral"])
+    layer = model.get_submodule("model.layers.0")
+    layer.spare = torch.nn.Linear(32, 32)
+    spare = layer.spare.weight.detach().clone()
+    mod = ADMMPruningModifier(sparsity=0.5, ignore=IGNORE)
+    run_oneshot(model, calib_ids, [mod])
+    entry = next(r for r in mod.layer_report if r["name"] == "model.layers.0.spare")
+    assert entry["sparsity"] == 0.0 and entry["skipped"] == "not called during calibration", entry
+    assert torch.equal(layer.spare.weight, spare)
+    assert all("skipped" not in r for r in mod.layer_report if r["name"] != "model.layers.0.spare")
