@@ -37,15 +37,22 @@ class BlockCall:
     #                         three values: Bamba's layers, RWKV's blocks)
     skipped: bool = False   # the model's forward does not call this block (Mllama's cross-attention
     #                         layers without an image): the hidden states pass it unchanged
+    batch_dim: int = 0      # where the block's hidden states hold the batch: 0, or 1 for sequence-first
+    #                         (L, 1, hidden) (XLNet) and stream-first (S, 1, L, hidden) (Gemma-3n's AltUp)
 
     def __call__(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """The block's output hidden states for `hidden` (1, ...), both batch first whatever the block's
+        own layout."""
         if self.skipped:
             return hidden
+        if self.batch_dim:
+            hidden = hidden.movedim(0, self.batch_dim).contiguous()
         if self.by_keyword:
             out = block(*self.args, hidden_states=hidden, **self.kwargs)
         else:
             out = block(hidden, *self.args, **self.kwargs)
-        return block_output(out)
+        out = block_output(out)
+        return out.movedim(self.batch_dim, 0) if self.batch_dim else out
 
 
 def block_output(out) -> torch.Tensor:
@@ -72,11 +79,12 @@ def _split(args: tuple, kwargs: dict) -> tuple[torch.Tensor, BlockCall]:
     else:
         raise ValueError("cannot find the hidden states among the block's arguments "
                          f"(no positional argument and no 'hidden_states' keyword; got {sorted(kwargs)})")
-    if not isinstance(hidden, torch.Tensor) or hidden.dim() < 3 or hidden.shape[0] != 1:
-        # (1, seqlen, hidden), or with more trailing dimensions (hyper-connection streams: (1, L, S, H))
-        raise ValueError("expected the block's hidden states as a (1, seqlen, hidden) tensor, got "
-                         f"{getattr(hidden, 'shape', type(hidden).__name__)}")
-    return hidden, BlockCall(rest, kwargs, by_kw)
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() < 3 or 1 not in hidden.shape[:2]:
+        # (1, seqlen, hidden), or with more trailing dimensions (hyper-connection streams: (1, L, S, H)),
+        # or the batch second: (seqlen, 1, hidden), (streams, 1, seqlen, hidden)
+        raise ValueError("expected the block's hidden states as a (1, seqlen, hidden) tensor (or "
+                         f"(seqlen, 1, hidden)), got {getattr(hidden, 'shape', type(hidden).__name__)}")
+    return hidden, BlockCall(rest, kwargs, by_kw, batch_dim=0 if hidden.shape[0] == 1 else 1)
 
 
 class _Recorder:
@@ -98,7 +106,7 @@ class _Recorder:
             self.broken = True           # the model did not pass our output on as the hidden states
             raise _Stop from None
         if index == 0:
-            self.hidden = hidden
+            self.hidden = hidden.movedim(call.batch_dim, 0)   # batch first, as the activations are kept
         elif (self.last is None or hidden.shape != self.last.shape
               or hidden.data_ptr() != self.last.data_ptr()):
             self.broken = True           # the model changed the hidden states between blocks
@@ -239,8 +247,17 @@ class _Inject(_StandIn):
 
     def forward(self, *args, **kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
-        out = self.final[0] if self.index == self.last else hidden
+        out = _like(self.final[0], hidden) if self.index == self.last else hidden
         return as_output(out, self.form)
+
+
+def _like(final: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """final (1, ...) in the layout of the model's hidden states: its batch moved to where hidden has it
+    (BlockCall.batch_dim: a sequence-first or stream-first model)."""
+    if final.shape == hidden.shape or final.dim() != hidden.dim():
+        return final
+    moved = final.movedim(0, 1)
+    return moved if moved.shape == hidden.shape else final
 
 
 @contextlib.contextmanager

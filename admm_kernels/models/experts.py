@@ -326,12 +326,15 @@ def layer_input_hooks(layers: dict[str, nn.Module], on_input: Callable[[str, tor
                       moe_calibration: str = "routed") -> _Handles:
     """on_input(name, x) with the input of every layer in `layers` on each forward: a forward pre-hook
     for a linear (admm_kernels.models.capture.input_hooks), one ExpertInputs per experts module for
-    expert projections. Returns an object whose remove() takes every hook off."""
+    expert projections, one PlainInputs per block for linear maps held in plain parameters
+    (admm_kernels.models.plain_params). Returns an object whose remove() takes every hook off."""
     from .capture import input_hooks
+    from .plain_params import ParamLinear, plain_input_hooks
 
-    plain = {n: m for n, m in layers.items() if not isinstance(m, ExpertProjection)}
-    handles: list = input_hooks(plain, on_input)
+    modules = {n: m for n, m in layers.items() if not isinstance(m, (ExpertProjection, ParamLinear))}
+    handles: list = input_hooks(modules, on_input)
     try:
+        handles.extend(plain_input_hooks(layers, on_input))
         seen: set[int] = set()
         for name, m in layers.items():
             if isinstance(m, ExpertProjection) and id(m.experts) not in seen:
