@@ -203,19 +203,31 @@ def capture_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Ten
         model.to(device)
         ids = input_ids.to(device)
         rec.all_blocks = True
+        changed, failures = False, []
         for form in range(OUTPUT_FORMS):
             rec.form, rec.broken, rec.last = form, False, None
             try:
                 _run(model, ids[:1], finish_ok=True)
-            except (ValueError, TypeError):  # e.g. unpacking two values from our one: the next form
-                if form == OUTPUT_FORMS - 1:
-                    raise
+            except (ValueError, TypeError, AttributeError) as e:
+                # e.g. unpacking two values from our one, or reading a field of an output object: the next
+                # form
+                failures.append(e)
                 rec.broken = True
+            else:
+                changed |= rec.broken
             if not rec.broken:
                 break
         if rec.broken:
-            raise ValueError(f"unsupported model {type(model).__name__}: its forward modifies the hidden "
-                             "states between decoder blocks, so blocks cannot be pruned one at a time")
+            if changed or not failures:
+                raise ValueError(f"unsupported model {type(model).__name__}: its forward modifies the hidden "
+                                 "states between decoder blocks, so blocks cannot be pruned one at a time")
+            first = failures[0]
+            if rec.calls[0] is None:  # it failed before reaching the blocks: the model's own error
+                raise first
+            raise ValueError(f"unsupported model {type(model).__name__}: its forward does not take a block's "
+                             "hidden states back as a tensor or a tuple starting with it (it expects more "
+                             f"from each block: {type(first).__name__}: {first}), so blocks cannot be pruned "
+                             "one at a time") from first
         if rec.calls[0] is None:
             raise RuntimeError("the model's forward did not call its decoder blocks")
         # Blocks the forward never called (it skips them for this input) pass the hidden states on.
