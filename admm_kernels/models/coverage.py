@@ -7,13 +7,14 @@ blocks (2-D parameters, and the 3-D fused experts of MoE blocks) is classified o
   linear maps a plain parameter holds (admm_kernels.models.plain_params);
 - left out, with a reason: ``router`` (MoE routing layers), ``norm``, ``bias`` (the experts'
   per-expert bias vectors), ``ssm`` (Mamba / linear-attention
-  state parameters such as ``A_log``, ``D``, ``dt_bias``), ``conv`` (convolution kernels), ``layers``
+  state parameters such as ``A_log``, ``D``, ``dt_bias``), ``conv`` (convolution kernels), ``unused``
+  (the slots of zero-computation experts in a fused parameter: never read by the forward), ``layers``
   (a linear the ``layers`` selection leaves out), ``not a linear layer`` (a matrix the block uses
   directly other than as a linear map's weight, e.g. a per-layer embedding; with a "detail" saying how
   it is used, when tracing saw it).
 
-Routers, norms, biases, SSM and conv parameters are left dense on purpose. Anything else left out by the
-default selection is a model this package does not understand: when it is more than
+Routers, norms, biases, SSM and conv parameters and unused slots are left dense on purpose. Anything else
+left out by the default selection is a model this package does not understand: when it is more than
 UNCOVERED_LIMIT of the blocks' matrix weights, the run stops before any work with an error naming the
 parameters (``layers=`` / CLI ``--layers`` prunes less on purpose). After the run, ``coverage()``
 counts what really was pruned (a selected layer the block's forward never called is left out too).
@@ -33,7 +34,7 @@ from .plain_params import ParamLinear, traced
 # Largest share of the blocks' matrix weights that the default selection may leave out for a reason
 # other than routers, norms, SSM and conv parameters before prune_model refuses the model.
 UNCOVERED_LIMIT = 0.05
-INTENDED = ("router", "norm", "ssm", "conv", "bias")
+INTENDED = ("router", "norm", "ssm", "conv", "bias", "unused")
 
 
 def _owners(layers: dict[str, nn.Module]) -> tuple[dict[int, str], dict[int, int]]:
@@ -67,6 +68,11 @@ def classify_block(block: nn.Module, selected: dict[str, nn.Module], all_layers:
                 continue
             name = f"{mname}.{pname}" if mname else pname
             n = p.numel()
+            usable = every_fused.get(id(p), n)
+            if usable < n:  # slots of a fused experts parameter no expert reads (zero-computation experts)
+                rows.append({"name": f"{name}[unused slots]", "numel": n - usable, "selected": 0,
+                             "reason": "unused"})
+                n = usable
             if id(p) in chosen_plain or id(p) in chosen_fused:
                 sel = chosen_fused.get(id(p), n)
                 rows.append({"name": name, "numel": n, "selected": sel,

@@ -180,7 +180,9 @@ def block_layers(block: nn.Module) -> tuple[dict[str, nn.Module], set[str]]:
     by_owner: dict[int, dict[str, ParamLinear]] = {}
     for name, m in plain_layers.items():
         by_owner.setdefault(id(m.owner), {})[name] = m
-    n_experts = {lay.num_experts for _, lay in experts.values()}
+    # a router's outputs: one per expert, zero-computation experts included
+    n_experts = {n for _, lay in experts.values()
+                 for n in (lay.num_experts, lay.num_experts + lay.unused_slots)}
     # one parameter holding several maps (per expert, per head): a MoE block when routed by a router
     maps_per_param = Counter((id(m.owner), m.pname) for m in plain_layers.values())
     split = any(c > 1 for c in maps_per_param.values())
@@ -191,7 +193,7 @@ def block_layers(block: nn.Module) -> tuple[dict[str, nn.Module], set[str]]:
             out.update(expert_projections(module, rel, experts[rel][1]))
         elif rel and is_prunable(module):
             out[rel] = module
-            if (experts and is_router(rel, module, n_experts)) or (split and _in_router(rel)):
+            if (experts or split) and (is_router(rel, module, n_experts) or _in_router(rel)):
                 routers.add(rel)
         out.update(by_owner.get(id(module), {}))
     return out, routers
