@@ -2,6 +2,7 @@
 forward, pruned as (out, in) views with exact sparsity and their own input rows, and refused with the way
 they are used when that is not one linear map."""
 
+import copy
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -264,3 +265,16 @@ def test_tiny_models_with_plain_parameter_weights_prune_exactly(arch, plain):
         assert torch.isfinite(model(input_ids=tokens(1, 32), use_cache=False).logits).all()
     if arch == "jetmoe":  # the routers of its experts stay dense
         assert not any(".router." in n for n in pruned)
+
+
+def test_block_tuning_moves_only_the_kept_weights_of_plain_layers():
+    model = _PlainModel().eval()
+    untuned = copy.deepcopy(model)
+    scale = [b.scale.detach().clone() for b in model.layers]
+    report = ak.prune_model(model, _tokens(4), sparsity=0.5, method="magnitude", tune_epochs=2, tune_batch=2)
+    ak.prune_model(untuned, _tokens(4), sparsity=0.5, method="magnitude")
+    assert report["block_tune"]["blocks"]
+    for b, u in zip(model.layers, untuned.layers):
+        for w, v in ((b.q, u.q), (b.up, u.up), (b.mix, u.mix), (b.heads, u.heads)):
+            assert torch.equal(w == 0, v == 0) and not torch.equal(w, v)   # same zeros, tuned values
+    assert all(torch.equal(b.scale, s) for b, s in zip(model.layers, scale))

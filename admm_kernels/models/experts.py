@@ -198,9 +198,13 @@ class ExpertProjection(nn.Module):
         """The fused parameter this projection is a view of."""
         return self.experts.get_parameter(self.layout.param_name(self.projection))
 
+    def view_of(self, base: torch.Tensor) -> torch.Tensor:
+        """The same (out, in) view of `base`, a tensor shaped like the fused parameter."""
+        return projection_view(base, self.layout, self.expert, self.projection)
+
     def weight_view(self) -> torch.Tensor:
         """(out, in) view into the fused parameter: (I, H) for gate/up, (H, I) for down."""
-        return projection_view(self.parameter().data, self.layout, self.expert, self.projection)
+        return self.view_of(self.parameter().data)
 
     def extra_repr(self) -> str:
         return f"expert={self.expert}, projection={self.projection}"
