@@ -278,3 +278,59 @@ def test_block_tuning_moves_only_the_kept_weights_of_plain_layers():
         for w, v in ((b.q, u.q), (b.up, u.up), (b.mix, u.mix), (b.heads, u.heads)):
             assert torch.equal(w == 0, v == 0) and not torch.equal(w, v)   # same zeros, tuned values
     assert all(torch.equal(b.scale, s) for b, s in zip(model.layers, scale))
+
+
+def _maps_of(fn, w):
+    """[(W (out, in) view, rows)] that the watching mode reports for fn(w)."""
+    from admm_kernels.models.plain_params import _Sources, _Watch
+
+    maps, others = [], []
+    with _Watch(_Sources([w]), lambda src, spec, rows: maps.append((spec.view(w.data), rows)),
+                lambda key, why: others.append(why)):
+        y = fn(w)
+    assert not others, others
+    return y, maps
+
+
+@pytest.mark.parametrize("case", ["linear", "x@w", "w@x", "bmm", "baddbmm", "einsum", "einsum-broadcast",
+                                  "einsum-ellipsis"])
+def test_every_reported_map_reproduces_its_part_of_the_output(case):
+    """rows @ W.T of each reported map is exactly that map's share of the operation's output."""
+    g = torch.Generator().manual_seed(1)
+    x3 = torch.randn(3, 5, 6, generator=g)
+    if case == "linear":
+        w = nn.Parameter(torch.randn(4, 6, generator=g))
+        y, maps = _maps_of(lambda w: F.linear(x3, w), w)
+        parts = [y.reshape(-1, 4)]
+    elif case == "x@w":
+        w = nn.Parameter(torch.randn(6, 4, generator=g))
+        y, maps = _maps_of(lambda w: x3 @ w, w)
+        parts = [y.reshape(-1, 4)]
+    elif case == "w@x":
+        w = nn.Parameter(torch.randn(4, 5, generator=g))
+        y, maps = _maps_of(lambda w: w @ x3, w)                     # (3, 4, 6): columns of x are the rows
+        parts = [y.transpose(-1, -2).reshape(-1, 4)]
+    elif case == "bmm":
+        w = nn.Parameter(torch.randn(3, 4, 6, generator=g))          # per batch: (out, in) used transposed
+        y, maps = _maps_of(lambda w: torch.bmm(x3, w.transpose(1, 2)), w)
+        parts = list(y)
+    elif case == "baddbmm":
+        w = nn.Parameter(torch.randn(3, 6, 4, generator=g))
+        y, maps = _maps_of(lambda w: torch.baddbmm(torch.ones(3, 1, 4), x3, w), w)
+        parts = list(y - 1)
+    elif case == "einsum":
+        w = nn.Parameter(torch.randn(6, 2, 2, generator=g))          # (in, heads, head_dim)
+        y, maps = _maps_of(lambda w: torch.einsum("abh,hnd->abnd", x3, w), w)
+        parts = [y.reshape(-1, 4)]
+    elif case == "einsum-broadcast":
+        w = nn.Parameter(torch.randn(4, 6, 2, generator=g))          # x's batch of 1 meets 4 maps
+        y, maps = _maps_of(lambda w: torch.einsum("bij,bjk->bik", x3[:1], w), w)
+        parts = list(y)
+    else:
+        w = nn.Parameter(torch.randn(2, 6, generator=g))
+        y, maps = _maps_of(lambda w: torch.einsum("...h,oh->...o", x3, w), w)
+        parts = [y.reshape(-1, 2)]
+    assert len(maps) == len(parts)
+    for (weight, rows), part in zip(maps, parts):
+        assert weight.untyped_storage().data_ptr() == w.untyped_storage().data_ptr()   # a view, no copy
+        assert torch.allclose(rows @ weight.t(), part, atol=1e-5)

@@ -274,7 +274,8 @@ def _einsum_maps(equation: str, w: torch.Tensor, x: torch.Tensor, w_first: bool
         wi = perm[idx].reshape(n_out, n_in)
         if wi.untyped_storage().data_ptr() != w.untyped_storage().data_ptr():
             raise _Refusal("an einsum whose weight is no (out, in) view of the parameter")
-        maps.append((wi, xr[idx].reshape(-1, n_in)))
+        at = tuple(0 if x.shape[xs.index(c)] == 1 else i for c, i in zip(batch, idx))  # x broadcast
+        maps.append((wi, xr[at].reshape(-1, n_in)))
     return maps
 
 
@@ -304,6 +305,10 @@ class _Watch(TorchFunctionMode):
         except _Refusal as why:
             for _, s in hits:
                 self.on_other(s.key, f"{why} ({name})")
+            return
+        except Exception as e:  # an operand layout the analysis did not foresee: never break the forward
+            for _, s in hits:
+                self.on_other(s.key, f"a use that could not be analysed ({name}: {type(e).__name__})")
             return
         if maps is not None:
             for src, w, rows in maps:
