@@ -5,10 +5,12 @@ For each architecture (tests/arch_sweep.py: causal_lm_architectures, build_tiny 
 shrunk generically), it builds the model, runs
 ``admm_kernels.prune_model(model, ids, sparsity=0.5, method="magnitude")`` on 2 windows of 32 random
 tokens, and checks every pruned layer of the report (error not None): the zeros of its actual (out, in)
-weight must equal numel - kept and the exact magnitude target int(numel * 0.5). Status per architecture:
+weight must equal numel - kept and the exact magnitude target int(numel * 0.5); the pruned model's logits
+must be finite. Status per architecture:
 
-- pruned-verified: pruned, every pruned layer verified;
-- partial: pruned, but some layer's zeros differ from the target (or no layer was pruned);
+- pruned-verified: pruned, every pruned layer verified, finite logits;
+- partial: pruned, but some layer's zeros differ from the target (or no layer was pruned), or the pruned
+  model's logits are not finite;
 - error: prune_model raised (the exception's type and first line are recorded), or the time ran out;
 - build-failed: the tiny model could not be built ("build failed: <reason>"), or the dense model's own
   forward on the calibration tokens fails (e.g. an assistant model that needs its main model's states):
@@ -115,6 +117,15 @@ def verify(model, report: dict, before: dict[str, int] | None = None) -> tuple[i
     return checked, problems
 
 
+def finite_logits(model, ids) -> list[str]:
+    """[] when the pruned model's logits on the first calibration window are finite, else the problem."""
+    import torch
+
+    with torch.no_grad():
+        logits = model(input_ids=ids[:1], use_cache=False).logits
+    return [] if bool(torch.isfinite(logits).all()) else ["the pruned model's logits are not finite"]
+
+
 def sweep_one(arch: str, timeout: int) -> dict:
     """Build, prune and verify one architecture; a row of the table."""
     from arch_sweep import build_tiny, tokens
@@ -156,10 +167,12 @@ def sweep_one(arch: str, timeout: int) -> dict:
         cov = report.get("coverage", {})
         row["share"] = cov.get("share")
         checked, problems = verify(model, report, before)
-        if problems or not checked:
+        logits = finite_logits(model, ids)
+        if problems or not checked or logits:
             row["status"] = "partial"
             row["note"] = (f"{len(problems)} of {checked} pruned layers off target: "
-                           + "; ".join(problems[:3]) if problems else "no layer pruned")
+                           + "; ".join(problems[:3]) if problems else "no layer pruned" if not checked
+                           else logits[0])
         else:
             row["status"] = "pruned-verified"
             row["note"] = f"{checked} layers"

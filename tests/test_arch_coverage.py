@@ -1,8 +1,9 @@
 """Every decoder-only causal-LM architecture of the installed transformers, as a tiny model from a generic
-shrink of its default config (tests/arch_sweep.py), is pruned with magnitude at 50 % and its per-layer
-sparsity verified in the saved weights (benchmarks/arch_coverage.py). No architecture may end "partial"
-(pruned, but a sparsity that was not reached), and the share pruned with verified sparsity may not fall
-below what this checkout reaches; the table is written for RESULTS.md. About 20 s on one thread."""
+shrink of its default config (tests/arch_sweep.py), is pruned with magnitude at 50 %, its per-layer
+sparsity verified in the saved weights and its logits checked finite (benchmarks/arch_coverage.py). No
+architecture may end "partial" (pruned, but a sparsity that was not reached), and the share pruned with
+verified sparsity may not fall below what this checkout reaches; the table is written for RESULTS.md.
+About 30 s on one thread."""
 
 import os
 import signal
@@ -20,13 +21,17 @@ pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 
 # What this checkout reaches with transformers 5.24 (RESULTS.md, "Architecture coverage"); a change
 # that loses an architecture fails here.
-MIN_VERIFIED_SHARE = 0.925
+MIN_VERIFIED_SHARE = 0.977
 # Families that must prune with verified sparsity: the classic ones SparseGPT and Wanda report on, the
-# MoE layouts and the hybrid layer lists.
+# MoE layouts, the hybrid layer lists and the other mechanisms below.
 MUST = ("llama", "opt", "bloom", "falcon", "gpt_neo", "mpt", "gpt2", "gpt_neox", "mixtral", "qwen3_moe",
         "qwen2_moe", "olmoe", "gpt_oss", "deepseek_v3", "glm4_moe", "granitemoe", "ernie4_5_moe",
         "llama4_text", "jamba", "bamba", "granitemoehybrid", "falcon_h1", "zamba2", "qwen3_next", "lfm2",
-        "nemotron_h", "dbrx", "mllama", "rwkv", "big_bird", "xmod")
+        "nemotron_h", "dbrx", "mllama", "rwkv", "big_bird", "xmod",
+        # matrices the blocks multiply by themselves (admm_kernels.models.plain_params), sequence- and
+        # stream-first hidden states, zero-computation experts
+        "jetmoe", "xlnet", "zamba", "deepseek_v4", "inkling2_text", "inkling2_loop_text", "inkling_text",
+        "gemma3n_text", "longcat_flash")
 
 
 def test_every_architecture_prunes_with_verified_sparsity_or_refuses(tmp_path):

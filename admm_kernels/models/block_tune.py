@@ -31,7 +31,8 @@ from torch import nn
 
 from .capture import BlockCall
 from .discovery import get_weight
-from .experts import ExpertProjection, projection_view
+from .experts import ExpertProjection
+from .plain_params import ParamLinear
 
 
 @dataclass(frozen=True)
@@ -109,13 +110,13 @@ def _tunable(layers: dict[str, nn.Module], index: int) -> tuple[list[nn.Paramete
     masks: list[tuple] = []
     fused: dict[int, torch.Tensor] = {}
     for module in layers.values():
-        if isinstance(module, ExpertProjection):
+        if isinstance(module, (ExpertProjection, ParamLinear)):  # a view into a parameter holding more
             w = module.parameter()
             if id(w) not in fused:
-                fused[id(w)] = torch.zeros(w.shape, dtype=torch.bool, device=w.device)
+                fused[id(w)] = torch.zeros_like(w, dtype=torch.bool)  # its strides: the views fit
                 params.append(w)
                 masks.append(None)
-            projection_view(fused[id(w)], module.layout, module.expert, module.projection).fill_(True)
+            module.view_of(fused[id(w)]).fill_(True)
             continue
         w = module.weight
         if not isinstance(w, nn.Parameter):

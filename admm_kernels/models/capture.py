@@ -37,15 +37,22 @@ class BlockCall:
     #                         three values: Bamba's layers, RWKV's blocks)
     skipped: bool = False   # the model's forward does not call this block (Mllama's cross-attention
     #                         layers without an image): the hidden states pass it unchanged
+    batch_dim: int = 0      # where the block's hidden states hold the batch: 0, or 1 for sequence-first
+    #                         (L, 1, hidden) (XLNet) and stream-first (S, 1, L, hidden) (Gemma-3n's AltUp)
 
     def __call__(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """The block's output hidden states for `hidden` (1, ...), both batch first whatever the block's
+        own layout."""
         if self.skipped:
             return hidden
+        if self.batch_dim:
+            hidden = hidden.movedim(0, self.batch_dim).contiguous()
         if self.by_keyword:
             out = block(*self.args, hidden_states=hidden, **self.kwargs)
         else:
             out = block(hidden, *self.args, **self.kwargs)
-        return block_output(out)
+        out = block_output(out)
+        return out.movedim(self.batch_dim, 0) if self.batch_dim else out
 
 
 def block_output(out) -> torch.Tensor:
@@ -72,11 +79,12 @@ def _split(args: tuple, kwargs: dict) -> tuple[torch.Tensor, BlockCall]:
     else:
         raise ValueError("cannot find the hidden states among the block's arguments "
                          f"(no positional argument and no 'hidden_states' keyword; got {sorted(kwargs)})")
-    if not isinstance(hidden, torch.Tensor) or hidden.dim() < 3 or hidden.shape[0] != 1:
-        # (1, seqlen, hidden), or with more trailing dimensions (hyper-connection streams: (1, L, S, H))
-        raise ValueError("expected the block's hidden states as a (1, seqlen, hidden) tensor, got "
-                         f"{getattr(hidden, 'shape', type(hidden).__name__)}")
-    return hidden, BlockCall(rest, kwargs, by_kw)
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() < 3 or 1 not in hidden.shape[:2]:
+        # (1, seqlen, hidden), or with more trailing dimensions (hyper-connection streams: (1, L, S, H)),
+        # or the batch second: (seqlen, 1, hidden), (streams, 1, seqlen, hidden)
+        raise ValueError("expected the block's hidden states as a (1, seqlen, hidden) tensor (or "
+                         f"(seqlen, 1, hidden)), got {getattr(hidden, 'shape', type(hidden).__name__)}")
+    return hidden, BlockCall(rest, kwargs, by_kw, batch_dim=0 if hidden.shape[0] == 1 else 1)
 
 
 class _Recorder:
@@ -98,7 +106,7 @@ class _Recorder:
             self.broken = True           # the model did not pass our output on as the hidden states
             raise _Stop from None
         if index == 0:
-            self.hidden = hidden
+            self.hidden = hidden.movedim(call.batch_dim, 0)   # batch first, as the activations are kept
         elif (self.last is None or hidden.shape != self.last.shape
               or hidden.data_ptr() != self.last.data_ptr()):
             self.broken = True           # the model changed the hidden states between blocks
@@ -195,19 +203,31 @@ def capture_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Ten
         model.to(device)
         ids = input_ids.to(device)
         rec.all_blocks = True
+        changed, failures = False, []
         for form in range(OUTPUT_FORMS):
             rec.form, rec.broken, rec.last = form, False, None
             try:
                 _run(model, ids[:1], finish_ok=True)
-            except (ValueError, TypeError):  # e.g. unpacking two values from our one: the next form
-                if form == OUTPUT_FORMS - 1:
-                    raise
+            except (ValueError, TypeError, AttributeError) as e:
+                # e.g. unpacking two values from our one, or reading a field of an output object: the next
+                # form
+                failures.append(e)
                 rec.broken = True
+            else:
+                changed |= rec.broken
             if not rec.broken:
                 break
         if rec.broken:
-            raise ValueError(f"unsupported model {type(model).__name__}: its forward modifies the hidden "
-                             "states between decoder blocks, so blocks cannot be pruned one at a time")
+            if changed or not failures:
+                raise ValueError(f"unsupported model {type(model).__name__}: its forward modifies the hidden "
+                                 "states between decoder blocks, so blocks cannot be pruned one at a time")
+            first = failures[0]
+            if rec.calls[0] is None:  # it failed before reaching the blocks: the model's own error
+                raise first
+            raise ValueError(f"unsupported model {type(model).__name__}: its forward does not take a block's "
+                             "hidden states back as a tensor or a tuple starting with it (it expects more "
+                             f"from each block: {type(first).__name__}: {first}), so blocks cannot be pruned "
+                             "one at a time") from first
         if rec.calls[0] is None:
             raise RuntimeError("the model's forward did not call its decoder blocks")
         # Blocks the forward never called (it skips them for this input) pass the hidden states on.
@@ -239,8 +259,17 @@ class _Inject(_StandIn):
 
     def forward(self, *args, **kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
-        out = self.final[0] if self.index == self.last else hidden
+        out = _like(self.final[0], hidden) if self.index == self.last else hidden
         return as_output(out, self.form)
+
+
+def _like(final: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """final (1, ...) in the layout of the model's hidden states: its batch moved to where hidden has it
+    (BlockCall.batch_dim: a sequence-first or stream-first model)."""
+    if final.shape == hidden.shape or final.dim() != hidden.dim():
+        return final
+    moved = final.movedim(0, 1)
+    return moved if moved.shape == hidden.shape else final
 
 
 @contextlib.contextmanager

@@ -3,15 +3,18 @@
 A measuring tool must not report a sparsity it did not reach. Every weight matrix inside the decoder
 blocks (2-D parameters, and the 3-D fused experts of MoE blocks) is classified once before any work:
 
-- selected: the weight of a selected linear layer, or of selected expert projections;
+- selected: the weight of a selected linear layer, of selected expert projections, or of the selected
+  linear maps a plain parameter holds (admm_kernels.models.plain_params);
 - left out, with a reason: ``router`` (MoE routing layers), ``norm``, ``bias`` (the experts'
   per-expert bias vectors), ``ssm`` (Mamba / linear-attention
-  state parameters such as ``A_log``, ``D``, ``dt_bias``), ``conv`` (convolution kernels), ``layers``
+  state parameters such as ``A_log``, ``D``, ``dt_bias``), ``conv`` (convolution kernels), ``unused``
+  (the slots of zero-computation experts in a fused parameter: never read by the forward), ``layers``
   (a linear the ``layers`` selection leaves out), ``not a linear layer`` (a matrix the block uses
-  directly, e.g. a per-layer embedding).
+  directly other than as a linear map's weight, e.g. a per-layer embedding; with a "detail" saying how
+  it is used, when tracing saw it).
 
-Routers, norms, biases, SSM and conv parameters are left dense on purpose. Anything else left out by the
-default selection is a model this package does not understand: when it is more than
+Routers, norms, biases, SSM and conv parameters and unused slots are left dense on purpose. Anything else
+left out by the default selection is a model this package does not understand: when it is more than
 UNCOVERED_LIMIT of the blocks' matrix weights, the run stops before any work with an error naming the
 parameters (``layers=`` / CLI ``--layers`` prunes less on purpose). After the run, ``coverage()``
 counts what really was pruned (a selected layer the block's forward never called is left out too).
@@ -24,38 +27,23 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from .experts import ROUTER_NAMES, ExpertProjection
+from .experts import ExpertProjection
+from .param_roles import matrix_role as _reason
+from .plain_params import ParamLinear, traced
 
 # Largest share of the blocks' matrix weights that the default selection may leave out for a reason
 # other than routers, norms, SSM and conv parameters before prune_model refuses the model.
 UNCOVERED_LIMIT = 0.05
-INTENDED = ("router", "norm", "ssm", "conv", "bias")
-_SSM_NAMES = {"A_log", "A", "D", "dt_bias", "dt_proj_bias", "conv1d", "D_log"}
-
-
-def _reason(rel_module: str, module: nn.Module, pname: str) -> str:
-    """Why a matrix parameter that is not a selected layer's weight stays dense."""
-    cls = type(module).__name__.lower()
-    leaf = rel_module.rsplit(".", 1)[-1]
-    if pname.endswith("bias"):  # (E, out) biases of fused experts: one vector per expert
-        return "bias"
-    if "norm" in cls or "norm" in leaf:
-        return "norm"
-    if pname in _SSM_NAMES or leaf in _SSM_NAMES:
-        return "conv" if "conv" in leaf or "conv" in pname else "ssm"
-    if isinstance(module, nn.modules.conv._ConvNd) or "conv" in cls:
-        return "conv"
-    if leaf in ROUTER_NAMES or "router" in cls or cls.endswith("gate"):
-        return "router"
-    return "not a linear layer"
+INTENDED = ("router", "norm", "ssm", "conv", "bias", "unused")
 
 
 def _owners(layers: dict[str, nn.Module]) -> tuple[dict[int, str], dict[int, int]]:
-    """id(parameter) -> the selected layer name owning it, and id(fused parameter) -> selected numel."""
+    """id(parameter) -> the selected layer name owning it, and id(parameter holding several layers: fused
+    experts, a plain parameter's linear maps) -> selected numel."""
     plain: dict[int, str] = {}
     fused: dict[int, int] = {}
     for name, m in layers.items():
-        if isinstance(m, ExpertProjection):
+        if isinstance(m, (ExpertProjection, ParamLinear)):
             p = m.parameter()
             fused[id(p)] = fused.get(id(p), 0) + m.weight_view().numel()
         else:
@@ -71,6 +59,8 @@ def classify_block(block: nn.Module, selected: dict[str, nn.Module], all_layers:
     discovery.block_layers); routers: the router names among them."""
     chosen_plain, chosen_fused = _owners(selected)
     every_plain, every_fused = _owners(all_layers)
+    found = traced(block)
+    refused = found.refused if found is not None else {}
     rows = []
     for mname, module in block.named_modules():
         for pname, p in module.named_parameters(recurse=False):
@@ -78,6 +68,11 @@ def classify_block(block: nn.Module, selected: dict[str, nn.Module], all_layers:
                 continue
             name = f"{mname}.{pname}" if mname else pname
             n = p.numel()
+            usable = every_fused.get(id(p), n)
+            if usable < n:  # slots of a fused experts parameter no expert reads (zero-computation experts)
+                rows.append({"name": f"{name}[unused slots]", "numel": n - usable, "selected": 0,
+                             "reason": "unused"})
+                n = usable
             if id(p) in chosen_plain or id(p) in chosen_fused:
                 sel = chosen_fused.get(id(p), n)
                 rows.append({"name": name, "numel": n, "selected": sel,
@@ -89,7 +84,10 @@ def classify_block(block: nn.Module, selected: dict[str, nn.Module], all_layers:
                 reason = "layers"
             else:
                 reason = _reason(mname, module, pname)
-            rows.append({"name": name, "numel": n, "selected": 0, "reason": reason})
+            row = {"name": name, "numel": n, "selected": 0, "reason": reason}
+            if name in refused:  # a matrix the block uses directly: how (admm_kernels.models.plain_params)
+                row["detail"] = refused[name]
+            rows.append(row)
     return rows
 
 
@@ -110,6 +108,8 @@ def left_out(rows_per_block: Sequence[list[dict]], blocks_name: str) -> list[dic
             key = (r["name"], r["reason"])
             g = groups.setdefault(key, {"name": _pattern(blocks_name, r["name"]), "blocks": [], "weights": 0,
                                         "reason": r["reason"]})
+            if r.get("detail") and "detail" not in g:
+                g["detail"] = r["detail"]
             g["blocks"].append(b)
             g["weights"] += miss
     return sorted(groups.values(), key=lambda g: -g["weights"])
@@ -123,7 +123,8 @@ def check_coverage(rows_per_block: Sequence[list[dict]], blocks_name: str, model
     missing = sum(g["weights"] for g in bad)
     if total and missing > UNCOVERED_LIMIT * total:
         names = "; ".join(f"{g['name']} ({g['weights']:,} weights in {len(g['blocks'])} blocks: "
-                          f"{g['reason']})" for g in bad[:8])
+                          f"{g['reason']}" + (f", {g['detail']}" if g.get("detail") else "") + ")"
+                          for g in bad[:8])
         raise ValueError(
             f"{model_name}: the prunable layers cover only {1 - missing / total:.1%} of the blocks' weight "
             f"matrices; {missing / total:.1%} would stay dense although they are not routers, norms, SSM or "

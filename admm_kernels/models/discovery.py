@@ -10,20 +10,36 @@ attention, Mamba, linear-attention and conv layers in one list. A list of length
 Prunable layers are ``nn.Linear``, transformers' GPT-2 ``Conv1D`` (a linear layer whose weight is stored
 transposed, (in, out)) and each expert's gate/up/down projection of a fused experts module
 (admm_kernels.models.experts: named ``<experts>.<e>.gate_proj`` etc., as transformers saves them).
+Matrix parameters the block multiplies by itself (``F.linear(x, self.weight[i])``, ``einsum``, ``@``) are
+prunable too, as one :class:`~admm_kernels.models.plain_params.ParamLinear` per linear map they hold:
+find_blocks traces their uses with one short forward of the model (admm_kernels.models.plain_params),
+and block_layers lists those it resolved. An experts module whose 3-D parameters fit no known layout is
+an error (UnknownExpertsLayout) unless tracing resolved every one of them as linear maps.
 Routers of MoE blocks (``gate``, ``router``, ``shared_expert_gate``, any linear whose output size is the
-number of experts or 1) are left out unless a ``layers`` pattern names them.
+number of experts or 1, a linear inside a ``router`` module) are left out unless a ``layers`` pattern names
+them.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import re
+from collections import Counter
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
-from .experts import ExpertProjection, expert_projections, experts_layout, find_experts, is_router
+from .experts import (
+    ExpertProjection,
+    UnknownExpertsLayout,
+    expert_projections,
+    experts_layout,
+    find_experts,
+    is_router,
+)
+from .param_roles import UNUSED_MATRIX, matrix_role
+from .plain_params import ParamLinear, trace_blocks, traced
 
 LayerFilter = Sequence[str] | Callable[[str, nn.Module], bool] | None
 
@@ -34,14 +50,15 @@ def _is_conv1d(module: nn.Module) -> bool:
 
 
 def is_prunable(module: nn.Module) -> bool:
-    """True for nn.Linear (and subclasses), GPT-2's Conv1D and one expert's projection."""
-    return isinstance(module, (nn.Linear, ExpertProjection)) or _is_conv1d(module)
+    """True for nn.Linear (and subclasses), GPT-2's Conv1D, one expert's projection and one linear map held
+    in a plain parameter."""
+    return isinstance(module, (nn.Linear, ExpertProjection, ParamLinear)) or _is_conv1d(module)
 
 
 def get_weight(module: nn.Module) -> torch.Tensor:
     """The layer's weight as (out, in) (a view for Conv1D, whose parameter is (in, out), and for an
-    expert's projection, a view into the fused experts parameter)."""
-    if isinstance(module, ExpertProjection):
+    expert's projection and a plain parameter's linear map, a view into the parameter)."""
+    if isinstance(module, (ExpertProjection, ParamLinear)):
         return module.weight_view()
     w = module.weight.data
     return w.t() if _is_conv1d(module) else w
@@ -84,7 +101,11 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     n_layers = _config_layers(model)
     exact = [c for c in outer if len(c[1]) == n_layers]
     pool = exact or outer
-    return max(pool, key=lambda c: len(c[1]))  # first of the longest on ties (module order)
+    name, blocks = max(pool, key=lambda c: len(c[1]))  # first of the longest on ties (module order)
+    candidates = [plain_candidates(b) for b in blocks]
+    if any(candidates):
+        trace_blocks(model, blocks, candidates)
+    return name, blocks
 
 
 def _config_layers(model: nn.Module) -> int | None:
@@ -116,23 +137,71 @@ def check_layer_filter(layers: LayerFilter) -> None:
                         f"got {layers!r}")
 
 
+def _experts_modules(block: nn.Module) -> tuple[dict[str, tuple], dict[str, UnknownExpertsLayout]]:
+    """({rel: (experts module, layout)} of the fused experts modules with a known layout, {rel: error} of
+    those whose 3-D parameters fit none)."""
+    known, unknown = {}, {}
+    for rel, m in find_experts(block).items():
+        try:
+            known[rel] = (m, experts_layout(m, rel))
+        except UnknownExpertsLayout as e:
+            unknown[rel] = e
+    return known, unknown
+
+
+def plain_candidates(block: nn.Module) -> dict[str, nn.Parameter]:
+    """{name relative to the block: parameter} of the block's matrix parameters that are no linear's or
+    known experts module's weight and have no intended role (norm, router, SSM, conv, bias): the ones
+    admm_kernels.models.plain_params traces."""
+    experts, _ = _experts_modules(block)
+    covered = {id(p) for rel, (m, _) in experts.items() for p in m.parameters()}
+    covered |= {id(m.weight) for m in block.modules()
+                if (isinstance(m, nn.Linear) or _is_conv1d(m)) and isinstance(m.weight, torch.Tensor)}
+    out = {}
+    for mname, module in block.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            if p.dim() >= 2 and id(p) not in covered and matrix_role(mname, module, pname) == UNUSED_MATRIX:
+                out[f"{mname}.{pname}" if mname else pname] = p
+    return out
+
+
 def block_layers(block: nn.Module) -> tuple[dict[str, nn.Module], set[str]]:
     """({relative name: layer} of every prunable layer of a block, module order, expert projections at
-    their experts module's place; the names of its routers)."""
-    experts = {rel: (m, experts_layout(m, rel)) for rel, m in find_experts(block).items()}
-    n_experts = {lay.num_experts for _, lay in experts.values()}
+    their experts module's place, a plain parameter's linear maps at its module's place; the names of
+    its routers)."""
+    experts, unknown = _experts_modules(block)
+    plain = traced(block)
+    plain_layers = plain.layers if plain is not None else {}
+    for rel, error in unknown.items():  # usable only when tracing found every 3-D parameter's maps
+        module = block.get_submodule(rel)
+        names = [f"{rel}.{n}" for n, p in module.named_parameters(recurse=False) if p.dim() == 3]
+        if not all(any(k == n or k.startswith(n + ".") for k in plain_layers) for n in names):
+            raise error
+    by_owner: dict[int, dict[str, ParamLinear]] = {}
+    for name, m in plain_layers.items():
+        by_owner.setdefault(id(m.owner), {})[name] = m
+    # a router's outputs: one per expert, zero-computation experts included
+    n_experts = {n for _, lay in experts.values()
+                 for n in (lay.num_experts, lay.num_experts + lay.unused_slots)}
+    # one parameter holding several maps (per expert, per head): a MoE block when routed by a router
+    maps_per_param = Counter((id(m.owner), m.pname) for m in plain_layers.values())
+    split = any(c > 1 for c in maps_per_param.values())
     out: dict[str, nn.Module] = {}
     routers: set[str] = set()
     for rel, module in block.named_modules():
-        if not rel:
-            continue
         if rel in experts:
             out.update(expert_projections(module, rel, experts[rel][1]))
-        elif is_prunable(module):
+        elif rel and is_prunable(module):
             out[rel] = module
-            if experts and is_router(rel, module, n_experts):
+            if (experts or split) and (is_router(rel, module, n_experts) or _in_router(rel)):
                 routers.add(rel)
+        out.update(by_owner.get(id(module), {}))
     return out, routers
+
+
+def _in_router(rel: str) -> bool:
+    """A linear inside a module named like a router ("mlp.router.layer")."""
+    return any(part in ("router", "shared_expert_router") for part in rel.split(".")[:-1])
 
 
 def named_layers(model: nn.Module) -> dict[str, nn.Module]:

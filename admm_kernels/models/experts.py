@@ -9,7 +9,11 @@ not as ``nn.Linear``:
   interleaves gate and up columns (gate = even, up = odd) and has ``*_bias`` parameters;
 - without a gate, ``up_proj`` (E, I, H) and ``down_proj`` (E, H, I): Nemotron-H;
 - DBRX's flat layout: the experts module's ``mlp`` holds ``w1`` (gate), ``v1`` (up) and ``w2`` (down,
-  used as ``h @ w2``), each 2-D (E·I, H).
+  used as ``h @ w2``), each 2-D (E·I, H);
+- zero-computation experts (LongCat-Flash): a module declaring ``zero_expert_num`` = Z routes tokens to
+  Z identity experts after its E computing ones, and its ``gate_up_proj`` holds E + Z slots against
+  ``down_proj``'s E; the last Z slots are never read (``ExpertsLayout.unused_slots``), stay dense and are
+  reported as ``unused`` (admm_kernels.models.coverage).
 
 The layout is declared on the instance by transformers' ``use_experts_implementation`` decorator
 (``is_transposed``, ``is_concatenated``, ``has_gate``, ``has_bias``); where it is not (Llama-4), it
@@ -61,6 +65,7 @@ class ExpertsLayout:
     transposed: bool
     interleaved: bool
     has_bias: bool
+    unused_slots: int = 0  # gate_up slots after the E experts that no expert reads (zero-computation experts)
 
     @property
     def projections(self) -> tuple[str, ...]:
@@ -131,7 +136,9 @@ def experts_layout(module: nn.Module, name: str = "experts") -> ExpertsLayout:
     a_in, down = params[in_proj], params["down_proj"]
     e, a, b = a_in.shape
     e2, c, d = down.shape
-    if e != e2:
+    zero = getattr(module, "zero_expert_num", None)
+    unused = e - e2 if isinstance(zero, int) and zero > 0 and e - e2 == zero else 0
+    if e - unused != e2:
         raise fail("the two parameters hold different numbers of experts")
     factor = 2 if in_proj == "gate_up_proj" else 1
     rows = a == factor * d and b == c          # (E, k·I, H), (E, H, I)
@@ -151,8 +158,9 @@ def experts_layout(module: nn.Module, name: str = "experts") -> ExpertsLayout:
     has_bias = any(isinstance(getattr(module, f"{p}_bias", None), torch.Tensor)
                    for p in (in_proj, "down_proj"))
     interleaved = in_proj == "gate_up_proj" and getattr(module, "is_concatenated", True) is False
-    return ExpertsLayout(num_experts=e, hidden=hidden, intermediate=inter, in_proj=in_proj,
-                         transposed=transposed, interleaved=interleaved, has_bias=has_bias)
+    return ExpertsLayout(num_experts=e2, hidden=hidden, intermediate=inter, in_proj=in_proj,
+                         transposed=transposed, interleaved=interleaved, has_bias=has_bias,
+                         unused_slots=unused)
 
 
 def projection_view(fused: torch.Tensor, layout: ExpertsLayout, expert: int, projection: str) -> torch.Tensor:
@@ -190,9 +198,13 @@ class ExpertProjection(nn.Module):
         """The fused parameter this projection is a view of."""
         return self.experts.get_parameter(self.layout.param_name(self.projection))
 
+    def view_of(self, base: torch.Tensor) -> torch.Tensor:
+        """The same (out, in) view of `base`, a tensor shaped like the fused parameter."""
+        return projection_view(base, self.layout, self.expert, self.projection)
+
     def weight_view(self) -> torch.Tensor:
         """(out, in) view into the fused parameter: (I, H) for gate/up, (H, I) for down."""
-        return projection_view(self.parameter().data, self.layout, self.expert, self.projection)
+        return self.view_of(self.parameter().data)
 
     def extra_repr(self) -> str:
         return f"expert={self.expert}, projection={self.projection}"
@@ -326,12 +338,15 @@ def layer_input_hooks(layers: dict[str, nn.Module], on_input: Callable[[str, tor
                       moe_calibration: str = "routed") -> _Handles:
     """on_input(name, x) with the input of every layer in `layers` on each forward: a forward pre-hook
     for a linear (admm_kernels.models.capture.input_hooks), one ExpertInputs per experts module for
-    expert projections. Returns an object whose remove() takes every hook off."""
+    expert projections, one PlainInputs per block for linear maps held in plain parameters
+    (admm_kernels.models.plain_params). Returns an object whose remove() takes every hook off."""
     from .capture import input_hooks
+    from .plain_params import ParamLinear, plain_input_hooks
 
-    plain = {n: m for n, m in layers.items() if not isinstance(m, ExpertProjection)}
-    handles: list = input_hooks(plain, on_input)
+    modules = {n: m for n, m in layers.items() if not isinstance(m, (ExpertProjection, ParamLinear))}
+    handles: list = input_hooks(modules, on_input)
     try:
+        handles.extend(plain_input_hooks(layers, on_input))
         seen: set[int] = set()
         for name, m in layers.items():
             if isinstance(m, ExpertProjection) and id(m.experts) not in seen:
