@@ -167,7 +167,7 @@ class FusedExpertsGrams:
 
     @property
     def hook(self) -> Callable:
-        return self._inputs._hook
+        return self._inputs.pre_hook
 
     def _add(self, name: str, x: torch.Tensor) -> None:
         head, _, proj = name.rpartition(".")

@@ -267,7 +267,7 @@ class ExpertInputs:
         self.wanted = wanted or (lambda name: True)
         self.gate = _gate_function(experts, layout)
         self.tokens = [0] * layout.num_experts
-        self.handle = experts.register_forward_pre_hook(self._hook, with_kwargs=True)
+        self.handle = experts.register_forward_pre_hook(self.pre_hook, with_kwargs=True)
 
     def _routed_rows(self, inputs: list, hidden: torch.Tensor) -> list[torch.Tensor]:
         """Per expert, the hidden-state rows it receives."""
@@ -291,7 +291,9 @@ class ExpertInputs:
         index = index.reshape(hidden.shape[0], -1)
         return [hidden[(index == e).any(dim=-1)] for e in range(e_count)]
 
-    def _hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """The forward pre-hook (registered at construction; public so that a host with its own hook
+        registry, llm-compressor's HooksMixin, can register it instead): report each expert's rows."""
         inputs = _bound_inputs(module, args, kwargs)
         hidden = inputs[0]
         hidden = hidden.reshape(-1, hidden.shape[-1])
