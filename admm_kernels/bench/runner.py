@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .._digest import tokens_digest
 from . import grams as grams_mod
 from . import layers as layers_mod
 from . import machine, report
@@ -155,7 +156,7 @@ def perplexity_rows(model: nn.Module, calib_ids: torch.Tensor, eval_ids: torch.T
     rows, computed = [], 0
     for label, spec, pattern, s in plan:
         key = _key("ppl", label, spec.options if spec else None, pattern, round(s, 6), seqlen,
-                   settings.eval_windows, grams_mod.tokens_digest(eval_ids))
+                   settings.eval_windows, tokens_digest(eval_ids))
         row = journal.get(key)
         if row is None:
             torch.manual_seed(settings.seed)
@@ -281,13 +282,13 @@ def run_bench(model: nn.Module, calib_ids: torch.Tensor, out: str | os.PathLike,
                          "perplexity": settings.perplexity, "eval_windows": settings.eval_windows,
                          "eval_seqlen": seqlen if settings.perplexity else None},
             "calibration": {"nsamples": int(ids.shape[0]), "seqlen": int(ids.shape[1]),
-                            "tokens_sha256": grams_mod.tokens_digest(ids)},
+                            "tokens_sha256": tokens_digest(ids)},
             **(meta or {}),
         },
         "machine": peaks,
         "grams": gram_info,
         "heldout": ({"windows": int(held_ids.shape[0]), "key": held_store.key,
-                     "tokens_sha256": grams_mod.tokens_digest(held_ids)} if held_store is not None else None),
+                     "tokens_sha256": tokens_digest(held_ids)} if held_store is not None else None),
         "run": {"rows": len(rows), "computed": computed, "reused": len(rows) - computed,
                 "perplexity_computed": ppl_computed, "seconds": time.perf_counter() - t0},
         "rows": rows,
