@@ -103,20 +103,30 @@ RhoSchedule = Callable[[int, AdmmState], "float | None"]
 StopRule = Callable[[int, AdmmState], bool]
 
 
-def gradual_mask(problem: ScaledProblem, pattern: Pattern, sparsity: float, steps: int, schedule: str,
-                 timer: Timer, reference: bool = False, used: dict | None = None,
-                 updates: int | None = None) -> MaskSchedule:
-    """The seed's mask schedule: while t < steps, M from |W + U| at s_t (masks.sparsity_at), selected by
-    ScaledProblem.select_mask (in the solve layout for unstructured masks without dead inputs).
-    updates > steps keeps re-selecting the mask (at the target sparsity) until iteration `updates`."""
+@dataclass(frozen=True)
+class MaskSteps:
+    """When gradual_mask re-selects the mask: at iterations t < steps with the sparsity of `schedule`
+    ("constant" | "cubic", masks.sparsity_at) rising to the target at t = steps, and, when updates >
+    steps, on until iteration `updates` at the target sparsity (None: stop at steps)."""
+
+    steps: int
+    schedule: str
+    updates: int | None = None
+
+
+def gradual_mask(problem: ScaledProblem, pattern: Pattern, sparsity: float, when: MaskSteps, timer: Timer,
+                 reference: bool = False, used: dict | None = None) -> MaskSchedule:
+    """The seed's mask schedule: while t < when.steps, M from |W + U| at s_t (masks.sparsity_at), selected
+    by ScaledProblem.select_mask (in the solve layout for unstructured masks without dead inputs); then
+    at the target sparsity until when.updates."""
     buf: list[torch.Tensor | None] = [None]
-    last = steps if updates is None else max(steps, updates)
+    last = when.steps if when.updates is None else max(when.steps, when.updates)
 
     def update(t: int, state: AdmmState) -> bool:
         if t >= last:
             return False
         timer.lap("iterations")
-        s_t = masks.sparsity_at(t, steps, sparsity, schedule)
+        s_t = masks.sparsity_at(t, when.steps, sparsity, when.schedule)
         state.M, state.Mfull, buf[0] = problem.select_mask(state.W, state.U, pattern, s_t,
                                                            reference=reference, used=used, buf=buf[0])
         state.mask_updates += 1
@@ -260,8 +270,8 @@ def _admm_loop(problem: ScaledProblem, job: _Job, Mfull: torch.Tensor | None, up
     # the target sparsity (the released code would stop short of it).
     T_eff = min(o["T"], iters)
     mask_iters = T_eff if o["mask_iters"] is None else min(o["mask_iters"], iters)
-    schedule_fn = gradual_mask(problem, job.pattern, job.s, T_eff, job.schedule, timer, ref, job.used,
-                               updates=mask_iters) if update_mask else None
+    schedule_fn = gradual_mask(problem, job.pattern, job.s, MaskSteps(T_eff, job.schedule, mask_iters), timer,
+                               ref, job.used) if update_mask else None
     watch = SupportWatch(o["rho_every"])
     rho_fn = support_rho(watch, o["rho_growth"]) if support else None
     stop_fn = settled(watch, o["stop_change"], o["min_iters"]) if o["stop_change"] > 0 else None
