@@ -9,7 +9,9 @@ exp(sum of window mean losses * seqlen / (windows * seqlen)).
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
+from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
@@ -100,11 +102,31 @@ def evaluation_windows(model: nn.Module, tokens_or_text, seqlen: int | None, tok
     return ids[:n_windows * seqlen].view(n_windows, seqlen)
 
 
+@dataclass(frozen=True)
+class EvalPlacement:
+    """Where evaluate_perplexity runs besides its device: distributed (None: split the windows over the
+    ranks of an initialised torch.distributed process group, False: this process alone; see
+    admm_kernels.models.distributed.resolve_comm), and for a StreamedModel where the windows' hidden
+    states live: offload False = on the device, True / "cpu" = host memory, "disk" = a file in
+    offload_dir (as prune_model's)."""
+
+    distributed: object = None
+    offload: bool | str = False
+    offload_dir: str | os.PathLike | None = None
+
+    @classmethod
+    def of(cls, given: dict) -> EvalPlacement:
+        """From evaluate_perplexity's extra keywords; TypeError naming an unknown one."""
+        unknown = sorted(set(given) - {f.name for f in fields(cls)})
+        if unknown:
+            raise TypeError(f"evaluate_perplexity() got an unexpected keyword argument {unknown[0]!r}")
+        return cls(**given)
+
+
 @torch.no_grad()
 def evaluate_perplexity(model, tokens_or_text, seqlen: int | None = None, tokenizer=None,
                         max_windows: int | None = None, device: torch.device | str | None = None,
-                        progress: bool = False, distributed=None, offload=False,
-                        offload_dir=None) -> float:
+                        progress: bool = False, **placement) -> float:
     """exp(mean next-token NLL) of `model` over non-overlapping windows of `seqlen` tokens.
 
     model: an nn.Module causal LM, or an admm_kernels.models.StreamedModel (then evaluated block by
@@ -114,23 +136,34 @@ def evaluate_perplexity(model, tokens_or_text, seqlen: int | None = None, tokeni
     tokens_or_text: int token ids (n,) / (1, n), or a str (then `tokenizer` is needed). seqlen: window
     length (default: min(2048, the model's maximum)). max_windows: evaluate only the first windows.
     device: where to run (the model is moved there and back, also on errors; default: where it is;
-    the meta device is refused). progress: a tqdm bar over the windows (on stderr). distributed: None =
+    the meta device is refused). progress: a tqdm bar over the windows (on stderr).
+    placement: distributed=, offload=, offload_dir= (EvalPlacement). distributed: None =
     split the windows over the ranks of an initialised torch.distributed process group (every rank must
     call this), False = this process alone (see admm_kernels.models.distributed.resolve_comm); the
     per-window losses are summed in window order, so the result is the same float as one process's.
     ValueError for token ids outside [0, vocabulary size).
     """
-    from .models.distributed import resolve_comm, shard
+    from .models.distributed import resolve_comm
     from .models.streaming import StreamedModel
 
-    comm = resolve_comm(distributed)
+    where = EvalPlacement.of(placement)
+    comm = resolve_comm(where.distributed)
     if isinstance(model, StreamedModel):
         from .models.layerwise_eval import streamed_perplexity
 
         windows = evaluation_windows(model.model, tokens_or_text, seqlen, tokenizer, max_windows)
         run_on = check_compute_device(device, "device") if device is not None else torch.device("cpu")
-        return streamed_perplexity(model, windows, run_on, comm, offload, offload_dir, progress)
+        return streamed_perplexity(model, windows, run_on, comm, where.offload, where.offload_dir, progress)
     windows = evaluation_windows(model, tokens_or_text, seqlen, tokenizer, max_windows)
+    return _in_memory_perplexity(model, windows, device, comm, progress)
+
+
+def _in_memory_perplexity(model: nn.Module, windows: torch.Tensor, device: torch.device | str | None, comm,
+                          progress: bool) -> float:
+    """evaluate_perplexity of an in-memory model on windows (n, seqlen) int64: this rank's share of the
+    windows (comm: a models.distributed.Comm), the losses summed over the ranks in window order."""
+    from .models.distributed import shard
+
     n_windows, seqlen = windows.shape
     nll = torch.zeros(n_windows, dtype=torch.float64)
     it = shard(n_windows, comm.size, comm.rank)

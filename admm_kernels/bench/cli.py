@@ -13,7 +13,15 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..cli_common import CALIB_TEXT_DEFAULT, EVAL_TEXT_DEFAULT
+from ..protocols import CORPORA, PROTOCOLS
+
+if TYPE_CHECKING:
+    import torch
 
 PROG = "admm-prune bench"
 HELP = "compare pruning methods on a model's real layers"
@@ -59,6 +67,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-layers", type=cli_common.positive("--max-layers"), default=None, metavar="N",
                    help="only the first N selected layers, in model order")
     cli_common.add_calibration_arguments(p)
+    _add_protocol_arguments(p)
     p.add_argument("--perplexity", action="store_true",
                    help="also prune the selected layers end to end with each method (prune_model) and "
                         "evaluate perplexity")
@@ -86,6 +95,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", metavar="DIR", default=None,
                    help="Gram cache folder (default $ADMM_KERNELS_CACHE/bench, else "
                         "~/.cache/admm_kernels/bench)")
+
+
+def _add_protocol_arguments(p: argparse.ArgumentParser) -> None:
+    """--protocol, --corpus and --text-field, as `admm-prune prune` has them (admm_kernels.protocols):
+    the same flags, read by the same protocols functions, so bench's windows are prune's."""
+    p.add_argument("--protocol", choices=PROTOCOLS, default=None,
+                   help="how text becomes calibration, held-out and perplexity windows, as in prune. "
+                        "default: text joined by blank lines, no special tokens; sparsegpt: the "
+                        "SparseGPT/Wanda/ADMM papers' convention (special tokens, C4-style random "
+                        "calibration windows from random documents) (default: default)")
+    p.add_argument("--corpus", choices=CORPORA, default=None,
+                   help="with --protocol sparsegpt: the evaluation convention of this corpus for "
+                        "--perplexity and the held-out text (default wikitext2)")
+    p.add_argument("--text-field", default=None, metavar="FIELD",
+                   help="field / column holding the text in JSON-lines, JSON and datasets sources "
+                        "(default 'text')")
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -195,12 +220,103 @@ def run(args: argparse.Namespace) -> int:
         return stopped(PROG, exc, "rerun with --resume to keep the finished rows")
 
 
-def _run(args: argparse.Namespace) -> int:
+@dataclass(frozen=True)
+class _Texts:
+    """What bench reads, resolved from the arguments: the paths (None: the default Shakespeare plays of
+    that role) and how they become tokens (admm_kernels.protocols)."""
+
+    calib: str | None
+    eval_path: str | None
+    heldout: str | None
+    protocol: str
+    corpus: str
+    field: str
+
+    def meta(self, perplexity: bool, heldout: bool) -> dict:
+        """The results' record of the texts (meta), as prune's report names them."""
+        return {"calibration_source": self.calib or CALIB_TEXT_DEFAULT,
+                "heldout_source": (self.heldout or EVAL_TEXT_DEFAULT) if heldout else None,
+                "eval_source": (self.eval_path or EVAL_TEXT_DEFAULT) if perplexity else None,
+                "protocol": self.protocol, "corpus": self.corpus if self.protocol == "sparsegpt" else None,
+                "text_field": self.field}
+
+
+def _check_texts(args: argparse.Namespace) -> _Texts:
+    """The text arguments checked (paths exist and read as text, the held-out text is not the
+    calibration text, --corpus only with --protocol sparsegpt), before the model is loaded."""
+    from ..data import check_text_source
+
+    if args.corpus is not None and args.protocol != "sparsegpt":
+        raise BenchError(f"--corpus {args.corpus} applies to --protocol sparsegpt only")
+    # the names reports give the default texts choose them, as in prune and eval
+    calib = None if args.calib == CALIB_TEXT_DEFAULT else args.calib
+    eval_path = None if args.eval_path == EVAL_TEXT_DEFAULT else args.eval_path
+    if args.heldout_windows is not None and args.heldout_windows < 0:
+        raise BenchError(f"--heldout-windows must be >= 0, got {args.heldout_windows}")
+    heldout = args.heldout_text if args.heldout_text is not None else eval_path
+    if _same_text(heldout, calib):
+        raise BenchError("the held-out text is the calibration text: an out-of-sample error needs text "
+                         "the calibration never saw (give another --heldout-text, or --heldout-windows 0)")
+    for path, flag in ((calib, "--calib"), (eval_path, "--eval-text"), (args.heldout_text, "--heldout-text")):
+        if path is not None and not Path(path).expanduser().exists():
+            raise BenchError(f"{flag} path {path!r} does not exist")
+        try:  # before the model is loaded
+            if path is not None:
+                check_text_source(path)
+        except ValueError as exc:
+            raise BenchError(f"{flag}: {exc}") from None
+    return _Texts(calib, eval_path, heldout, args.protocol or "default", args.corpus or "wikitext2",
+                  args.text_field or "text")
+
+
+@dataclass(frozen=True)
+class _Tokens:
+    """The token ids of a run: calibration windows (N, L), evaluation stream (n,) or None, held-out
+    windows (M, L) or None."""
+
+    calib: torch.Tensor
+    eval_ids: torch.Tensor | None
+    heldout: torch.Tensor | None
+
+
+def _tokenise(tok, texts: _Texts, windows: tuple[int, int, int], seqlen: int, perplexity: bool) -> _Tokens:
+    """Every text through the protocols functions prune uses. windows: (calibration windows, held-out
+    windows (0: none), seed)."""
     from .. import data, protocols
+
+    nsamples, n_held, seed = windows
+    read = {"protocol": texts.protocol, "field": texts.field}
+    calib = protocols.calibration_windows(tok, texts.calib, nsamples=nsamples, seqlen=seqlen, seed=seed,
+                                          **read)
+
+    def evaluation(path):
+        return protocols.evaluation_tokens(tok, path, corpus=texts.corpus, seqlen=seqlen, **read)
+
+    eval_ids = evaluation(texts.eval_path) if perplexity else None
+    heldout = None
+    if n_held:
+        what = f"held-out text {texts.heldout!r}" if texts.heldout else "the held-out Shakespeare plays"
+        heldout = data.sample_windows(evaluation(texts.heldout), n_held, seqlen, seed, source=what)
+    if eval_ids is not None and eval_ids.numel() < seqlen:
+        raise BenchError(f"evaluation text is too short: found {eval_ids.numel()} tokens, need at least "
+                         f"--seqlen = {seqlen} tokens for one window")
+    return _Tokens(calib, eval_ids, heldout)
+
+
+def _output_folder(args: argparse.Namespace, name: str) -> Path:
+    """--out (default out/bench-<model>), checked; emptied first with --overwrite (without --resume)."""
+    out = Path(args.out) if args.out else Path("out") / f"bench-{name}"
+    _check_out(out, args.resume, args.overwrite)
+    if args.overwrite and not args.resume and out.is_dir():
+        shutil.rmtree(out)
+    return out
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .. import data
     from ..cli_common import EMBEDDED_EVAL_WINDOWS, EMBEDDED_NSAMPLES, EMBEDDED_SEQLEN
     from ..models import max_positions
     from ..models.loading import check_model_path, load_model, parse_dtype
-    from . import report
     from .runner import run_bench
 
     _check_swallowed_model(args)
@@ -211,35 +327,14 @@ def _run(args: argparse.Namespace) -> int:
             check_model_path(args.model, name="MODEL")
         except (FileNotFoundError, ValueError) as exc:
             raise BenchError(str(exc)) from None
-    from ..cli_common import CALIB_TEXT_DEFAULT, EVAL_TEXT_DEFAULT
-    from ..data import check_text_source
-
-    # the names reports give the default texts choose them, as in prune and eval
-    args.calib = None if args.calib == CALIB_TEXT_DEFAULT else args.calib
-    args.eval_path = None if args.eval_path == EVAL_TEXT_DEFAULT else args.eval_path
-    if args.heldout_windows is not None and args.heldout_windows < 0:
-        raise BenchError(f"--heldout-windows must be >= 0, got {args.heldout_windows}")
-    heldout_path = args.heldout_text if args.heldout_text is not None else args.eval_path
-    if _same_text(heldout_path, args.calib):
-        raise BenchError("the held-out text is the calibration text: an out-of-sample error needs text "
-                         "the calibration never saw (give another --heldout-text, or --heldout-windows 0)")
-    for path, flag in ((args.calib, "--calib"), (args.eval_path, "--eval-text"),
-                       (args.heldout_text, "--heldout-text")):
-        if path is not None and not Path(path).expanduser().exists():
-            raise BenchError(f"{flag} path {path!r} does not exist")
-        try:  # before the model is loaded
-            if path is not None:
-                check_text_source(path)
-        except ValueError as exc:
-            raise BenchError(f"{flag}: {exc}") from None
+    texts = _check_texts(args)
     name = Path(args.model).name if args.model else "SmolLM2-135M-Instruct"
-    out = Path(args.out) if args.out else Path("out") / f"bench-{name}"
-    _check_out(out, args.resume, args.overwrite)
-    if args.overwrite and not args.resume and out.is_dir():
-        shutil.rmtree(out)
-    if embedded and settings.eval_windows is None:
+    out = _output_folder(args, name)
+    # the sparsegpt protocol evaluates every window, as the papers do (and as prune does)
+    if embedded and settings.eval_windows is None and texts.protocol == "default":
         settings.eval_windows = EMBEDDED_EVAL_WINDOWS
     nsamples = args.nsamples or (EMBEDDED_NSAMPLES if embedded else data.DEFAULT_NSAMPLES)
+    n_held = nsamples if args.heldout_windows is None else args.heldout_windows
     dtype = args.dtype or ("float32" if settings.device == "cpu" else "auto")
     try:
         model, tok, path = load_model(args.model, dtype=dtype if dtype == "auto" else parse_dtype(dtype))
@@ -247,26 +342,21 @@ def _run(args: argparse.Namespace) -> int:
                                      max_positions(model), name="--seqlen")
         if tok is None:
             raise BenchError(f"model folder {str(path)!r} has no tokenizer, needed to tokenize text")
-        calib = protocols.calibration_windows(tok, args.calib, nsamples=nsamples, seqlen=seqlen,
-                                              seed=args.seed)
-        eval_ids = protocols.evaluation_tokens(tok, args.eval_path) if settings.perplexity else None
-        n_held = nsamples if args.heldout_windows is None else args.heldout_windows
-        heldout_ids = None
-        if n_held:
-            what = f"held-out text {heldout_path!r}" if heldout_path else "the held-out Shakespeare plays"
-            heldout_ids = data.sample_windows(protocols.evaluation_tokens(tok, heldout_path), n_held, seqlen,
-                                              args.seed, source=what)
-        if eval_ids is not None and eval_ids.numel() < seqlen:
-            raise BenchError(f"evaluation text is too short: found {eval_ids.numel()} tokens, need at least "
-                             f"--seqlen = {seqlen} tokens for one window")
+        tokens = _tokenise(tok, texts, (nsamples, n_held, args.seed), seqlen, settings.perplexity)
         meta = {"command": "admm-prune bench " + " ".join(getattr(args, "argv", []) or sys.argv[2:]),
-                "model_path": str(path), "calibration_source": args.calib or "shakespeare:calibration",
-                "heldout_source": (heldout_path or "shakespeare:evaluation") if n_held else None,
-                "eval_source": (args.eval_path or "shakespeare:evaluation") if settings.perplexity else None}
-        result = run_bench(model, calib, out, settings, eval_ids=eval_ids, seqlen=seqlen, model_name=name,
-                           meta=meta, heldout_ids=heldout_ids)
+                "model_path": str(path), **texts.meta(settings.perplexity, bool(n_held))}
+        result = run_bench(model, tokens.calib, out, settings, eval_ids=tokens.eval_ids, seqlen=seqlen,
+                           model_name=name, meta=meta, heldout_ids=tokens.heldout)
     except (ValueError, TypeError, OSError) as exc:  # OSError: unwritable --out or cache folder
         raise BenchError(str(exc)) from None
+    _print_result(result, out)
+    return 0
+
+
+def _print_result(result: dict, out: Path) -> None:
+    """The summary tables and the closing lines on stdout."""
+    from . import report
+
     print(report.text_table(result["summary"], report.SUMMARY_COLUMNS))
     if any(".experts." in r["projection"] for r in result["by_projection"]):  # MoE: experts per projection
         print()
@@ -282,7 +372,6 @@ def _run(args: argparse.Namespace) -> int:
     print(f"{r['rows']} rows ({r['computed']} computed, {r['reused']} reused) in {r['seconds']:.1f} s; "
           f"wrote {out}/results.json, layers.csv, summary.csv, projections.csv, errors.png, times.png, "
           "pareto.png")
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

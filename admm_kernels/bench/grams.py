@@ -1,16 +1,21 @@
 """Per-layer Grams G = Σ xᵀx (in, in) of a model's linears, from real calibration text, cached on disk.
 
-One dense pass, block by block, reusing the pruning pipeline's machinery (admm_kernels.models):
-`capture_inputs` catches block 0's inputs, and the pipeline's Gram hooks feed every selected linear's
-input into an accumulator, one per group of layers that receive the very same input tensor (q/k/v,
-gate/up): such a group's Gram is computed and stored once. Unlike `prune_model`, nothing is pruned, so
-each block's outputs from the same pass are the next block's inputs (one forward per block, not two).
+One dense pass, block by block, through the same library code as `prune_model`: `capture_inputs` catches
+block 0's inputs for every window (admm_kernels.models.capture), and `block_grams`
+(admm_kernels.models.layer_grams) runs each block over the windows with the pipeline's Gram hooks: one
+accumulator per group of layers that receive the very same input tensor (q/k/v, gate/up), filled in the
+pipeline's order, so a layer's Gram here is bit for bit the one prune_model solves with for the same
+windows (as long as no earlier block was pruned). Unlike `prune_model`, nothing is pruned, so each block's
+outputs from the same pass are the next block's inputs (one forward per block, not two).
 
-Cache: a folder ``<cache>/bench/grams-<key>`` where key is the SHA-256 of the model's weights and config,
-the calibration token ids, the selected layer names, the Gram dtype and the device type. Layout:
-``block_0003.safetensors`` (the block's group Grams, fp32/fp64 on the CPU) and ``index.json`` (layer ->
-group, shapes, token count, timings). The folder is built under a temporary name and renamed into place,
-so a crash never leaves a half-written cache that a later run would trust.
+Cache: a folder ``<cache>/bench/grams-<key>`` where key is the SHA-256 of the cache format, the model's
+content digest (admm_kernels._digest.model_digest, the one prune's --resume compares) and config, the
+calibration token ids, the selected layer names, the Gram dtype and the device type. Format 2 (this one)
+keys the model by model_digest; format 1 hashed the state dict itself, so its folders are never found
+again (same Grams, other key): delete them at leisure. Layout: ``block_0003.safetensors`` (the block's
+group Grams, fp32/fp64 on the CPU) and ``index.json`` (layer -> group, shapes, token count, timings). The
+folder is built under a temporary name and renamed into place, so a crash never leaves a half-written
+cache that a later run would trust.
 """
 
 from __future__ import annotations
@@ -24,16 +29,19 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .._digest import tokens_digest  # noqa: F401  (re-exported: bench.runner uses it)
-from .._digest import update_with_tensor as _update
+from .._digest import model_digest, tokens_digest
 from .._io import writing
 
-FORMAT = 1
+if TYPE_CHECKING:
+    from ..models.layer_grams import BlockGrams, GramSettings
+
+FORMAT = 2
 INDEX = "index.json"
 
 
@@ -49,18 +57,13 @@ class LayerRef:
 
 
 def model_fingerprint(model: nn.Module) -> str:
-    """SHA-256 of every parameter and buffer (name, dtype, shape, bytes) and the model's config.
-
-    Hashing reads every weight once: ~0.5 s for the 540 MB of SmolLM2-135M in fp32 on this CPU, small next
-    to the forward passes it guards."""
-    h = hashlib.sha256(type(model).__name__.encode())
+    """SHA-256 of the model's class, config and content digest (admm_kernels._digest.model_digest: every
+    parameter and buffer's name, dtype, shape and bytes; ~0.4 s for SmolLM2-135M's 540 MB in fp32 on
+    this CPU, small next to the forward passes it guards)."""
     cfg = getattr(model, "config", None)
-    if cfg is not None and hasattr(cfg, "to_json_string"):
-        h.update(cfg.to_json_string(use_diff=False).encode())
-    for name, t in sorted(model.state_dict(keep_vars=False).items()):
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-        _update(h, t)
-    return h.hexdigest()
+    config = cfg.to_json_string(use_diff=False) if hasattr(cfg, "to_json_string") else None
+    parts = {"class": type(model).__name__, "config": config, "digest": model_digest(model)}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
 def select_layers(model: nn.Module, layers: list[str] | None = None,
@@ -116,19 +119,60 @@ class GramStore:
         return self._tensors[row["group"]]
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+class _Bar:
+    """A tqdm bar over block x window steps (nothing when progress is off)."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=total, desc="grams", unit="window", file=sys.stderr, leave=False)
+
+    def step(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _store_block(result: BlockGrams, layers: dict[str, nn.Module], b: int, blocks_name: str,
+                 folder: Path) -> tuple[list[dict], float]:
+    """Write block b's group Grams to folder/block_000b.safetensors; return (index rows of its layers, the
+    Gram kernels' FLOPs). Layers the block's forward never called get no row (no data: not benchmarked)."""
+    from ..models.discovery import get_weight
+
+    file = f"block_{b:04d}.safetensors"
+    tensors: dict[str, torch.Tensor] = {}
+    rows: list[dict] = []
+    flops = 0.0
+    for rel, module in layers.items():
+        leader = result.plan.group_of.get(rel)
+        if leader is None:
+            continue
+        full_leader = f"{blocks_name}.{b}.{leader}"
+        if full_leader not in tensors:
+            acc = result.grams[leader]
+            tensors[full_leader] = acc.gram.to("cpu")
+            # The Gram kernels compute one triangle: in*(in+1)/2 multiply-adds per token.
+            flops += float(acc.count) * acc.in_features * (acc.in_features + 1)
+        shape = [int(v) for v in get_weight(module).shape]  # (out, in): Conv1D, experts too
+        rows.append({"name": f"{blocks_name}.{b}.{rel}", "block": b, "rel": rel, "shape": shape,
+                     "group": full_leader, "file": file})
+    if tensors:
+        save_file(tensors, folder / file)
+    return rows, flops
 
 
 @torch.no_grad()
-def _compute(model: nn.Module, ids: torch.Tensor, refs: list[LayerRef], device: torch.device,
-             gram_dtype: torch.dtype, folder: Path, progress: bool) -> dict:
-    """Run the dense blocks over the windows, write one safetensors file of group Grams per block into
-    `folder`; return the index (without the key)."""
+def _compute(model: nn.Module, ids: torch.Tensor, refs: list[LayerRef], settings: GramSettings,
+             folder: Path, progress: bool) -> dict:
+    """Run the dense blocks over the windows (block_grams, as prune_model's block loop), write one
+    safetensors file of group Grams per block into `folder`; return the index (without the key)."""
     from ..models.capture import capture_inputs
-    from ..models.discovery import find_blocks, get_weight
-    from ..models.pipeline import GramHooks  # one accumulator per group of layers sharing an input
+    from ..models.discovery import find_blocks
+    from ..models.layer_grams import block_grams
 
     blocks_name, blocks = find_blocks(model)
     by_block: dict[int, dict[str, nn.Module]] = {}
@@ -137,66 +181,32 @@ def _compute(model: nn.Module, ids: torch.Tensor, refs: list[LayerRef], device: 
     last = max(by_block)
     n = ids.shape[0]
     t0 = time.perf_counter()
-    acts, calls = capture_inputs(model, blocks, ids, device, device)
+    acts, calls = capture_inputs(model, blocks, ids, settings.device, settings.device)
     seconds = {"capture": time.perf_counter() - t0, "forward": 0.0, "gram": 0.0}
     flops = 0.0
     rows: list[dict] = []
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=(last + 1) * n, desc="grams", unit="window", file=sys.stderr, leave=False)
+    bar = _Bar((last + 1) * n, progress)
     try:
         for b in range(last + 1):
-            block = blocks[b]
-            home = next(block.parameters()).device
-            block.to(device)
             layers = by_block.get(b, {})
-            hooks = GramHooks(layers, device, gram_dtype) if layers else None
-            t = time.perf_counter()
+            home = next(blocks[b].parameters()).device
             try:
-                for j in range(n):
-                    out = calls[b](block, acts[j:j + 1].to(device))
-                    if hooks is not None and j == 0:
-                        hooks.finish_first_window()
-                    if b < last:
-                        acts[j] = out[0].to(acts.device)
-                    if bar is not None:
-                        bar.update(1)
-                _sync(device)
+                blocks[b].to(settings.device)
+                result = block_grams(blocks[b], calls[b], acts, layers, settings, next_inputs=b < last,
+                                     on_window=bar.step)
             finally:
-                if hooks is not None:
-                    hooks.remove()
-                block.to(home)
-            spent = time.perf_counter() - t
-            if hooks is None:
-                seconds["forward"] += spent
-                continue
-            seconds["forward"] += spent - hooks.seconds
-            seconds["gram"] += hooks.seconds
-            file = f"block_{b:04d}.safetensors"
-            tensors = {}
-            for rel, module in layers.items():
-                leader = hooks.group_of.get(rel)
-                if leader is None:  # the block's forward never called it: no data, not benchmarked
-                    continue
-                full_leader = f"{blocks_name}.{b}.{leader}"
-                if full_leader not in tensors:
-                    acc = hooks.acc[leader]
-                    tensors[full_leader] = acc.gram.to("cpu")
-                    # The Gram kernels compute one triangle: in*(in+1)/2 multiply-adds per token.
-                    flops += float(acc.count) * acc.in_features * (acc.in_features + 1)
-                shape = [int(v) for v in get_weight(module).shape]  # (out, in): Conv1D, experts too
-                rows.append({"name": f"{blocks_name}.{b}.{rel}", "block": b, "rel": rel, "shape": shape,
-                             "group": full_leader, "file": file})
-            if tensors:
-                save_file(tensors, folder / file)
-            del hooks
+                blocks[b].to(home)
+            seconds["forward"] += result.forward_seconds
+            seconds["gram"] += result.gram_seconds
+            block_rows, block_flops = _store_block(result, layers, b, blocks_name, folder)
+            rows += block_rows
+            flops += block_flops
+            del result
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     missing = sorted({r.name for r in refs} - {row["name"] for row in rows})
     return {"format": FORMAT, "blocks_name": blocks_name, "nsamples": int(n), "seqlen": int(ids.shape[1]),
-            "tokens": int(ids.numel()), "gram_dtype": str(gram_dtype), "device": str(device),
+            "tokens": int(ids.numel()), "gram_dtype": str(settings.dtype), "device": str(settings.device),
             "layers": rows, "not_called": missing, "seconds": seconds, "gram_flops": flops}
 
 
@@ -220,9 +230,11 @@ def load_or_compute(model: nn.Module, ids: torch.Tensor, refs: list[LayerRef], c
     with writing("the Gram cache", target):  # a full disk is one line naming the cache, not a traceback
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=root))
+    from ..models.layer_grams import GramSettings
+
     try:
         with writing("the Gram cache", target):
-            index = _compute(model, ids, refs, device, gram_dtype, tmp, progress)
+            index = _compute(model, ids, refs, GramSettings(device, gram_dtype), tmp, progress)
             index["key"] = key
             (tmp / INDEX).write_text(json.dumps(index, indent=1) + "\n")
         if (target / INDEX).is_file():  # another process finished the same Grams first: use theirs

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -120,18 +121,49 @@ def check_methods(specs: list[MethodSpec]) -> None:
             raise ValueError(f"--methods {spec.label!r}: {exc}") from None
 
 
+@dataclass(frozen=True)
+class RowExtras:
+    """What a row measures beyond error, time and sparsity. peaks: machine.measure()'s figures (the
+    roofline fractions); gap: the exact-optimum gap (fp64 row solves); heldout: the layer's Gram on
+    held-out text (in, in) on the compute device, for the out-of-sample "heldout_error"."""
+
+    peaks: dict | None = None
+    gap: bool = False
+    heldout: torch.Tensor | None = None
+
+
+def _admm_roofline(res, shape: tuple[int, int], peaks: dict | None) -> dict:
+    """An ADMM row's kernel figures: the iteration loop's GFLOP/s, the mask selection's GB/s, and their
+    fractions of the machine's peaks."""
+    out_f, in_f = shape
+    sec = res.stats.get("seconds", {})
+    fig = {}
+    live = in_f - int(res.stats.get("dead_inputs", 0))
+    it_s, n_it = sec.get("iterations", 0.0), int(res.stats.get("iterations") or 0)
+    if n_it and it_s > 0:
+        fig["gflops"] = 2.0 * live * live * out_f * n_it / it_s / 1e9
+    n_upd = int(res.stats.get("mask_updates") or 0) or 1  # mask-only / one-shot select once
+    if sec.get("mask", 0.0) > 0:
+        fig["mask_gbps"] = MASK_BYTES_PER_ELEMENT * out_f * in_f * n_upd / sec["mask"] / 1e9
+    if peaks:
+        if "gflops" in fig:
+            fig["frac_matmul"] = fig["gflops"] / peaks["matmul_gflops"]
+        if "mask_gbps" in fig:
+            fig["frac_copy"] = fig["mask_gbps"] / peaks["copy_gbps"]
+    return fig
+
+
 def run_row(weight: torch.Tensor, gram: torch.Tensor, spec: MethodSpec, pattern: str, sparsity: float,
-            peaks: dict | None = None, gap: bool = False, heldout: torch.Tensor | None = None) -> dict:
+            extras: RowExtras = RowExtras()) -> dict:
     """Prune one layer with one method; return the row's figures (no layer/model identification).
 
-    weight (out, in) and gram (in, in) on the compute device; peaks: machine.measure()'s figures;
-    heldout: the layer's Gram on held-out text (in, in), for the out-of-sample "heldout_error"."""
+    weight (out, in) and gram (in, in) on the compute device; extras: the roofline peaks, the gap to the
+    optimum and the held-out Gram, when wanted."""
     from ..prune import prune_layer
 
-    res = prune_layer(weight, gram, sparsity, pattern, method=spec.method, heldout_gram=heldout,
+    res = prune_layer(weight, gram, sparsity, pattern, method=spec.method, heldout_gram=extras.heldout,
                       **spec.options)
     sec = res.stats.get("seconds", {})
-    out_f, in_f = weight.shape
     row = {
         "error": float(res.error),
         "heldout_error": res.stats.get("heldout_error"),
@@ -146,18 +178,7 @@ def run_row(weight: torch.Tensor, gram: torch.Tensor, spec: MethodSpec, pattern:
         "backends": ";".join(f"{k}={v}" for k, v in sorted((res.stats.get("backends") or {}).items())),
     }
     if spec.is_admm:
-        live = in_f - int(res.stats.get("dead_inputs", 0))
-        it_s, n_it = sec.get("iterations", 0.0), int(res.stats.get("iterations") or 0)
-        if n_it and it_s > 0:
-            row["gflops"] = 2.0 * live * live * out_f * n_it / it_s / 1e9
-        n_upd = int(res.stats.get("mask_updates") or 0) or 1  # mask-only / one-shot select once
-        if sec.get("mask", 0.0) > 0:
-            row["mask_gbps"] = MASK_BYTES_PER_ELEMENT * out_f * in_f * n_upd / sec["mask"] / 1e9
-        if peaks:
-            if row["gflops"] is not None:
-                row["frac_matmul"] = row["gflops"] / peaks["matmul_gflops"]
-            if row["mask_gbps"] is not None:
-                row["frac_copy"] = row["mask_gbps"] / peaks["copy_gbps"]
-    if gap:
+        row.update(_admm_roofline(res, tuple(weight.shape), extras.peaks))
+    if extras.gap:
         row.update(gap_to_optimum(weight, res.weight, gram, res.mask))
     return row

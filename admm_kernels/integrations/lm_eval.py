@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -116,26 +117,40 @@ def _metrics(entry: dict) -> dict:
     return out
 
 
-@torch.no_grad()
-def evaluate_tasks(model: nn.Module, tokenizer, tasks: str | Sequence[str], *,
-                   tasks_path: str | os.PathLike | None = None, num_fewshot: int = 0,
-                   limit: int | float | None = None, batch_size: int = 1,
-                   device: torch.device | str | None = None, seed: int = 0,
-                   log_samples: bool = False) -> dict:
-    """Run lm-eval tasks on `model` (a transformers causal LM object, possibly with SparseLinear layers).
+@dataclass(frozen=True)
+class TaskOptions:
+    """How evaluate_tasks runs lm-eval. tasks_path: a folder of task YAMLs (lm-eval's include path);
+    num_fewshot: examples in each prompt (0 = zero-shot, as the pruning papers report); limit: only the
+    first `limit` documents of each task (a float in (0, 1): that fraction); batch_size: sequences per
+    forward pass; seed: lm-eval's python/numpy/torch/few-shot seeds; log_samples: keep lm-eval's
+    per-document records. Checked on construction (ValueError)."""
 
-    tasks: "piqa,arc_easy" or a list of names (lm-eval's, or tasks defined by YAML files under
-    tasks_path). num_fewshot: examples in each prompt (0 = zero-shot, as the pruning papers report).
-    limit: evaluate only the first `limit` documents of each task (a float in (0, 1): that fraction).
-    batch_size: sequences per forward pass. device: where to run (the model is moved there and back;
-    default where it is). seed: lm-eval's python/numpy/torch/few-shot seeds. log_samples: keep lm-eval's
-    per-document records under "samples" (each choice's log-likelihood in "resps").
+    tasks_path: str | os.PathLike | None = None
+    num_fewshot: int = 0
+    limit: int | float | None = None
+    batch_size: int = 1
+    seed: int = 0
+    log_samples: bool = False
 
-    Returns a JSON-able dict: results {task: {metric: value, ..., "samples": documents evaluated}},
-    tasks (the names asked for), num_fewshot, limit, batch_size, tasks_path, lm_eval (its version),
-    seconds; and samples (lm-eval's per-document records) if asked.
-    """
-    lm_eval, evaluator, HFLM, _ = _import_lm_eval()
+    def __post_init__(self) -> None:
+        for arg, value, lo in (("num_fewshot", self.num_fewshot, 0), ("batch_size", self.batch_size, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+                raise ValueError(f"{arg} must be an int >= {lo}, got {value!r}")
+        limit = self.limit
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float))
+                                  or limit <= 0):
+            raise ValueError(f"limit must be a positive number or None, got {limit!r}")
+
+    @classmethod
+    def of(cls, given: dict) -> TaskOptions:
+        """From evaluate_tasks' keywords; TypeError naming an unknown one."""
+        unknown = sorted(set(given) - {f.name for f in fields(cls)})
+        if unknown:
+            raise TypeError(f"evaluate_tasks() got an unexpected keyword argument {unknown[0]!r}")
+        return cls(**given)
+
+
+def _check_model(model, tokenizer) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError("model must be a torch.nn.Module (a transformers causal LM), "
                         f"got {type(model).__name__}")
@@ -144,35 +159,58 @@ def evaluate_tasks(model: nn.Module, tokenizer, tasks: str | Sequence[str], *,
     if getattr(tokenizer, "eos_token_id", None) is None and getattr(tokenizer, "bos_token_id", None) is None:
         raise ValueError("the tokenizer has neither an end-of-text (eos) nor a begin (bos) token; lm-eval "
                          "uses one as the prefix of empty contexts: set tokenizer.eos_token")
-    for arg, value, lo in (("num_fewshot", num_fewshot, 0), ("batch_size", batch_size, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-            raise ValueError(f"{arg} must be an int >= {lo}, got {value!r}")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit <= 0):
-        raise ValueError(f"limit must be a positive number or None, got {limit!r}")
-    names, manager = _resolve(tasks, tasks_path)
 
-    from ..eval import evaluation_mode
 
-    t0 = time.perf_counter()
-    with evaluation_mode(model, device):
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-        out = evaluator.simple_evaluate(
-            model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit, task_manager=manager,
-            log_samples=log_samples, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-            fewshot_random_seed=seed)
-    seconds = time.perf_counter() - t0
+def _report(out: dict, names: list[str], opts: TaskOptions, seconds: float, version: str) -> dict:
+    """evaluate_tasks' dict from lm-eval's simple_evaluate output `out`."""
     counts = out.get("n-samples", {})
     results = {}
     for task, entry in out["results"].items():
         results[task] = _metrics(entry)
         if task in counts:
             results[task]["samples"] = int(counts[task].get("effective", counts[task].get("original", 0)))
-    report = {"results": results, "tasks": names, "num_fewshot": num_fewshot, "limit": limit,
-              "batch_size": batch_size, "tasks_path": str(tasks_path) if tasks_path is not None else None,
-              "lm_eval": getattr(lm_eval, "__version__", "unknown"), "seconds": seconds}
-    if log_samples:
+    report = {"results": results, "tasks": names, "num_fewshot": opts.num_fewshot, "limit": opts.limit,
+              "batch_size": opts.batch_size,
+              "tasks_path": str(opts.tasks_path) if opts.tasks_path is not None else None,
+              "lm_eval": version, "seconds": seconds}
+    if opts.log_samples:
         report["samples"] = out.get("samples", {})
     return report
+
+
+@torch.no_grad()
+def evaluate_tasks(model: nn.Module, tokenizer, tasks: str | Sequence[str], *,
+                   device: torch.device | str | None = None, **options) -> dict:
+    """Run lm-eval tasks on `model` (a transformers causal LM object, possibly with SparseLinear layers).
+
+    tasks: "piqa,arc_easy" or a list of names (lm-eval's, or tasks defined by YAML files under
+    tasks_path). device: where to run (the model is moved there and back; default where it is).
+    options (TaskOptions): tasks_path=, num_fewshot= (examples in each prompt: 0 = zero-shot, as the
+    pruning papers report), limit= (only the first `limit` documents of each task; a float in (0, 1):
+    that fraction), batch_size= (sequences per forward pass), seed= (lm-eval's python/numpy/torch/few-shot
+    seeds), log_samples= (keep lm-eval's per-document records under "samples", each choice's
+    log-likelihood in "resps").
+
+    Returns a JSON-able dict: results {task: {metric: value, ..., "samples": documents evaluated}},
+    tasks (the names asked for), num_fewshot, limit, batch_size, tasks_path, lm_eval (its version),
+    seconds; and samples (lm-eval's per-document records) if asked.
+    """
+    lm_eval, evaluator, HFLM, _ = _import_lm_eval()
+    _check_model(model, tokenizer)
+    opts = TaskOptions.of(options)
+    names, manager = _resolve(tasks, opts.tasks_path)
+
+    from ..eval import evaluation_mode
+
+    t0 = time.perf_counter()
+    with evaluation_mode(model, device):
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=opts.batch_size)
+        seed = opts.seed
+        out = evaluator.simple_evaluate(
+            model=lm, tasks=names, num_fewshot=opts.num_fewshot, limit=opts.limit, task_manager=manager,
+            log_samples=opts.log_samples, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+            fewshot_random_seed=seed)
+    return _report(out, names, opts, time.perf_counter() - t0, getattr(lm_eval, "__version__", "unknown"))
 
 
 def format_table(results: dict | list[tuple[str, dict]]) -> str:

@@ -18,7 +18,7 @@ compute_dtype=torch.float64, which runs every op through the pure-torch referenc
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -103,20 +103,30 @@ RhoSchedule = Callable[[int, AdmmState], "float | None"]
 StopRule = Callable[[int, AdmmState], bool]
 
 
-def gradual_mask(problem: ScaledProblem, pattern: Pattern, sparsity: float, steps: int, schedule: str,
-                 timer: Timer, reference: bool = False, used: dict | None = None,
-                 updates: int | None = None) -> MaskSchedule:
-    """The seed's mask schedule: while t < steps, M from |W + U| at s_t (masks.sparsity_at), selected by
-    ScaledProblem.select_mask (in the solve layout for unstructured masks without dead inputs).
-    updates > steps keeps re-selecting the mask (at the target sparsity) until iteration `updates`."""
+@dataclass(frozen=True)
+class MaskSteps:
+    """When gradual_mask re-selects the mask: at iterations t < steps with the sparsity of `schedule`
+    ("constant" | "cubic", masks.sparsity_at) rising to the target at t = steps, and, when updates >
+    steps, on until iteration `updates` at the target sparsity (None: stop at steps)."""
+
+    steps: int
+    schedule: str
+    updates: int | None = None
+
+
+def gradual_mask(problem: ScaledProblem, pattern: Pattern, sparsity: float, when: MaskSteps, timer: Timer,
+                 reference: bool = False, used: dict | None = None) -> MaskSchedule:
+    """The seed's mask schedule: while t < when.steps, M from |W + U| at s_t (masks.sparsity_at), selected
+    by ScaledProblem.select_mask (in the solve layout for unstructured masks without dead inputs); then
+    at the target sparsity until when.updates."""
     buf: list[torch.Tensor | None] = [None]
-    last = steps if updates is None else max(steps, updates)
+    last = when.steps if when.updates is None else max(when.steps, when.updates)
 
     def update(t: int, state: AdmmState) -> bool:
         if t >= last:
             return False
         timer.lap("iterations")
-        s_t = masks.sparsity_at(t, steps, sparsity, schedule)
+        s_t = masks.sparsity_at(t, when.steps, sparsity, when.schedule)
         state.M, state.Mfull, buf[0] = problem.select_mask(state.W, state.U, pattern, s_t,
                                                            reference=reference, used=used, buf=buf[0])
         state.mask_updates += 1
@@ -214,95 +224,140 @@ def refit(G_hat: torch.Tensor, B: torch.Tensor, M: torch.Tensor, Z: torch.Tensor
 # --- the seed's recipe ------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _Job:
+    """What one run keeps at hand: the pattern, its effective sparsity s, the options `o`, the compute
+    dtype (ref: fp64 runs through the reference ops: the kernels are fp32), the sparsity schedule, the
+    timer and the backends used."""
+
+    pattern: Pattern
+    s: float
+    o: dict
+    ref: bool
+    schedule: str
+    timer: Timer
+    used: dict
+
+    @property
+    def exact(self) -> bool:
+        return self.o["solve"] == "exact"
+
+
+@dataclass
+class _Outcome:
+    """What the solve reports beyond the pruned weight (stats of `run`)."""
+
+    rho_final: float
+    iterations: int = 0
+    mask_updates: int = 0
+    factorizations: int = 0
+    cg_iterations: int = 0
+    cg_residual: float | None = None
+    clamp: dict = field(default_factory=dict)
+
+
+def _admm_loop(problem: ScaledProblem, job: _Job, Mfull: torch.Tensor | None, update_mask: bool,
+               outcome: _Outcome) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Steps 3-5 up to the exactly sparse Z: (Z (in_live, out), M (in_live, out), Mfull (out, in), Ĝ for
+    the exact refit or None)."""
+    o, timer, ref, iters = job.o, job.timer, job.ref, job.o["iters"]
+    support = o["rho_schedule"] == "support"
+    solver = WUpdate(problem.take_gram(), o["rho"], keep_gram=job.exact or support,  # 3.
+                     refactor_ratio=o["rho_refactor"])
+    timer.lap("factor")
+    state = AdmmState.start(problem, o["rho"], Mfull)
+    # With iters < T the schedule is compressed into the iterations that exist, so the final mask still has
+    # the target sparsity (the released code would stop short of it).
+    T_eff = min(o["T"], iters)
+    mask_iters = T_eff if o["mask_iters"] is None else min(o["mask_iters"], iters)
+    schedule_fn = gradual_mask(problem, job.pattern, job.s, MaskSteps(T_eff, job.schedule, mask_iters), timer,
+                               ref, job.used) if update_mask else None
+    watch = SupportWatch(o["rho_every"])
+    rho_fn = support_rho(watch, o["rho_growth"]) if support else None
+    stop_fn = settled(watch, o["stop_change"], o["min_iters"]) if o["stop_change"] > 0 else None
+    step = backends.implementation("admm_dual_step", problem.V.device, reference=ref, used=job.used)
+    iterate(problem, solver, state, iters, step, schedule_fn, rho_fn, stop_fn)  # 4.
+    if schedule_fn is not None:
+        if mask_iters > T_eff and state.mask_updates == state.iterations:
+            # Still re-selecting when the loop ended: the mask of the last iterate (as ALPS ends).
+            state.M, state.Mfull, _ = problem.select_mask(state.W, state.U, job.pattern, job.s, reference=ref,
+                                                          used=job.used)
+            timer.lap("mask")
+        schedule_fn.release()
+    outcome.rho_final, outcome.factorizations = state.rho, solver.factorizations
+    solver.inverse = None
+    outcome.iterations, outcome.mask_updates = state.iterations, state.mask_updates
+    Z = finish(state)  # 5.
+    timer.lap("iterations")
+    return Z, state.M, state.Mfull, solver.gram() if job.exact else None
+
+
+def _solve(weight: torch.Tensor, problem: ScaledProblem, job: _Job, Mfull: torch.Tensor | None,
+           flags: tuple[bool, bool], outcome: _Outcome) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Steps 2-5 on a problem with live inputs: (pruned weight (out, in), Mfull (out, in), the error's
+    denominator). flags: (run the ADMM loop, re-select the mask in it)."""
+    run_admm, update_mask = flags
+    o, timer = job.o, job.timer
+    problem.form_scaled_gram()  # 2.
+    if o["scaling"] == "obs":
+        problem.rescale_obs(OBS_DAMP)
+    problem.damp(o["percdamp"] * float(problem.G_hat.diagonal().mean()))
+    denominator = problem.denominator()
+    timer.lap("factor")
+    if run_admm:
+        Z, M, Mfull, G_hat = _admm_loop(problem, job, Mfull, update_mask, outcome)
+    else:
+        M = problem.live_part(Mfull)
+        Z = problem.V.masked_fill(~M, 0)
+        G_hat = problem.G_hat
+    if job.exact:
+        Z, outcome.cg_iterations, outcome.cg_residual = refit(G_hat, problem.B, M, Z, o["cg_iters"],
+                                                               o["cg_tol"])
+        timer.lap("exact")
+    pruned = finite_cast(problem.to_output(Z, Mfull), weight.dtype, stats=outcome.clamp)  # (out, in)
+    return pruned, Mfull, denominator
+
+
+def _stats(job: _Job, problem: ScaledProblem, outcome: _Outcome) -> dict:
+    o = job.o
+    stats = {
+        "iterations": outcome.iterations, "mask_updates": outcome.mask_updates,
+        "rho": o["rho"], "percdamp": o["percdamp"], "schedule": job.schedule, "one_shot": o["one_shot"],
+        "solve": o["solve"], "dead_inputs": problem.n_dead, "seconds": job.timer.seconds,
+        "backends": job.used, **outcome.clamp,
+    }
+    if job.exact:
+        stats["cg_iterations"], stats["cg_residual"] = outcome.cg_iterations, outcome.cg_residual
+    if o["rho_schedule"] != "constant" or o["scaling"] != "jacobi" or o["stop_change"] > 0:
+        stats.update(rho_final=outcome.rho_final, factorizations=outcome.factorizations, scaling=o["scaling"],
+                     stopped_early=bool(outcome.iterations < o["iters"]))
+    return stats
+
+
 def run(weight: torch.Tensor, G: torch.Tensor, pattern: Pattern, sparsity: float, mask: torch.Tensor | None,
         o: dict) -> MethodResult:
     """ADMM-Grad on one layer (validated inputs, validated options `o`)."""
     cd = o["compute_dtype"]
-    ref = cd == torch.float64  # the kernels are fp32; fp64 runs through the reference ops
-    schedule = o["schedule"] or masks.default_schedule(pattern)
-    rho, iters, percdamp = o["rho"], o["iters"], o["percdamp"]
-    exact = o["solve"] == "exact"
-    s = pattern.sparsity(sparsity)
-    used: dict[str, str] = {}
-    timer = Timer(weight.device)
-
+    job = _Job(pattern=pattern, s=pattern.sparsity(sparsity), o=o, ref=cd == torch.float64,
+               schedule=o["schedule"] or masks.default_schedule(pattern), timer=Timer(weight.device), used={})
     problem = scale(weight, G, cd)  # 1.
-    n_live = problem.n_live
-    run_admm = iters > 0 and n_live > 0 and not (mask is not None and exact)
+    run_admm = o["iters"] > 0 and problem.n_live > 0 and not (mask is not None and job.exact)
     update_mask = mask is None and not o["one_shot"] and o["T"] > 0 and run_admm
-    # With iters < T the schedule is compressed into the iterations that exist, so the final mask still has
-    # the target sparsity (the released code would stop short of it).
-    T_eff = min(o["T"], iters)
 
     Mfull = mask
     if Mfull is None and not update_mask:  # mask only, one-shot: the Wanda score |W_ij| * ||x_j|| at s
-        Mfull = masks.select(problem.full_scores(problem.V, None), pattern, s, reference=ref, used=used)
-    timer.lap("mask")
+        Mfull = masks.select(problem.full_scores(problem.V, None), pattern, job.s, reference=job.ref,
+                             used=job.used)
+    job.timer.lap("mask")
 
+    outcome = _Outcome(rho_final=o["rho"])
     denominator = None
-    clamp_stats: dict = {}
-    iters_run = mask_updates = cg_it = 0
-    rho_final, factorizations = rho, 0
-    cg_res = None
-    if n_live and (run_admm or exact):
-        problem.form_scaled_gram()  # 2.
-        if o["scaling"] == "obs":
-            problem.rescale_obs(OBS_DAMP)
-        problem.damp(percdamp * float(problem.G_hat.diagonal().mean()))
-        denominator = problem.denominator()
-        timer.lap("factor")
-        if run_admm:
-            support = o["rho_schedule"] == "support"
-            solver = WUpdate(problem.take_gram(), rho, keep_gram=exact or support,  # 3.
-                             refactor_ratio=o["rho_refactor"])
-            timer.lap("factor")
-            state = AdmmState.start(problem, rho, Mfull)
-            mask_iters = T_eff if o["mask_iters"] is None else min(o["mask_iters"], iters)
-            schedule_fn = gradual_mask(problem, pattern, s, T_eff, schedule, timer, ref, used,
-                                       updates=mask_iters) if update_mask else None
-            watch = SupportWatch(o["rho_every"])
-            rho_fn = support_rho(watch, o["rho_growth"]) if support else None
-            stop_fn = settled(watch, o["stop_change"], o["min_iters"]) if o["stop_change"] > 0 else None
-            step = backends.implementation("admm_dual_step", weight.device, reference=ref, used=used)
-            iterate(problem, solver, state, iters, step, schedule_fn, rho_fn, stop_fn)  # 4.
-            if schedule_fn is not None:
-                if mask_iters > T_eff and state.mask_updates == state.iterations:
-                    # Still re-selecting when the loop ended: the mask of the last iterate (as ALPS ends).
-                    state.M, state.Mfull, _ = problem.select_mask(state.W, state.U, pattern, s, reference=ref,
-                                                                  used=used)
-                    timer.lap("mask")
-                schedule_fn.release()
-            rho_final, factorizations = state.rho, solver.factorizations
-            solver.inverse = None
-            iters_run, mask_updates = state.iterations, state.mask_updates
-            Z = finish(state)  # 5.
-            Mfull, M = state.Mfull, state.M
-            timer.lap("iterations")
-            G_hat = solver.gram() if exact else None
-            del solver, state
-        else:
-            M = problem.live_part(Mfull)
-            Z = problem.V.masked_fill(~M, 0)
-            G_hat = problem.G_hat
-        if exact:
-            Z, cg_it, cg_res = refit(G_hat, problem.B, M, Z, o["cg_iters"], o["cg_tol"])
-            timer.lap("exact")
-        pruned = finite_cast(problem.to_output(Z, Mfull), weight.dtype, stats=clamp_stats)  # (out, in)
+    if problem.n_live and (run_admm or job.exact):
+        pruned, Mfull, denominator = _solve(weight, problem, job, Mfull, (run_admm, update_mask), outcome)
     else:  # mask only (iters = 0), or no live input at all
         pruned = weight.masked_fill(~Mfull, 0)
-    timer.lap("output")
-    stats = {
-        "iterations": iters_run, "mask_updates": mask_updates,
-        "rho": rho, "percdamp": percdamp, "schedule": schedule, "one_shot": o["one_shot"],
-        "solve": o["solve"], "dead_inputs": problem.n_dead, "seconds": timer.seconds, "backends": used,
-        **clamp_stats,
-    }
-    if exact:
-        stats["cg_iterations"], stats["cg_residual"] = cg_it, cg_res
-    if o["rho_schedule"] != "constant" or o["scaling"] != "jacobi" or o["stop_change"] > 0:
-        stats.update(rho_final=rho_final, factorizations=factorizations, scaling=o["scaling"],
-                     stopped_early=bool(iters_run < iters))
-    return MethodResult(pruned, Mfull, stats, denominator)
+    job.timer.lap("output")
+    return MethodResult(pruned, Mfull, _stats(job, problem, outcome), denominator)
 
 
 # Presets: option sets over the seed's defaults; explicit options override them. Chosen by

@@ -26,7 +26,7 @@ import torch
 
 from .. import backends, masks
 from ..patterns import Pattern
-from .admm import OBS_DAMP, AdmmState, finish, gradual_mask
+from .admm import OBS_DAMP, AdmmState, MaskSteps, finish, gradual_mask
 from .lapack import one_thread
 from .ranges import finite_cast
 from .registry import MethodResult
@@ -129,7 +129,7 @@ def run_batched(weights: torch.Tensor, grams: torch.Tensor, pattern: Pattern, sp
     U = torch.stack([st.U for st in states])
     for i, st in enumerate(states):
         st.U = U[i]  # views of one (E, in, out) dual
-    schedules = [gradual_mask(p, pattern, s, T_eff, schedule, timer, False, used, updates=mask_iters)
+    schedules = [gradual_mask(p, pattern, s, MaskSteps(T_eff, schedule, mask_iters), timer, False, used)
                  for p in probs]
     step = backends.implementation("admm_dual_step", weights.device, reference=False, used=used)
     flat = V.shape[0] * V.shape[1], V.shape[2]

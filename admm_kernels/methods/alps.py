@@ -40,6 +40,8 @@ Where this deviates from the released code, and why:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .. import masks
@@ -49,7 +51,7 @@ from .ranges import finite_cast
 from .refit import masked_cg
 from .registry import Method, MethodResult, Option, check_compute_dtype, float_dtype_option
 from .rho import change_class, check_growth
-from .scaling import scale
+from .scaling import ScaledProblem, scale
 from .timer import Timer
 from .wupdate import WUpdate
 
@@ -80,107 +82,171 @@ OPTIONS = (
 _RESTART_DIVISOR = 5.0
 
 
+@dataclass(frozen=True)
+class _Job:
+    """What one run keeps at hand: the pattern, its effective sparsity s, the options `o`, ref (fp64
+    through the reference ops), the timer, the backends used and the stats being filled."""
+
+    pattern: Pattern
+    s: float
+    o: dict
+    ref: bool
+    timer: Timer
+    used: dict
+    stats: dict
+
+    def select(self, problem: ScaledProblem, X: torch.Tensor, buf=None):
+        """The pattern's projection of X (in_live, out): (M, Mfull or None, buf) as select_mask."""
+        return problem.select_mask(X, None, self.pattern, self.s, reference=self.ref, used=self.used, buf=buf)
+
+
+@dataclass
+class _Iterate:
+    """The ADMM iterate in the scaled space, (in_live, out) each: D the projected (sparse) iterate, Y the
+    dual, B the W-update's result, R and X work buffers; D0 the start (restarts go back to it); V0 = Ŵ."""
+
+    D0: torch.Tensor
+    V0: torch.Tensor
+    D: torch.Tensor
+    Y: torch.Tensor
+    B: torch.Tensor
+    R: torch.Tensor
+    X: torch.Tensor
+
+    @classmethod
+    def start(cls, V0: torch.Tensor, M0: torch.Tensor) -> _Iterate:
+        D0 = V0.masked_fill(~M0, 0)
+        # B = Ŵ if no iteration runs
+        return cls(D0=D0, V0=V0, D=D0.clone(), Y=torch.zeros_like(V0), B=V0.clone(), R=torch.empty_like(V0),
+                   X=torch.empty_like(V0))
+
+    def restart(self) -> None:
+        self.D.copy_(self.D0)
+        self.Y.zero_()
+        self.B.copy_(self.V0)
+
+
+@dataclass
+class _Penalty:
+    """ρ and what its updates remember: whether it has grown, and the support at the previous check."""
+
+    rho: float
+    M_prev: torch.Tensor
+    grown: bool = False
+
+    def update(self, M: torch.Tensor, change: int, k: int, job: _Job, it: _Iterate) -> bool:
+        """One support check (step 4's rule) after `change` of the k kept entries moved. Returns True to
+        stop (converged); may restart the iterate. Leaves self.rho to be clipped and applied by the
+        caller."""
+        large, medium, small = job.o["rho_growth"]
+        moved = change_class(change, k)
+        if moved in ("large", "medium"):
+            self.grown, self.rho = True, self.rho * (large if moved == "large" else medium)
+        elif moved == "small":
+            if self.grown:
+                self.rho *= small
+            else:  # the support froze before ρ grew: ρ₀ was too large, restart with a smaller one
+                self.rho /= _RESTART_DIVISOR
+                it.restart()
+                job.stats["restarts"] += 1
+        elif self.grown:  # the support stopped moving after ρ grew: converged
+            return True
+        else:
+            self.rho /= _RESTART_DIVISOR
+        self.M_prev = M
+        return False
+
+
+def _iterate(problem: ScaledProblem, target: torch.Tensor, solver: WUpdate, job: _Job) -> tuple[
+        torch.Tensor, float, object]:
+    """Steps 3-4: (B (in_live, out), the final ρ, the mask selection's buffer)."""
+    o, timer, stats = job.o, job.timer, job.stats
+    M0, _, buf = job.select(problem, problem.V)  # 3.
+    k = max(1, int(M0.sum()))  # kept entries (dead inputs never change)
+    it = _Iterate.start(problem.V, M0)
+    penalty = _Penalty(o["rho"], M0)
+    timer.lap("mask")
+    for i in range(o["max_iters"]):  # 4.
+        rho = penalty.rho
+        torch.add(target, it.D, alpha=rho, out=it.R).sub_(it.Y)  # Ĝ Ŵ − Y + ρD
+        solver.apply(it.R, out=it.B)
+        torch.add(it.B, it.Y, alpha=1.0 / rho, out=it.X)
+        timer.lap("iterations")
+        M, _, buf = job.select(problem, it.X, buf)
+        timer.lap("mask")
+        it.D.copy_(it.X).masked_fill_(~M, 0)
+        it.Y.add_(torch.sub(it.B, it.D, out=it.R), alpha=rho)
+        stats["iterations"] = i + 1
+        timer.lap("iterations")
+        if (i + 1) % o["update_every"]:
+            continue
+        change = int((M != penalty.M_prev).sum())
+        frac = change / k
+        if penalty.update(M, change, k, job, it):
+            break
+        penalty.rho = min(penalty.rho, o["rho_max"])
+        solver.set_rho(penalty.rho)
+        stats["rho_updates"] += 1
+        timer.lap("factor")
+        if i >= o["min_iters"] and frac < o["stop_change"]:
+            break
+    return it.B, penalty.rho, buf
+
+
+def _all_dead(weight: torch.Tensor, problem: ScaledProblem, mask: torch.Tensor | None,
+              job: _Job) -> MethodResult:
+    """Every input dead: nothing to solve on; the mask (given, or the pattern's on the Wanda score)."""
+    Mfull = mask if mask is not None else masks.select(
+        problem.full_scores(problem.V, None), job.pattern, job.s, reference=job.ref, used=job.used)
+    job.timer.lap("mask")
+    job.stats["seconds"] = job.timer.seconds
+    return MethodResult(weight.masked_fill(~Mfull, 0), Mfull, job.stats)
+
+
 def run(weight: torch.Tensor, G: torch.Tensor, pattern: Pattern, sparsity: float, mask: torch.Tensor | None,
         o: dict) -> MethodResult:
     """ALPS on one layer (validated inputs and options)."""
     cd = o["compute_dtype"]
-    ref = cd == torch.float64
-    used: dict[str, str] = {}
     timer = Timer(weight.device)
-    s = pattern.sparsity(sparsity)
-
     Gc = G.to(cd)
     live_diag = Gc.diagonal()[Gc.diagonal() > 0]
     ridge = o["ridge"] * float(live_diag.mean()) if live_diag.numel() else 0.0
     problem = scale(weight, Gc, cd, ridge=ridge)  # 1.
     del Gc
-    stats = {"dead_inputs": problem.n_dead, "ridge": ridge, "iterations": 0, "rho_updates": 0,
-             "restarts": 0, "backends": used}
-    if problem.n_live == 0:  # every input dead: nothing to solve on
-        Mfull = mask if mask is not None else masks.select(
-            problem.full_scores(problem.V, None), pattern, s, reference=ref, used=used)
-        timer.lap("mask")
-        stats["seconds"] = timer.seconds
-        return MethodResult(weight.masked_fill(~Mfull, 0), Mfull, stats)
-
+    used: dict[str, str] = {}
+    job = _Job(pattern=pattern, s=pattern.sparsity(sparsity), o=o, ref=cd == torch.float64, timer=timer,
+               used=used, stats={"dead_inputs": problem.n_dead, "ridge": ridge, "iterations": 0,
+                                 "rho_updates": 0, "restarts": 0, "backends": used})
+    if problem.n_live == 0:
+        return _all_dead(weight, problem, mask, job)
     problem.form_scaled_gram()
     target = problem.damp(0.0)  # Ĝ Ŵ
-    V0 = problem.V
     timer.lap("factor")
 
     if mask is not None:  # update-only: the refit on the given mask
         Mfull = mask
         M = problem.live_part(mask)
-        Z = V0.masked_fill(~M, 0)
+        Z = problem.V.masked_fill(~M, 0)
     else:
         # 2. the eigendecomposition, once
         solver = WUpdate(problem.G_hat, o["rho"], mode="eigh", keep_gram=True, eigh_dtype=o["eigh_dtype"])
         timer.lap("factor")
-        rho = o["rho"]
-        M0, _, buf = problem.select_mask(V0, None, pattern, s, reference=ref, used=used)  # 3.
-        D0 = V0.masked_fill(~M0, 0)
-        k = max(1, int(M0.sum()))  # kept entries (dead inputs never change)
-        D, Y = D0.clone(), torch.zeros_like(V0)
-        B, R, X = V0.clone(), torch.empty_like(V0), torch.empty_like(V0)  # B = Ŵ if no iteration runs
-        M_prev = M0
-        grown = False
-        large, medium, small = o["rho_growth"]
-        timer.lap("mask")
-        for it in range(o["max_iters"]):  # 4.
-            torch.add(target, D, alpha=rho, out=R).sub_(Y)  # Ĝ Ŵ − Y + ρD
-            solver.apply(R, out=B)
-            torch.add(B, Y, alpha=1.0 / rho, out=X)
-            timer.lap("iterations")
-            M, _, buf = problem.select_mask(X, None, pattern, s, reference=ref, used=used, buf=buf)
-            timer.lap("mask")
-            D.copy_(X).masked_fill_(~M, 0)
-            Y.add_(torch.sub(B, D, out=R), alpha=rho)
-            stats["iterations"] = it + 1
-            timer.lap("iterations")
-            if (it + 1) % o["update_every"]:
-                continue
-            change = int((M != M_prev).sum())
-            frac = change / k
-            moved = change_class(change, k)
-            if moved in ("large", "medium"):
-                grown, rho = True, rho * (large if moved == "large" else medium)
-            elif moved == "small":
-                if grown:
-                    rho *= small
-                else:  # the support froze before ρ grew: ρ₀ was too large, restart with a smaller one
-                    rho /= _RESTART_DIVISOR
-                    D.copy_(D0)
-                    Y.zero_()
-                    B.copy_(V0)
-                    stats["restarts"] += 1
-            elif grown:  # the support stopped moving after ρ grew: converged
-                break
-            else:
-                rho /= _RESTART_DIVISOR
-            M_prev = M
-            rho = min(rho, o["rho_max"])
-            solver.set_rho(rho)
-            stats["rho_updates"] += 1
-            timer.lap("factor")
-            if it >= o["min_iters"] and frac < o["stop_change"]:
-                break
-        del D, D0, Y, R, X
-        M, Mfull, buf = problem.select_mask(B, None, pattern, s, reference=ref, used=used, buf=buf)  # 5.
+        B, job.stats["rho"], buf = _iterate(problem, target, solver, job)
+        M, Mfull, _ = job.select(problem, B, buf)  # 5.
         del buf
         if Mfull is None:
             Mfull = M.T.contiguous()
         Z = B.masked_fill_(~M, 0)
-        stats["rho"] = rho
-        stats["eigh_dtype"] = str(o["eigh_dtype"]).replace("torch.", "")
+        job.stats["eigh_dtype"] = str(o["eigh_dtype"]).replace("torch.", "")
         solver.release()
         timer.lap("mask")
     Z, cg_it, cg_res = masked_cg(problem.G_hat, target, M, Z, o["cg_iters"], o["cg_tol"])
     Z.masked_fill_(~M, 0)
     timer.lap("refit")
-    pruned = finite_cast(problem.to_output(Z, Mfull), weight.dtype, stats=stats)
+    pruned = finite_cast(problem.to_output(Z, Mfull), weight.dtype, stats=job.stats)
     timer.lap("output")
-    stats.update({"cg_iterations": cg_it, "cg_residual": cg_res, "seconds": timer.seconds})
-    return MethodResult(pruned, Mfull, stats)
+    job.stats.update({"cg_iterations": cg_it, "cg_residual": cg_res, "seconds": timer.seconds})
+    return MethodResult(pruned, Mfull, job.stats)
 
 
 METHOD = Method(

@@ -143,11 +143,6 @@ class GramHooks:
         """layer -> its group's leader (empty before the discovery forward)."""
         return self._plan.group_of if self._plan is not None else {}
 
-    def finish_first_window(self) -> None:
-        """One-pass use (admm_kernels.bench.grams): after the first window's forward, group the layers and
-        accumulate every group's Gram from that window on, with no early stop (the outputs are used)."""
-        self.begin_stage(self.plan().leaders, use_discovery_inputs=True, stop_early=False)
-
     def begin_stage(self, leaders: list[str], use_discovery_inputs: bool, stop_early: bool) -> None:
         """Create the accumulators of `leaders`; with use_discovery_inputs add the discovery forward's
         inputs to them first (valid only for the first stage: later stages must see pruned inputs)."""
