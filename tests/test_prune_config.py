@@ -190,3 +190,29 @@ def test_a_mismatch_carries_the_settings_and_can_be_worded_by_its_caller(tmp_pat
     assert "resume with 1 rank(s) (one process, without torchrun)" in one.message(cli)
     again = pickle.loads(pickle.dumps(err))
     assert again.mismatch == err.mismatch and str(again) == str(err)
+
+
+def test_prune_block_returns_what_it_produced():
+    """prune_block's results come back as a BlockResult (report entries, tuning report, seconds); only
+    the activations are overwritten in place, with the pruned block's outputs."""
+    from admm_kernels.models import find_blocks, get_weight, prunable_layers
+    from admm_kernels.models.block import BlockContext, BlockResult, prune_block
+    from admm_kernels.models.capture import capture_inputs
+
+    cpu = torch.device("cpu")
+    model = tiny_model("llama").eval()
+    name, blocks = find_blocks(model)
+    with torch.no_grad():
+        acts, calls = capture_inputs(model, blocks, tiny_tokens(2, 16), cpu, cpu)
+        inputs = acts.clone()
+        layers = prunable_layers(blocks[0], f"{name}.0")
+        result = prune_block(blocks[0], 0, layers, calls[0], acts,
+                             dict(sparsity=0.5, pattern="unstructured", method="magnitude"),
+                             BlockContext(name, cpu), last=False)
+        assert isinstance(result, BlockResult) and result.tune is None
+        assert [r["name"] for r in result.layers] == [f"{name}.0.{rel}" for rel in layers]
+        assert all(r["kept"] == get_weight(layers[r["name"].split(".", 3)[3]]).count_nonzero()
+                   for r in result.layers)
+        assert set(result.seconds) == {"forward", "gram", "solve", "tune"} and result.seconds["tune"] == 0
+        for j in range(2):
+            assert torch.equal(acts[j], calls[0](blocks[0], inputs[j:j + 1])[0])

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -29,14 +30,24 @@ from .experts import MIN_EXPERT_TOKENS, ExpertProjection, input_kind
 from .grams import BlockPlan, GramHooks, StopBlock, sync
 
 
-class NoProgress:
-    """A progress sink that shows nothing (the interface prune_block reports its steps to)."""
+class Progress(Protocol):
+    """Where prune_block reports its steps (the pipeline's progress bars)."""
 
     def start_block(self, index: int, steps: int) -> None:
         """Block `index` begins; it will report `steps` steps."""
 
     def step(self, stage: str, postfix: str | None = None) -> None:
         """One step of the current block is done ("gram", "prune", "forward")."""
+
+
+class NoProgress:
+    """A Progress that shows nothing."""
+
+    def start_block(self, index: int, steps: int) -> None:
+        pass
+
+    def step(self, stage: str, postfix: str | None = None) -> None:
+        pass
 
 
 @dataclass(frozen=True)
@@ -49,7 +60,7 @@ class BlockContext:
     device: torch.device
     gram_dtype: torch.dtype = torch.float32
     comm: Comm = LOCAL
-    progress: object = field(default_factory=NoProgress)
+    progress: Progress = field(default_factory=NoProgress)
     sequential: bool = False
     moe_calibration: str = "routed"
     tune: BlockTune = BlockTune()
