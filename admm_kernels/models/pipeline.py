@@ -213,9 +213,9 @@ def prune_model(model: nn.Module | StreamedModel, calibration, config: PruneConf
     _check_ranks(plan, ids, comm)
     with about("device"):
         device = check_compute_device(device, "device") if device is not None else source.home
-    run = _Run(config, plan, source, comm, ids, device, ActivationStore(resolve_offload(offload), device,
-                                                                          offload_dir),
-               checkpointer(state_dir, comm.is_main), progress)
+    acts_store = ActivationStore(resolve_offload(offload), device, offload_dir)
+    run = _Run(config, plan, source, comm, ids, device, acts_store, checkpointer(state_dir, comm.is_main),
+               progress)
     comm_before = comm.seconds
     sparsity, start = _execute(run, callback)
     run.timings["total"] = time.perf_counter() - t_start
