@@ -22,6 +22,7 @@ _LAZY = {
     "reconstruction_error": "prune",
     "prune_experts": "batched",
     "prune_model": "models",
+    "PruneConfig": "models",
     "evaluate_perplexity": "eval",
     "evaluate_tasks": "integrations.lm_eval",  # lm-evaluation-harness (the `eval` extra)
     "sparsify": "sparse",

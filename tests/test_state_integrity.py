@@ -73,9 +73,16 @@ def test_resume_refuses_other_calibration_and_thread_count(tmp_path):
     with pytest.raises(StateError, match="calibration"):
         _resume(folder, other_ids)
     torch.set_num_threads(2)  # the one_thread fixture restores the count afterwards
-    with pytest.raises(StateError, match=r"threads: saved 1, now 2.*resume with 1 threads"):
+    with pytest.raises(StateError, match=r"threads: saved 1, now 2.*resume with 1 threads") as exc:
         _resume(folder, ids)
     torch.set_num_threads(1)
+    # The settings that differ, as data: a caller words its own advice from them.
+    assert isinstance(exc.value, state_mod.StateMismatchError) and exc.value.start_over
+    assert exc.value.mismatch == {"threads": (1, 2)}
+    assert "(torch.set_num_threads)" in str(exc.value) and "--" not in str(exc.value)
+    wording = state_mod.MismatchWording(threads="THREADS", recover="START OVER")
+    assert exc.value.message(wording).endswith("resume with 1 threads (THREADS); use another state folder "
+                                               "or START OVER")
     assert _resume(folder, ids)["resumed_from_block"] == 1
 
 
@@ -113,8 +120,11 @@ def _flip_last_byte(path):
 
 
 def _clear_message(exc_info, name):
+    """The message names the file and ends with how to start again, in the library's terms; start_over
+    tells a caller with its own way to start again (the CLI's --overwrite) to add it."""
     msg = str(exc_info.value)
-    assert name in msg and "--overwrite" in msg and "delete the folder" in msg, msg
+    assert name in msg and msg.endswith(f"cannot be resumed: {state_mod.RECOVER}"), msg
+    assert "delete the folder" in msg and exc_info.value.start_over, msg
 
 
 @pytest.mark.parametrize("name", ["block_0000.safetensors", "acts_0001.safetensors"])

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..errors import ArgumentError, ArgumentTypeError
 from .capture import BlockCall
 from .discovery import get_weight
 from .experts import ExpertProjection
@@ -58,19 +59,19 @@ MAX_TUNE_EPOCHS = 1000
 
 
 def check_block_tune(epochs, lr, batch) -> BlockTune:
-    """BlockTune from prune_model's tune_epochs / tune_lr / tune_batch; ValueError / TypeError naming the
-    option otherwise."""
+    """BlockTune from prune_model's tune_epochs / tune_lr / tune_batch; ArgumentError (a ValueError) /
+    ArgumentTypeError (a TypeError) naming the argument otherwise."""
     for name, v in (("tune_epochs", epochs), ("tune_batch", batch)):
         if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-            raise TypeError(f"{name} must be an int, got {v!r}")
+            raise ArgumentTypeError(f"{name} must be an int, got {v!r}", name)
     if epochs < 0:
-        raise ValueError(f"tune_epochs must be >= 0 (0 = no block tuning), got {epochs}")
+        raise ArgumentError(f"tune_epochs must be >= 0 (0 = no block tuning), got {epochs}", "tune_epochs")
     if epochs > MAX_TUNE_EPOCHS:
-        raise ValueError(f"tune_epochs must be at most {MAX_TUNE_EPOCHS}, got {epochs}")
+        raise ArgumentError(f"tune_epochs must be at most {MAX_TUNE_EPOCHS}, got {epochs}", "tune_epochs")
     if batch < 1:
-        raise ValueError(f"tune_batch must be >= 1 window, got {batch}")
+        raise ArgumentError(f"tune_batch must be >= 1 window, got {batch}", "tune_batch")
     if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not math.isfinite(lr) or lr <= 0:
-        raise ValueError(f"tune_lr must be a finite number > 0, got {lr!r}")
+        raise ArgumentError(f"tune_lr must be a finite number > 0, got {lr!r}", "tune_lr")
     return BlockTune(int(epochs), float(lr), int(batch))
 
 

@@ -28,6 +28,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from ..errors import ArgumentError
+from .activations import ActivationStore
 from .capture import capture_inputs
 from .discovery import get_weight
 from .experts import layer_input_hooks
@@ -121,7 +123,8 @@ def outlier_ratio(layers: dict[str, nn.Module], square_sums: dict[str, torch.Ten
 def allocate(ratios: Sequence[float | None], weights: Sequence[int], target: float, lam: float
              ) -> tuple[float, ...]:
     """OWL's per-block sparsities from the outlier ratios (None = a block with nothing to prune, which
-    gets the target and no weight). Raises ValueError naming owl_lambda when a sparsity leaves [0, 1)."""
+    gets the target and no weight). Raises ArgumentError (a ValueError) naming owl_lambda when a sparsity
+    leaves [0, 1)."""
     live = [r for r, w in zip(ratios, weights) if r is not None and w]
     lo, hi = (min(live), max(live)) if live else (0.0, 0.0)
     if hi == lo:
@@ -133,37 +136,37 @@ def allocate(ratios: Sequence[float | None], weights: Sequence[int], target: flo
     bad = [(b, v) for b, v in enumerate(values) if not 0.0 <= v < 1.0]
     if bad:
         listed = ", ".join(f"block {b}: {v:.4f}" for b, v in bad)
-        raise ValueError(f"owl_lambda={lam!r} is too large for sparsity {target!r}: OWL gives sparsities "
-                         f"outside [0, 1) ({listed}); lower owl_lambda (the spread is twice owl_lambda)")
+        raise ArgumentError(f"owl_lambda={lam!r} is too large for sparsity {target!r}: OWL gives "
+                            f"sparsities outside [0, 1) ({listed}); lower owl_lambda (the spread is twice "
+                            "owl_lambda)", "owl_lambda")
     return values
 
 
 def owl_profile(model: nn.Module, blocks: nn.ModuleList, selected: Sequence[dict[str, nn.Module]],
-                ids: torch.Tensor, target: float, m: float, lam: float, device: torch.device,
-                act_device: torch.device, progress: bool = False,
-                empty: Callable | None = None) -> BlockSparsity:
+                ids: torch.Tensor, request: ProfileRequest, device: torch.device, acts: ActivationStore,
+                progress: bool = False) -> BlockSparsity:
     """OWL's BlockSparsity for this model and calibration (see the module docstring): the dense
-    pre-pass (activations from empty(shape, dtype), see input_square_sums), the outlier ratio of each
-    block, the allocation around `target` with spread 2·lam."""
-    sums = input_square_sums(model, blocks, selected, ids, device, act_device, progress, empty=empty)
+    pre-pass (its (N, L, hidden) activations allocated by acts.empty, see input_square_sums), the
+    outlier ratio of each block, the allocation around request.target with spread 2·request.owl_lambda."""
+    sums = input_square_sums(model, blocks, selected, ids, device, acts.device, progress, empty=acts.empty)
+    m, lam = request.owl_m, request.owl_lambda
     ratios = [outlier_ratio(sel, s, m) for sel, s in zip(selected, sums)]
     weights = [sum(get_weight(mod).numel() for n, mod in sel.items() if n in s)
                for sel, s in zip(selected, sums)]
-    values = allocate(ratios, weights, target, lam)
-    return BlockSparsity("owl", values, target, {"owl_m": m, "owl_lambda": lam, "outlier_ratios": ratios})
+    values = allocate(ratios, weights, request.target, lam)
+    return BlockSparsity("owl", values, request.target, {"owl_m": m, "owl_lambda": lam,
+                                                         "outlier_ratios": ratios})
 
 
 def resolve_profile(request: ProfileRequest, model: nn.Module, blocks: nn.ModuleList,
                     selected: Sequence[dict[str, nn.Module]], ids: torch.Tensor, device: torch.device,
-                    act_device: torch.device, progress: bool = False,
-                    empty: Callable | None = None) -> BlockSparsity:
+                    acts: ActivationStore, progress: bool = False) -> BlockSparsity:
     """The run's BlockSparsity for `request`. "owl" runs its dense pre-pass here (the model must be in
-    eval mode; weights untouched, blocks back on their devices; its activations allocated by
-    empty(shape, dtype), e.g. the pipeline's ActivationStore.empty); selected[b]: the layers pruned in
-    block b (their sizes weight the averages)."""
+    eval mode; weights untouched, blocks back on their devices; its activations live where `acts`, the
+    pipeline's ActivationStore, puts them); selected[b]: the layers pruned in block b (their sizes weight
+    the averages)."""
     if request.name == "owl":
-        return owl_profile(model, blocks, selected, ids, request.target, request.owl_m, request.owl_lambda,
-                           device, act_device, progress, empty=empty)
+        return owl_profile(model, blocks, selected, ids, request, device, acts, progress)
     if request.name == "list":
         weights = [sum(get_weight(m).numel() for m in sel.values()) for sel in selected]
         return BlockSparsity("list", request.values, weighted_mean(request.values, weights))

@@ -16,38 +16,50 @@ Streamed (admm_kernels.models.streaming.StreamedModel): each block is read from 
 before its turn and written out and freed as soon as it is final.
 
 With a state folder, everything needed to continue bit-identically is saved after each block.
+
+prune_model composes three parts around the loop over blocks: the communicator (distributed.Comm), the
+block source (sources.py: in memory, or a StreamedModel) and the checkpointer (checkpoint.py: none, or
+the verified state folder, whose typed ResumePoint says where the run continues). The settings are a
+PruneConfig (config.py), validated against the model before any work.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .._checks import check_compute_device, model_device
+from .._checks import check_compute_device
 from .._digest import model_digest
 from ..environment import versions
-from ..patterns import parse_pattern, pattern_group
+from ..errors import ArgumentError, ArgumentTypeError, about
 from .activations import ActivationStore, resolve_offload
-from .block import prune_block, solver
-from .block_tune import BlockTune, check_block_tune
+from .block import BlockContext, BlockResult, prune_block
+from .block_tune import check_block_tune
 from .capture import capture_inputs
-from .coverage import check_coverage, classify_block, coverage
-from .discovery import LayerFilter, block_layers, find_blocks, get_weight, select_all, set_weight
+from .checkpoint import NoCheckpoint, StateCheckpoint, checkpointer
+from .config import PruneConfig, PrunePlan, validate_layers
+from .config import validate_options as _validate_options  # noqa: F401  (integrations.llmcompressor)
+from .coverage import coverage
+from .discovery import LayerFilter, get_weight, set_weight
 from .distributed import Comm, resolve_comm, shard, shard_counts
-from .experts import MOE_CALIBRATION
 from .grams import GramHooks  # noqa: F401  (admm_kernels.bench.grams imports it from here)
 from .loading import max_positions
 from .owl import resolve_profile
-from .sparsity_profile import BlockSparsity, check_profile
-from .state import PipelineState, StateLayout, fingerprint
+from .sources import InMemoryBlocks, StreamedBlocks, block_source
+from .sparsity_profile import BlockSparsity
+from .state import ResumePoint, StateLayout, fingerprint
 from .streaming import StreamedModel
+
+TIMINGS = ("profile", "capture", "forward", "gram", "solve", "tune", "comm", "state")
 
 
 def check_calibration(calibration, model: nn.Module) -> torch.Tensor:
@@ -81,115 +93,59 @@ def check_calibration(calibration, model: nn.Module) -> torch.Tensor:
     return ids
 
 
-def _validate_options(sparsity: float, pattern: str, method: str, options: dict) -> None:
-    """Run prune_layer once on a tiny random layer so a bad method or option fails before any work."""
-    prune_layer = solver()
-    group = pattern_group(pattern)
-    in_f = group * 2 if group > 1 else 8
-    g = torch.Generator().manual_seed(0)
-    w = torch.randn(4, in_f, generator=g)
-    x = torch.randn(4 * in_f, in_f, generator=g)
-    prune_layer(w, x.T @ x, sparsity=sparsity, pattern=pattern, method=method, **options)
-
-
-def _validate_layers(selected: list[dict[str, nn.Module]], blocks_name: str, pattern: str,
-                     block_sparsity: Sequence[float]) -> None:
-    """Check the pattern against every selected layer before any work (not after hours)."""
-    for i, layers in enumerate(selected):
-        sparsity = block_sparsity[i]
-        for rel, module in layers.items():
-            out_f, in_f = get_weight(module).shape
-            try:
-                pat = parse_pattern(pattern, in_f)
-            except ValueError as exc:
-                raise ValueError(f"pattern {pattern!r} is invalid for layer {blocks_name}.{i}.{rel} "
-                                 f"(weight {out_f}x{in_f}): {exc}") from None
-            if pat.kind != "nm" and int(sparsity * (in_f if pat.kind == "per-row" else in_f * out_f)) == 0 \
-                    and sparsity > 0:
-                raise ValueError(f"sparsity {sparsity} prunes no weight of layer {blocks_name}.{i}.{rel} "
-                                 f"(weight {out_f}x{in_f})")
-
-
 def check_prunable(model: nn.Module | StreamedModel, sparsity: float | Sequence[float], pattern: str,
-                   method: str = "admm",
-                   layers: LayerFilter = None, *, sparsity_profile: str = "uniform",
-                   owl_m: float | None = None, owl_lambda: float | None = None, **options) -> None:
+                   method: str = "admm", layers: LayerFilter = None, **settings) -> None:
     """Raise ValueError / TypeError now if prune_model would reject these settings for this model
-    (no decoder blocks, a layer pattern matching nothing, default layers covering too little of the
-    blocks' weights, an unknown experts layout, N:M not dividing a layer's in_features, an unknown
-    method or option, a bad sparsity profile)."""
-    net = model.model if isinstance(model, StreamedModel) else model
-    blocks_name, blocks = find_blocks(net)
-    planned = check_profile(sparsity, sparsity_profile, len(blocks), pattern, owl_m, owl_lambda).planned()
-    selected = select_all(blocks, blocks_name, layers)
-    _check_coverage(net, blocks, blocks_name, selected, layers)
-    _validate_layers(selected, blocks_name, pattern, planned)
-    _validate_options(planned[0], pattern, method, options)
-
-
-def coverage_rows(blocks: nn.ModuleList, selected: list[dict[str, nn.Module]]) -> list[list[dict]]:
-    """Per block, every matrix parameter with what the selection prunes of it (admm_kernels.models.
-    coverage.classify_block)."""
-    rows = []
-    for block, sel in zip(blocks, selected):
-        every, routers = block_layers(block)
-        rows.append(classify_block(block, sel, every, routers))
-    return rows
-
-
-def _check_coverage(net: nn.Module, blocks: nn.ModuleList, blocks_name: str,
-                    selected: list[dict[str, nn.Module]], layers: LayerFilter) -> list[list[dict]]:
-    rows = coverage_rows(blocks, selected)
-    if layers is None:  # a layers= selection prunes less on purpose
-        check_coverage(rows, blocks_name, type(net).__name__)
-    return rows
+    (PruneConfig(sparsity, pattern, method, layers=layers, **settings).validate(model): no decoder
+    blocks, a layer pattern matching nothing, default layers covering too little of the blocks' weights,
+    an unknown experts layout, N:M not dividing a layer's in_features, an unknown method or option, a bad
+    sparsity profile)."""
+    PruneConfig(sparsity, pattern, method, layers=layers, **settings).validate(model)
 
 
 def _callable_name(f) -> str:
     return getattr(f, "__qualname__", repr(f))
 
 
-def run_fingerprint(model: nn.Module, ids: torch.Tensor, blocks_name: str, n_blocks: int, *, method: str,
-                    pattern: str, sparsity: BlockSparsity, options: dict, layers: LayerFilter,
-                    gram_dtype: torch.dtype, device: torch.device, dense_model: str | None = None,
-                    world_size: int = 1, sequential: bool = False, block_tune: dict | None = None,
-                    moe_calibration: str = "routed") -> dict:
-    """Everything that determines a pruning run's result, as compared by `--resume`: a content digest
+def run_fingerprint(model: nn.Module, ids: torch.Tensor, config: PruneConfig, sparsity: BlockSparsity, *,
+                    blocks: str, device: torch.device, world_size: int = 1,
+                    dense_model: str | None = None) -> dict:
+    """Everything that determines a pruning run's result, as compared on resuming: a content digest
     of every parameter and buffer of the dense model (admm_kernels._digest.model_digest: 0.38 s for the
     538 MB of SmolLM2-135M here, ~0.1 % of the embedded run; `dense_model` when the caller has it, e.g.
-    a StreamedModel's digest from its checkpoint, which is the same value), its config, the calibration
-    token ids, the method, pattern, target sparsity, sparsity profile (its name and settings, and every
-    block's sparsity) and options (as given, and as they run: the method's defaults and preset applied,
-    so a preset or default changed by another checkout of the code is caught too), the layer selection,
-    the Gram dtype, the device type, the torch thread count on the CPU (BLAS reductions are split per
-    thread: 1 vs 2 threads gave perplexity 64.238 vs 64.301 for the same run), a forced kernel backend,
-    the versions of the code, and -- only when not the default, so older single-process states stay
-    valid -- the world size of a distributed run (the Gram sums run in another order), sequential
-    pruning, block tuning (its settings) and the experts' calibration mode."""
+    a StreamedModel's digest from its checkpoint, which is the same value), its config, its blocks
+    ("model.layers[30]"), the calibration token ids, the method, pattern, target sparsity, sparsity
+    profile (its name and settings, and every block's sparsity) and options (as given, and as they run:
+    the method's defaults and preset applied, so a preset or default changed by another checkout of the
+    code is caught too), the layer selection, the Gram dtype, the device type, the torch thread count on
+    the CPU (BLAS reductions are split per thread: 1 vs 2 threads gave perplexity 64.238 vs 64.301 for
+    the same run), a forced kernel backend, the versions of the code, and -- only when not the default,
+    so older single-process states stay valid -- the world size of a distributed run (the Gram sums run
+    in another order), sequential pruning, block tuning (its settings) and the experts' calibration
+    mode."""
     from .. import backends, methods
 
+    options = dict(config.options)
     given = dict(options)
-    resolved = methods.get(method).resolve(given.pop("preset", None), given)
-    extra = {}
-    if world_size != 1:
-        extra["world_size"] = world_size
-    if sequential:
-        extra["sequential"] = True
-    if block_tune:
-        extra["block_tune"] = block_tune
-    if moe_calibration != "routed":
-        extra["moe_calibration"] = moe_calibration
+    resolved = methods.get(config.method).resolve(given.pop("preset", None), given)
+    tune = check_block_tune(config.tune_epochs, config.tune_lr, config.tune_batch)
+    extra = {"world_size": world_size if world_size != 1 else None,
+             "sequential": True if config.sequential else None,
+             "block_tune": tune.fingerprint() if tune.enabled else None,
+             "moe_calibration": config.moe_calibration if config.moe_calibration != "routed" else None}
+    layers = config.layers
     return fingerprint(
         model=type(model).__name__,
         config=model.config.to_json_string() if hasattr(model, "config") else None,
-        blocks=f"{blocks_name}[{n_blocks}]", dense_model=dense_model or model_digest(model),
-        method=method, pattern=pattern, sparsity=sparsity.target, options=options, method_options=resolved,
-        sparsity_profile=sparsity.fingerprint(),
+        blocks=blocks, dense_model=dense_model or model_digest(model),
+        method=config.method, pattern=config.pattern, sparsity=sparsity.target, options=options,
+        method_options=resolved, sparsity_profile=sparsity.fingerprint(),
         layers=_callable_name(layers) if callable(layers) else layers,
-        calibration=ids, gram_dtype=gram_dtype, device=device.type,
+        calibration=ids, gram_dtype=config.gram_dtype, device=device.type,
         threads=torch.get_num_threads() if device.type == "cpu" else None,
         backend=os.environ.get(backends.ENV_VAR, "").strip().lower() or None,
-        versions={k: v for k, v in versions().items() if k != "python"}, **extra,
+        versions={k: v for k, v in versions().items() if k != "python"},
+        **{k: v for k, v in extra.items() if v is not None},
     )
 
 
@@ -206,280 +162,309 @@ def _torch_dtype(name: str) -> torch.dtype:
     return value
 
 
-def prune_model(model: nn.Module | StreamedModel, calibration, sparsity: float | Sequence[float] = 0.5,
-                pattern: str = "unstructured", method: str = "admm", *, sparsity_profile: str = "uniform",
-                owl_m: float | None = None, owl_lambda: float | None = None, layers: LayerFilter = None,
+def prune_model(model: nn.Module | StreamedModel, calibration, config: PruneConfig | None = None, *,
                 device: torch.device | str | None = None, offload: bool | str = False,
-                offload_dir: str | os.PathLike | None = None, gram_dtype: torch.dtype = torch.float32,
-                sequential: bool = False, tune_epochs: int = 0, tune_lr: float = 1e-4, tune_batch: int = 4,
-                moe_calibration: str = "routed", progress: bool = False,
+                offload_dir: str | os.PathLike | None = None, progress: bool = False,
                 state_dir: str | os.PathLike | None = None,
-                callback: Callable[[int, dict], None] | None = None,
-                distributed: bool | Comm | None = None, **options) -> dict:
+                callback: Callable[[int, dict], None] | None = None, distributed: bool | Comm | None = None,
+                **kwargs) -> dict:
     """Prune every selected linear layer of a causal LM in place, block by block; return a report.
 
     model: a transformers decoder-only causal LM (any dtype; its blocks are moved to `device` one at a
         time and back), or an admm_kernels.models.StreamedModel (blocks read from the checkpoint before
-        their turn, written to its output folder when final, then freed: host memory does not grow with
-        the number of blocks). calibration: int token ids (nsamples, seqlen), e.g. from
-        admm_kernels.protocols.calibration_windows. sparsity / pattern / method / **options: as prune_layer
-        (sparsity is ignored by N:M patterns). layers: None (every nn.Linear / Conv1D and expert projection
-        inside the blocks except MoE routers; never the embeddings or LM head; a model whose blocks this
-        leaves more than 5 % dense for other reasons is refused, see admm_kernels.models.coverage), a list of
-        glob patterns ("self_attn.*", "mlp.down_proj", "mlp.experts.*.down_proj") or a callable(full_name,
-        module) -> bool. device: compute device (default: the model's; "meta" and unavailable devices are
-        refused). offload: where the (nsamples, seqlen, hidden) activations live: False = on the device, True
-        / "cpu" = host memory, "disk" = a file in offload_dir (default the temporary folder; see
-        admm_kernels.models.activations). gram_dtype: torch.float32 or
-        torch.float64. sequential: prune a block's layer groups one after the other, each group's Gram
-        taken from the block with the earlier groups already pruned (q/k/v, then o, then gate/up, then
-        down for LLaMA; the rule is in admm_kernels.models.grams). tune_epochs > 0: block tuning after
-        each block's layer-wise solves, `tune_epochs` epochs of Adam (lr tune_lr, tune_batch windows a
-        step) on the kept weights towards the dense block's outputs on the same inputs, masks unchanged
-        (admm_kernels.models.block_tune; float32 models, one process; the layers' "error" stays the
-        layer-wise solve's). moe_calibration: how each expert of a MoE block is calibrated: "routed"
-        (default: its Gram from the tokens the router sends to it) or "all" (every token through every
-        expert, for the Grams only; the block's output still follows the router); experts with fewer
-        than admm_kernels.models.experts.MIN_EXPERT_TOKENS tokens use their module's pooled Gram
-        (reported per layer as "tokens" and "fallback"). progress: tqdm bars over blocks and layers
-        (rank 0 only).
-        sparsity may also be a list of one value in [0, 1) per decoder block. sparsity_profile:
-        "uniform" (every block at `sparsity`) or "owl" (Yin et al. 2024: blocks with a larger share of
-        outlier Wanda scores are pruned less, the model's overall sparsity stays `sparsity`; owl_m = M,
-        the outlier threshold over the block's mean score, default 5; owl_lambda = λ, the block
-        sparsities span 2λ, default 0.08; one extra dense forward of the calibration data, on rank 0 of
-        a distributed run, whose result every rank uses; not with a StreamedModel; unstructured and
-        per-row patterns only; see admm_kernels.models.owl).
-        state_dir: folder for resumable state, locked for the run (a second run on it fails at once,
-        naming the holder's pid). A run started with the same settings continues from the last finished
-        block with a bit-identical result. Pass the original dense model, freshly loaded: its content
-        digest must equal the interrupted run's (the pruned blocks are restored from the state folder),
-        and so must the calibration ids, every setting, the torch thread count and the world size (see
-        run_fingerprint). Corrupt or foreign state raises StateError (a ValueError) before the model is
-        touched. In a distributed run only rank 0 uses it (the others may pass anything).
-        callback(block_index, report): called after each finished block (and its state save).
-        distributed: None = run distributed when a torch.distributed process group with several ranks is
-        initialised (every rank must call prune_model with the same arguments), False = this process
-        alone, True = require a process group (admm_kernels.models.distributed.resolve_comm).
+        their turn, written to its output folder when final, then freed). calibration: int token ids
+        (nsamples, seqlen), e.g. from admm_kernels.protocols.calibration_windows.
+    config / **kwargs: the settings, a PruneConfig or its fields as keywords (sparsity=0.5,
+        pattern="unstructured", method="admm", sparsity_profile, owl_m, owl_lambda, layers, gram_dtype,
+        sequential, tune_epochs / tune_lr / tune_batch, moe_calibration, and the method's options; see
+        PruneConfig); keywords given with a config replace its fields. Checked before any work.
+    device: compute device (default: the model's; "meta" and unavailable devices are refused). offload:
+        where the (nsamples, seqlen, hidden) activations live: False = on the device, True / "cpu" = host
+        memory, "disk" = a file in offload_dir (default the temporary folder; models/activations.py).
+        progress: tqdm bars over blocks and layers (rank 0 only).
+    state_dir: folder for resumable state, locked for the run (a second run on it fails at once, naming
+        the holder's pid). A run started with the same settings continues from the last finished block
+        with a bit-identical result: pass the original dense model, freshly loaded, the same calibration
+        ids, settings, torch thread count and world size (run_fingerprint). Corrupt or foreign state
+        raises StateError (a ValueError) before the model is touched. Distributed: rank 0's alone.
+    callback(block_index, report): called after each finished block (and its state save).
+    distributed: None = run distributed when a torch.distributed process group with several ranks is
+        initialised (every rank calls prune_model with the same arguments), False = this process alone,
+        True = require a process group (admm_kernels.models.distributed.resolve_comm).
 
     On any exception the model is left where and as it was found: every block back on its device, no
-    hooks, the original train/eval mode (weights of blocks already pruned stay pruned; with state_dir,
-    rerun on a freshly loaded dense model to continue). A rank of a distributed run whose peer died or
+    hooks, the original train/eval mode (blocks already pruned stay pruned). A rank whose peer died or
     hung raises admm_kernels.models.distributed.DistributedError within the process group's timeout.
 
-    Returns a JSON-able dict (the same on every rank): model, blocks, method, pattern, sparsity (the
-    target: for a per-block list, its mean weighted by the blocks' selected weights), sparsity_profile
-    (name, target, block_sparsity; OWL: owl_m, owl_lambda, outlier_ratios), options, nsamples, seqlen,
-    block_tune (tune_epochs > 0: its settings and, per block, the mean-squared error of the block's
-    outputs to the dense block's before and after tuning),
-    layers (per layer: name, block, shape, group, error, seconds, sparsity;
-    "stage" with sequential, "rank" (its solver) when distributed, "tokens" and "fallback" for experts),
-    achieved_sparsity (over the pruned layers), coverage (admm_kernels.models.coverage: the share of
-    the blocks' weight matrices pruned, the sparsity over all of them, what was left out and why),
-    timings (profile, capture, forward, gram, solve, comm, state, total seconds, this rank's),
-    threads
-    (torch's CPU thread count, part of what makes a run reproducible), world_size, ranks (per rank:
-    device, windows, timings; distributed only), versions.
+    Returns a JSON-able dict, the same on every rank (see _report): the model, settings, the sparsity
+    profile, per-layer entries (name, block, shape, group, error, seconds, sparsity, kept; "stage",
+    "rank", "tokens", "fallback" where they apply), achieved_sparsity, coverage, timings, threads,
+    world_size, versions (and block_tune, ranks where they apply).
     """
     t_start = time.perf_counter()
-    streamed = model if isinstance(model, StreamedModel) else None
-    net = streamed.model if streamed is not None else model
-    blocks_name, blocks = find_blocks(net)
-    if gram_dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"gram_dtype must be torch.float32 or torch.float64, got {gram_dtype}")
+    config = _settings(config, kwargs)
+    source = block_source(model)
+    plan = config.validate(model)
     if callback is not None and not callable(callback):
-        raise TypeError(f"callback must be callable, got {type(callback).__name__}")
-    if not isinstance(sequential, bool):
-        raise TypeError(f"sequential must be a bool, got {sequential!r}")
-    tune = check_block_tune(tune_epochs, tune_lr, tune_batch)
-    ids = check_calibration(calibration, net)
-    request = check_profile(sparsity, sparsity_profile, len(blocks), pattern, owl_m, owl_lambda)
-    if request.name == "owl" and streamed is not None:
-        raise ValueError("sparsity_profile='owl' needs a dense pass over every block before pruning, which a "
-                         "StreamedModel does not support yet: load the model in memory, or give the OWL "
-                         "sparsities of a previous run as a per-block list")
-    if moe_calibration not in MOE_CALIBRATION:
-        raise ValueError(f"moe_calibration must be one of {', '.join(MOE_CALIBRATION)}, got "
-                         f"{moe_calibration!r}")
-    selected = select_all(blocks, blocks_name, layers)
-    matrix_rows = _check_coverage(net, blocks, blocks_name, selected, layers)
-    _validate_layers(selected, blocks_name, pattern, request.planned())
-    _validate_options(request.planned()[0], pattern, method, options)
+        raise ArgumentTypeError(f"callback must be callable, got {type(callback).__name__}", "callback")
+    with about("calibration"):
+        ids = check_calibration(calibration, source.model)
     comm = resolve_comm(distributed)
-    if tune.enabled and comm.distributed:
-        raise ValueError("tune_epochs > 0 (block tuning) runs in one process only for now: its gradients "
-                         "are not all-reduced across ranks; run without torchrun, or leave it at 0")
-    home = torch.device("cpu") if streamed is not None else model_device(net)
-    device = check_compute_device(device, "device") if device is not None else home
+    _check_ranks(plan, ids, comm)
+    with about("device"):
+        device = check_compute_device(device, "device") if device is not None else source.home
     acts_store = ActivationStore(resolve_offload(offload), device, offload_dir)
-    # Blocks after the last one with selected layers need no work at all.
-    end = max(i for i, sel in enumerate(selected) if sel) + 1
+    run = _Run(config, plan, source, comm, ids, device, acts_store, checkpointer(state_dir, comm.is_main),
+               progress)
+    comm_before = comm.seconds
+    sparsity, start = _execute(run, callback)
+    run.timings["total"] = time.perf_counter() - t_start
+    run.timings["comm"] = comm.seconds - comm_before  # inside collectives, waiting for other ranks included
+    return _report(run, sparsity, offload, start if state_dir and start else None)
+
+
+def _settings(config: PruneConfig | None, kwargs: dict) -> PruneConfig:
+    """prune_model's settings: `config`, with the keywords replacing its fields, or the keywords alone."""
+    if config is None:
+        return PruneConfig(**kwargs)
+    if not isinstance(config, PruneConfig):
+        raise ArgumentTypeError(f"config must be a PruneConfig or None, got {type(config).__name__} (give "
+                                "the sparsity as sparsity=...)", "config")
+    return dataclasses.replace(config, **kwargs) if kwargs else config
+
+
+def _check_ranks(plan: PrunePlan, ids: torch.Tensor, comm: Comm) -> None:
+    """What a distributed run needs of the settings and the calibration."""
+    if plan.tune.enabled and comm.distributed:
+        raise ArgumentError("tune_epochs > 0 (block tuning) runs in one process only for now: its gradients "
+                            "are not all-reduced across ranks; run without torchrun, or leave it at 0",
+                            "tune_epochs")
     n = int(ids.shape[0])
     if n < comm.size:
-        raise ValueError(f"calibration has {n} windows, fewer than the {comm.size} ranks of the distributed "
-                         "run: every rank needs at least one window (use more --nsamples or fewer ranks)")
-    counts = shard_counts(n, comm.size)
-    mine = shard(n, comm.size, comm.rank)
+        raise ArgumentError(f"calibration has {n} windows, fewer than the {comm.size} ranks of the "
+                            "distributed run: every rank needs at least one window (use more --nsamples or "
+                            "fewer ranks)", "calibration")
 
-    block_sparsity: BlockSparsity | None = None  # the one place that says how sparse block b becomes
 
-    def block_options(b: int) -> dict:
-        return dict(sparsity=block_sparsity.of(b), pattern=pattern, method=method, **options)
+@dataclass
+class _Run:
+    """One prune_model call: its settings and plan, the parts it composes (block source, communicator,
+    checkpointer), and what it has produced so far (report entries, block tuning reports, timings)."""
 
-    store = PipelineState(state_dir) if state_dir is not None and comm.is_main else None
-    comm_before = comm.seconds
-    timings = {"profile": 0.0, "capture": 0.0, "forward": 0.0, "gram": 0.0, "solve": 0.0, "tune": 0.0,
-               "comm": 0.0, "state": 0.0}
-    tune_reports: list[dict] = []
+    config: PruneConfig
+    plan: PrunePlan
+    source: InMemoryBlocks | StreamedBlocks
+    comm: Comm
+    ids: torch.Tensor
+    device: torch.device
+    acts_store: ActivationStore
+    checkpoint: NoCheckpoint | StateCheckpoint
+    progress: bool
+    timings: dict[str, float] = field(default_factory=lambda: dict.fromkeys(TIMINGS, 0.0))
+    layers: list[dict] = field(default_factory=list)
+    tuned: list[dict] = field(default_factory=list)
+    gathered: torch.Tensor | None = None  # rank 0's (N, L, hidden) buffer for the state, distributed
+
+    @property
+    def net(self) -> nn.Module:
+        return self.source.model
+
+    @property
+    def mine(self) -> range:
+        """This rank's calibration windows."""
+        return shard(int(self.ids.shape[0]), self.comm.size, self.comm.rank)
+
+    @property
+    def counts(self) -> list[int]:
+        return shard_counts(int(self.ids.shape[0]), self.comm.size)
+
+
+@dataclass(frozen=True)
+class _Opened:
+    """What rank 0 tells every rank before the first block: every block's sparsity, whether the state is
+    saved (then every rank sends its activations after each block), where the run continues, and rank
+    0's seconds for the profile and the state."""
+
+    sparsity: BlockSparsity
+    saving: bool
+    resume: ResumePoint | None
+    seconds: dict[str, float]
+
+
+def _open(run: _Run, stack: contextlib.ExitStack, was_training: bool) -> _Opened:
+    """Rank 0: lock the state, resolve the sparsity profile (OWL's dense pass, in eval mode: no weight
+    is changed), verify the state against the run's fingerprint before the model is touched."""
+    plan = run.plan
+    run.checkpoint.lock(stack)
+    t = time.perf_counter()
+    try:
+        sparsity = resolve_profile(plan.request, run.net.eval(), plan.blocks, plan.selected, run.ids,
+                                   run.device, run.acts_store, run.progress)
+    finally:
+        run.net.train(was_training)
+    seconds = {"profile": time.perf_counter() - t}
+    if not run.checkpoint.saving:
+        return _Opened(sparsity, False, None, seconds)
+    t = time.perf_counter()
+    resume = run.checkpoint.resume(
+        lambda: run_fingerprint(run.net, run.ids, run.config, sparsity,
+                                blocks=f"{plan.blocks_name}[{len(plan.blocks)}]", device=run.device,
+                                world_size=run.comm.size, dense_model=run.source.dense_digest()),
+        _layout(plan.selected, plan.end, run.ids))
+    run.checkpoint.check_space(_state_bytes(run, resume.next_block if resume else 0))
+    seconds["state"] = time.perf_counter() - t
+    return _Opened(sparsity, True, resume, seconds)
+
+
+def _state_bytes(run: _Run, start: int) -> int:
+    """What the state still needs on its disk: the pruned weights of blocks start .. end - 1 and two
+    activation files (the state keeps the previous one until the next is written), (N, L, hidden) each."""
+    weights = sum(w.numel() * w.element_size()
+                  for sel in run.plan.selected[start:run.plan.end] for w in map(get_weight, sel.values()))
+    cfg = getattr(run.net, "config", None)
+    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None) or 0
+    return weights + 2 * int(run.ids.numel()) * int(hidden) * run.source.dtype.itemsize
+
+
+def _execute(run: _Run, callback: Callable[[int, dict], None] | None) -> tuple[BlockSparsity, int]:
+    """Open the state and profile, capture the first inputs, prune block after block. Returns every
+    block's sparsity and the block the run started at."""
+    net, plan = run.net, run.plan
     was_training = net.training
     with contextlib.ExitStack() as stack:
-        state, fp = None, None
-
-        def open_state() -> dict:  # rank 0: lock, profile, fingerprint, verify; the others hear the outcome
-            nonlocal state, fp
-            if store is not None:
-                stack.enter_context(store.lock())
-            t = time.perf_counter()
-            try:  # before the first block is pruned: OWL's dense pass (eval mode; no weight is changed)
-                profile = resolve_profile(request, net.eval(), blocks, selected, ids, device,
-                                          acts_store.device, progress, empty=acts_store.empty)
-            finally:
-                net.train(was_training)
-            timings["profile"] = time.perf_counter() - t
-            if store is None:
-                return {"start": 0, "saving": False, "layers": [], "acts": None, "sparsity": profile}
-            t = time.perf_counter()
-            fp = run_fingerprint(net, ids, blocks_name, len(blocks), method=method, pattern=pattern,
-                                 sparsity=profile, options=options, layers=layers, gram_dtype=gram_dtype,
-                                 device=device, world_size=comm.size, sequential=sequential,
-                                 block_tune=tune.fingerprint() if tune.enabled else None,
-                                 moe_calibration=moe_calibration,
-                                 dense_model=streamed.digest() if streamed is not None else None)
-            state = store.load(fp, _layout(selected, end, ids))  # verified before the model is touched
-            _check_state_space(state_dir, selected, state["next_block"] if state else 0, end, ids, net,
-                               streamed)
-            timings["state"] += time.perf_counter() - t
-            if state is None:
-                return {"start": 0, "saving": True, "layers": [], "acts": None, "sparsity": profile}
-            rec = state["files"][state["acts_file"]]["tensors"]["hidden"] if state["acts_file"] else None
-            return {"start": state["next_block"], "saving": True, "layers": list(state["report"]["layers"]),
-                    "tuned": list(state["report"].get("block_tune", [])),
-                    "acts": (rec["shape"], rec["dtype"]) if rec else None, "sparsity": profile}
-
-        opened = comm.decided_by_main(open_state, "opening the state folder and the sparsity profile")
-        start, saving, report_layers = opened["start"], opened["saving"], opened["layers"]
-        tune_reports.extend(opened.get("tuned", []))
-        block_sparsity = opened["sparsity"]
-        _validate_layers(selected, blocks_name, pattern, block_sparsity.values)
-        bar, loaded, full = None, None, None
+        opened = run.comm.decided_by_main(lambda: _open(run, stack, was_training),
+                                          "opening the state folder and the sparsity profile")
+        if run.comm.is_main:
+            run.timings.update(opened.seconds)
+        start = opened.resume.next_block if opened.resume else 0
+        if opened.resume:
+            run.layers.extend(opened.resume.layers)
+            run.tuned.extend(opened.resume.block_tune)
+        validate_layers(plan.selected, plan.blocks_name, run.config.pattern, opened.sparsity.values)
+        bar = None
         try:
             net.eval()
             with torch.no_grad():
-                t = time.perf_counter()
-                acts, calls = None, None
-                if start < end:
-                    acts, calls = capture_inputs(net, blocks, ids, device, acts_store.device,
-                                                 range(0) if start else mine, empty=acts_store.empty)
-                    if start:
-                        shape, dtype = opened["acts"]
-                        acts = acts_store.empty((len(mine), *shape[1:]), _torch_dtype(dtype))
-                        saved = store.activations(state) if comm.is_main else None
-                        comm.scatter_rows(saved, counts, acts, "sending the saved activations")
-                        del saved
-                timings["capture"] = time.perf_counter() - t
-
-                bar = _Bars(end, min(start, end), progress and comm.is_main)
-                for b in range(len(blocks) if streamed is not None else end):
-                    if streamed is not None:
-                        streamed.load_block(b)
-                        loaded = b
+                acts, calls = _first_inputs(run, opened.resume)
+                bar = _Bars(plan.end, min(start, plan.end), run.progress and run.comm.is_main)
+                ctx = BlockContext(plan.blocks_name, run.device, run.config.gram_dtype, run.comm, bar,
+                                   run.config.sequential, run.config.moe_calibration, plan.tune)
+                for b in run.source.visits(plan.end, len(plan.blocks)):
+                    run.source.load(b)
                     if b < start:
-                        _restore_block(store, state, b, selected[b], comm)
-                    elif b < end:
-                        block_report = _prune_block(
-                            blocks[b], b, blocks_name, selected[b], calls[b], acts, device, gram_dtype,
-                            block_options(b), last=(b == end - 1), sequential=sequential, comm=comm, bar=bar,
-                            timings=timings, tune=tune, tune_reports=tune_reports,
-                            moe_calibration=moe_calibration)
-                        report_layers.extend(block_report)
-                        if saving:
-                            t = time.perf_counter()
-                            more = b + 1 < end
-                            if more and comm.distributed and comm.is_main and full is None:
-                                full = acts_store.empty((n, *acts.shape[1:]), acts.dtype)
-                            gathered = comm.gather_rows(acts, counts, full, f"block {b}: collecting the "
-                                                        "activations for the state") if more else None
-                            if comm.is_main:
-                                saved_report = {"layers": report_layers}
-                                if tune.enabled:
-                                    saved_report["block_tune"] = tune_reports
-                                # No name for the weights: one would keep a streamed block's memory alive
-                                # through the next block, after release_block has freed the block itself.
-                                state = store.save(fp, b + 1, {rel: get_weight(m) for rel, m in
-                                                               selected[b].items()}, gathered, saved_report,
-                                                   state)
-                            timings["state"] += time.perf_counter() - t
-                        bar.block_done()
-                        if callback is not None:
-                            callback(b, {"layers": block_report})
-                    if streamed is not None:
-                        streamed.block_done(b)
-                        loaded = None
-                if streamed is not None:
-                    streamed.finish_output()
+                        _restore_block(run.checkpoint, b, plan.selected[b], run.comm)
+                    elif b < plan.end:
+                        _block(run, b, ctx, acts, calls[b], opened, callback)
+                    run.source.done(b)
+                run.source.finish()
         finally:
-            if loaded is not None:
-                streamed.release_block(loaded)
+            run.source.release()
             if bar is not None:
                 bar.close()
             net.train(was_training)
+    return opened.sparsity, start
 
-    kept = sum(r["kept"] for r in report_layers)
-    total = sum(r["numel"] for r in report_layers)
-    timings["total"] = time.perf_counter() - t_start
-    timings["comm"] = comm.seconds - comm_before  # inside collectives, waiting for other ranks included
+
+def _first_inputs(run: _Run, resume: ResumePoint | None) -> tuple[torch.Tensor | None, list | None]:
+    """This rank's inputs of the first block to prune, (windows, L, hidden), and every block's call
+    (admm_kernels.models.capture); a resumed run's inputs come from the state (read by rank 0, sent
+    to every rank). (None, None) when no block is left to prune."""
+    t = time.perf_counter()
+    start = resume.next_block if resume else 0
+    acts, calls = None, None
+    if start < run.plan.end:
+        acts, calls = capture_inputs(run.net, run.plan.blocks, run.ids, run.device, run.acts_store.device,
+                                     range(0) if start else run.mine, empty=run.acts_store.empty)
+        if start:
+            shape, dtype = resume.activations
+            acts = run.acts_store.empty((len(run.mine), *shape[1:]), _torch_dtype(dtype))
+            saved = run.checkpoint.activations() if run.comm.is_main else None
+            run.comm.scatter_rows(saved, run.counts, acts, "sending the saved activations")
+            del saved
+    run.timings["capture"] = time.perf_counter() - t
+    return acts, calls
+
+
+def _block(run: _Run, b: int, ctx: BlockContext, acts: torch.Tensor, call, opened: _Opened,
+           callback: Callable[[int, dict], None] | None) -> None:
+    """Prune block b (on the compute device only meanwhile), then save it and tell the callback."""
+    plan = run.plan
+    solve_kwargs = dict(sparsity=opened.sparsity.of(b), pattern=run.config.pattern, method=run.config.method,
+                        **run.config.options)
+    result: BlockResult = _prune_block(plan.blocks[b], b, plan.selected[b], call, acts, solve_kwargs, ctx,
+                                       last=(b == plan.end - 1))
+    for key, seconds in result.seconds.items():
+        run.timings[key] += seconds
+    run.layers.extend(result.layers)
+    if result.tune is not None:
+        run.tuned.append(result.tune)
+    if opened.saving:
+        _save_block(run, b, acts)
+    ctx.progress.block_done()
+    if callback is not None:
+        callback(b, {"layers": result.layers})
+
+
+def _save_block(run: _Run, b: int, acts: torch.Tensor) -> None:
+    """Every rank's activations to rank 0, which records block b as finished in the state."""
+    t = time.perf_counter()
+    comm, more = run.comm, b + 1 < run.plan.end
+    if more and comm.distributed and comm.is_main and run.gathered is None:
+        run.gathered = run.acts_store.empty((int(run.ids.shape[0]), *acts.shape[1:]), acts.dtype)
+    gathered = comm.gather_rows(acts, run.counts, run.gathered, f"block {b}: collecting the activations for "
+                                "the state") if more else None
+    if comm.is_main:
+        report = {"layers": run.layers}
+        if run.plan.tune.enabled:
+            report["block_tune"] = run.tuned
+        # No name for the weights: one would keep a streamed block's memory alive through the next block,
+        # after release_block has freed the block itself.
+        run.checkpoint.save(b + 1, {rel: get_weight(m) for rel, m in run.plan.selected[b].items()}, gathered,
+                            report)
+    run.timings["state"] += time.perf_counter() - t
+
+
+def _report(run: _Run, sparsity: BlockSparsity, offload: bool | str, resumed_from: int | None) -> dict:
+    """prune_model's report: model, blocks, blocks_name, method, pattern, sparsity (the target: for a
+    per-block list, its mean weighted by the blocks' selected weights), sparsity_profile (name, target,
+    block_sparsity; OWL: owl_m, owl_lambda, outlier_ratios), options, nsamples, seqlen, device, offload,
+    sequential, streamed, resumed_from_block, layers (per layer: name, block, shape, group, error,
+    seconds, sparsity, kept, numel, backends; "stage" with sequential, "rank" (its solver) when
+    distributed, "tokens" and "fallback" for experts), achieved_sparsity (over the pruned layers),
+    coverage (admm_kernels.models.coverage), timings (profile, capture, forward, gram, solve, tune, comm,
+    state, total seconds, this rank's), threads (torch's CPU thread count, part of what makes a run
+    reproducible), world_size, versions; block_tune (tune_epochs > 0: its settings and, per block, the
+    mean-squared error of the block's outputs to the dense block's before and after tuning) and ranks
+    (per rank: device, windows, threads, timings; distributed only)."""
+    config, plan, comm = run.config, run.plan, run.comm
+    kept = sum(r["kept"] for r in run.layers)
+    total = sum(r["numel"] for r in run.layers)
     report = {
-        "model": type(net).__name__, "blocks": len(blocks), "blocks_name": blocks_name,
-        "method": method, "pattern": pattern, "sparsity": block_sparsity.target,
-        "sparsity_profile": block_sparsity.report(),
-        "options": fingerprint(**options), "nsamples": n, "seqlen": int(ids.shape[1]),
-        "device": str(device), "offload": offload, "sequential": sequential, "streamed": streamed is not None,
-        "resumed_from_block": start if state_dir and start else None,
-        "layers": report_layers, "achieved_sparsity": 1.0 - kept / total if total else 0.0,
-        "coverage": coverage(matrix_rows, blocks_name, report_layers),
-        "timings": timings, "threads": torch.get_num_threads(), "world_size": comm.size,
+        "model": type(run.net).__name__, "blocks": len(plan.blocks), "blocks_name": plan.blocks_name,
+        "method": config.method, "pattern": config.pattern, "sparsity": sparsity.target,
+        "sparsity_profile": sparsity.report(),
+        "options": fingerprint(**config.options), "nsamples": int(run.ids.shape[0]),
+        "seqlen": int(run.ids.shape[1]), "device": str(run.device), "offload": offload,
+        "sequential": config.sequential, "streamed": run.source.streamed, "resumed_from_block": resumed_from,
+        "layers": run.layers, "achieved_sparsity": 1.0 - kept / total if total else 0.0,
+        "coverage": coverage(plan.coverage_rows, plan.blocks_name, run.layers),
+        "timings": run.timings, "threads": torch.get_num_threads(), "world_size": comm.size,
         "versions": versions(),
     }
-    if tune.enabled:
-        report["block_tune"] = {**tune.fingerprint(), "blocks": tune_reports}
+    if plan.tune.enabled:
+        report["block_tune"] = {**plan.tune.fingerprint(), "blocks": run.tuned}
     if comm.distributed:
         report["ranks"] = comm.all_gather_objects(
-            {"rank": comm.rank, "device": str(device), "windows": [mine.start, mine.stop],
-             "threads": torch.get_num_threads(), "timings": timings}, "collecting the per-rank timings")
+            {"rank": comm.rank, "device": str(run.device), "windows": [run.mine.start, run.mine.stop],
+             "threads": torch.get_num_threads(), "timings": run.timings}, "collecting the per-rank timings")
     return report
 
 
-def _check_state_space(state_dir, selected: list[dict[str, nn.Module]], start: int, end: int,
-                       ids: torch.Tensor, net: nn.Module, streamed: StreamedModel | None) -> None:
-    """WriteError (ENOSPC) before any work when the state cannot fit on its disk: the pruned weights of
-    blocks start .. end - 1 and two activation files (the state keeps the previous one until the next
-    is written), (nsamples, seqlen, hidden) each."""
-    from .._io import check_free_space
-
-    weights = sum(w.numel() * w.element_size()
-                  for sel in selected[start:end] for w in map(get_weight, sel.values()))
-    dtype = streamed.dtype if streamed is not None else next(net.parameters()).dtype
-    cfg = getattr(net, "config", None)
-    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None) or 0
-    acts = int(ids.numel()) * int(hidden) * dtype.itemsize
-    check_free_space([("the resumable state", state_dir, weights + 2 * acts)])
-
-
-def _restore_block(store: PipelineState | None, state: dict | None, b: int, layers: dict[str, nn.Module],
+def _restore_block(checkpoint: NoCheckpoint | StateCheckpoint, b: int, layers: dict[str, nn.Module],
                    comm: Comm) -> None:
     """Write a finished block's pruned weights from the state folder (read by rank 0) into every rank's
     model."""
-    saved = store.block_weights(state, b) if comm.is_main else {}
+    saved = checkpoint.block_weights(b) if comm.is_main else {}
     for rel, module in layers.items():
         w = get_weight(module)
         weight = saved[rel] if comm.is_main else torch.empty(w.shape, dtype=w.dtype)
@@ -487,18 +472,14 @@ def _restore_block(store: PipelineState | None, state: dict | None, b: int, laye
         set_weight(module, weight)
 
 
-def _prune_block(block: nn.Module, index: int, blocks_name: str, layers: dict[str, nn.Module], call,
-                 acts: torch.Tensor, device: torch.device, gram_dtype: torch.dtype, prune_kwargs: dict, *,
-                 last: bool, sequential: bool, comm: Comm, bar, timings: dict, tune: BlockTune | None = None,
-                 tune_reports: list | None = None, moe_calibration: str = "routed") -> list[dict]:
-    """prune_block with the block on `device` only inside this call: it goes back to its own device
+def _prune_block(block: nn.Module, index: int, layers: dict[str, nn.Module], call, acts: torch.Tensor,
+                 solve_kwargs: dict, ctx: BlockContext, *, last: bool) -> BlockResult:
+    """prune_block with the block on ctx.device only inside this call: it goes back to its own device
     whatever happens."""
     home = next(block.parameters()).device
     try:
-        block.to(device)
-        return prune_block(block, index, blocks_name, layers, call, acts, device, gram_dtype, prune_kwargs,
-                           last=last, sequential=sequential, comm=comm, bar=bar, timings=timings,
-                           tune=tune, tune_reports=tune_reports, moe_calibration=moe_calibration)
+        block.to(ctx.device)
+        return prune_block(block, index, layers, call, acts, solve_kwargs, ctx, last=last)
     finally:
         block.to(home)
 

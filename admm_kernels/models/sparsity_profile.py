@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .._checks import check_float, check_sparsity
+from ..errors import ArgumentError, ArgumentTypeError, about
 
 PROFILES = ("uniform", "owl")
 
@@ -89,17 +90,19 @@ class ProfileRequest:
 
 def _check_value_list(values: object, n_blocks: int, name: str) -> tuple[float, ...]:
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
-        raise TypeError(f"{name} must be a float or a sequence of {n_blocks} floats (one per block), "
-                        f"got {values!r}")
+        raise ArgumentTypeError(f"{name} must be a float or a sequence of {n_blocks} floats (one per block), "
+                                f"got {values!r}", name)
     if len(values) != n_blocks:
-        raise ValueError(f"{name} has {len(values)} per-block values but the model has {n_blocks} decoder "
-                         f"blocks: give one value per block")
-    return tuple(check_sparsity(v, f"{name}[{i}]") for i, v in enumerate(values))
+        raise ArgumentError(f"{name} has {len(values)} per-block values but the model has {n_blocks} "
+                            f"decoder blocks: give one value per block", name)
+    with about(name):
+        return tuple(check_sparsity(v, f"{name}[{i}]") for i, v in enumerate(values))
 
 
 def check_profile(sparsity: object, sparsity_profile: object, n_blocks: int, pattern: object,
                   owl_m: object = None, owl_lambda: object = None) -> ProfileRequest:
-    """Validate prune_model's sparsity arguments; raise ValueError / TypeError naming the argument.
+    """Validate prune_model's sparsity arguments; raise admm_kernels.errors.ArgumentError (a ValueError)
+    / ArgumentTypeError (a TypeError) whose message and `.argument` name the argument.
 
     sparsity: a float in [0, 1) (the target), or one float in [0, 1) per decoder block (n_blocks).
     sparsity_profile: "uniform" or "owl" (for a float sparsity). owl_m, owl_lambda: OWL's M (> 0) and
@@ -107,38 +110,49 @@ def check_profile(sparsity: object, sparsity_profile: object, n_blocks: int, pat
     (only whether it is N:M matters here; its syntax is checked per layer by the pipeline).
     """
     nm_pattern = isinstance(pattern, str) and ":" in pattern
-    if not isinstance(sparsity_profile, str):
-        raise TypeError(f"sparsity_profile must be a str, one of {PROFILES}, got {sparsity_profile!r}")
-    name = sparsity_profile.strip().lower()
-    if name not in PROFILES:
-        raise ValueError(f"unknown sparsity_profile {sparsity_profile!r}; expected one of {PROFILES} (pass "
-                         "a per-block list as sparsity=[...])")
+    name = _check_profile_name(sparsity_profile)
     if name != "owl":
         for opt, value in (("owl_m", owl_m), ("owl_lambda", owl_lambda)):
             if value is not None:
-                raise ValueError(f"{opt}={value!r} is an option of sparsity_profile='owl', got "
-                                 f"sparsity_profile={sparsity_profile!r}")
+                raise ArgumentError(f"{opt}={value!r} is an option of sparsity_profile='owl', got "
+                                    f"sparsity_profile={sparsity_profile!r}", opt)
     if not isinstance(sparsity, numbers.Real) or isinstance(sparsity, bool):
         if isinstance(sparsity, Sequence) and not isinstance(sparsity, (str, bytes)) and name == "owl":
-            raise ValueError("sparsity_profile='owl' computes the per-block sparsities from one target: "
-                             "pass sparsity as one float, not a per-block list")
+            raise ArgumentError("sparsity_profile='owl' computes the per-block sparsities from one target: "
+                                "pass sparsity as one float, not a per-block list", "sparsity")
         values = _check_value_list(sparsity, n_blocks, "sparsity")
         if nm_pattern:
-            raise ValueError("a per-block sparsity list cannot apply to an N:M pattern, which prunes every "
-                             "layer to 1 - N/M: use an unstructured or per-row pattern")
+            raise ArgumentError("a per-block sparsity list cannot apply to an N:M pattern, which prunes "
+                                "every layer to 1 - N/M: use an unstructured or per-row pattern", "sparsity")
         return ProfileRequest("list", n_blocks, None, values)
-    target = check_sparsity(sparsity)
+    with about("sparsity"):
+        target = check_sparsity(sparsity)
     if name == "uniform":
         return ProfileRequest("uniform", n_blocks, target)
     if nm_pattern:
-        raise ValueError("sparsity_profile='owl' applies to unstructured and per-row patterns; an N:M "
-                         "pattern prunes every layer to 1 - N/M (OWL's mixed-N:M variant is not implemented)")
-    m = OWL_M if owl_m is None else check_float(owl_m, "owl_m", 0.0, strict=True)
-    lam = OWL_LAMBDA if owl_lambda is None else check_float(owl_lambda, "owl_lambda", 0.0)
+        raise ArgumentError("sparsity_profile='owl' applies to unstructured and per-row patterns; an N:M "
+                            "pattern prunes every layer to 1 - N/M (OWL's mixed-N:M variant is not "
+                            "implemented)", "sparsity_profile")
+    with about("owl_m"):
+        m = OWL_M if owl_m is None else check_float(owl_m, "owl_m", 0.0, strict=True)
+    with about("owl_lambda"):
+        lam = OWL_LAMBDA if owl_lambda is None else check_float(owl_lambda, "owl_lambda", 0.0)
     if 2 * lam >= 1:
-        raise ValueError(f"owl_lambda={owl_lambda!r} is too large: the block sparsities span twice "
-                         "owl_lambda, which must be < 1 to fit in [0, 1)")
+        raise ArgumentError(f"owl_lambda={owl_lambda!r} is too large: the block sparsities span twice "
+                            "owl_lambda, which must be < 1 to fit in [0, 1)", "owl_lambda")
     return ProfileRequest("owl", n_blocks, target, owl_m=m, owl_lambda=lam)
+
+
+def _check_profile_name(sparsity_profile: object) -> str:
+    """The profile's name, stripped and lower-cased; ArgumentError / ArgumentTypeError otherwise."""
+    if not isinstance(sparsity_profile, str):
+        raise ArgumentTypeError(f"sparsity_profile must be a str, one of {PROFILES}, got "
+                                f"{sparsity_profile!r}", "sparsity_profile")
+    name = sparsity_profile.strip().lower()
+    if name not in PROFILES:
+        raise ArgumentError(f"unknown sparsity_profile {sparsity_profile!r}; expected one of {PROFILES} "
+                            "(pass a per-block list as sparsity=[...])", "sparsity_profile")
+    return name
 
 
 def weighted_mean(values: Sequence[float], weights: Sequence[int]) -> float:

@@ -16,7 +16,8 @@ Three guarantees, all in this module so that one owner (rank 0 of a distributed 
   token ids, every setting that changes the result); every referenced file must exist with the recorded
   size and SHA-256, and hold exactly the tensors (names, shapes, dtypes) the pipeline expects. Anything
   else raises StateError naming the file and how to start again. Nothing of the model is touched before
-  the whole state is verified.
+  the whole state is verified. What a verified state says is a `ResumePoint` (typed, frozen): the next
+  block, the report so far and the saved activations' layout; the files are read through it.
 * Durability (`PipelineState.save`): every file is written to a temporary name, fsync'ed, renamed and
   the folder fsync'ed; state.json is replaced last, so a crash at any moment leaves either the previous
   or the new consistent state. Cost, measured 2026-12-02 on the 2-core machine with a SmolLM2-sized
@@ -38,7 +39,8 @@ import json
 import os
 import shutil
 import threading
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -60,17 +62,76 @@ LOCK_FILE = ".lock"
 # 2: content digest of the whole model, SHA-256 / sizes / tensor shapes of every file, checksummed
 #    state.json, exclusive lock.
 FORMAT_VERSION = 2
-RECOVER = "delete the folder to start again (admm-prune: pass --overwrite instead of --resume)"
+# How to get past a state that cannot be resumed, in the library's terms. Every message that gives it
+# ends with it (StateError.start_over), so a caller with its own way to start over (a command-line
+# flag) can append that.
+RECOVER = "delete the folder to start again"
 
 _HASH_CHUNK = 16 << 20  # bytes read at a time when hashing a file
 
 
 class StateError(ValueError):
-    """A state folder that cannot be used: the message names the file and how to recover."""
+    """A state folder that cannot be used: the message names the file and how to recover.
+
+    start_over: True when the saved state itself cannot be resumed (corrupt, of another format, or of a
+    run with other settings) and starting again without it is the way on; the message then ends with
+    RECOVER. False for folders that cannot be locked or written."""
+
+    def __init__(self, message: str, start_over: bool = False):
+        super().__init__(message)
+        self.start_over = start_over
+
+    def __reduce__(self):
+        return type(self), (str(self), self.start_over)
 
 
 class StateInUseError(StateError):
     """The state folder is locked by another run (or another thread of this process)."""
+
+
+@dataclass(frozen=True)
+class MismatchWording:
+    """How a settings mismatch words its advice. The defaults speak of the library's own means; a caller
+    with other names for them (the command line's flags) passes its own to
+    StateMismatchError.message. ranks: a format string with {ranks}, the saved world size (> 1)."""
+
+    threads: str = "torch.set_num_threads"
+    ranks: str = "a torch.distributed process group of {ranks} ranks"
+    one_rank: str = "one process, without torch.distributed"
+    recover: str = RECOVER
+
+
+class StateMismatchError(StateError):
+    """The state folder belongs to a run with other settings.
+
+    folder: the state folder; mismatch: {fingerprint key: (saved value, this run's value)} of every
+    setting that differs (a key missing on one side has None there)."""
+
+    def __init__(self, folder: str | os.PathLike, mismatch: Mapping[str, tuple]):
+        self.folder = Path(folder)
+        self.mismatch = dict(mismatch)
+        super().__init__(self.message(), start_over=True)
+
+    def __reduce__(self):
+        return type(self), (self.folder, self.mismatch)
+
+    def message(self, wording: MismatchWording = MismatchWording()) -> str:
+        """The message, its advice worded by `wording` (str(self) uses the defaults)."""
+        detail = "; ".join(f"{k}: saved {saved!r}, now {now!r}" for k, (saved, now) in self.mismatch.items())
+        hints = []
+        if "dense_model" in self.mismatch:
+            hints.append("resuming needs the original dense model, freshly loaded")
+        if "threads" in self.mismatch:
+            hints.append(f"results depend on the torch thread count: resume with "
+                         f"{self.mismatch['threads'][0]} threads ({wording.threads})")
+        if "world_size" in self.mismatch:
+            ranks = self.mismatch["world_size"][0] or 1
+            how = wording.ranks.format(ranks=ranks) if ranks > 1 else wording.one_rank
+            hints.append("a distributed run's Gram sums depend on the number of ranks: resume with "
+                         f"{ranks} rank(s) ({how})")
+        hint = "".join(f"; {h}" for h in hints)
+        return (f"state_dir {str(self.folder)!r} belongs to a run with other settings ({detail}){hint}; use "
+                f"another state folder or {wording.recover}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -257,6 +318,56 @@ class StateLayout:
         return len(self.blocks)
 
 
+@dataclass(frozen=True)
+class ResumePoint:
+    """A verified state: where a run continues and what it continues with (PipelineState.load returns
+    it, PipelineState.save the new one). Plain data, so rank 0 can send it to the other ranks.
+
+    fingerprint: the run's settings (see admm_kernels.models.pipeline.run_fingerprint); next_block: the
+    first block not finished; block_files[b]: the file of finished block b's pruned weights; acts_file:
+    the file of next_block's inputs ("" after the last block with work); files: {file name: {"sha256",
+    "bytes", "tensors": {name: {"shape", "dtype"}}}}; report: the report so far ({"layers": [...],
+    "block_tune": [...] with block tuning})."""
+
+    fingerprint: dict
+    next_block: int
+    block_files: tuple[str, ...]
+    acts_file: str
+    files: dict = field(repr=False)
+    report: dict = field(repr=False)
+
+    @property
+    def layers(self) -> list[dict]:
+        """The report entries of every layer of the finished blocks, in order."""
+        return list(self.report["layers"])
+
+    @property
+    def block_tune(self) -> list[dict]:
+        """The block tuning reports of the finished blocks (empty without block tuning)."""
+        return list(self.report.get("block_tune", []))
+
+    @property
+    def activations(self) -> tuple[tuple[int, ...], str] | None:
+        """(shape (N, L, hidden), dtype name such as "torch.float32") of the saved inputs of next_block,
+        or None when there are none."""
+        if not self.acts_file:
+            return None
+        rec = self.files[self.acts_file]["tensors"]["hidden"]
+        return tuple(rec["shape"]), rec["dtype"]
+
+    def record(self) -> dict:
+        """The JSON object state.json holds (without its format and checksum)."""
+        return {"fingerprint": self.fingerprint, "next_block": self.next_block,
+                "block_files": list(self.block_files), "acts_file": self.acts_file, "files": self.files,
+                "report": self.report}
+
+    @classmethod
+    def from_record(cls, obj: Mapping) -> ResumePoint:
+        """The inverse of record() (for an object whose structure was checked)."""
+        return cls(obj["fingerprint"], obj["next_block"], tuple(obj["block_files"]), obj["acts_file"],
+                   obj["files"], obj["report"])
+
+
 def _tensor_record(tensors: dict[str, torch.Tensor]) -> dict:
     return {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in sorted(tensors.items())}
 
@@ -317,7 +428,7 @@ class PipelineState:
 
     def _error(self, name: str, problem: str) -> StateError:
         return StateError(f"state file {str(self.folder / name)!r} {problem}; the state folder cannot be "
-                          f"resumed: {RECOVER}")
+                          f"resumed: {RECOVER}", start_over=True)
 
     def _read_json(self, name: str) -> dict:
         path = self.folder / name
@@ -336,41 +447,29 @@ class PipelineState:
             raise self._error(name, "does not match its checksum (it was edited or is corrupt)")
         return obj
 
-    def load(self, expected_fingerprint: dict, layout: StateLayout) -> dict | None:
+    def load(self, expected_fingerprint: dict, layout: StateLayout) -> ResumePoint | None:
         """The verified saved state, or None when there is none (no state.json).
 
-        Raises StateError when the saved run had other settings (naming the differing keys), or when
-        state.json or any file it references is missing, truncated, modified, or holds other tensors
-        than `layout` says. Every file's SHA-256 is checked here, before the caller touches the model."""
+        Raises StateMismatchError when the saved run had other settings (naming the differing keys),
+        StateError when state.json or any file it references is missing, truncated, modified, or holds
+        other tensors than `layout` says. Every file's SHA-256 is checked here, before the caller
+        touches the model."""
         if not self.exists():
             return None
         state = self._read_json(STATE_FILE)
         self._check_structure(state, layout)
-        saved = state["fingerprint"]
+        point = ResumePoint.from_record(state)
+        saved = point.fingerprint
         diff = sorted(k for k in set(saved) | set(expected_fingerprint)
                       if saved.get(k) != expected_fingerprint.get(k))
         if diff:
-            detail = "; ".join(f"{k}: saved {saved.get(k)!r}, now {expected_fingerprint.get(k)!r}"
-                               for k in diff)
-            hints = []
-            if "dense_model" in diff:
-                hints.append("resuming needs the original dense model, freshly loaded")
-            if "threads" in diff:
-                hints.append(f"results depend on the torch thread count: resume with "
-                             f"{saved.get('threads')} threads (admm-prune --threads, torch.set_num_threads)")
-            if "world_size" in diff:
-                ranks = saved.get("world_size") or 1
-                how = f"torchrun --nproc-per-node {ranks}" if ranks > 1 else "one process, without torchrun"
-                hints.append("a distributed run's Gram sums depend on the number of ranks: resume with "
-                             f"{ranks} rank(s) ({how})")
-            hint = "".join(f"; {h}" for h in hints)
-            raise StateError(f"state_dir {str(self.folder)!r} belongs to a run with other settings "
-                             f"({detail}){hint}; use another state folder or {RECOVER}")
-        for b, name in enumerate(state["block_files"]):
-            self._verify_file(state, name, {k: (tuple(s), d) for k, (s, d) in layout.blocks[b].items()})
-        if state["acts_file"]:
-            self._verify_file(state, state["acts_file"], None, layout.windows)
-        return state
+            raise StateMismatchError(self.folder, {k: (saved.get(k), expected_fingerprint.get(k))
+                                                   for k in diff})
+        for b, name in enumerate(point.block_files):
+            self._verify_file(point, name, {k: (tuple(s), d) for k, (s, d) in layout.blocks[b].items()})
+        if point.acts_file:
+            self._verify_file(point, point.acts_file, None, layout.windows)
+        return point
 
     def _check_structure(self, state: dict, layout: StateLayout) -> None:
         def bad(problem: str) -> StateError:
@@ -395,9 +494,9 @@ class PipelineState:
                     and isinstance(rec.get("bytes"), int) and isinstance(rec.get("tensors"), dict)):
                 raise bad(f"has no checksum record for {name}")
 
-    def _verify_file(self, state: dict, name: str, expect: dict | None,
+    def _verify_file(self, point: ResumePoint, name: str, expect: dict | None,
                      windows: tuple[int, int] | None = None) -> None:
-        rec = state["files"][name]
+        rec = point.files[name]
         path = self.folder / name
         if not path.is_file():
             raise self._error(name, "is missing")
@@ -421,24 +520,24 @@ class PipelineState:
                 raise self._error(name, f"holds activations of shape {list(shape)}, expected "
                                         f"({windows[0]}, {windows[1]}, hidden) for the calibration windows")
 
-    def _load_tensors(self, state: dict, name: str) -> dict[str, torch.Tensor]:
+    def _load_tensors(self, point: ResumePoint, name: str) -> dict[str, torch.Tensor]:
         try:
             tensors = load_file(self.folder / name)
         except (SafetensorError, OSError) as exc:
             raise self._error(name, f"cannot be read as safetensors ({exc})") from None
-        if _tensor_record(tensors) != state["files"][name]["tensors"]:
+        if _tensor_record(tensors) != point.files[name]["tensors"]:
             raise self._error(name, "changed since it was verified")
         return tensors
 
-    def block_weights(self, state: dict, block: int) -> dict[str, torch.Tensor]:
+    def block_weights(self, point: ResumePoint, block: int) -> dict[str, torch.Tensor]:
         """{layer name inside the block: pruned (out, in) weight} of a finished block (CPU tensors)."""
-        return self._load_tensors(state, state["block_files"][block])
+        return self._load_tensors(point, point.block_files[block])
 
-    def activations(self, state: dict) -> torch.Tensor | None:
-        """The saved (N, L, hidden) inputs of block state["next_block"], or None after the last block."""
-        if not state["acts_file"]:
+    def activations(self, point: ResumePoint) -> torch.Tensor | None:
+        """The saved (N, L, hidden) inputs of block point.next_block, or None after the last block."""
+        if not point.acts_file:
             return None
-        return self._load_tensors(state, state["acts_file"])["hidden"]
+        return self._load_tensors(point, point.acts_file)["hidden"]
 
     # -- writing -----------------------------------------------------------------------------------
 
@@ -457,14 +556,14 @@ class PipelineState:
         return rec
 
     def save(self, fp: dict, next_block: int, block_weights: dict[str, torch.Tensor],
-             acts: torch.Tensor | None, report: dict, previous: dict | None) -> dict:
+             acts: torch.Tensor | None, report: dict, previous: ResumePoint | None) -> ResumePoint:
         """Record that block next_block-1 is finished: its pruned weights, the inputs of next_block
-        (None after the last block) and the report so far. Returns the new state dict. The folder must
-        be locked by this thread."""
+        (None after the last block) and the report so far. Returns the new resume point (what load
+        would return now). The folder must be locked by this thread."""
         _check_locked(self.folder, "saving the state")
         done = next_block - 1
-        files = dict(previous["files"]) if previous else {}
-        block_files = (list(previous["block_files"]) if previous else [])[:done]
+        files = dict(previous.files) if previous else {}
+        block_files = (list(previous.block_files) if previous else [])[:done]
         block_file = block_file_name(done)
         files[block_file] = self._save_tensors(block_file, block_weights)
         block_files.append(block_file)
@@ -473,15 +572,17 @@ class PipelineState:
             acts_file = acts_file_name(next_block)
             files[acts_file] = self._save_tensors(acts_file, {"hidden": acts})
         files = {k: v for k, v in files.items() if k in block_files or k == acts_file}
-        state = {"format": FORMAT_VERSION, "fingerprint": fp, "next_block": next_block,
-                 "block_files": block_files, "acts_file": acts_file, "files": files, "report": report}
+        # Through JSON, so that the point returned equals the one load() reads back (lists, not tuples).
+        point = ResumePoint.from_record(json.loads(json.dumps(ResumePoint(
+            fp, next_block, tuple(block_files), acts_file, files, report).record())))
+        state = {"format": FORMAT_VERSION, **point.record()}
         state["checksum"] = json_checksum(state)
         atomic_write_json(self.folder / STATE_FILE, state)
         # Only now is the previous activation file unreferenced.
-        if previous and previous.get("acts_file") and previous["acts_file"] != acts_file:
-            (self.folder / previous["acts_file"]).unlink(missing_ok=True)
+        if previous and previous.acts_file and previous.acts_file != acts_file:
+            (self.folder / previous.acts_file).unlink(missing_ok=True)
             fsync_dir(self.folder)
-        return state
+        return point
 
     # -- extras of callers (e.g. the CLI's cached perplexity) ------------------------------------------
 
