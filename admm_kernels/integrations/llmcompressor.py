@@ -209,10 +209,10 @@ class ADMMPruningModifier(SparsityModifierBase):
         if self.hessian != "admm_kernels" and self.gram_dtype != "float32":
             raise ValueError(f"gram_dtype={self.gram_dtype!r} applies to hessian='admm_kernels' only (llm-"
                              f"compressor accumulates its Hessians in float32), got hessian={self.hessian!r}")
-        from ..models.pipeline import _validate_options  # a tiny prune_layer call: bad options fail now
+        from ..models.config import validate_options  # a tiny prune_layer call: bad options fail now
         probe = next((float(v) for v in values if v is not None), 0.5)
         kw = self._method_options()
-        _validate_options(probe, pattern, self.method, kw)
+        validate_options(probe, pattern, self.method, kw)
         return self
 
     def _method_options(self) -> dict:

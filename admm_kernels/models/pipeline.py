@@ -47,11 +47,9 @@ from .block_tune import check_block_tune
 from .capture import capture_inputs
 from .checkpoint import NoCheckpoint, StateCheckpoint, checkpointer
 from .config import PruneConfig, PrunePlan, validate_layers
-from .config import validate_options as _validate_options  # noqa: F401  (integrations.llmcompressor)
 from .coverage import coverage
 from .discovery import LayerFilter, get_weight, set_weight
 from .distributed import Comm, resolve_comm, shard, shard_counts
-from .grams import GramHooks  # noqa: F401  (admm_kernels.bench.grams imports it from here)
 from .loading import max_positions
 from .owl import resolve_profile
 from .sources import InMemoryBlocks, StreamedBlocks, block_source
