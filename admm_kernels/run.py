@@ -31,10 +31,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 from . import defaults
 from .defaults import CALIB_TEXT_DEFAULT, EVAL_TEXT_DEFAULT
-from .output import REPORT_NAME
+from .output import REPORT_NAME, DtypeNote
+
+if TYPE_CHECKING:  # models/ imports transformers; a run imports it only when it starts
+    from .models.distributed import Comm
 
 LIBRARY_COMMAND = "admm_kernels.run_prune"  # the report's "command" of a run started from Python
 PERPLEXITY_CACHE = "run.json"               # state extras: perplexity before, and task results before
@@ -46,6 +50,9 @@ PYTHON_NAMES = MappingProxyType({
     "evaluate_tasks": "admm_kernels.evaluate_tasks",
 })
 
+# prune_model's defaults of the two settings check_prunable needs given (the prune settings' one seam: a
+# frozen settings object of admm_kernels.models can replace this mapping, its defaults and the split below).
+_PRUNE_DEFAULTS = MappingProxyType({"sparsity": 0.5, "pattern": "unstructured"})
 # prune_model's keyword arguments that check_prunable does not take (the pipeline's own, not the method's).
 _PIPELINE_ONLY = ("sequential", "tune_epochs", "tune_lr", "tune_batch", "moe_calibration")
 
@@ -110,7 +117,7 @@ class Placement:
     offload: bool = False             # calibration activations in host memory
     offload_dir: str | None = None    # ... or in a file in this folder (implies offload)
     stream: bool = False              # read each block from the checkpoint just before its turn
-    comm: object = None               # admm_kernels.models.distributed.Comm under torchrun; None: one process
+    comm: Comm | None = None          # the process group's Comm under torchrun; None: this process alone
 
 
 def _log_to_logging(line: str) -> None:
@@ -143,7 +150,7 @@ class RunResult:
     out: Path                         # the output folder
     model_path: Path                  # the input model's folder
     published: bool                   # this process wrote the folder (rank 0)
-    dtype_note: object = None         # admm_kernels.output.DtypeNote when the output changed dtype
+    dtype_note: DtypeNote | None = None  # when the output's weights have another dtype than the input's
 
 
 def is_prune_report(report: object) -> bool:
@@ -284,7 +291,7 @@ class PruneRun:
 
         self.model_arg = None if model is None else str(model)
         self.output, self.texts, self.placement, self.tasks = output, texts, placement, tasks
-        self.prune = dict(prune or {})
+        self.prune = {**_PRUNE_DEFAULTS, **(prune or {})}
         self.frontend = frontend
         self.comm = placement.comm or LOCAL
         self.out = Path(output.out)
@@ -319,7 +326,6 @@ class PruneRun:
         from .patterns import parse_pattern, pattern_group
 
         check_model(self.model_arg, self._n("model"))
-        self.prune = {**_prune_model_defaults("sparsity", "pattern"), **self.prune}
         pattern = self.prune["pattern"]
         try:  # syntax only here (M must divide in_features: checked per layer once the model is loaded)
             parse_pattern(pattern, pattern_group(pattern), name=self._n("pattern"))
@@ -688,16 +694,6 @@ class PruneRun:
             model_path = None if self.model_arg is None else Path(self.path)
             note = dtype_note(model_path, self.model, self.out, self.output.save_format)
         return RunResult(report, self.out, Path(self.path), self.comm.is_main, note)
-
-
-def _prune_model_defaults(*names: str) -> dict:
-    """prune_model's defaults of the keyword arguments `names` (check_prunable has none for these)."""
-    import inspect
-
-    from .models import prune_model
-
-    parameters = inspect.signature(prune_model).parameters
-    return {name: parameters[name].default for name in names}
 
 
 def _default_nsamples() -> int:

@@ -289,7 +289,7 @@ def _help_entries(text: str) -> list[tuple[str, str]]:
     """(option or positional as listed, its help text) of every argument in an argparse --help output; the
     help starts on the same line (after two spaces) or on the next, more indented line."""
     lines = text.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("positional arguments:"))
+    start = next(i for i, line in enumerate(lines) if line.startswith(("positional arguments:", "options:")))
     entries = []
     for i, line in enumerate(lines[start:], start):
         if not line.startswith("  ") or line.startswith("   ") or not line.strip():

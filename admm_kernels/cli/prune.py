@@ -135,6 +135,13 @@ def add_parser(sub) -> None:
     pr.add_argument("--owl-lambda", type=_real("--owl-lambda"), default=None, metavar="LAMBDA",
                     help="OWL: the block sparsities span 2*LAMBDA around --sparsity (default "
                          f"{OWL_LAMBDA:g}, as published for LLaMA-7B at 70%%)")
+    _add_text_and_run_arguments(pr)
+    _add_output_arguments(pr)
+    _add_pipeline_arguments(pr)
+
+
+def _add_text_and_run_arguments(pr: argparse.ArgumentParser) -> None:
+    """prune's calibration, evaluation, protocol, task and device options."""
     add_calibration_arguments(pr)
     add_eval_text_argument(pr, "evaluation text for perplexity before/after: file, folder, .jsonl or saved "
                                "dataset (default: held-out Shakespeare plays)", old="--eval")
@@ -143,6 +150,10 @@ def add_parser(sub) -> None:
     add_protocol_arguments(pr)
     add_task_arguments(pr)
     add_run_arguments(pr, "no progress bars and no per-layer table")
+
+
+def _add_output_arguments(pr: argparse.ArgumentParser) -> None:
+    """--out and what may happen to it: --overwrite, --resume, --save-format; and --seed."""
     pr.add_argument("--out", metavar="DIR", default=None,
                     help="output folder (default out/<model>-<method>-<pattern or sparsity>; without --out "
                          "a previous admm-prune output in that default folder is replaced, so the same "
@@ -156,6 +167,11 @@ def add_parser(sub) -> None:
                          f"checkpoint DIR/{PACKED_NAME} beside config.json and the tokenizer (read by "
                          "`admm-prune eval DIR` and admm_kernels.load_sparse(DIR))")
     pr.add_argument("--seed", type=int, default=0, help="seed of the calibration window draw (default 0)")
+
+
+def _add_pipeline_arguments(pr: argparse.ArgumentParser) -> None:
+    """Which layers, where activations live, MoE calibration, sequential and block tuning, streaming,
+    torchrun, and the method options."""
     # One value per --layers (repeatable): a list option taking every following word would swallow a
     # MODEL given after it as one more pattern.
     pr.add_argument("--layers", action="append", metavar="GLOBS", default=None,
