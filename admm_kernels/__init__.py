@@ -25,6 +25,14 @@ _LAZY = {
     "PruneConfig": "models",
     "evaluate_perplexity": "eval",
     "evaluate_tasks": "integrations.lm_eval",  # lm-evaluation-harness (the `eval` extra)
+    "run_prune": "run",  # a whole run: load, prune, evaluate, publish a folder (what `admm-prune prune` does)
+    "PruneRun": "run",
+    "RunResult": "run",
+    "RunError": "run",
+    "OutputSettings": "run",
+    "TextSettings": "run",
+    "TaskSettings": "run",
+    "Placement": "run",
     "sparsify": "sparse",
     "SparseLinear": "sparse",
     "save_sparse": "sparse",

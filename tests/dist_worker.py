@@ -52,7 +52,7 @@ def _install_write_log() -> None:
     log = os.environ.get("DIST_TEST_WRITES")
     if not log:
         return
-    from admm_kernels import cli
+    from admm_kernels import output
     from admm_kernels.models import state
 
     def logged(what, fn):
@@ -64,7 +64,7 @@ def _install_write_log() -> None:
 
     state.PipelineState.save = logged("state", state.PipelineState.save)
     state.PipelineState.write_extra = logged("extra", state.PipelineState.write_extra)
-    cli._save = logged("output", cli._save)
+    output.save = logged("output", output.save)
 
 
 def _install_live_bytes_log() -> None:

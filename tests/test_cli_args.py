@@ -16,6 +16,7 @@ pytest.importorskip("transformers")
 
 from admm_kernels import cli  # noqa: E402
 from admm_kernels.bench import cli as bench_cli  # noqa: E402
+from admm_kernels.cli.prune import split_globs  # noqa: E402
 from admm_kernels.models import loading  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -53,7 +54,7 @@ def test_abbreviated_flags_are_refused(root, capsys, no_load, command, flag):
 
 
 def test_bench_and_doctor_refuse_abbreviations(capsys):
-    from admm_kernels import doctor
+    from admm_kernels.cli import doctor
 
     with pytest.raises(SystemExit):
         bench_cli.build_parser().parse_args(["--perplex"])
@@ -70,7 +71,7 @@ def test_layers_takes_one_value_and_repeats(root, tmp_path):
     args = parser.parse_args(["prune", "--layers", "mlp.*", str(root / "tiny-llama")])
     assert args.model == str(root / "tiny-llama") and args.layers == ["mlp.*"]
     args = parser.parse_args(["prune", "--layers", "mlp.*,self_attn.q_proj", "--layers", "a b"])
-    assert cli.split_globs(args.layers) == ["mlp.*", "self_attn.q_proj", "a", "b"]
+    assert split_globs(args.layers) == ["mlp.*", "self_attn.q_proj", "a", "b"]
     out = tmp_path / "o"
     argv = [*_prune(root, out, "--no-eval"), "--layers", "mlp.*", "--layers", "self_attn.o_proj"]
     assert cli.main(argv) == 0

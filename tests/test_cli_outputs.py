@@ -261,7 +261,7 @@ def test_corrupt_cached_perplexity_is_recomputed(tiny_dir, tmp_path, monkeypatch
     real_save = _interrupt_after_first_block(monkeypatch)
     assert cli.main(_args(tiny_dir, tiny_dir / "tiny-llama", out)) == 130
     monkeypatch.setattr(state_mod.PipelineState, "save", real_save)
-    cache = tmp_path / "run.state" / "cli.json"
+    cache = tmp_path / "run.state" / "run.json"
     cached = json.loads(cache.read_text())
     cache.write_text(cache.read_text()[:20])
     argv = _args(tiny_dir, tiny_dir / "tiny-llama", out, "--resume")

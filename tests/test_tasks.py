@@ -213,8 +213,10 @@ def test_resume_reuses_the_task_results_before_pruning(tiny_dir, task_dir, tmp_p
 
     folder, _ = task_dir
     calls = []
-    real_run = cli._run_tasks
-    monkeypatch.setattr(cli, "_run_tasks", lambda *a, **kw: calls.append(1) or real_run(*a, **kw))
+    from admm_kernels import run as run_module
+
+    real_run = run_module.run_tasks
+    monkeypatch.setattr(run_module, "run_tasks", lambda *a, **kw: calls.append(1) or real_run(*a, **kw))
     real_save = interrupt_after_first_save(monkeypatch)
     out = tmp_path / "run"
     assert cli.main(_prune_args(tiny_dir, out, folder, "--no-eval")) == 130
