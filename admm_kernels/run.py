@@ -38,6 +38,7 @@ from .defaults import CALIB_TEXT_DEFAULT, EVAL_TEXT_DEFAULT
 from .output import REPORT_NAME, DtypeNote
 
 if TYPE_CHECKING:  # models/ imports transformers; a run imports it only when it starts
+    from .models.config import PruneConfig
     from .models.distributed import Comm
 
 LIBRARY_COMMAND = "admm_kernels.run_prune"  # the report's "command" of a run started from Python
@@ -50,9 +51,6 @@ PYTHON_NAMES = MappingProxyType({
     "evaluate_tasks": "admm_kernels.evaluate_tasks",
 })
 
-# prune_model's defaults of the two settings check_prunable needs given (the prune settings' one seam: a
-# frozen settings object of admm_kernels.models can replace this mapping, its defaults and the split below).
-_PRUNE_DEFAULTS = MappingProxyType({"sparsity": 0.5, "pattern": "unstructured"})
 # prune_model's keyword arguments that check_prunable does not take (the pipeline's own, not the method's).
 _PIPELINE_ONLY = ("sequential", "tune_epochs", "tune_lr", "tune_batch", "moe_calibration")
 
@@ -66,9 +64,10 @@ class PruneSettingsError(RunError):
     """prune_model (or its early check) refused the prune settings; the message is prune_model's, naming
     its keyword arguments. per_block: the sparsity was a list (one value per block)."""
 
-    def __init__(self, message: str, per_block: bool):
+    def __init__(self, message: str, per_block: bool, cause: Exception | None = None):
         super().__init__(message)
         self.per_block = per_block
+        self.cause = cause  # what prune_model raised: its `.argument`, or a StateError's details
 
 
 @dataclass(frozen=True)
@@ -279,19 +278,23 @@ class PruneRun:
     """One prune run: `PruneRun(...).run()` -> RunResult. See the module docstring for its steps.
 
     model: a transformers model folder, or None for the embedded SmolLM2-135M. output: where and how the
-    result is published. prune: prune_model's keyword arguments (sparsity, pattern, method, layers,
-    sparsity_profile, owl_m, owl_lambda, sequential, tune_*, moe_calibration, method options such as
-    preset or iters). texts / placement / tasks / frontend: see their classes."""
+    result is published. prune: the prune settings, an admm_kernels.PruneConfig or a mapping of its
+    (prune_model's) keyword arguments (sparsity, pattern, method, layers, sparsity_profile, owl_m,
+    owl_lambda, sequential, tune_*, moe_calibration, method options such as preset or iters).
+    texts / placement / tasks / frontend: see their classes."""
 
     def __init__(self, model: str | os.PathLike | None, output: OutputSettings,
-                 prune: Mapping[str, object] | None = None, texts: TextSettings = TextSettings(),
-                 placement: Placement = Placement(), tasks: TaskSettings | None = None,
-                 frontend: Frontend = Frontend()):
+                 prune: PruneConfig | Mapping[str, object] | None = None,
+                 texts: TextSettings = TextSettings(), placement: Placement = Placement(),
+                 tasks: TaskSettings | None = None, frontend: Frontend = Frontend()):
         from .models.distributed import LOCAL
 
         self.model_arg = None if model is None else str(model)
         self.output, self.texts, self.placement, self.tasks = output, texts, placement, tasks
-        self.prune = {**_PRUNE_DEFAULTS, **(prune or {})}
+        from .models.config import PruneConfig
+
+        self.config = prune if isinstance(prune, PruneConfig) else PruneConfig(**(prune or {}))
+        self.prune = self.config.keywords()  # the same settings as keywords, for the early checks
         self.frontend = frontend
         self.comm = placement.comm or LOCAL
         self.out = Path(output.out)
@@ -316,7 +319,7 @@ class PruneRun:
         return {k: v for k, v in self.prune.items() if k not in _PIPELINE_ONLY}
 
     def _settings_error(self, exc: Exception) -> PruneSettingsError:
-        return PruneSettingsError(str(exc), self._per_block)
+        return PruneSettingsError(str(exc), self._per_block, exc)
 
     # -- before any work (every rank: the same answer everywhere) -------------------------------------
 
@@ -610,7 +613,7 @@ class PruneRun:
         try:
             return prune_model(self.model, calib, device=self.device, offload=self.offload or False,
                                offload_dir=self.placement.offload_dir, progress=self._progress,
-                               state_dir=store.folder, distributed=self.comm, **self.prune)
+                               state_dir=store.folder, distributed=self.comm, config=self.config)
         except (ValueError, TypeError) as exc:
             raise self._settings_error(exc) from None
 
@@ -705,15 +708,17 @@ def _default_nsamples() -> int:
 def run_prune(model: str | os.PathLike | None, output: str | os.PathLike | OutputSettings, *,
               texts: TextSettings = TextSettings(), placement: Placement = Placement(),
               tasks: TaskSettings | None = None, log: Callable[[str], None] | None = None,
-              progress: bool = False, **prune) -> RunResult:
+              progress: bool = False, config: PruneConfig | None = None, **prune) -> RunResult:
     """Prune `model` (a transformers folder; None: the embedded SmolLM2-135M) and publish the result in
     `output` (a folder, or OutputSettings for overwrite / resume / save_format); `prune`: prune_model's
     keyword arguments (sparsity=0.5, pattern="unstructured", method="admm", layers, sparsity_profile, ...,
-    method options). log: a callable taking each progress line (default: logging, logger
-    "admm_kernels.run"). Returns a RunResult (the report and the output folder). Raises RunError (a
+    method options), or `config`, an admm_kernels.PruneConfig (keywords given too replace its fields).
+    log: a callable taking each progress line (default: logging, logger "admm_kernels.run"). Returns a
+    RunResult (the report and the output folder). Raises RunError (a
     ValueError naming the argument) for a refused input, admm_kernels._io.WriteError for a failed write.
     An interrupted run is continued by the same call with OutputSettings(..., resume=True)."""
     if not isinstance(output, OutputSettings):
         output = OutputSettings(output)
     frontend = Frontend(progress=progress) if log is None else Frontend(log=log, progress=progress)
-    return PruneRun(model, output, prune, texts, placement, tasks, frontend).run()
+    settings = prune if config is None else {**config.keywords(), **prune}
+    return PruneRun(model, output, settings, texts, placement, tasks, frontend).run()

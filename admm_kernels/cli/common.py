@@ -35,7 +35,9 @@ FLAGS = {
     "protocol": "--protocol", "corpus": "--corpus", "offload_dir": "--offload-dir", "stream": "--stream",
     "device": "--device", "pattern": "--pattern", "sparsity_profile": "--sparsity-profile",
     "tasks": "--tasks", "tasks_path": "--tasks-path", "num_fewshot": "--num-fewshot",
-    "evaluate_tasks": "`admm-prune eval --tasks`",
+    "evaluate_tasks": "`admm-prune eval --tasks`", "owl_m": "--owl-m", "owl_lambda": "--owl-lambda",
+    "tune_epochs": "--tune-epochs", "tune_lr": "--tune-lr", "tune_batch": "--tune-batch",
+    "moe_calibration": "--moe-calibration", "layers": "--layers",
 }
 
 

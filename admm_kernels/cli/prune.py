@@ -242,20 +242,39 @@ def _profile_arguments(args) -> dict:
             "owl_m": args.owl_m, "owl_lambda": args.owl_lambda}
 
 
-def _flag_names(message: str, per_block: bool) -> str:
-    """A profile error of prune_model / check_prunable, with the CLI's flag names for its arguments.
+# How the flags word the advice of a state that cannot be resumed (the library's own words name its
+# means: torch.set_num_threads, a process group, deleting the folder).
+START_OVER = " (admm-prune: pass --overwrite instead of --resume)"
 
-    The one place where messages of admm_kernels.models (which name prune_model's keyword arguments in
-    their text) get flag names; once they carry the argument as data, FLAGS can word them instead."""
+
+def _mismatch_wording():
+    from ..models.state import RECOVER, MismatchWording
+
+    return MismatchWording(threads="admm-prune --threads, torch.set_num_threads",
+                           ranks="torchrun --nproc-per-node {ranks}",
+                           one_rank="one process, without torchrun", recover=RECOVER + START_OVER)
+
+
+def settings_message(exc) -> str:
+    """A PruneSettingsError (what prune_model or its early check raised, as exc.cause) worded with the
+    CLI's flags: a state mismatch with the flags' advice, a state to start over with --overwrite, and
+    prune_model's keyword arguments named in the message mapped through FLAGS (the one table)."""
     import re
-    message = re.sub(r"\bsparsity_profile\b", "--sparsity-profile", message)
-    message = re.sub(r"\bowl_lambda\b", "--owl-lambda", message)
-    message = re.sub(r"\bowl_m\b", "--owl-m", message)
-    message = re.sub(r"\btune_(epochs|lr|batch)\b", lambda m: f"--tune-{m.group(1)}", message)
-    message = re.sub(r"\blayers=", "--layers", message)
-    message = re.sub(r"\bmoe_calibration\b", "--moe-calibration", message)
-    if per_block:  # the per-block list came from --sparsity-profile
-        message = re.sub(r"^sparsity(?=\[| has \d+ per-block)", "--sparsity-profile", message)
+
+    from ..models.state import StateError, StateMismatchError
+
+    cause = exc.cause
+    if isinstance(cause, StateMismatchError):
+        return cause.message(_mismatch_wording())
+    message = str(exc)
+    if isinstance(cause, StateError):
+        return message + (START_OVER if cause.start_over else "")
+    for argument, flag in FLAGS.items():  # identifiers only: "model" or "out" are words in prose too
+        if "_" in argument:
+            message = re.sub(rf"\b{argument}\b", flag, message)
+    message = re.sub(r"\blayers=", FLAGS["layers"], message)
+    if exc.per_block:  # the per-block list came from --sparsity-profile
+        message = re.sub(r"^sparsity(?=\[| has \d+ per-block)", FLAGS["sparsity_profile"], message)
     return message
 
 
@@ -343,7 +362,7 @@ def cmd_prune(args, comm=None) -> int:
     try:
         result = prune_run(args, comm).run()
     except PruneSettingsError as exc:  # prune_model's own wording: its keyword arguments as flags
-        raise CliError(_flag_names(str(exc), exc.per_block)) from None
+        raise CliError(settings_message(exc)) from None
     except RunError as exc:  # worded with FLAGS already
         raise CliError(str(exc)) from None
     if result.published:
