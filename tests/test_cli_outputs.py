@@ -246,7 +246,10 @@ def test_resume_refuses_another_model_and_thread_count(tiny_dir, model_copy, tmp
     capsys.readouterr()
 
     err = _error(capsys, _args(tiny_dir, model_copy, out, "--threads", "2", "--resume"))
-    assert "threads: saved 1, now 2" in err and "resume with 1 threads" in err
+    assert "threads: saved 1, now 2" in err and "resume with 1 threads (admm-prune --threads" in err
+    # the library words its advice in its own terms; the command line adds its flag
+    assert err.rstrip().endswith("delete the folder to start again (admm-prune: pass --overwrite instead of "
+                                 "--resume)"), err
     torch.set_num_threads(1)
 
     weights = load_file(model_copy / "model.safetensors")
@@ -254,6 +257,20 @@ def test_resume_refuses_another_model_and_thread_count(tiny_dir, model_copy, tmp
     save_file(weights, model_copy / "model.safetensors", metadata={"format": "pt"})
     err = _error(capsys, _args(tiny_dir, model_copy, out, "--threads", "1", "--resume"))
     assert "dense_model" in err and "original dense model" in err
+
+
+def test_a_damaged_state_says_how_to_start_over_with_the_flag(tiny_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    real_save = _interrupt_after_first_block(monkeypatch)
+    assert cli.main(_args(tiny_dir, tiny_dir / "tiny-llama", out)) == 130
+    monkeypatch.setattr(state_mod.PipelineState, "save", real_save)
+    capsys.readouterr()
+    state_file = tmp_path / "run.state" / "state.json"
+    state_file.write_text(state_file.read_text()[:40])
+    err = _error(capsys, _args(tiny_dir, tiny_dir / "tiny-llama", out, "--resume"))
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.rstrip().endswith("(admm-prune: pass --overwrite instead of --resume)"), err
+    assert cli.main(_args(tiny_dir, tiny_dir / "tiny-llama", out, "--overwrite")) == 0
 
 
 def test_corrupt_cached_perplexity_is_recomputed(tiny_dir, tmp_path, monkeypatch, capsys):
