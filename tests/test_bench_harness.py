@@ -21,10 +21,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 pytest.importorskip("transformers")
 from tiny_models import save_tiny_folder  # noqa: E402
 
-from admm_kernels.bench import main as bench_main  # noqa: E402
 from admm_kernels.bench import report, results_md  # noqa: E402
 from admm_kernels.bench.layers import exact_optimum, gap_to_optimum  # noqa: E402
 from admm_kernels.bench.methods import parse_methods  # noqa: E402
+from admm_kernels.cli.bench import main as bench_main  # noqa: E402
 
 METHODS = ["magnitude", "wanda", "sparsegpt", "admm-grad"]
 N_LAYERS = 21  # 3 blocks x (q, k, v, o, gate, up, down)

@@ -16,7 +16,7 @@ from tiny_models import save_tiny_folder, tiny_text, tiny_tokenizer  # noqa: E40
 
 from admm_kernels import protocols  # noqa: E402
 from admm_kernels._digest import tokens_digest  # noqa: E402
-from admm_kernels.bench import main as bench_main  # noqa: E402
+from admm_kernels.cli.bench import main as bench_main  # noqa: E402
 from admm_kernels.eval import evaluate_perplexity  # noqa: E402
 
 NSAMPLES, SEQLEN = 4, 32

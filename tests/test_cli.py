@@ -337,7 +337,7 @@ def test_version_help_texts_and_python_m(capsys):
 
 
 def test_bench_has_threads_and_the_shared_options(capsys):
-    from admm_kernels.bench import cli as bench_cli
+    from admm_kernels.cli import bench as bench_cli
 
     args = bench_cli.build_parser().parse_args(["--threads", "1", "--eval-windows", "2", "--quiet"])
     assert (args.threads, args.eval_windows, args.quiet) == (1, 2, True)

@@ -15,7 +15,7 @@ import torch
 pytest.importorskip("transformers")
 
 from admm_kernels import cli  # noqa: E402
-from admm_kernels.bench import cli as bench_cli  # noqa: E402
+from admm_kernels.cli import bench as bench_cli  # noqa: E402
 from admm_kernels.cli.prune import split_globs  # noqa: E402
 from admm_kernels.models import loading  # noqa: E402
 

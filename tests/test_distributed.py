@@ -246,6 +246,8 @@ def test_hung_rank_times_out_with_a_clear_message(cli_reference):
         procs[1].wait()
     assert rc0 == 3, err0
     assert "rank 0 of 2: block 2" in err0 and "within the 5 s timeout (--dist-timeout)" in err0, err0
+    assert err0.rstrip().endswith("rerun the same command (same number of ranks) with --resume to continue "
+                                  "from the last block every rank finished"), err0
     assert not out.exists() and not list(root.glob(".hung.tmp-*"))
     assert json.loads((root / "hung.state" / "state.json").read_text())["next_block"] == 2
     # Another number of ranks is refused (the Gram sums would run in another order), saying how many.

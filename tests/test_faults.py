@@ -282,8 +282,8 @@ def test_eval_report_on_a_read_only_disk_is_one_line(tiny_model_root, tmp_path, 
 
 
 def test_bench_outputs_on_a_full_disk_are_one_line(tiny_model_root, tmp_path, capsys, monkeypatch):
-    from admm_kernels.bench import main as bench_main
     from admm_kernels.bench import report
+    from admm_kernels.cli.bench import main as bench_main
 
     def full(path, data):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -315,7 +315,7 @@ def test_bench_gram_cache_on_a_full_disk_is_one_line(tiny_model_root, tmp_path, 
     from safetensors import SafetensorError
 
     from admm_kernels.bench import grams
-    from admm_kernels.bench import main as bench_main
+    from admm_kernels.cli.bench import main as bench_main
 
     def full(*a, **k):
         raise SafetensorError(ENOSPC_SAFETENSORS)
@@ -437,7 +437,7 @@ def test_eval_stopped_by_a_signal_says_so_without_resume(tiny_model_root, sig):
 def test_bench_stopped_by_a_signal_says_so_and_resume_keeps_the_rows(tiny_model_root, tmp_path, sig):
     import signal
 
-    from admm_kernels.bench import main as bench_main
+    from admm_kernels.cli.bench import main as bench_main
 
     argv = [str(tiny_model_root / "tiny-llama"), "--calib", str(tiny_model_root / "calib.txt"), "--nsamples",
             "2", "--seqlen", "16", "--methods", "magnitude", "--sparsities", "0.5", "--patterns",

@@ -11,9 +11,9 @@ import admm_kernels as ak
 pytest.importorskip("transformers")
 from tiny_models import save_tiny_folder, tiny_text  # noqa: E402
 
-from admm_kernels.bench.cli import main as bench_main  # noqa: E402
 from admm_kernels.bench.report import front_error, mark_pareto  # noqa: E402
 from admm_kernels.bench.runner import check_disjoint  # noqa: E402
+from admm_kernels.cli.bench import main as bench_main  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

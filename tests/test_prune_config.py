@@ -216,3 +216,21 @@ def test_prune_block_returns_what_it_produced():
         assert set(result.seconds) == {"forward", "gram", "solve", "tune"} and result.seconds["tune"] == 0
         for j in range(2):
             assert torch.equal(acts[j], calls[0](blocks[0], inputs[j:j + 1])[0])
+
+
+def test_a_failed_peer_is_a_distributed_error_in_the_library_s_terms():
+    """The library names its own argument (timeout_s) and says a peer failed; the advice to resume and
+    the flag are the command line's (admm_kernels.cli)."""
+    import pickle
+
+    from admm_kernels.cli.common import flag_words
+    from admm_kernels.models.distributed import Comm, DistributedError
+
+    comm = Comm.__new__(Comm)
+    comm.rank, comm.size, comm.timeout_s = 0, 2, 5.0
+    exc = comm._fail("block 2", RuntimeError("Connection closed by peer"))
+    assert isinstance(exc, DistributedError) and exc.peer_failed
+    assert "(timeout_s)" in str(exc) and "--" not in str(exc) and "resume" not in str(exc)
+    assert "(--dist-timeout)" in flag_words(str(exc))
+    again = pickle.loads(pickle.dumps(exc))
+    assert again.peer_failed and str(again) == str(exc)

@@ -159,8 +159,8 @@ def test_pow2_helpers():
 @pytest.mark.parametrize("pattern", ["²:4", "2:⁴", "２:４"])
 def test_non_ascii_pattern_digits_are_refused_by_the_commands(pattern, tmp_path, capsys):
     """The commands' early syntax checks gave int()'s "invalid literal" for '²' (str.isdigit accepts it)."""
-    from admm_kernels.bench.cli import main as bench_main
     from admm_kernels.cli import main as cli_main
+    from admm_kernels.cli.bench import main as bench_main
 
     assert cli_main(["prune", "--pattern", pattern, "--out", str(tmp_path / "o")]) == 2
     assert bench_main(["--patterns", pattern, "--out", str(tmp_path / "b")]) == 2

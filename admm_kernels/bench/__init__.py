@@ -1,4 +1,5 @@
-"""`admm-prune bench`: compare pruning methods on a model's real layers (and optionally end to end).
+"""What `admm-prune bench` runs (its options: admm_kernels/cli/bench.py): compare pruning methods on a
+model's real layers (and optionally end to end).
 
 Modules, one job each:
     grams.py      per-layer Grams from real calibration text (one dense pass, cached on disk by content hash)
@@ -8,17 +9,6 @@ Modules, one job each:
     journal.py    the resumable row journal of a run
     report.py     tables, CSV + JSON (versions, seed, machine, commit), PNG plots
     results_md.py regenerates benchmarks/RESULTS.md sections from output folders
-    cli.py        the `bench` subcommand: register(subparsers), run(args)
 """
 
 from __future__ import annotations
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point used by `admm-prune bench ...` (argv without the word "bench")."""
-    from .cli import main as _main
-
-    return _main(argv)
-
-
-__all__ = ["main"]

@@ -8,7 +8,7 @@ Grammar: ``NAME[:KEY=VALUE[,KEY=VALUE...]]``, e.g. ``admm-grad``, ``sparsegpt:bl
     admm-oneshot                  one-shot: the Wanda-score mask fixed at t = 0, then the ADMM update
     admm-mask                     mask only (iters = 0): the ADMM-Grad score at t = 0, no update
     admm-exact                    ADMM-Grad then an exact (conjugate-gradient) solve on its final mask
-Values are parsed as `admm-prune prune -o` parses them (admm_kernels.cli_common.parse_option_value: a
+Values are parsed as `admm-prune prune -o` parses them (admm_kernels.methods.options.parse_option_value: a
 torch dtype for *dtype keys, int, float, true/false/none, else text); the key ``preset`` selects one of the
 method's presets. The label of a row is the spec as written, so ``admm:iters=5`` and ``admm:iters=50``
 are separate curves.
@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .. import methods as registry
-from ..cli_common import parse_option_value
+from ..methods.options import parse_option_value
 
 # Variants of ADMM-Grad by their options (the registry's methods and presets are added by aliases()).
 ADMM_VARIANTS: dict[str, dict] = {

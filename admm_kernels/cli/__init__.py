@@ -3,7 +3,7 @@ default), evaluate perplexity, benchmark methods, check this machine.
 
     admm-prune prune [MODEL] --sparsity 0.5 --pattern unstructured --method admm --out DIR   (prune.py)
     admm-prune eval [MODEL] --eval-text PATH                                                 (eval.py)
-    admm-prune bench [MODEL] ...                                            (admm_kernels.bench.cli)
+    admm-prune bench [MODEL] ...                                            (admm_kernels.cli.bench)
     admm-prune doctor                                                                        (doctor.py)
 
 This package is argument parsing and printing only: the work is the library's (a prune run is
@@ -27,6 +27,7 @@ from .common import (  # noqa: F401  (public: the embedded run's defaults)
     EMBEDDED_SEQLEN,
     EVAL_TEXT_DEFAULT,
     CliError,
+    flag_words,
     hf_progress_bars,
     set_threads,
 )
@@ -43,9 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     import torch
 
     from .. import __version__
-    from ..bench.cli import HELP as BENCH_HELP
     from . import eval as eval_cli
     from . import prune as prune_cli
+    from .bench import HELP as BENCH_HELP
 
     # allow_abbrev=False everywhere: argparse would otherwise read a misspelt or shortened flag as
     # another one that starts the same (--text as --text-field), silently.
@@ -59,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     prune_cli.add_parser(sub)
     eval_cli.add_parser(sub)
-    # Parsed by admm_kernels.bench.cli (main() hands it every argument after "bench").
+    # Parsed by admm_kernels.cli.bench (main() hands it every argument after "bench").
     sub.add_parser("bench", help=f"{BENCH_HELP} (admm-prune bench --help lists its options)", add_help=False,
                    allow_abbrev=False)
     sub.add_parser("doctor", add_help=False, allow_abbrev=False,
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run `admm-prune ARGV` (default sys.argv[1:]); the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "bench":
-        from ..bench.cli import main as bench_main
+        from .bench import main as bench_main
 
         return int(bench_main(argv[1:]) or 0)
     if argv and argv[0] == "doctor":
@@ -123,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"admm-prune: error{who}: {exc}", file=sys.stderr)
         return 2
     except DistributedError as exc:
-        print(f"admm-prune: error{who}: {exc}", file=sys.stderr)
+        advice = f"; {RESUME_STEP_RANKS}" if exc.peer_failed and args.command == "prune" else ""
+        print(f"admm-prune: error{who}: {flag_words(str(exc))}{advice}", file=sys.stderr)
         return 3
     except (Terminated, KeyboardInterrupt) as exc:
         if many and isinstance(exc, Terminated):

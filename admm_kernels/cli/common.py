@@ -37,8 +37,19 @@ FLAGS = {
     "tasks": "--tasks", "tasks_path": "--tasks-path", "num_fewshot": "--num-fewshot",
     "evaluate_tasks": "`admm-prune eval --tasks`", "owl_m": "--owl-m", "owl_lambda": "--owl-lambda",
     "tune_epochs": "--tune-epochs", "tune_lr": "--tune-lr", "tune_batch": "--tune-batch",
-    "moe_calibration": "--moe-calibration", "layers": "--layers",
+    "moe_calibration": "--moe-calibration", "layers": "--layers", "timeout_s": "--dist-timeout",
 }
+
+
+def flag_words(message: str) -> str:
+    """A library message with the Python arguments it names worded as FLAGS says (identifiers with an
+    underscore only: "model" or "out" are words in prose too)."""
+    import re
+
+    for argument, flag in FLAGS.items():
+        if "_" in argument:
+            message = re.sub(rf"\b{argument}\b", flag, message)
+    return message
 
 
 class CliError(Exception):
@@ -156,23 +167,26 @@ def hf_progress_bars(enabled: bool):
             hf_logging.enable_progress_bar()
 
 
-def add_protocol_arguments(p: argparse.ArgumentParser) -> None:
-    """--protocol, --corpus and --text-field, shared by `admm-prune prune` and `admm-prune eval`
-    (what each protocol computes: admm_kernels/protocols.py)."""
+def add_protocol_arguments(p: argparse.ArgumentParser,
+                           windows: str = "calibration windows and perplexity windows",
+                           report_note: str = "; for eval, what MODEL's prune report records") -> None:
+    """--protocol, --corpus and --text-field, shared by `admm-prune prune`, `eval` and `bench` (what each
+    protocol computes: admm_kernels/protocols.py). windows: which windows the text becomes (bench has
+    held-out ones too); report_note: where the default comes from besides the flag's own default."""
     p.add_argument("--protocol", choices=("default", "sparsegpt"), default=None,
-                   help="how text becomes calibration windows and perplexity windows. default: text joined "
+                   help=f"how text becomes {windows}. default: text joined "
                         "by blank lines, no special tokens, non-overlapping windows. sparsegpt: the "
                         "SparseGPT/Wanda/ADMM papers' convention (WikiText-2 test records joined by '\\n\\n' "
                         "or the C4 validation convention, special tokens, every window; C4-style random "
                         "calibration windows from random documents); see README 'Evaluation protocols' "
-                        "(default: default; for eval, what MODEL's prune report records)")
+                        f"(default: default{report_note})")
     p.add_argument("--corpus", choices=("wikitext2", "c4"), default=None,
                    help="with --protocol sparsegpt: the evaluation convention of this corpus (wikitext2: "
                         "all windows of the joined test split; c4: the first 1100 validation documents "
                         "joined by spaces, first 256 x seqlen tokens) (default wikitext2)")
     p.add_argument("--text-field", default=None, metavar="FIELD",
                    help="field / column holding the text in JSON-lines, JSON and datasets sources "
-                        "(default 'text'; for eval, what MODEL's prune report records)")
+                        f"(default 'text'{report_note})")
 
 
 def add_task_arguments(p: argparse.ArgumentParser) -> None:

@@ -29,6 +29,7 @@ from .common import (
     add_run_arguments,
     add_stream_argument,
     add_task_arguments,
+    flag_words,
     help_width,
     logger,
     task_settings,
@@ -269,10 +270,7 @@ def settings_message(exc) -> str:
     message = str(exc)
     if isinstance(cause, StateError):
         return message + (START_OVER if cause.start_over else "")
-    for argument, flag in FLAGS.items():  # identifiers only: "model" or "out" are words in prose too
-        if "_" in argument:
-            message = re.sub(rf"\b{argument}\b", flag, message)
-    message = re.sub(r"\blayers=", FLAGS["layers"], message)
+    message = re.sub(r"\blayers=", FLAGS["layers"], flag_words(message))
     if exc.per_block:  # the per-block list came from --sparsity-profile
         message = re.sub(r"^sparsity(?=\[| has \d+ per-block)", FLAGS["sparsity_profile"], message)
     return message

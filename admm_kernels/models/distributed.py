@@ -7,7 +7,7 @@ group. Backend: gloo for the CPU; for CUDA "cpu:gloo,cuda:nccl" (NCCL for device
 few CPU tensors and objects). `backend="gloo"` forces gloo everywhere (CUDA tensors are then staged
 through host memory); `backend="nccl"` on a CPU device is refused.
 
-Faults: every collective runs under the process group's timeout (`timeout_s`, CLI --dist-timeout). A peer
+Faults: every collective runs under the process group's timeout (`timeout_s`). A peer
 that died makes gloo fail at once ("Connection reset by peer"); a peer that hangs makes it fail after the
 timeout. Either way `Comm` raises DistributedError naming this rank, the step and the timeout, so every
 surviving rank stops within the timeout with one clear line instead of a C++ stack trace. For NCCL,
@@ -38,12 +38,21 @@ import torch
 WORLD_ENV = "WORLD_SIZE"
 DEFAULT_TIMEOUT_S = 1800.0  # torch's own default for gloo; covers rank 0's state saves and digests
 BACKENDS = ("auto", "gloo", "nccl")
-RESUME_HINT = ("rerun the same command (same number of ranks) with --resume to continue from the last "
-               "block every rank finished")
 
 
 class DistributedError(RuntimeError):
-    """A collective failed: another rank died, hung past the timeout, or the ranks disagree."""
+    """A collective failed: another rank died, hung past the timeout, or the ranks disagree.
+
+    peer_failed: True when the run stopped because another rank died, hung or failed (the work done so
+    far is in the state folder, if any: a caller that can resume says so); False for setups that never
+    started (no process group, ranks that disagree)."""
+
+    def __init__(self, message: str, peer_failed: bool = False):
+        super().__init__(message)
+        self.peer_failed = peer_failed
+
+    def __reduce__(self):
+        return type(self), (str(self), self.peer_failed)
 
 
 class Comm:
@@ -88,8 +97,8 @@ class Comm:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return DistributedError(
             f"{self.describe()}: {what} failed: another rank died or did not answer within the "
-            f"{self.timeout_s:g} s timeout (--dist-timeout), so every rank stops ({first[:300]}); "
-            f"{RESUME_HINT}")
+            f"{self.timeout_s:g} s timeout (timeout_s), so every rank stops ({first[:300]})",
+            peer_failed=True)
 
     def _run(self, what: str, fn):
         import torch.distributed as dist
@@ -222,7 +231,7 @@ class Comm:
             raise error
         if message[1] is not None:
             raise DistributedError(f"{self.describe()}: stopping because rank 0 failed ({what}): "
-                                   f"{message[1]}")
+                                   f"{message[1]}", peer_failed=True)
         return message[0]
 
 

@@ -7,7 +7,7 @@ Layout of a state folder:
                              SHA-256, size and tensor shapes, the report so far, and its own checksum
     block_0003.safetensors   the pruned weights of block 3 ((out, in) per selected layer), one per block
     acts_0004.safetensors    the inputs of block 4 (N, L, hidden): the latest only
-    cli.json (etc.)          extras of a caller (write_extra / read_extra), self-checksummed
+    run.json (etc.)          extras of a caller (write_extra / read_extra), self-checksummed
 
 Three guarantees, all in this module so that one owner (rank 0 of a distributed run) can hold them:
 
@@ -587,7 +587,7 @@ class PipelineState:
     # -- extras of callers (e.g. the CLI's cached perplexity) ------------------------------------------
 
     def write_extra(self, name: str, data: dict) -> None:
-        """Store a caller's JSON object as `name` (e.g. "cli.json"), checksummed like state.json."""
+        """Store a caller's JSON object as `name` (e.g. "run.json"), checksummed like state.json."""
         if name in (STATE_FILE, LOCK_FILE) or not name.endswith(".json") or "/" in name:
             raise ValueError(f"extra state file name must be a plain NAME.json other than {STATE_FILE}, "
                              f"got {name!r}")

@@ -65,7 +65,7 @@ print('cuda backend available:', c.is_available(), c.unavailable_reason() if not
 print('triton backend available:', t.is_available())"
 # Every kernel of every backend against the reference on this GPU, with times (admm_kernels/doctor.py):
 # the first numerics of the CUDA/Triton kernels on a real device; OUTDIR/doctor.log and doctor.json.
-step doctor 120 bash -c "$PY -m admm_kernels.cli doctor; $PY -m admm_kernels.cli doctor --json --repeat 3 > '$OUT/doctor.json'"
+step doctor 120 bash -c "$PY -m admm_kernels doctor; $PY -m admm_kernels doctor --json --repeat 3 > '$OUT/doctor.json'"
 
 # pytest: addopts of pyproject.toml need pytest-benchmark; override them so a missing plugin cannot stop us.
 step test_gpu 150 env ADMM_REQUIRE_CUDA_EXT=1 $PY -m pytest -q -o addopts=-ra -m gpu tests

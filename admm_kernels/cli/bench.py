@@ -1,5 +1,5 @@
 """The `admm-prune bench` subcommand: `register(subparsers)` adds it to admm-prune's parser, `run(args)`
-executes it; `main(argv)` runs it standalone (python -m admm_kernels.bench.cli ...).
+executes it; `main(argv)` runs it standalone (python -m admm_kernels.cli.bench ...).
 
     admm-prune bench                                   # embedded SmolLM2-135M, default methods, 50 %
     admm-prune bench MODEL --methods wanda sparsegpt admm-grad admm:iters=5 --sparsities 0.5 0.7 \
@@ -17,8 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..cli_common import CALIB_TEXT_DEFAULT, EVAL_TEXT_DEFAULT
-from ..protocols import CORPORA, PROTOCOLS
+from .common import CALIB_TEXT_DEFAULT, EVAL_TEXT_DEFAULT
 
 if TYPE_CHECKING:
     import torch
@@ -47,8 +46,8 @@ def _split(values: list[str]) -> list[str]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from .. import cli_common
-    from .methods import DEFAULT_METHODS, aliases
+    from ..bench.methods import DEFAULT_METHODS, aliases
+    from . import common
 
     p.add_argument("model", nargs="?", default=None,
                    help="local transformers model folder (default: the embedded SmolLM2-135M)")
@@ -64,16 +63,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", nargs="+", default=None, metavar="GLOB",
                    help="only linears whose name inside a block (e.g. 'mlp.*', 'self_attn.q_proj') or full "
                         "name matches (default: every linear in the decoder blocks)")
-    p.add_argument("--max-layers", type=cli_common.positive("--max-layers"), default=None, metavar="N",
+    p.add_argument("--max-layers", type=common.positive("--max-layers"), default=None, metavar="N",
                    help="only the first N selected layers, in model order")
-    cli_common.add_calibration_arguments(p)
-    _add_protocol_arguments(p)
+    common.add_calibration_arguments(p)
+    common.add_protocol_arguments(p, windows="calibration, held-out and perplexity windows",
+                                  report_note="")
     p.add_argument("--perplexity", action="store_true",
                    help="also prune the selected layers end to end with each method (prune_model) and "
                         "evaluate perplexity")
-    cli_common.add_eval_text_argument(
+    common.add_eval_text_argument(
         p, "evaluation text for --perplexity (default: held-out Shakespeare plays)", old="--eval")
-    cli_common.add_eval_windows_argument(p)
+    common.add_eval_windows_argument(p)
     p.add_argument("--heldout-windows", type=int, default=None, metavar="N",
                    help="windows of held-out text whose Grams give every row's out-of-sample error "
                         "(heldout_error, beside the in-sample error on the calibration Gram; the Pareto "
@@ -89,28 +89,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="reuse the finished rows in --out (rows.jsonl) and compute only the missing ones")
     p.add_argument("--overwrite", action="store_true", help="start afresh in a non-empty --out")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration window draw and of every row")
-    cli_common.add_run_arguments(p, "no progress bars and no log lines")
+    common.add_run_arguments(p, "no progress bars and no log lines")
     p.add_argument("--gram-dtype", choices=("float32", "float64"), default="float32",
                    help="Gram accumulation dtype (default float32)")
     p.add_argument("--cache-dir", metavar="DIR", default=None,
                    help="Gram cache folder (default $ADMM_KERNELS_CACHE/bench, else "
                         "~/.cache/admm_kernels/bench)")
-
-
-def _add_protocol_arguments(p: argparse.ArgumentParser) -> None:
-    """--protocol, --corpus and --text-field, as `admm-prune prune` has them (admm_kernels.protocols):
-    the same flags, read by the same protocols functions, so bench's windows are prune's."""
-    p.add_argument("--protocol", choices=PROTOCOLS, default=None,
-                   help="how text becomes calibration, held-out and perplexity windows, as in prune. "
-                        "default: text joined by blank lines, no special tokens; sparsegpt: the "
-                        "SparseGPT/Wanda/ADMM papers' convention (special tokens, C4-style random "
-                        "calibration windows from random documents) (default: default)")
-    p.add_argument("--corpus", choices=CORPORA, default=None,
-                   help="with --protocol sparsegpt: the evaluation convention of this corpus for "
-                        "--perplexity and the held-out text (default wikitext2)")
-    p.add_argument("--text-field", default=None, metavar="FIELD",
-                   help="field / column holding the text in JSON-lines, JSON and datasets sources "
-                        "(default 'text')")
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -131,10 +115,10 @@ def _settings(args):
     """BenchSettings from parsed args; BenchError on a bad value (before any heavy work)."""
     import torch
 
+    from ..bench.layers import check_methods
+    from ..bench.methods import parse_methods
+    from ..bench.runner import BenchSettings
     from ..patterns import parse_pattern, pattern_group
-    from .layers import check_methods
-    from .methods import parse_methods
-    from .runner import BenchSettings
 
     try:
         methods = parse_methods(args.methods)
@@ -207,7 +191,7 @@ def _check_out(out: Path, resume: bool, overwrite: bool) -> None:
 def run(args: argparse.Namespace) -> int:
     """Execute `admm-prune bench` with parsed args; returns the exit status."""
     from .._signals import Terminated, sigterm_raises, stopped
-    from ..cli_common import hf_progress_bars, set_threads
+    from .common import hf_progress_bars, set_threads
 
     set_threads(args.threads)
     try:
@@ -314,10 +298,10 @@ def _output_folder(args: argparse.Namespace, name: str) -> Path:
 
 def _run(args: argparse.Namespace) -> int:
     from .. import data
-    from ..cli_common import EMBEDDED_EVAL_WINDOWS, EMBEDDED_NSAMPLES, EMBEDDED_SEQLEN
+    from ..bench.runner import run_bench
     from ..models import max_positions
     from ..models.loading import check_model_path, load_model, parse_dtype
-    from .runner import run_bench
+    from .common import EMBEDDED_EVAL_WINDOWS, EMBEDDED_NSAMPLES, EMBEDDED_SEQLEN
 
     _check_swallowed_model(args)
     settings = _settings(args)
@@ -355,7 +339,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _print_result(result: dict, out: Path) -> None:
     """The summary tables and the closing lines on stdout."""
-    from . import report
+    from ..bench import report
 
     print(report.text_table(result["summary"], report.SUMMARY_COLUMNS))
     if any(".experts." in r["projection"] for r in result["by_projection"]):  # MoE: experts per projection
