@@ -2,6 +2,7 @@
 
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -44,7 +45,7 @@ def _import_triton_for_interpreter() -> None:
 
     Triton reads TRITON_INTERPRET when a function is decorated with @triton.jit, and its standard library
     (tl.zeros, tl.cumsum, ...) is decorated when triton.language is first imported: if any test module
-    imported triton first without the variable, tests/test_triton.py's interpreted kernels would fail
+    imported triton first without the variable, tests/kernels/test_triton.py's interpreted kernels would fail
     ("Cannot call @triton.jit'd outside of the scope of a kernel"). No effect with a GPU or without triton.
     """
     if torch.cuda.is_available() or "triton" in sys.modules:
@@ -71,9 +72,26 @@ def needs_gpu(item) -> bool:
     return item.get_closest_marker("gpu") is not None
 
 
+# The suite's folders, one per layer of the package (docs/DESIGN.md, "Tests"); each test is marked with
+# its folder's name, so `-m cli` or `-m "not distributed"` selects by layer as `tests/cli` does by path.
+LAYER_FOLDERS = ("unit", "kernels", "pipeline", "cli", "distributed")
+
+
+def layer_of(item) -> str | None:
+    """The folder under tests/ that holds the test (None for a test outside the layer folders)."""
+    try:
+        rel = item.path.resolve().relative_to(Path(__file__).resolve().parent)
+    except ValueError:
+        return None
+    return rel.parts[0] if len(rel.parts) > 1 and rel.parts[0] in LAYER_FOLDERS else None
+
+
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
+        layer = layer_of(item)
+        if layer is not None:
+            item.add_marker(getattr(pytest.mark, layer))
         if needs_gpu(item) and not cuda_available():
             item.add_marker(skip_gpu)
 

@@ -1,5 +1,5 @@
-"""One rank of a distributed test run (started by tests/test_distributed.py through torchrun, or as plain
-processes with torchrun's environment variables so a test can kill one of them).
+"""One rank of a distributed test run (started by tests/distributed/test_distributed.py through torchrun,
+or as plain processes with torchrun's environment variables so a test can kill one of them).
 
     python dist_worker.py cli ARGS...        admm_kernels.cli.main(ARGS)
     python dist_worker.py api RESULT ARCHS   prune tiny models of ARCHS (comma-separated) with and without

@@ -1,4 +1,5 @@
-"""Helpers shared by the tests/test_sparse_*.py files: N:M / unstructured pruned weights, a tiny LLaMA."""
+"""Helpers shared by the sparse tests (tests/unit/test_sparse_*.py, tests/pipeline/test_sparse_checkpoint.py):
+N:M / unstructured pruned weights, a tiny LLaMA."""
 
 from __future__ import annotations
 

@@ -21,13 +21,13 @@ Steps (each logged to OUT/<step>.log, OUT = build/gpu-check by default; a summar
 5. triton   for every Triton version of TRITON_VERSIONS (pip --target folders in the cache; the venv's
             own for the one torch pins): tools/triton_aot.py compiles every kernel variant the launchers
             pick for sm_90 (OUT/triton-<version>.json; fails on an error or a spill), and
-            tests/test_triton.py runs the kernels in that version's interpreter (the pinned version's
+            tests/kernels/test_triton.py runs the kernels in that version's interpreter (the pinned version's
             interpreter tests are part of the step-3 subset). A version that cannot be downloaded is
             reported as skipped.
             The ptxas and Triton reports are pure functions of their inputs: a step whose inputs (sources,
             tools, compiler and torch versions) have the digest of its last passing run is not recomputed.
 6. cpu      the CPU-only extension (ADMM_KERNELS_CUDA=0, in place: native CPU target) against the same
-            torch, checked with --expect cpu and tests/test_ops.py.
+            torch, checked with --expect cpu and tests/kernels/test_ops.py.
 
 The CPU suite subset run against torch GPU_TORCH (step 3): every test not marked model/slow/gpu, i.e.
 the kernels against the reference, the solver, the sparse formats and layers, bad input, the pipeline
@@ -371,8 +371,8 @@ def _pip_target(steps: Steps, py: str, cache: str, requirement: str, cwd: str) -
 
 def check_triton(steps: Steps, py: str, cache: str, src: str, reports: str, out: str) -> None:
     """Step 5: each Triton version's ahead-of-time compile (cached by input digest) and, for the versions
-    the main suite does not run, its interpreter tests (the venv's own Triton runs tests/test_triton.py
-    within the cuda-tests subset already)."""
+    the main suite does not run, its interpreter tests (the venv's own Triton runs
+    tests/kernels/test_triton.py within the cuda-tests subset already)."""
     pinned = subprocess.run(
         [py, "-c", "import triton; print(triton.__version__)"], capture_output=True, text=True
     ).stdout.strip()
@@ -411,7 +411,7 @@ def check_triton(steps: Steps, py: str, cache: str, src: str, reports: str, out:
             path.append(target)
         steps.run(
             f"triton-{version}-interpreter",
-            [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_triton.py"],
+            [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/kernels/test_triton.py"],
             cwd=src,
             env={"PYTHONPATH": os.pathsep.join(path), "OMP_NUM_THREADS": "1"},
         )
@@ -455,7 +455,7 @@ def check_cpu_build(steps: Steps, py: str, src: str, env: dict) -> None:
         )
         steps.run(
             "cpu-tests",
-            [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_ops.py"],
+            [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/kernels/test_ops.py"],
             cwd=src,
             env={"OMP_NUM_THREADS": "1"},
         )

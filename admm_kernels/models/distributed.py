@@ -17,13 +17,13 @@ instead of the watchdog aborting the process.
 Single-process runs use LOCAL (world size 1): every collective is a no-op, so the pipeline has one code
 path.
 
-Result against one process: the same up to the order of the Gram sums (each rank sums its windows, then
-the all-reduce adds the ranks' partial Grams). Tested on tiny models (tests/test_distributed.py, 2 and 3
-ranks): every layer's relative error equal to 1e-5 relative, weights to 1e-4 (relative Frobenius
-norm), masks equal except for at most 0.1 % of the entries, perplexity equal to 1e-4 relative. Through
-the 30 blocks of SmolLM2 the differences compound like any change of summation order (0.18 % in
-perplexity, less than 1 vs 2 threads: benchmarks/RESULTS.md). Evaluation sums per-window losses in
-window order, so a model's perplexity is the same float on any number of ranks.
+Result against one process: the same up to the order of the Gram sums (each rank sums its windows, then the
+all-reduce adds the ranks' partial Grams). Tested on tiny models (tests/distributed/test_distributed.py, 2
+and 3 ranks): every layer's relative error equal to 1e-5 relative, weights to 1e-4 (relative Frobenius
+norm), masks equal except for at most 0.1 % of the entries, perplexity equal to 1e-4 relative. Through the
+30 blocks of SmolLM2 the differences compound like any change of summation order (0.18 % in perplexity, less
+than 1 vs 2 threads: benchmarks/RESULTS.md). Evaluation sums per-window losses in window order, so a model's
+perplexity is the same float on any number of ranks.
 """
 
 from __future__ import annotations

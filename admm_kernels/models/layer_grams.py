@@ -3,7 +3,7 @@
 pruning): a discovery forward of window 0 groups the layers by shared input (GramHooks.plan), one stage
 holds every group, window 0's recorded inputs are added first and windows 1..n-1 follow in order, each
 through `BlockCall` exactly as the pipeline calls the block. Same windows, same order of additions,
-same kernels: the same Grams, bit for bit (tests/test_bench_harness.py checks it against prune_model).
+same kernels: the same Grams, bit for bit (tests/cli/test_bench_harness.py checks it against prune_model).
 
 What this adds for a caller that prunes nothing (`admm-prune bench`): with next_inputs=True each window's
 output from the same pass overwrites its row of `acts`, so the block's outputs (the next block's inputs)

@@ -90,7 +90,7 @@ def _packed_state(model: nn.Module, pattern: str | None, min_sparsity: float, dt
 # a group only needs to say which of the C(4,2) = 6 position pairs it keeps: three groups fit one byte
 # (6**3 = 216 <= 256), 2.67 bits a group. For fp16 that is the difference between 56.25 % of the dense
 # size (2-bit fields) and 54.2 % (this code), i.e. what makes a packed 2:4 fp16 checkpoint <= 56 % of the
-# dense one (tests/test_sparse_checkpoint.py).
+# dense one (tests/pipeline/test_sparse_checkpoint.py).
 _PAIRS = ((0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3))
 
 

@@ -69,7 +69,7 @@ step doctor 120 bash -c "$PY -m admm_kernels doctor; $PY -m admm_kernels doctor 
 
 # pytest: addopts of pyproject.toml need pytest-benchmark; override them so a missing plugin cannot stop us.
 step test_gpu 150 env ADMM_REQUIRE_CUDA_EXT=1 $PY -m pytest -q -o addopts=-ra -m gpu tests
-step test_triton 90 $PY -m pytest -q -o addopts=-ra tests/test_triton.py
+step test_triton 90 $PY -m pytest -q -o addopts=-ra tests/kernels/test_triton.py
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of words
 step bench 180 $PY benchmarks/gpu/bench_gpu.py --out "$OUT" ${BENCH_ARGS:-}
 

@@ -33,8 +33,8 @@ from admm_kernels.models.loading import load_model  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-REPO = Path(__file__).resolve().parents[1]
-WORKER = str(Path(__file__).resolve().parent / "dist_worker.py")
+REPO = Path(__file__).resolve().parents[2]
+WORKER = str(Path(__file__).resolve().parents[1] / "dist_worker.py")
 LAUNCH_TIMEOUT = 300  # seconds per launched run: imports of 2-3 processes on 2 busy cores take ~20 s
 ERROR_RTOL, WEIGHT_RTOL, MASK_FRACTION, PPL_RTOL = 1e-5, 1e-4, 1e-3, 1e-4
 

@@ -12,7 +12,7 @@ pytest_plugins = ["pytester"]
 
 def test_folder_named_gpu_runs_its_tests(pytester):
     sub = pytester.mkdir("gpu")
-    (sub / "conftest.py").write_text(Path(__file__).with_name("conftest.py").read_text())
+    (sub / "conftest.py").write_text(Path(__file__).resolve().parents[1] / "conftest.py".read_text())
     (sub / "test_plain.py").write_text(
         "import pytest\n\n"
         "def test_plain():\n    assert True\n\n"

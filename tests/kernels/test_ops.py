@@ -1,6 +1,6 @@
 """Every backend's solver ops against the pure-torch reference, opcheck on every op, and the registry.
 
-Backends: every name in admm_kernels.backends.available() except "triton" (tests/test_triton.py runs
+Backends: every name in admm_kernels.backends.available() except "triton" (tests/kernels/test_triton.py runs
 those through the interpreter). Masks must equal the reference exactly; values follow the tolerance
 rule: error against an fp64 reference <= 2x the fp32 reference's error (+ a tiny absolute slack).
 """

@@ -1,6 +1,6 @@
 """method="admm" presets ("accurate", "fast") and the steps beyond the seed they are built from: the OBS
 metric scaling, the support-driven ρ schedule, lazy re-factoring, mask re-selection and the stopping
-rule. preset=None stays the seed (tests/test_solver.py's transcription test covers it bit for bit)."""
+rule. preset=None stays the seed (tests/unit/test_solver.py's transcription test covers it bit for bit)."""
 
 import pytest
 import torch

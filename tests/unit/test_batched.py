@@ -102,7 +102,7 @@ def test_pipeline_solves_experts_in_batches_with_the_looped_result(monkeypatch):
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).parent))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from tiny_models import tiny_model, tiny_tokens
 
     from admm_kernels import batched as batched_mod

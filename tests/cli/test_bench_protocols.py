@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 pytest.importorskip("transformers")
 from tiny_models import save_tiny_folder, tiny_text, tiny_tokenizer  # noqa: E402
 

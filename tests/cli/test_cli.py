@@ -312,7 +312,7 @@ def test_version_help_texts_and_python_m(capsys):
         cli.main(["--version"])
     assert exc.value.code == 0
     assert capsys.readouterr().out.startswith(f"admm-prune {admm_kernels.__version__} (torch ")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = {**os.environ, "PYTHONPATH": root}
     run = subprocess.run([sys.executable, "-m", "admm_kernels", "--version"], capture_output=True, text=True,
                          cwd=root, env=env, timeout=120)

@@ -18,7 +18,7 @@ from admm_kernels.models.discovery import block_layers, find_blocks, get_weight,
 from admm_kernels.models.experts import layer_input_hooks
 from admm_kernels.models.plain_params import ParamLinear, trace_blocks, traced
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 H, L = 16, 12

@@ -11,7 +11,7 @@ from torch import nn
 
 import admm_kernels as ak
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tiny_models import CLASSIC_ARCHS, MOE_ARCHS, Interrupt, stop_after, tiny_model, tiny_tokens  # noqa: E402
 
 pytest.importorskip("transformers")

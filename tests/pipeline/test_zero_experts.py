@@ -12,7 +12,7 @@ from torch import nn
 import admm_kernels as ak
 from admm_kernels.models.experts import UnknownExpertsLayout, experts_layout
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
