@@ -110,3 +110,16 @@ def test_run_prune_refuses_with_the_python_argument_names(tiny_model_root, tmp_p
         ak.run_prune(model, tmp_path / "n", texts=ak.TextSettings(calib=str(tmp_path / "nope.txt")), **PRUNE)
     with pytest.raises(ak.RunError, match=r"sparsity_profile"):  # prune_model's own wording
         ak.run_prune(model, tmp_path / "n", texts=texts, sparsity_profile="nope")
+
+
+def test_run_prune_takes_a_prune_config(tiny_model_root, tmp_path):
+    """config=PruneConfig(...) is the same run as its fields given as keywords; keywords given beside a
+    config replace its fields."""
+    by_keywords = ak.run_prune(tiny_model_root / "tiny-llama", tmp_path / "kw", texts=_texts(tiny_model_root),
+                               **PRUNE)
+    config = ak.PruneConfig(**{**PRUNE, "sparsity": 0.7})
+    by_config = ak.run_prune(tiny_model_root / "tiny-llama", tmp_path / "cfg", texts=_texts(tiny_model_root),
+                             config=config, sparsity=PRUNE.get("sparsity", 0.5))
+    assert _comparable(by_config.report) == _comparable(by_keywords.report)
+    kw_w, cfg_w = _weights(tmp_path / "kw"), _weights(tmp_path / "cfg")
+    assert kw_w.keys() == cfg_w.keys() and all(torch.equal(kw_w[k], cfg_w[k]) for k in kw_w)
