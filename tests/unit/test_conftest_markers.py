@@ -12,7 +12,7 @@ pytest_plugins = ["pytester"]
 
 def test_folder_named_gpu_runs_its_tests(pytester):
     sub = pytester.mkdir("gpu")
-    (sub / "conftest.py").write_text(Path(__file__).resolve().parents[1] / "conftest.py".read_text())
+    (sub / "conftest.py").write_text((Path(__file__).resolve().parents[1] / "conftest.py").read_text())
     (sub / "test_plain.py").write_text(
         "import pytest\n\n"
         "def test_plain():\n    assert True\n\n"
@@ -23,3 +23,10 @@ def test_folder_named_gpu_runs_its_tests(pytester):
         result.assert_outcomes(passed=2)
     else:
         result.assert_outcomes(passed=1, skipped=1)
+
+
+def test_each_test_carries_its_folder_s_marker(request):
+    """tests/conftest.py marks every test with the name of its layer folder (here tests/unit), and no
+    other layer's."""
+    layers = ("unit", "kernels", "pipeline", "cli", "distributed")
+    assert [name for name in layers if request.node.get_closest_marker(name)] == ["unit"]
