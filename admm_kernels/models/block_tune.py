@@ -14,10 +14,22 @@ error 0.16-0.93x the untuned block's), at 4x the run's time on a 1-thread CPU. A
 4 of the 32 windows aside saw their block loss fall with the training loss in every block (no
 over-fitting at 8 epochs).
 
-Cost: one extra forward of every window before the block is pruned (the targets, kept beside the
-activations: same shape and place) and `epochs` forward + backward passes after it. Single process
-only for now (a distributed run would need the gradients all-reduced over ranks with unequal window
-counts); float32 blocks only (Adam on half-precision weights loses the small steps).
+Cost: one extra forward of every window before the block is pruned (the targets, allocated by the run's
+ActivationStore beside the activations: same shape and place, a file when they are offloaded to disk)
+and `epochs` forward + backward passes after it; float32 blocks only (Adam on half-precision weights
+loses the small steps).
+
+Distributed runs (tune_block): the windows are numbered globally in rank order and every rank draws
+the same permutation per epoch, so the steps are those of one process; each rank back-propagates its
+windows' share of a step's mean loss and the gradients are summed over the ranks, so every rank applies
+the same Adam step to the same weights. The result equals one process's up to the order of float32 sums.
+A step's windows are not balanced over the ranks (a rank may hold none of them and wait).
+
+Early stopping (tune_patience > 0, and tune_epochs="auto"): one window in every `holdout` (held_out) is
+kept out of the training; after each epoch their mean loss is measured, the weights of the best epoch
+(the untuned block counts as epoch 0) are kept, and a block's tuning stops once `patience` epochs have
+passed without a better held-out loss. Without it (the default), every window is trained on for all
+`epochs` exactly as before early stopping existed.
 """
 
 from __future__ import annotations

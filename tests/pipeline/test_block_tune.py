@@ -121,18 +121,20 @@ def test_tuning_changes_the_result_and_lowers_the_final_output_error():
     assert float((hidden(tuned) - ref).pow(2).mean()) < float((hidden(plain) - ref).pow(2).mean())
 
 
-def test_resume_of_a_tuned_run_is_bit_identical_and_the_settings_are_fingerprinted(tmp_path):
+@pytest.mark.parametrize("tune", [TUNE, dict(TUNE, tune_epochs=4, tune_patience=1, tune_holdout=3)],
+                         ids=["fixed", "early-stopped"])
+def test_resume_of_a_tuned_run_is_bit_identical_and_the_settings_are_fingerprinted(tmp_path, tune):
     ids, folder = tiny_tokens(3, 16), tmp_path / "s"
     full = tiny_model("llama")
-    ref = ak.prune_model(full, ids, sparsity=0.6, **FAST, **TUNE)
+    ref = ak.prune_model(full, ids, sparsity=0.6, **FAST, **tune)
     with pytest.raises(Interrupt):
         ak.prune_model(tiny_model("llama"), ids, sparsity=0.6, state_dir=folder, callback=stop_after(0),
-                       **FAST, **TUNE)
+                       **FAST, **tune)
     with pytest.raises(StateError, match="block_tune"):
         ak.prune_model(tiny_model("llama"), ids, sparsity=0.6, state_dir=folder, **FAST,
-                       **{**TUNE, "tune_lr": 2e-3})
+                       **{**tune, "tune_lr": 2e-3})
     resumed_model = tiny_model("llama")
-    resumed = ak.prune_model(resumed_model, ids, sparsity=0.6, state_dir=folder, **FAST, **TUNE)
+    resumed = ak.prune_model(resumed_model, ids, sparsity=0.6, state_dir=folder, **FAST, **tune)
     assert resumed["resumed_from_block"] == 1
     assert resumed["block_tune"]["blocks"] == ref["block_tune"]["blocks"]
     wr, wf = _weights(resumed_model), _weights(full)
