@@ -15,6 +15,7 @@ from tiny_models import ARCHS, Interrupt, stop_after, tiny_model, tiny_tokens  #
 import admm_kernels as ak  # noqa: E402
 from admm_kernels.models import find_blocks, get_weight, prunable_layers  # noqa: E402
 from admm_kernels.models.block_tune import (  # noqa: E402
+    AUTO_BATCH,
     AUTO_EPOCHS,
     AUTO_PATIENCE,
     BlockTune,
@@ -307,6 +308,7 @@ def test_auto_and_the_fingerprint_of_runs_without_early_stopping():
                                   "holdout": 8, "auto": True}
     assert check_block_tune("auto", 1e-4, 4, patience=5).patience == 5
     assert check_block_tune(4, 1e-4, 4).patience == 0
+    assert check_block_tune("auto", 1e-4).batch == AUTO_BATCH and check_block_tune(4, 1e-4).batch == 4
 
 
 def test_auto_runs_early_stopped_and_reports_it():
@@ -314,6 +316,7 @@ def test_auto_runs_early_stopped_and_reports_it():
     report = ak.prune_model(tiny_model("llama"), ids, sparsity=0.6, **FAST, tune_epochs="auto", tune_lr=1e-3)
     tuned = report["block_tune"]
     assert tuned["auto"] and tuned["epochs"] == AUTO_EPOCHS and tuned["patience"] == AUTO_PATIENCE
+    assert tuned["batch"] == AUTO_BATCH
     for r in tuned["blocks"]:
         assert 1 <= r["epochs"] <= AUTO_EPOCHS and len(r["heldout"]) == r["epochs"] + 1
         assert r["heldout"][r["best_epoch"]] == min(r["heldout"])
