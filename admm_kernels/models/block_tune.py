@@ -276,7 +276,7 @@ def tune_block(block: nn.Module, index: int, layers: dict[str, nn.Module], call:
     mine = _Windows.of(int(acts.shape[0]), comm, index)
     every = list(range(mine.n))
     heldout = held_out(mine.n, tune.holdout) if tune.early_stopping else []
-    train = [j for j in every if j not in set(heldout)]
+    train = sorted(set(every) - set(heldout))
     params, masks = _tunable(layers, index)
     flags = {p: p.requires_grad for p in block.parameters()}
     report: dict = {"block": index}
