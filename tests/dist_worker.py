@@ -5,6 +5,8 @@ or as plain processes with torchrun's environment variables so a test can kill o
     python dist_worker.py api RESULT ARCHS   prune tiny models of ARCHS (comma-separated) with and without
                                              sequential mode; torch.save the weights, reports and
                                              perplexities to RESULT.RANK.pt
+    python dist_worker.py tune RESULT ARCHS  prune and block-tune tiny models of ARCHS (tune_tiny), with
+                                             and without early stopping; torch.save to RESULT.RANK.pt
 
 Environment: DIST_TEST_FAULT="RANK:BLOCK:kill|hang" makes that rank SIGKILL itself (or sleep for an hour)
 when it reaches that block; DIST_TEST_WRITES=FILE appends "RANK WHAT" for every state save, state extra
@@ -117,11 +119,41 @@ def _api(result: str, archs: str) -> None:
     distributed.shutdown()
 
 
+TUNE_SETTINGS = {"fixed": dict(tune_epochs=3, tune_lr=1e-3, tune_batch=2),
+                 "early": dict(tune_epochs=6, tune_lr=1e-3, tune_batch=2, tune_patience=1, tune_holdout=3)}
+
+
+def tune_tiny(arch: str, settings: str, distributed=None) -> dict:
+    """A tiny model of `arch` pruned by magnitude (masks that do not depend on the Gram sums, so any
+    difference from one process is block tuning's own) on 5 windows (2 and 3 ranks: unequal shares),
+    block-tuned with TUNE_SETTINGS[settings]. Returns the weights and the report."""
+    from tiny_models import tiny_model, tiny_tokens
+
+    import admm_kernels as ak
+
+    model = tiny_model(arch)
+    report = ak.prune_model(model, tiny_tokens(5, 16), sparsity=0.6, method="magnitude",
+                            distributed=distributed, **TUNE_SETTINGS[settings])
+    return {"weights": {k: v.clone() for k, v in model.state_dict().items()}, "report": report}
+
+
+def _tune(result: str, archs: str) -> None:
+    from admm_kernels.models import distributed
+
+    comm = distributed.init_from_environment(torch.device("cpu"), timeout_s=60)
+    out = {f"{arch}-{s}": tune_tiny(arch, s) for arch in archs.split(",") for s in TUNE_SETTINGS}
+    torch.save(out, f"{result}.{comm.rank}.pt")
+    distributed.shutdown()
+
+
 def main() -> int:
     torch.set_num_threads(1)
     mode, args = sys.argv[1], sys.argv[2:]
     if mode == "api":
         _api(*args)
+        return 0
+    if mode == "tune":
+        _tune(*args)
         return 0
     _install_fault()
     _install_write_log()

@@ -16,6 +16,7 @@ the sequential pipeline of SparseGPT / Wanda / the seed paper.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -54,7 +55,9 @@ class NoProgress:
 class BlockContext:
     """What every block of one run is pruned with: the names of the report entries ("BLOCKS.i.LAYER"),
     the compute device, the Gram dtype (float32 / float64), the communicator (LOCAL: one process), the
-    progress sink, sequential stages, the experts' calibration ("routed" / "all") and block tuning."""
+    progress sink, sequential stages, the experts' calibration ("routed" / "all"), block tuning and where
+    its dense targets are allocated (`scratch(shape, dtype)`, the run's ActivationStore.empty, so they
+    live where the activations do; None: beside them in memory)."""
 
     blocks_name: str
     device: torch.device
@@ -64,6 +67,7 @@ class BlockContext:
     sequential: bool = False
     moe_calibration: str = "routed"
     tune: BlockTune = BlockTune()
+    scratch: Callable[[tuple, torch.dtype], torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -142,14 +146,14 @@ def prune_block(block: nn.Module, index: int, layers: dict[str, nn.Module], call
     if ctx.tune.enabled and layers:
         check_tunable(layers, index)
         t = time.perf_counter()
-        targets = dense_targets(block, call, acts, ctx.device)  # before any hook or pruned weight
+        targets = dense_targets(block, call, acts, ctx.device, ctx.scratch)  # before any hook or pruning
         job.seconds["tune"] += time.perf_counter() - t
     records = _calibrate_and_solve(job, last)
     out = [records[rel] if rel in records else _not_called(job, rel) for rel in layers]
     tuned = None
     if targets is not None:
         t = time.perf_counter()
-        tuned = tune_block(block, index, layers, call, acts, targets, ctx.device, ctx.tune)
+        tuned = tune_block(block, index, layers, call, acts, targets, ctx.device, ctx.tune, ctx.comm)
         del targets
         sync(ctx.device)
         job.seconds["tune"] += time.perf_counter() - t

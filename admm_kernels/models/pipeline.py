@@ -43,7 +43,7 @@ from ..environment import versions
 from ..errors import ArgumentError, ArgumentTypeError, about
 from .activations import ActivationStore, resolve_offload
 from .block import BlockContext, BlockResult, prune_block
-from .block_tune import check_block_tune
+from .block_tune import check_block_tune, check_tune_windows
 from .capture import capture_inputs
 from .checkpoint import NoCheckpoint, StateCheckpoint, checkpointer
 from .config import PruneConfig, PrunePlan, validate_layers
@@ -126,7 +126,8 @@ def run_fingerprint(model: nn.Module, ids: torch.Tensor, config: PruneConfig, sp
     options = dict(config.options)
     given = dict(options)
     resolved = methods.get(config.method).resolve(given.pop("preset", None), given)
-    tune = check_block_tune(config.tune_epochs, config.tune_lr, config.tune_batch)
+    tune = check_block_tune(config.tune_epochs, config.tune_lr, config.tune_batch, config.tune_patience,
+                            config.tune_holdout)
     extra = {"world_size": world_size if world_size != 1 else None,
              "sequential": True if config.sequential else None,
              "block_tune": tune.fingerprint() if tune.enabled else None,
@@ -174,8 +175,9 @@ def prune_model(model: nn.Module | StreamedModel, calibration, config: PruneConf
         (nsamples, seqlen), e.g. from admm_kernels.protocols.calibration_windows.
     config / **kwargs: the settings, a PruneConfig or its fields as keywords (sparsity=0.5,
         pattern="unstructured", method="admm", sparsity_profile, owl_m, owl_lambda, layers, gram_dtype,
-        sequential, tune_epochs / tune_lr / tune_batch, moe_calibration, and the method's options; see
-        PruneConfig); keywords given with a config replace its fields. Checked before any work.
+        sequential, tune_epochs / tune_lr / tune_batch / tune_patience / tune_holdout, moe_calibration,
+        and the method's options; see PruneConfig); keywords given with a config replace its fields.
+        Checked before any work.
     device: compute device (default: the model's; "meta" and unavailable devices are refused). offload:
         where the (nsamples, seqlen, hidden) activations live: False = on the device, True / "cpu" = host
         memory, "disk" = a file in offload_dir (default the temporary folder; models/activations.py).
@@ -233,15 +235,12 @@ def _settings(config: PruneConfig | None, kwargs: dict) -> PruneConfig:
 
 def _check_ranks(plan: PrunePlan, ids: torch.Tensor, comm: Comm) -> None:
     """What a distributed run needs of the settings and the calibration."""
-    if plan.tune.enabled and comm.distributed:
-        raise ArgumentError("tune_epochs > 0 (block tuning) runs in one process only for now: its gradients "
-                            "are not all-reduced across ranks; run without torchrun, or leave it at 0",
-                            "tune_epochs")
     n = int(ids.shape[0])
     if n < comm.size:
         raise ArgumentError(f"calibration has {n} windows, fewer than the {comm.size} ranks of the "
                             "distributed run: every rank needs at least one window (use more --nsamples or "
                             "fewer ranks)", "calibration")
+    check_tune_windows(plan.tune, n)
 
 
 @dataclass
@@ -346,7 +345,8 @@ def _execute(run: _Run, callback: Callable[[int, dict], None] | None) -> tuple[B
                 acts, calls = _first_inputs(run, opened.resume)
                 bar = _Bars(plan.end, min(start, plan.end), run.progress and run.comm.is_main)
                 ctx = BlockContext(plan.blocks_name, run.device, run.config.gram_dtype, run.comm, bar,
-                                   run.config.sequential, run.config.moe_calibration, plan.tune)
+                                   run.config.sequential, run.config.moe_calibration, plan.tune,
+                                   run.acts_store.empty)
                 for b in run.source.visits(plan.end, len(plan.blocks)):
                     run.source.load(b)
                     if b < start:

@@ -14,7 +14,16 @@ from tiny_models import ARCHS, Interrupt, stop_after, tiny_model, tiny_tokens  #
 
 import admm_kernels as ak  # noqa: E402
 from admm_kernels.models import find_blocks, get_weight, prunable_layers  # noqa: E402
-from admm_kernels.models.block_tune import BlockTune, dense_targets, tune_block  # noqa: E402
+from admm_kernels.models.block_tune import (  # noqa: E402
+    AUTO_BATCH,
+    AUTO_EPOCHS,
+    AUTO_PATIENCE,
+    BlockTune,
+    check_block_tune,
+    dense_targets,
+    held_out,
+    tune_block,
+)
 from admm_kernels.models.capture import capture_inputs  # noqa: E402
 from admm_kernels.models.state import StateError  # noqa: E402
 
@@ -113,18 +122,20 @@ def test_tuning_changes_the_result_and_lowers_the_final_output_error():
     assert float((hidden(tuned) - ref).pow(2).mean()) < float((hidden(plain) - ref).pow(2).mean())
 
 
-def test_resume_of_a_tuned_run_is_bit_identical_and_the_settings_are_fingerprinted(tmp_path):
+@pytest.mark.parametrize("tune", [TUNE, dict(TUNE, tune_epochs=4, tune_patience=1, tune_holdout=3)],
+                         ids=["fixed", "early-stopped"])
+def test_resume_of_a_tuned_run_is_bit_identical_and_the_settings_are_fingerprinted(tmp_path, tune):
     ids, folder = tiny_tokens(3, 16), tmp_path / "s"
     full = tiny_model("llama")
-    ref = ak.prune_model(full, ids, sparsity=0.6, **FAST, **TUNE)
+    ref = ak.prune_model(full, ids, sparsity=0.6, **FAST, **tune)
     with pytest.raises(Interrupt):
         ak.prune_model(tiny_model("llama"), ids, sparsity=0.6, state_dir=folder, callback=stop_after(0),
-                       **FAST, **TUNE)
+                       **FAST, **tune)
     with pytest.raises(StateError, match="block_tune"):
         ak.prune_model(tiny_model("llama"), ids, sparsity=0.6, state_dir=folder, **FAST,
-                       **{**TUNE, "tune_lr": 2e-3})
+                       **{**tune, "tune_lr": 2e-3})
     resumed_model = tiny_model("llama")
-    resumed = ak.prune_model(resumed_model, ids, sparsity=0.6, state_dir=folder, **FAST, **TUNE)
+    resumed = ak.prune_model(resumed_model, ids, sparsity=0.6, state_dir=folder, **FAST, **tune)
     assert resumed["resumed_from_block"] == 1
     assert resumed["block_tune"]["blocks"] == ref["block_tune"]["blocks"]
     wr, wf = _weights(resumed_model), _weights(full)
@@ -190,13 +201,170 @@ def test_streamed_tuning_equals_in_memory(tmp_path):
     assert all(torch.equal(ww[k], wm[k]) for k in wm)
 
 
-def test_distributed_runs_refuse_block_tuning_before_any_work():
-    from admm_kernels.models.distributed import Comm
+def _reference_tune(block, layers, call, acts, targets, epochs, lr, batch, seed):
+    """Block tuning as it ran before early stopping and distributed runs existed, written out plainly:
+    the bit-for-bit reference for tune_epochs=N without early stopping on one process."""
+    params = [m.weight for m in layers.values()]
+    keep = [p.detach() != 0 for p in params]
+    for p in block.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    n = acts.shape[0]
+    with torch.enable_grad():
+        for _ in range(epochs):
+            order = torch.randperm(n, generator=g).tolist()
+            for i in range(0, n, batch):
+                opt.zero_grad(set_to_none=True)
+                total = 0.0
+                for j in order[i:i + batch]:
+                    y = call(block, acts[j:j + 1])[0]
+                    total = total + torch.nn.functional.mse_loss(y.float(), targets[j].float())
+                (total / len(order[i:i + batch])).backward()
+                opt.step()
+                with torch.no_grad():
+                    for p, m in zip(params, keep):
+                        p.mul_(m)
+    for p in block.parameters():
+        p.requires_grad_(True)
 
+
+def _magnitude_pruned_block(seed_windows: int = 5):
+    """Block 1 of a tiny LLaMA, its inputs (5 windows), dense targets and its linears pruned by
+    magnitude to 50 %."""
+    model = tiny_model("llama")
+    ids = tiny_tokens(seed_windows, 16)
+    _, blocks = find_blocks(model)
+    with torch.no_grad():
+        acts, calls = capture_inputs(model, blocks, ids, torch.device("cpu"), torch.device("cpu"))
+    block, call = blocks[0], calls[0]
+    targets = dense_targets(block, call, acts, torch.device("cpu"))
+    layers = prunable_layers(block, "b0.")
+    with torch.no_grad():
+        for m in layers.values():
+            w = m.weight
+            w.mul_(w.abs() >= w.abs().flatten().kthvalue(w.numel() // 2).values)
+    return block, call, acts, targets, layers
+
+
+def test_fixed_epochs_without_early_stopping_are_the_original_loop_bit_for_bit():
+    block, call, acts, targets, layers = _magnitude_pruned_block()
+    start = copy.deepcopy(block.state_dict())
+    rep = tune_block(block, 0, layers, call, acts, targets, torch.device("cpu"), BlockTune(3, 1e-3, 2))
+    assert set(rep) == {"block", "loss_before", "loss_after"}
+    ours = {n: m.weight.detach().clone() for n, m in layers.items()}
+    block.load_state_dict(start)
+    _reference_tune(block, layers, call, acts, targets, 3, 1e-3, 2, seed=0)
+    for n, m in layers.items():
+        assert torch.equal(ours[n], m.weight.detach()), n
+
+
+def test_early_stopping_keeps_the_best_epochs_weights():
+    """With patience = epochs nothing stops early, so the held-out loss of every epoch is reported; the
+    weights kept are those of the best epoch, which a run of exactly that many epochs reproduces (same
+    window order, same Adam steps)."""
+    block, call, acts, targets, layers = _magnitude_pruned_block()
+    start = copy.deepcopy(block.state_dict())
+    rep = tune_block(block, 0, layers, call, acts, targets, torch.device("cpu"),
+                     BlockTune(10, 5e-3, 1, patience=10, holdout=3))  # lr high enough to over-fit
+    held = rep["heldout"]
+    assert len(held) == 11 and rep["epochs"] == 10
+    assert rep["best_epoch"] == min(range(11), key=lambda e: (held[e], e))
+    assert 0 < rep["best_epoch"] < 10, held  # the test needs a best epoch before the last
+    kept = {n: m.weight.detach().clone() for n, m in layers.items()}
+    block.load_state_dict(start)
+    again = tune_block(block, 0, layers, call, acts, targets, torch.device("cpu"),
+                       BlockTune(rep["best_epoch"], 5e-3, 1, patience=10, holdout=3))
+    assert again["heldout"] == held[:rep["best_epoch"] + 1]
+    for n, m in layers.items():
+        assert torch.equal(kept[n], m.weight.detach()), n
+    assert again["loss_after"] == rep["loss_after"]
+    # patience 1 stops after the first epoch that does not improve, keeping the best one so far
+    block.load_state_dict(start)
+    short = tune_block(block, 0, layers, call, acts, targets, torch.device("cpu"),
+                       BlockTune(10, 5e-3, 1, patience=1, holdout=3))
+    worse = next(e for e in range(1, 11) if held[e] >= min(held[:e]))
+    assert short["epochs"] == worse and short["heldout"] == held[:worse + 1]
+
+
+def test_held_out_windows_are_spread_and_never_all():
+    assert held_out(32, 8) == [4, 12, 20, 28]
+    assert held_out(4, 8) == [2]
+    assert held_out(2, 8) == [1]
+    assert held_out(5, 2) == [1, 3]
+    for n in range(2, 40):
+        for every in (2, 3, 8):
+            h = held_out(n, every)
+            assert len(set(h)) == len(h) == max(1, n // every) and all(0 <= j < n for j in h)
+
+
+def test_auto_and_the_fingerprint_of_runs_without_early_stopping():
+    assert BlockTune(3, 1e-3, 2).fingerprint() == {"epochs": 3, "lr": 1e-3, "batch": 2}  # older states
+    auto = check_block_tune("auto", 1e-4, 4)
+    assert (auto.epochs, auto.patience, auto.holdout, auto.auto) == (AUTO_EPOCHS, AUTO_PATIENCE, 8, True)
+    assert auto.fingerprint() == {"epochs": AUTO_EPOCHS, "lr": 1e-4, "batch": 4, "patience": AUTO_PATIENCE,
+                                  "holdout": 8, "auto": True}
+    assert check_block_tune("auto", 1e-4, 4, patience=5).patience == 5
+    assert check_block_tune(4, 1e-4, 4).patience == 0
+    assert check_block_tune("auto", 1e-4).batch == AUTO_BATCH and check_block_tune(4, 1e-4).batch == 4
+
+
+def test_auto_runs_early_stopped_and_reports_it():
+    ids = tiny_tokens(8, 16)
+    report = ak.prune_model(tiny_model("llama"), ids, sparsity=0.6, **FAST, tune_epochs="auto", tune_lr=1e-3)
+    tuned = report["block_tune"]
+    assert tuned["auto"] and tuned["epochs"] == AUTO_EPOCHS and tuned["patience"] == AUTO_PATIENCE
+    assert tuned["batch"] == AUTO_BATCH
+    for r in tuned["blocks"]:
+        assert 1 <= r["epochs"] <= AUTO_EPOCHS and len(r["heldout"]) == r["epochs"] + 1
+        assert r["heldout"][r["best_epoch"]] == min(r["heldout"])
+        assert r["loss_after"] <= r["loss_before"]
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(tune_epochs="many"), ValueError, "tune_epochs must be an int or 'auto'"),
+    (dict(tune_epochs=2, tune_patience=-1), ValueError, "tune_patience must be >= 0"),
+    (dict(tune_epochs=2, tune_patience=1.0), TypeError, "tune_patience must be an int"),
+    (dict(tune_epochs=2, tune_patience=1, tune_holdout=1), ValueError, "tune_holdout must be >= 2"),
+])
+def test_bad_early_stopping_arguments_fail_before_any_work(kwargs, error, match):
     model = tiny_model("llama")
     before = _weights(model)
-    with pytest.raises(ValueError, match="block tuning.*one process only"):
-        ak.prune_model(model, tiny_tokens(2, 16), method="magnitude", tune_epochs=1,
-                       distributed=Comm(rank=0, world=2))
-    after = _weights(model)
-    assert all(torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(error, match=match):
+        ak.prune_model(model, tiny_tokens(2, 16), **kwargs)
+    assert all(torch.equal(before[k], w) for k, w in _weights(model).items())
+
+
+def test_early_stopping_on_one_window_is_refused_before_any_work():
+    model = tiny_model("llama")
+    before = _weights(model)
+    with pytest.raises(ValueError, match="at least 2"):
+        ak.prune_model(model, tiny_tokens(1, 16), method="magnitude", tune_epochs="auto")
+    assert all(torch.equal(before[k], w) for k, w in _weights(model).items())
+
+
+def test_disk_offloaded_tuning_keeps_its_targets_on_disk_and_equals_in_memory(tmp_path, monkeypatch):
+    from admm_kernels.models.activations import ActivationStore
+
+    ids = tiny_tokens(4, 16)
+    memory = tiny_model("llama")
+    expected = ak.prune_model(memory, ids, sparsity=0.6, **FAST, **TUNE)
+    real = ActivationStore.empty
+    on_disk = []
+
+    def recording(self, shape, dtype):
+        t = real(self, shape, dtype)
+        on_disk.append((self.where, tuple(shape)))
+        return t
+
+    monkeypatch.setattr(ActivationStore, "empty", recording)
+    disk = tiny_model("llama")
+    report = ak.prune_model(disk, ids, sparsity=0.6, **FAST, **TUNE, offload="disk", offload_dir=tmp_path)
+    full = (4, 16, disk.config.hidden_size)
+    # the activations once, then every block's dense targets: files, none a copy in memory
+    assert on_disk == [("disk", full)] * (1 + report["blocks"])
+    assert report["block_tune"]["blocks"] == expected["block_tune"]["blocks"]
+    wd, wm = _weights(disk), _weights(memory)
+    assert all(torch.equal(wd[k], wm[k]) for k in wm)

@@ -34,6 +34,9 @@ def test_config_is_exported_and_collects_the_method_options():
     assert PruneConfig(options={"iters": 4}, T=3) == PruneConfig(iters=4, T=3)
     for copied in (pickle.loads(pickle.dumps(cfg)), copy.deepcopy(cfg)):
         assert copied == cfg and copied.options == {"iters": 4, "T": 3}
+    tuned = PruneConfig(tune_epochs="auto", tune_patience=3, tune_holdout=4)
+    assert PruneConfig(**tuned.keywords()) == tuned and tuned.options == {}
+    assert (tuned.tune_epochs, tuned.tune_patience, tuned.tune_holdout) == ("auto", 3, 4)
 
 
 @pytest.mark.parametrize("kwargs,error,argument,match", [
@@ -51,6 +54,9 @@ def test_config_is_exported_and_collects_the_method_options():
     (dict(tune_epochs=1.5), ArgumentTypeError, "tune_epochs", "must be an int"),
     (dict(tune_batch=0), ArgumentError, "tune_batch", "tune_batch must be >= 1"),
     (dict(tune_lr=0.0), ArgumentError, "tune_lr", "tune_lr must be a finite number"),
+    (dict(tune_epochs="long"), ArgumentError, "tune_epochs", "must be an int or 'auto'"),
+    (dict(tune_epochs=2, tune_patience=-1), ArgumentError, "tune_patience", "tune_patience must be >= 0"),
+    (dict(tune_epochs=2, tune_holdout=1), ArgumentError, "tune_holdout", "tune_holdout must be >= 2"),
     (dict(moe_calibration="dense"), ArgumentError, "moe_calibration", "moe_calibration must be one of"),
     (dict(layers=["attn.nope"]), ArgumentError, "layers", "matches no linear layer"),
     (dict(layers="mlp.*"), ArgumentTypeError, "layers", "list of glob patterns"),
