@@ -52,7 +52,8 @@ PYTHON_NAMES = MappingProxyType({
 })
 
 # prune_model's keyword arguments that check_prunable does not take (the pipeline's own, not the method's).
-_PIPELINE_ONLY = ("sequential", "tune_epochs", "tune_lr", "tune_batch", "moe_calibration")
+_PIPELINE_ONLY = ("sequential", "tune_epochs", "tune_lr", "tune_batch", "tune_patience", "tune_holdout",
+                  "moe_calibration")
 
 
 class RunError(ValueError):

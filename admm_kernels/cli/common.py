@@ -37,6 +37,7 @@ FLAGS = {
     "tasks": "--tasks", "tasks_path": "--tasks-path", "num_fewshot": "--num-fewshot",
     "evaluate_tasks": "`admm-prune eval --tasks`", "owl_m": "--owl-m", "owl_lambda": "--owl-lambda",
     "tune_epochs": "--tune-epochs", "tune_lr": "--tune-lr", "tune_batch": "--tune-batch",
+    "tune_patience": "--tune-patience", "tune_holdout": "--tune-holdout",
     "moe_calibration": "--moe-calibration", "layers": "--layers", "timeout_s": "--dist-timeout",
 }
 

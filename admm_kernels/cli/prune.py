@@ -199,15 +199,24 @@ def _add_pipeline_arguments(pr: argparse.ArgumentParser) -> None:
     pr.add_argument("--sequential", action="store_true",
                     help="prune a block's layers group by group (LLaMA: q/k/v, then o, then gate/up, then "
                          "down), each group's Gram taken from the block with the earlier groups pruned")
-    pr.add_argument("--tune-epochs", type=int, default=0, metavar="N",
+    pr.add_argument("--tune-epochs", type=_tune_epochs, default=0, metavar="N|auto",
                     help="block tuning: after each block's layer solves, N epochs of Adam on the kept "
                          "weights towards the dense block's outputs on the same inputs, masks unchanged "
                          "(SmolLM2 70%% accurate: 8 epochs lowered perplexity 9%%, at 4x the time on a CPU; "
-                         "float32 models, one process; default 0 = off)")
+                         "float32 models; under torchrun the gradients are summed over the ranks). auto: "
+                         "at most 16 epochs, stopped early on held-out windows (patience 2), 2 windows a "
+                         "step (default 0 = off)")
     pr.add_argument("--tune-lr", type=float, default=1e-4, metavar="LR",
                     help="block tuning's Adam learning rate (default 1e-4)")
-    pr.add_argument("--tune-batch", type=int, default=4, metavar="WINDOWS",
-                    help="calibration windows per block-tuning step (default 4)")
+    pr.add_argument("--tune-batch", type=int, default=None, metavar="WINDOWS",
+                    help="calibration windows per block-tuning step (default 4; 2 with --tune-epochs auto)")
+    pr.add_argument("--tune-patience", type=int, default=None, metavar="EPOCHS",
+                    help="block tuning's early stopping: stop a block once the held-out windows' loss has "
+                         "not improved for this many epochs and keep its best epoch's weights (default: off; "
+                         "2 with --tune-epochs auto)")
+    pr.add_argument("--tune-holdout", type=int, default=8, metavar="K",
+                    help="with early stopping, one calibration window in every K is held out from the "
+                         "tuning steps to judge it (default 8)")
     add_stream_argument(pr, "each block is read from MODEL's safetensors shards just before its turn, "
                             "written to --out as soon as it is pruned and freed, so host memory stays at "
                             "the non-block weights + about two blocks + the activations (--save-format hf)")
@@ -312,6 +321,17 @@ def _sparsity_flags(args, comm) -> None:
         args.sparsity = DEFAULT_SPARSITY
 
 
+def _tune_epochs(text: str) -> int | str:
+    """--tune-epochs: a whole number, or "auto" (prune_model checks the range and says which flag)."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--tune-epochs must be a whole number or 'auto', got {text!r}") \
+            from None
+
+
 def prune_settings(args) -> dict:
     """prune_model's keyword arguments from the flags (the method options of -o and --preset included).
     The one place that maps flags onto the prune settings."""
@@ -322,7 +342,8 @@ def prune_settings(args) -> dict:
         options["preset"] = args.preset
     return {"pattern": args.pattern, "method": args.method, "layers": args.layers, **_profile_arguments(args),
             "sequential": args.sequential, "tune_epochs": args.tune_epochs, "tune_lr": args.tune_lr,
-            "tune_batch": args.tune_batch, "moe_calibration": args.moe_calibration, **options}
+            "tune_batch": args.tune_batch, "tune_patience": args.tune_patience,
+            "tune_holdout": args.tune_holdout, "moe_calibration": args.moe_calibration, **options}
 
 
 def prune_run(args, comm):

@@ -181,6 +181,21 @@ def test_cli_tune_flags(tiny_model_root, tmp_path, capsys):
     capsys.readouterr()
     assert cli.main([*args, "--overwrite", "--tune-epochs", "-2"]) != 0
     assert "--tune-epochs must be >= 0" in capsys.readouterr().err
+    # auto: early-stopped, 2 windows a step; the early-stopping flags reach prune_model
+    assert cli.main([*args, "--overwrite", "--tune-epochs", "auto", "--tune-lr", "0.001"]) == 0
+    tuned = json.loads((out / "prune_report.json").read_text())["block_tune"]
+    assert tuned["auto"] and tuned["batch"] == AUTO_BATCH and tuned["patience"] == AUTO_PATIENCE
+    assert cli.main([*args, "--overwrite", "--tune-epochs", "3", "--tune-patience", "1", "--tune-holdout",
+                     "2"]) == 0
+    tuned = json.loads((out / "prune_report.json").read_text())["block_tune"]
+    assert tuned["patience"] == 1 and not tuned.get("auto") and all(len(r["heldout"]) >= 2 for r in tuned["blocks"])
+    capsys.readouterr()
+    assert cli.main([*args, "--overwrite", "--tune-epochs", "3", "--tune-patience", "1", "--tune-holdout",
+                     "1"]) == 2
+    assert "--tune-holdout must be >= 2" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main([*args, "--overwrite", "--tune-epochs", "many"])
+    assert "--tune-epochs must be a whole number or 'auto', got 'many'" in capsys.readouterr().err
 
 
 def test_streamed_tuning_equals_in_memory(tmp_path):
