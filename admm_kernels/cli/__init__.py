@@ -26,6 +26,7 @@ from .common import (  # noqa: F401  (public: the embedded run's defaults)
     EMBEDDED_NSAMPLES,
     EMBEDDED_SEQLEN,
     EVAL_TEXT_DEFAULT,
+    FLAGS,
     CliError,
     flag_words,
     hf_progress_bars,
@@ -81,8 +82,9 @@ def _start_distributed(args):
         device = distributed.rank_device(check_device(args.device, "--device"))
         args.device = str(device)
         comm = distributed.init_from_environment(device, args.dist_backend, args.dist_timeout)
-    except ValueError as exc:
-        raise CliError(str(exc)) from None
+    except ValueError as exc:  # an ArgumentError names the argument: say which flag gave it
+        argument = getattr(exc, "argument", None)
+        raise CliError((f"{FLAGS[argument]}: " if argument in FLAGS else "") + flag_words(str(exc))) from None
     return comm
 
 

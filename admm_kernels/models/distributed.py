@@ -35,6 +35,8 @@ from collections.abc import Sequence
 
 import torch
 
+from ..errors import ArgumentError
+
 WORLD_ENV = "WORLD_SIZE"
 DEFAULT_TIMEOUT_S = 1800.0  # torch's own default for gloo; covers rank 0's state saves and digests
 BACKENDS = ("auto", "gloo", "nccl")
@@ -300,14 +302,14 @@ def local_rank() -> int:
 
 
 def rank_device(device: torch.device) -> torch.device:
-    """--device under torchrun: "cuda" means cuda:LOCAL_RANK; an explicit index is refused when several
-    ranks would share it; the CPU stays the CPU."""
+    """The device of this rank under torchrun: "cuda" means cuda:LOCAL_RANK; an explicit index is refused
+    when several ranks would share it (ArgumentError naming `device`); the CPU stays the CPU."""
     if device.type != "cuda":
         return device
     lr = local_rank()
     if device.index is not None and launched_world_size() > 1:
-        raise ValueError(f"--device {device} names one GPU, but every rank of a distributed run uses its "
-                         "own: give --device cuda (rank r uses cuda:LOCAL_RANK)")
+        raise ArgumentError(f"device {str(device)!r} names one GPU, but every rank of a distributed run uses "
+                            "its own: give device 'cuda' (rank r uses cuda:LOCAL_RANK)", "device")
     if lr >= torch.cuda.device_count():
         raise ValueError(f"LOCAL_RANK {lr} has no GPU: this machine has {torch.cuda.device_count()} CUDA "
                          "device(s); start at most that many ranks per node (torchrun --nproc-per-node)")

@@ -240,3 +240,16 @@ def test_a_failed_peer_is_a_distributed_error_in_the_library_s_terms():
     assert "(--dist-timeout)" in flag_words(str(exc))
     again = pickle.loads(pickle.dumps(exc))
     assert again.peer_failed and str(again) == str(exc)
+
+
+def test_a_gpu_index_under_several_ranks_names_the_device_argument(monkeypatch):
+    import torch
+
+    from admm_kernels.errors import ArgumentError
+    from admm_kernels.models.distributed import rank_device
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ArgumentError, match="device 'cuda:1' names one GPU") as err:
+        rank_device(torch.device("cuda", 1))
+    assert err.value.argument == "device" and "--" not in str(err.value)
+    assert rank_device(torch.device("cpu")) == torch.device("cpu")
