@@ -58,18 +58,7 @@ def test_tuning_lowers_every_blocks_output_error_and_keeps_the_masks_exact(arch)
 def test_tune_block_moves_kept_weights_only_and_is_reproducible():
     """Directly on one block: zeros stay zeros, the block's loss to its dense outputs falls, the same
     call gives the same weights, and requires_grad flags come back as they were."""
-    model = tiny_model("llama")
-    ids = tiny_tokens(4, 16)
-    _, blocks = find_blocks(model)
-    with torch.no_grad():
-        acts, calls = capture_inputs(model, blocks, ids, torch.device("cpu"), torch.device("cpu"))
-    block, call = blocks[0], calls[0]
-    targets = dense_targets(block, call, acts, torch.device("cpu"))
-    layers = prunable_layers(block, "b0.")
-    with torch.no_grad():
-        for m in layers.values():  # prune half of every weight by magnitude, no update
-            w = m.weight
-            w.mul_(w.abs() >= w.abs().flatten().kthvalue(w.numel() // 2).values)
+    block, call, acts, targets, layers = _magnitude_pruned_block(4)
     zeros = {n: m.weight == 0 for n, m in layers.items()}
     start = copy.deepcopy(block.state_dict())
     flags = {n: p.requires_grad for n, p in block.named_parameters()}
@@ -248,8 +237,8 @@ def _reference_tune(block, layers, call, acts, targets, epochs, lr, batch, seed)
 
 
 def _magnitude_pruned_block(seed_windows: int = 5):
-    """Block 1 of a tiny LLaMA, its inputs (5 windows), dense targets and its linears pruned by
-    magnitude to 50 %."""
+    """The first block of a tiny LLaMA, its inputs (`seed_windows` windows of 16 tokens), dense targets
+    and its linears pruned by magnitude to 50 % (no update)."""
     model = tiny_model("llama")
     ids = tiny_tokens(seed_windows, 16)
     _, blocks = find_blocks(model)
