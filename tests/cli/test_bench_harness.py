@@ -30,7 +30,12 @@ METHODS = ["magnitude", "wanda", "sparsegpt", "admm-grad"]
 N_LAYERS = 21  # 3 blocks x (q, k, v, o, gate, up, down)
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models gain nothing from threads
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

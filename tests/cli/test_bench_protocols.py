@@ -22,7 +22,12 @@ from admm_kernels.eval import evaluate_perplexity  # noqa: E402
 NSAMPLES, SEQLEN = 4, 32
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models gain nothing from threads
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")
