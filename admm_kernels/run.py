@@ -15,9 +15,9 @@ OUT.state, so an interrupted run resumes), perplexity and tasks after, and the a
 folder (admm_kernels.output), after which the state is deleted.
 
 Inputs are small frozen dataclasses (TextSettings, TaskSettings, OutputSettings, Placement, Frontend)
-plus the prune settings: a mapping of admm_kernels.models.prune_model's keyword arguments. Errors are
-RunError (a ValueError) naming the Python arguments; a front end words them its own way by passing a table
-argument -> its name (Frontend.names: the command line passes its flags).
+plus the prune settings: an admm_kernels.PruneConfig, or a mapping of its (prune_model's) keyword
+arguments. Errors are RunError (a ValueError) naming the Python arguments; a front end words them its own
+way by passing a table argument -> its name (Frontend.names: the command line passes its flags).
 """
 
 from __future__ import annotations
