@@ -35,6 +35,7 @@ reports each map's input rows, as a forward pre-hook does for nn.Linear.
 from __future__ import annotations
 
 import itertools
+import math
 import string
 import weakref
 from collections.abc import Callable, Iterable
@@ -194,6 +195,13 @@ def _arg(args, kwargs, i: int, name: str):
     return args[i] if len(args) > i else (kwargs or {}).get(name)
 
 
+def _check_view_count(ranges: list[range], what: str) -> None:
+    """Refuse a product that would split into more than MAX_VIEWS linear maps (one per batch index)."""
+    count = math.prod(len(r) for r in ranges)
+    if count > MAX_VIEWS:
+        raise _Refusal(f"{what} splitting into {count} linear maps")
+
+
 def _matmul_maps(w: torch.Tensor, x: torch.Tensor, weight_first: bool
                  ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """[(W (out, in) view, rows (n, in))] of ``w @ x`` (weight_first) or ``x @ w``."""
@@ -210,11 +218,7 @@ def _matmul_maps(w: torch.Tensor, x: torch.Tensor, weight_first: bool
     wm = wm[(None,) * (nd - (wm.dim() - 2))]
     xr = xr.expand(*batch, *xr.shape[-2:])
     ranges = [range(s) if wm.shape[d] > 1 else range(1) for d, s in enumerate(batch)]
-    count = 1
-    for r in ranges:
-        count *= len(r)
-    if count > MAX_VIEWS:
-        raise _Refusal(f"a batched product splitting into {count} linear maps")
+    _check_view_count(ranges, "a batched product")
     out = []
     for idx in itertools.product(*ranges):
         sel = tuple(i if wm.shape[d] > 1 else slice(None) for d, i in enumerate(idx))
@@ -257,18 +261,9 @@ def _einsum_maps(equation: str, w: torch.Tensor, x: torch.Tensor, w_first: bool
     perm = w.permute([ws.index(c) for c in batch + outs + ins + ones])
     perm = perm[(Ellipsis,) + (0,) * len(ones)] if ones else perm
     xr = torch.einsum(f"{xs}->{''.join(batch + rows + ins)}", x)
-    n_out = 1
-    for c in outs:
-        n_out *= size[c]
-    n_in = 1
-    for c in ins:
-        n_in *= size[c]
+    n_out, n_in = math.prod(size[c] for c in outs), math.prod(size[c] for c in ins)
     ranges = [range(size[c]) for c in batch]
-    count = 1
-    for r in ranges:
-        count *= len(r)
-    if count > MAX_VIEWS:
-        raise _Refusal(f"an einsum splitting into {count} linear maps")
+    _check_view_count(ranges, "an einsum")
     maps = []
     for idx in itertools.product(*ranges):
         wi = perm[idx].reshape(n_out, n_in)
