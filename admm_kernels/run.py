@@ -51,9 +51,6 @@ PYTHON_NAMES = MappingProxyType({
     "evaluate_tasks": "admm_kernels.evaluate_tasks",
 })
 
-# prune_model's keyword arguments that check_prunable does not take (the pipeline's own, not the method's).
-_PIPELINE_ONLY = ("sequential", "tune_epochs", "tune_lr", "tune_batch", "tune_patience", "tune_holdout",
-                  "moe_calibration")
 
 
 class RunError(ValueError):
@@ -295,7 +292,6 @@ class PruneRun:
         from .models.config import PruneConfig
 
         self.config = prune if isinstance(prune, PruneConfig) else PruneConfig(**(prune or {}))
-        self.prune = self.config.keywords()  # the same settings as keywords, for the early checks
         self.frontend = frontend
         self.comm = placement.comm or LOCAL
         self.out = Path(output.out)
@@ -313,11 +309,7 @@ class PruneRun:
 
     @property
     def _per_block(self) -> bool:
-        return isinstance(self.prune.get("sparsity"), list | tuple)
-
-    def _check_keywords(self) -> dict:
-        """The prune settings check_prunable takes (all but the pipeline's own)."""
-        return {k: v for k, v in self.prune.items() if k not in _PIPELINE_ONLY}
+        return isinstance(self.config.sparsity, list | tuple)
 
     def _settings_error(self, exc: Exception) -> PruneSettingsError:
         return PruneSettingsError(str(exc), self._per_block, exc)
@@ -330,7 +322,8 @@ class PruneRun:
         from .patterns import parse_pattern, pattern_group
 
         check_model(self.model_arg, self._n("model"))
-        pattern = self.prune["pattern"]
+        config = self.config
+        pattern = config.pattern
         try:  # syntax only here (M must divide in_features: checked per layer once the model is loaded)
             parse_pattern(pattern, pattern_group(pattern), name=self._n("pattern"))
         except ValueError as exc:
@@ -343,14 +336,13 @@ class PruneRun:
             raise RunError(f"{self._n('tasks')} runs lm-evaluation-harness on a model in memory in one "
                            f"process: not with {self._n('stream')} or under torchrun (evaluate the pruned "
                            f"folder with {self._n('evaluate_tasks')})")
-        sparsity = self.prune["sparsity"]
         try:  # all but the list's length (the model's number of blocks is not known yet)
-            check_profile(sparsity, self.prune.get("sparsity_profile", "uniform"),
-                          len(sparsity) if self._per_block else 1, pattern,
-                          self.prune.get("owl_m"), self.prune.get("owl_lambda"))
+            check_profile(config.sparsity, config.sparsity_profile,
+                          len(config.sparsity) if self._per_block else 1, pattern, config.owl_m,
+                          config.owl_lambda)
         except (ValueError, TypeError) as exc:
             raise self._settings_error(exc) from None
-        if self.prune.get("sparsity_profile") == "owl" and self.placement.stream:
+        if config.sparsity_profile == "owl" and self.placement.stream:
             raise RunError(f"{self._n('sparsity_profile')} owl needs a dense pass over every block before "
                            f"pruning, which {self._n('stream')} does not support yet; give the block "
                            "sparsities as a list instead")
@@ -467,7 +459,6 @@ class PruneRun:
         """The model on every rank, the window length, and prune_model's checks on this model."""
         from . import data
         from .models import max_positions
-        from .models.pipeline import check_prunable
 
         stream, embedded = self.placement.stream, self.model_arg is None
         self.model, self.tok, self.path = load(self.model_arg, self.device, self.placement.dtype,
@@ -482,7 +473,7 @@ class PruneRun:
         except ValueError as exc:
             raise RunError(str(exc)) from None
         try:
-            check_prunable(self.model, **self._check_keywords())
+            self.config.validate(self.model)
         except (ValueError, TypeError) as exc:
             raise self._settings_error(exc) from None
 
