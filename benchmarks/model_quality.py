@@ -56,8 +56,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--settings", default="0.5,0.6,0.7,2:4",
                    help="comma-separated sparsities and N:M patterns (default 0.5,0.6,0.7,2:4)")
     p.add_argument("--methods", default=",".join(METHODS),
-                   help="comma-separated method specs of admm-prune bench, one option each at most (default "
-                        f"{','.join(METHODS)}; e.g. admm-accurate, admm-fast, alps, admm:iters=40)")
+                   help="method specs of admm-prune bench, separated by commas, or by ';' when a spec has "
+                        f"options (default {','.join(METHODS)}; e.g. admm-accurate, admm-fast, alps, "
+                        "'admm;admm-accurate:tune_epochs=2,tune_batch=2'); options that are prune_model "
+                        "keywords (tune_epochs, sequential, ...) go to the pipeline, the rest to the method")
     p.add_argument("--profiles", default="uniform",
                    help="comma-separated sparsity profiles, each run for every method: uniform, owl (OWL "
                         "runs skip N:M settings, which it does not define) (default uniform)")
@@ -81,10 +83,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output folder for the markdown and JSON files")
     args = p.parse_args(argv)
-    from admm_kernels.bench.methods import parse_method
+    from admm_kernels.bench.methods import parse_methods
 
     try:
-        args.specs = {m.strip(): parse_method(m.strip()) for m in args.methods.split(",") if m.strip()}
+        args.specs = {m.label: m for m in parse_methods(args.methods)}
     except ValueError as exc:
         p.error(str(exc))
     args.methods = list(args.specs)

@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import model_quality  # noqa: E402  (the runs themselves)
 
 from admm_kernels._io import atomic_write_text  # noqa: E402
+from admm_kernels.bench.methods import parse_methods  # noqa: E402
 
 MATERIALS = {
     "tuning": ["--text", "shakespeare"],
@@ -49,7 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--materials", default=",".join(MATERIALS),
                    help=f"comma-separated materials (default {','.join(MATERIALS)})")
     p.add_argument("--methods", default="admm,admm-accurate,alps",
-                   help="method specs as model_quality.py's --methods; must include admm and alps "
+                   help="method specs as model_quality.py's --methods (';' between specs with options); "
+                        "must include admm and alps "
                         "(default admm,admm-accurate,alps)")
     p.add_argument("--settings", default="0.5,0.6,0.7,0.8,2:4")
     p.add_argument("--nsamples", type=int, default=32)
@@ -63,8 +65,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     bad = [m for m in args.materials if m not in MATERIALS]
     if bad:
         p.error(f"--materials: unknown {bad}; choose from {list(MATERIALS)}")
-    methods = [m.strip() for m in args.methods.split(",")]
-    if "admm" not in methods or "alps" not in methods:
+    try:
+        args.method_labels = [m.label for m in parse_methods(args.methods)]
+    except ValueError as exc:
+        p.error(str(exc))
+    if "admm" not in args.method_labels or "alps" not in args.method_labels:
         p.error("--methods must include admm and alps: the presets are judged against both")
     return args
 
@@ -129,7 +134,7 @@ def markdown(summary: dict) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     settings = [s.strip() for s in args.settings.split(",") if s.strip()]
-    presets = [m.strip() for m in args.methods.split(",") if m.strip() not in ("admm", "alps")]
+    presets = [m for m in args.method_labels if m not in ("admm", "alps")]
     summary = {"settings": settings, "presets": presets, "runs": {}, "verdicts": {}}
     for name in args.materials:
         res = run_material(name, args)
