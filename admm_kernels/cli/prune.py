@@ -95,6 +95,7 @@ def methods_epilog() -> str:
 def add_parser(sub) -> None:
     """The `prune` subcommand and its options."""
     from .. import methods
+    from ..models.block_tune import TUNED_SUFFIX
     from ..models.sparsity_profile import OWL_LAMBDA, OWL_M
 
     pr = sub.add_parser("prune", allow_abbrev=False,
@@ -120,9 +121,12 @@ def add_parser(sub) -> None:
                     help="pruning method (default admm = ADMM-Grad; each is described below)")
     presets = sorted({f"{m.name}:{p}" for m in methods.methods().values() for p in m.presets})
     pr.add_argument("--preset", default=None, metavar="NAME",
-                    help="a named option set of --method (available: " + ", ".join(presets) + "); admm "
-                         "accurate: lowest error at about 2-3x ADMM-Grad's time; admm fast: ADMM-Grad's "
-                         "error at half its time. -o options override the preset's")
+                    help="a named option set of --method (available: " + ", ".join(presets) + "), "
+                         f"optionally followed by {TUNED_SUFFIX} for block tuning at its preset settings "
+                         f"({_tuned_words()}; --tune-* flags override them); admm accurate: lowest layer "
+                         "error at about 1.8x ADMM-Grad's time; admm accurate+tune: the most accurate "
+                         "model, within 3x ADMM-Grad's time; admm fast: ADMM-Grad's error at half its "
+                         "time. -o options override the preset's")
     pr.add_argument("--sparsity-profile", default="uniform", metavar="PROFILE",
                     help="how sparse each decoder block is pruned: 'uniform' (default, every block at "
                          "--sparsity); 'owl' (OWL, Yin et al. 2024: blocks with a larger share of outlier "
@@ -173,6 +177,8 @@ def _add_output_arguments(pr: argparse.ArgumentParser) -> None:
 def _add_pipeline_arguments(pr: argparse.ArgumentParser) -> None:
     """Which layers, where activations live, MoE calibration, sequential and block tuning, streaming,
     torchrun, and the method options."""
+    from ..models.block_tune import DEFAULT_LR
+
     # One value per --layers (repeatable): a list option taking every following word would swallow a
     # MODEL given after it as one more pattern.
     pr.add_argument("--layers", action="append", metavar="GLOBS", default=None,
@@ -199,15 +205,15 @@ def _add_pipeline_arguments(pr: argparse.ArgumentParser) -> None:
     pr.add_argument("--sequential", action="store_true",
                     help="prune a block's layers group by group (LLaMA: q/k/v, then o, then gate/up, then "
                          "down), each group's Gram taken from the block with the earlier groups pruned")
-    pr.add_argument("--tune-epochs", type=_tune_epochs, default=0, metavar="N|auto",
+    pr.add_argument("--tune-epochs", type=_tune_epochs, default=None, metavar="N|auto",
                     help="block tuning: after each block's layer solves, N epochs of Adam on the kept "
                          "weights towards the dense block's outputs on the same inputs, masks unchanged "
                          "(SmolLM2 70%% accurate: 8 epochs lowered perplexity 9%%, at 4x the time on a CPU; "
                          "float32 models; under torchrun the gradients are summed over the ranks). auto: "
                          "at most 16 epochs, stopped early on held-out windows (patience 2), 2 windows a "
-                         "step (default 0 = off)")
-    pr.add_argument("--tune-lr", type=float, default=1e-4, metavar="LR",
-                    help="block tuning's Adam learning rate (default 1e-4)")
+                         "step (default 0 = off; a --preset NAME+tune sets its own)")
+    pr.add_argument("--tune-lr", type=float, default=None, metavar="LR",
+                    help=f"block tuning's Adam learning rate (default {DEFAULT_LR:g})")
     pr.add_argument("--tune-batch", type=int, default=None, metavar="WINDOWS",
                     help="calibration windows per block-tuning step (default 4; 2 with --tune-epochs auto)")
     pr.add_argument("--tune-patience", type=int, default=None, metavar="EPOCHS",
@@ -319,6 +325,13 @@ def _sparsity_flags(args, comm) -> None:
                        "sparsity: give one of them")
     if args.sparsity is None and not isinstance(args.profile, list):
         args.sparsity = DEFAULT_SPARSITY
+
+
+def _tuned_words() -> str:
+    """TUNED_PRESET in the flags' words: '--tune-epochs 1 --tune-batch 1 --tune-lr 0.0001'."""
+    from ..models.block_tune import TUNED_PRESET
+
+    return " ".join(f"{FLAGS[k]} {v:g}" for k, v in TUNED_PRESET.items())
 
 
 def _tune_epochs(text: str) -> int | str:

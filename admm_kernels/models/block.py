@@ -23,7 +23,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from .block_tune import BlockTune, check_tunable, dense_targets, tune_block
+from .block_tune import BlockTune, check_tunable, tune_block, window_loss, window_mean
 from .capture import BlockCall
 from .discovery import get_weight, set_weight
 from .distributed import LOCAL, Comm, DistributedError, assign_by_cost
@@ -94,6 +94,8 @@ class _Job:
     acts: torch.Tensor
     solve_kwargs: dict
     ctx: BlockContext
+    # block tuning's targets (the dense block's outputs, acts' shape), filled by the Gram forwards
+    targets: torch.Tensor | None = None
     seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("forward", "gram", "solve",
                                                                              "tune"), 0.0))
 
@@ -142,29 +144,46 @@ def prune_block(block: nn.Module, index: int, layers: dict[str, nn.Module], call
     towards the dense block's outputs (admm_kernels.models.block_tune). Returns the report entries, the
     tuning report and the seconds spent."""
     job = _Job(block, index, layers, call, acts, solve_kwargs, ctx)
-    targets = None
     if ctx.tune.enabled and layers:
         check_tunable(layers, index)
-        t = time.perf_counter()
-        targets = dense_targets(block, call, acts, ctx.device, ctx.scratch)  # before any hook or pruning
-        job.seconds["tune"] += time.perf_counter() - t
+        # Filled by the first stage's Gram forwards, which run the dense block on these very inputs: the
+        # targets cost no pass of their own (tuning 1-2 epochs, that pass was a quarter of its time).
+        job.targets = (torch.empty_like(acts) if ctx.scratch is None
+                       else ctx.scratch(tuple(acts.shape), acts.dtype))
     records = _calibrate_and_solve(job, last)
     out = [records[rel] if rel in records else _not_called(job, rel) for rel in layers]
     tuned = None
-    if targets is not None:
+    if job.targets is not None:
         t = time.perf_counter()
-        tuned = tune_block(block, index, layers, call, acts, targets, ctx.device, ctx.tune, ctx.comm)
-        del targets
+        tuned = tune_block(block, index, layers, call, acts, job.targets, ctx.device, ctx.tune, ctx.comm,
+                           measure_after=last)
         sync(ctx.device)
         job.seconds["tune"] += time.perf_counter() - t
     if not last:
         t = time.perf_counter()
-        for j in range(acts.shape[0]):
-            acts[j] = call(block, acts[j:j + 1].to(ctx.device))[0].to(acts.device)
-            ctx.progress.step("forward")
+        loss = _propagate(job)
+        if tuned is not None:
+            tuned["loss_after"] = window_mean(loss, acts.shape[0], ctx.comm, ctx.device,
+                                              f"block {index}: the block loss after tuning")
         sync(ctx.device)
         job.seconds["forward"] += time.perf_counter() - t
+    job.targets = None
     return BlockResult(out, tuned, job.seconds)
+
+
+def _propagate(job: _Job):
+    """Overwrite job.acts with the pruned block's outputs (the next block's inputs); with block tuning,
+    return the sum of the windows' losses against the targets (the tuned block's loss, measured in the
+    same pass), else 0.0."""
+    acts, ctx, total = job.acts, job.ctx, 0.0
+    with torch.no_grad():
+        for j in range(acts.shape[0]):
+            y = job.call(job.block, acts[j:j + 1].to(ctx.device))[0]
+            if job.targets is not None:
+                total = total + window_loss(y, job.targets[j])
+            acts[j] = y.to(acts.device)
+            ctx.progress.step("forward")
+    return total
 
 
 def _calibrate_and_solve(job: _Job, last: bool) -> dict[str, dict]:
@@ -178,7 +197,7 @@ def _calibrate_and_solve(job: _Job, last: bool) -> dict[str, dict]:
     hooks = GramHooks(job.layers, ctx.device, ctx.gram_dtype, ctx.moe_calibration)
     try:
         t = time.perf_counter()
-        _forward(job.block, job.call, job.acts, 0, ctx.device)  # discovery: groups and call order
+        _forward(job.block, job.call, job.acts, 0, ctx.device, job.targets)  # discovery: groups, order
         plan = hooks.plan()
         job.seconds["forward"] += time.perf_counter() - t
         _check_same_plan(plan, job.index, ctx.comm)
@@ -186,12 +205,14 @@ def _calibrate_and_solve(job: _Job, last: bool) -> dict[str, dict]:
         ctx.progress.start_block(job.index, n * max(1, len(stages)) + len(job.layers) + (0 if last else n))
         ctx.progress.step("gram")
         for s, leaders in enumerate(stages):
-            hooks.begin_stage(leaders, use_discovery_inputs=(s == 0), stop_early=True)
+            # the first stage runs the dense block: its outputs are the tuning targets when wanted
+            into = job.targets if s == 0 else None
+            hooks.begin_stage(leaders, use_discovery_inputs=(s == 0), stop_early=into is None)
             gram_before = hooks.seconds
             t = time.perf_counter()
             for j in range(1 if s == 0 else 0, n):
                 hooks.new_window()
-                _forward(job.block, job.call, job.acts, j, ctx.device)
+                _forward(job.block, job.call, job.acts, j, ctx.device, into)
                 ctx.progress.step("gram")
             sync(ctx.device)
             spent = hooks.seconds - gram_before
@@ -213,12 +234,18 @@ def _not_called(job: _Job, rel: str) -> dict:
             "skipped": "not called by the block's forward"}
 
 
-def _forward(block: nn.Module, call: BlockCall, acts: torch.Tensor, j: int, device: torch.device) -> None:
-    """One window through the block for its hooks' sake (the output is not needed)."""
+def _forward(block: nn.Module, call: BlockCall, acts: torch.Tensor, j: int, device: torch.device,
+             into: torch.Tensor | None = None) -> None:
+    """One window through the block for its hooks' sake; its output is kept in into[j] when `into` is
+    given (the hooks must then let the forward finish: stop_early off)."""
     try:
-        call(block, acts[j:j + 1].to(device))
+        y = call(block, acts[j:j + 1].to(device))
     except StopBlock:
-        pass
+        if into is not None:
+            raise
+        return
+    if into is not None:
+        into[j] = y[0].to(into.device)
 
 
 def _check_same_plan(plan: BlockPlan, index: int, comm: Comm) -> None:

@@ -14,9 +14,11 @@ error 0.16-0.93x the untuned block's), at 4x the run's time on a 1-thread CPU. A
 4 of the 32 windows aside saw their block loss fall with the training loss in every block (no
 over-fitting at 8 epochs).
 
-Cost: one extra forward of every window before the block is pruned (the targets, allocated by the run's
-ActivationStore beside the activations: same shape and place, a file when they are offloaded to disk)
-and `epochs` forward + backward passes after it; float32 blocks only (Adam on half-precision weights
+Cost: `epochs` forward + backward passes over the windows and one forward for the loss before tuning.
+The targets are kept from the Gram forwards, which run the dense block on these inputs anyway (memory:
+one more tensor of the activations' shape, allocated by the run's ActivationStore beside them, a file
+when they are offloaded to disk), and the loss after tuning is measured in the forward that makes the
+next block's inputs (admm_kernels.models.block). Float32 blocks only (Adam on half-precision weights
 loses the small steps).
 
 Distributed runs (tune_block): the windows are numbered globally in rank order and every rank draws
@@ -36,7 +38,6 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -97,6 +98,13 @@ AUTO_PATIENCE = 2
 AUTO_BATCH = 2
 DEFAULT_BATCH = 4
 DEFAULT_HOLDOUT = 8
+DEFAULT_LR = 1e-4
+# A method preset named "PRESET+tune" (preset="accurate+tune") is PRESET's options plus block tuning
+# with TUNED_PRESET's settings (the run's own tune_* arguments override them). Chosen under the presets'
+# protocol (benchmarks/preset_protocol.py, RESULTS.md "Presets out of sample"): on the tuning material,
+# the most gain that keeps the whole run within 3x ADMM-Grad's time.
+TUNED_SUFFIX = "+tune"
+TUNED_PRESET = {"tune_epochs": 1, "tune_batch": 1, "tune_lr": DEFAULT_LR}
 
 
 def _check_int(value, name: str) -> None:
@@ -164,18 +172,6 @@ def check_tunable(layers: dict[str, nn.Module], index: int) -> None:
                              "load the model in float32 or leave tune_epochs at 0")
 
 
-@torch.no_grad()
-def dense_targets(block: nn.Module, call: BlockCall, acts: torch.Tensor, device: torch.device,
-                  empty: Callable[[tuple, torch.dtype], torch.Tensor] | None = None) -> torch.Tensor:
-    """The dense block's outputs on every window of acts (n, L, hidden), in a tensor of acts' shape and
-    dtype from `empty(shape, dtype)` (the run's ActivationStore: a file when the activations are
-    offloaded to disk), or beside acts when `empty` is None."""
-    out = torch.empty_like(acts) if empty is None else empty(tuple(acts.shape), acts.dtype)
-    for j in range(acts.shape[0]):
-        out[j] = call(block, acts[j:j + 1].to(device))[0].to(out.device)
-    return out
-
-
 @dataclass(frozen=True)
 class _Windows:
     """This rank's share of the calibration windows: global indices start .. start + count - 1 of n."""
@@ -194,25 +190,47 @@ class _Windows:
         return [j - self.start for j in windows if self.start <= j < self.start + self.count]
 
 
+def window_loss(y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """One window's loss: the mean-squared error of the block's output y (L, hidden) against its target
+    (same shape, any device), in float32."""
+    return torch.nn.functional.mse_loss(y.float(), target.to(y.device).float())
+
+
 def _loss_sum(block: nn.Module, call: BlockCall, acts: torch.Tensor, targets: torch.Tensor,
               windows: list[int], device: torch.device):
     """Sum of the per-window mean-squared errors over the local `windows` (0.0 when there are none)."""
     total = 0.0
     for j in windows:
-        y = call(block, acts[j:j + 1].to(device))[0]
-        total = total + torch.nn.functional.mse_loss(y.float(), targets[j].to(device).float())
+        total = total + window_loss(call(block, acts[j:j + 1].to(device))[0], targets[j])
     return total
+
+
+def global_mean(total, count: int, comm: Comm, device: torch.device, what: str) -> float:
+    """A loss summed over this rank's windows (a tensor or 0.0), summed over the ranks, over `count`
+    (the global number of windows): the same float on every rank."""
+    if comm.distributed:  # the same float on every rank: the early-stopping decisions agree
+        total = torch.as_tensor(total, dtype=torch.float32, device=device).reshape(())
+        comm.all_reduce_sum_(total, what)
+    return float(total / count)
+
+
+def window_mean(total, windows: int, comm: Comm, device: torch.device, what: str) -> float:
+    """The mean window loss over every rank: `total` sums this rank's `windows` windows' losses (a
+    tensor, or 0.0 when it holds none)."""
+    if not comm.distributed:
+        return float(total / windows)
+    both = torch.stack([torch.as_tensor(total, dtype=torch.float32, device=device).reshape(()),
+                        torch.tensor(float(windows), device=device)])
+    comm.all_reduce_sum_(both, what)
+    return float(both[0] / both[1])
 
 
 @torch.no_grad()
 def _mean_loss(block: nn.Module, call: BlockCall, acts: torch.Tensor, targets: torch.Tensor,
                mine: _Windows, windows: list[int], device: torch.device, comm: Comm, what: str) -> float:
     """The mean per-window MSE over the global `windows`, summed over the ranks."""
-    total = _loss_sum(block, call, acts, targets, mine.local(windows), device)
-    if comm.distributed:  # the same float on every rank: the early-stopping decisions agree
-        total = torch.as_tensor(total, dtype=torch.float32, device=device).reshape(())
-        comm.all_reduce_sum_(total, what)
-    return float(total / len(windows))
+    return global_mean(_loss_sum(block, call, acts, targets, mine.local(windows), device), len(windows),
+                       comm, device, what)
 
 
 def _all_reduce_grads(params: list[nn.Parameter], comm: Comm, what: str) -> None:
@@ -256,7 +274,7 @@ def _tunable(layers: dict[str, nn.Module], index: int) -> tuple[list[nn.Paramete
 
 def tune_block(block: nn.Module, index: int, layers: dict[str, nn.Module], call: BlockCall,
                acts: torch.Tensor, targets: torch.Tensor, device: torch.device, tune: BlockTune,
-               comm: Comm = LOCAL) -> dict:
+               comm: Comm = LOCAL, *, measure_after: bool = True) -> dict:
     """Fine-tune the kept weights of `layers` (the block's pruned linears, on `device`) so that the block
     maps acts (n, L, hidden; this rank's windows) to targets (the dense block's outputs, same shape);
     zeros stay zeros.
@@ -271,8 +289,10 @@ def tune_block(block: nn.Module, index: int, layers: dict[str, nn.Module], call:
     epoch (epoch 0: the untuned block) are kept, and tuning stops after tune.patience epochs without
     improvement.
 
-    Returns {"block", "loss_before", "loss_after"} (mean MSE over every window) and, with early stopping,
-    "heldout" (the held-out loss after each epoch, from epoch 0), "best_epoch" and "epochs" (run)."""
+    Returns {"block", "loss_before", "loss_after"} (mean MSE over every window; "loss_after" only with
+    measure_after: the pipeline measures it in the forward that makes the next block's inputs, which saves
+    a pass over the windows) and, with early stopping, "heldout" (the held-out loss after each epoch, from
+    epoch 0), "best_epoch" and "epochs" (run)."""
     mine = _Windows.of(int(acts.shape[0]), comm, index)
     every = list(range(mine.n))
     heldout = held_out(mine.n, tune.holdout) if tune.early_stopping else []
@@ -315,8 +335,9 @@ def tune_block(block: nn.Module, index: int, layers: dict[str, nn.Module], call:
             p.requires_grad_(False)
         if stopper is not None:
             report.update(stopper.restore())
-        report["loss_after"] = _mean_loss(block, call, acts, targets, mine, every, device, comm,
-                                          f"block {index}: the block loss after tuning")
+        if measure_after:
+            report["loss_after"] = _mean_loss(block, call, acts, targets, mine, every, device, comm,
+                                              f"block {index}: the block loss after tuning")
     finally:
         for p, f in flags.items():
             p.requires_grad_(f)

@@ -25,7 +25,14 @@ from torch import nn
 from ..errors import ArgumentError, ArgumentTypeError, about
 from ..patterns import parse_pattern, pattern_group
 from .block import solver
-from .block_tune import DEFAULT_HOLDOUT, BlockTune, check_block_tune
+from .block_tune import (
+    DEFAULT_HOLDOUT,
+    DEFAULT_LR,
+    TUNED_PRESET,
+    TUNED_SUFFIX,
+    BlockTune,
+    check_block_tune,
+)
 from .coverage import check_coverage, classify_block
 from .discovery import LayerFilter, block_layers, find_blocks, get_weight, select_all
 from .experts import MOE_CALIBRATION
@@ -95,12 +102,17 @@ class PruneConfig:
                  method: str = "admm", *, sparsity_profile: str = "uniform", owl_m: float | None = None,
                  owl_lambda: float | None = None, layers: LayerFilter = None,
                  gram_dtype: torch.dtype = torch.float32, sequential: bool = False,
-                 tune_epochs: int | str = 0, tune_lr: float = 1e-4, tune_batch: int | None = None,
-                 tune_patience: int | None = None, tune_holdout: int = DEFAULT_HOLDOUT,
-                 moe_calibration: str = "routed",
+                 tune_epochs: int | str | None = None, tune_lr: float | None = None,
+                 tune_batch: int | None = None, tune_patience: int | None = None,
+                 tune_holdout: int = DEFAULT_HOLDOUT, moe_calibration: str = "routed",
                  options: Mapping[str, object] | None = None, **method_options: object):
+        options = {**(options or {}), **method_options}
+        tuning = tuned_preset(options)  # "accurate+tune": preset "accurate" + TUNED_PRESET's tuning
+        tune_epochs = tuning.get("tune_epochs", 0) if tune_epochs is None else tune_epochs
+        tune_lr = tuning.get("tune_lr", DEFAULT_LR) if tune_lr is None else tune_lr
+        tune_batch = tuning.get("tune_batch") if tune_batch is None else tune_batch
         settings = dict(sparsity=sparsity, pattern=pattern, method=method,
-                        options=MappingProxyType({**(options or {}), **method_options}),
+                        options=MappingProxyType(options),
                         sparsity_profile=sparsity_profile, owl_m=owl_m, owl_lambda=owl_lambda,
                         layers=layers, gram_dtype=gram_dtype, sequential=sequential,
                         tune_epochs=tune_epochs, tune_lr=tune_lr, tune_batch=tune_batch,
@@ -155,6 +167,21 @@ class PruneConfig:
         validate_layers(selected, blocks_name, self.pattern, request.planned())
         validate_options(request.planned()[0], self.pattern, self.method, dict(self.options))
         return PrunePlan(blocks_name, blocks, selected, rows, request, tune)
+
+
+def tuned_preset(options: dict) -> dict:
+    """For options["preset"] == "NAME+tune": set the preset to NAME (in `options`) and return the block
+    tuning settings the suffix stands for (TUNED_PRESET); {} for any other preset. ArgumentError when
+    nothing comes before the suffix."""
+    preset = options.get("preset")
+    if not isinstance(preset, str) or not preset.strip().lower().endswith(TUNED_SUFFIX):
+        return {}
+    name = preset.strip()[:-len(TUNED_SUFFIX)].strip()
+    if not name:
+        raise ArgumentError(f"preset {preset!r}: name the method's preset before {TUNED_SUFFIX!r} (e.g. "
+                            f"'accurate{TUNED_SUFFIX}')", "preset")
+    options["preset"] = name
+    return dict(TUNED_PRESET)
 
 
 def _from_keywords(keywords: dict) -> PruneConfig:

@@ -20,7 +20,6 @@ from admm_kernels.models.block_tune import (  # noqa: E402
     AUTO_PATIENCE,
     BlockTune,
     check_block_tune,
-    dense_targets,
     held_out,
     tune_block,
 )
@@ -236,6 +235,12 @@ def _reference_tune(block, layers, call, acts, targets, epochs, lr, batch, seed)
         p.requires_grad_(True)
 
 
+@torch.no_grad()
+def dense_targets(block, call, acts):
+    """The reference targets: the dense block run on each window of acts (n, L, hidden) on its own."""
+    return torch.cat([call(block, acts[j:j + 1])[0][None] for j in range(acts.shape[0])])
+
+
 def _magnitude_pruned_block(seed_windows: int = 5):
     """The first block of a tiny LLaMA, its inputs (`seed_windows` windows of 16 tokens), dense targets
     and its linears pruned by magnitude to 50 % (no update)."""
@@ -245,7 +250,7 @@ def _magnitude_pruned_block(seed_windows: int = 5):
     with torch.no_grad():
         acts, calls = capture_inputs(model, blocks, ids, torch.device("cpu"), torch.device("cpu"))
     block, call = blocks[0], calls[0]
-    targets = dense_targets(block, call, acts, torch.device("cpu"))
+    targets = dense_targets(block, call, acts)
     layers = prunable_layers(block, "b0.")
     with torch.no_grad():
         for m in layers.values():
@@ -373,3 +378,92 @@ def test_disk_offloaded_tuning_keeps_its_targets_on_disk_and_equals_in_memory(tm
     assert report["block_tune"]["blocks"] == expected["block_tune"]["blocks"]
     wd, wm = _weights(disk), _weights(memory)
     assert all(torch.equal(wd[k], wm[k]) for k in wm)
+
+
+@pytest.mark.parametrize("arch, settings", [("llama", {}), ("llama", {"sequential": True}),
+                                            ("gpt2", {}), ("mixtral", {}),
+                                            ("qwen3_moe", {"moe_calibration": "all"})])
+def test_targets_are_the_dense_blocks_outputs_and_loss_after_is_measured(arch, settings, monkeypatch):
+    """The targets come from the Gram forwards (no pass of their own) and the loss after tuning from the
+    forward that makes the next block's inputs: both must equal what a separate pass computes: the dense
+    block (a copy taken before the run) on the block's inputs, and the tuned block on them."""
+    import admm_kernels.models.block as block_module
+
+    model = tiny_model(arch)
+    dense = copy.deepcopy(model)
+    _, dense_blocks = find_blocks(dense)
+    seen = []
+
+    def spy(block, index, layers, call, acts, targets, *args, **kwargs):
+        want = dense_targets(dense_blocks[index], call, acts)
+        assert torch.equal(targets, want), (index, float((targets - want).abs().max()))
+        rep = tune_block(block, index, layers, call, acts, targets, *args, **kwargs)
+        with torch.no_grad():
+            mine = sum(float(torch.nn.functional.mse_loss(call(block, acts[j:j + 1])[0], targets[j]))
+                       for j in range(acts.shape[0])) / acts.shape[0]
+        seen.append((index, acts.clone(), mine))
+        return rep
+
+    monkeypatch.setattr(block_module, "tune_block", spy)
+    report = ak.prune_model(model, tiny_tokens(3, 16), sparsity=0.6, **FAST, **TUNE, **settings)
+    assert [i for i, _, _ in seen] == list(range(report["blocks"]))
+    for (index, _, mine), rep in zip(seen, report["block_tune"]["blocks"]):
+        assert rep["loss_after"] == pytest.approx(mine, rel=1e-5), index
+
+
+def test_tuned_preset_is_the_preset_plus_block_tuning_and_explicit_settings_win():
+    from admm_kernels.errors import ArgumentError
+    from admm_kernels.models.block_tune import TUNED_PRESET
+
+    config = ak.PruneConfig(sparsity=0.7, preset="accurate+tune")
+    assert config.options["preset"] == "accurate"
+    assert (config.tune_epochs, config.tune_batch, config.tune_lr) == (
+        TUNED_PRESET["tune_epochs"], TUNED_PRESET["tune_batch"], TUNED_PRESET["tune_lr"])
+    assert ak.PruneConfig(**config.keywords()) == config  # the expansion round-trips
+    mine = ak.PruneConfig(preset="fast+tune", tune_epochs=3, tune_lr=1e-3)
+    assert (mine.options["preset"], mine.tune_epochs, mine.tune_lr) == ("fast", 3, 1e-3)
+    assert mine.tune_batch == TUNED_PRESET["tune_batch"]
+    assert ak.PruneConfig(preset="accurate+tune", tune_epochs=0).tune_epochs == 0  # off on request
+    plain = ak.PruneConfig(preset="accurate")
+    assert (plain.tune_epochs, plain.tune_lr, plain.tune_batch) == (0, 1e-4, None)
+    with pytest.raises(ArgumentError, match=r"preset '\+tune': name the method's preset") as err:
+        ak.PruneConfig(preset="+tune")
+    assert err.value.argument == "preset"
+    with pytest.raises(ValueError, match="unknown preset 'sharp' for method 'admm'"):
+        ak.prune_model(tiny_model("llama"), tiny_tokens(2, 16), preset="sharp+tune")
+
+
+def test_tuned_preset_prunes_like_its_preset_and_tunes_every_block():
+    """Block 0's masks are the preset's (tuning never moves a mask; later blocks see tuned inputs), and
+    every block is tuned with the preset's settings."""
+    from admm_kernels.models.block_tune import TUNED_PRESET
+
+    ids = tiny_tokens(4, 16)
+    tuned_model, plain_model = tiny_model("llama"), tiny_model("llama")
+    report = ak.prune_model(tuned_model, ids, sparsity=0.6, preset="fast+tune")
+    ak.prune_model(plain_model, ids, sparsity=0.6, preset="fast")
+    bt = report["block_tune"]
+    assert (bt["epochs"], bt["batch"], bt["lr"]) == (TUNED_PRESET["tune_epochs"], TUNED_PRESET["tune_batch"],
+                                                     TUNED_PRESET["tune_lr"])
+    assert len(bt["blocks"]) == report["blocks"]
+    tuned, plain = _weights(tuned_model), _weights(plain_model)
+    for name in (n for n in tuned if n.startswith("0.")):
+        assert torch.equal(tuned[name] == 0, plain[name] == 0), name
+        assert not torch.equal(tuned[name], plain[name]), name
+
+
+def test_cli_tuned_preset(tiny_model_root, tmp_path):
+    import json
+
+    from admm_kernels import cli
+    from admm_kernels.models.block_tune import TUNED_PRESET
+
+    out = tmp_path / "t"
+    args = ["prune", str(tiny_model_root / "tiny-llama"), "--nsamples", "4", "--seqlen", "32", "--calib",
+            str(tiny_model_root / "calib.txt"), "--no-eval", "--quiet", "--preset", "fast+tune", "--out",
+            str(out)]
+    assert cli.main(args) == 0
+    report = json.loads((out / "prune_report.json").read_text())
+    assert report["block_tune"]["epochs"] == TUNED_PRESET["tune_epochs"]
+    assert cli.main([*args, "--overwrite", "--tune-epochs", "0"]) == 0  # the flag overrides the preset
+    assert "block_tune" not in json.loads((out / "prune_report.json").read_text())
