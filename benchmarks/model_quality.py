@@ -33,7 +33,8 @@ from admm_kernels._io import atomic_write_text
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "admm")
 LABELS = {"dense": "dense", "magnitude": "magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT",
-          "admm": "ADMM-Grad", "admm-accurate": "ADMM accurate", "admm-fast": "ADMM fast", "alps": "ALPS"}
+          "admm": "ADMM-Grad", "admm-accurate": "ADMM accurate", "admm-fast": "ADMM fast", "alps": "ALPS",
+          "admm-accurate+tune": "ADMM accurate+tune", "admm-fast+tune": "ADMM fast+tune"}
 PROFILES = ("uniform", "owl")
 TEXTS = ("shakespeare", "pydoc")
 # pydoc topics in sorted order: the first 70 % calibrate, the rest is evaluated (about 330 k and 140 k
@@ -42,9 +43,34 @@ PYDOC_CALIBRATION_SHARE = 0.7
 
 
 def label(run: str) -> str:
-    """'admm-accurate+owl' -> 'ADMM accurate + OWL'."""
-    spec, _, profile = run.partition("+")
+    """'admm-accurate+owl' -> 'ADMM accurate + OWL'; 'admm-accurate+tune' -> 'ADMM accurate+tune'."""
+    spec, plus, profile = run.rpartition("+")
+    if not plus or profile not in PROFILES:
+        spec, profile = run, ""
     return LABELS.get(spec, spec) + (f" + {profile.upper()}" if profile else "")
+
+
+def parse_specs(text: str) -> dict:
+    """{label: MethodSpec} from --methods: admm-prune bench's method specs, where a preset spec may end in
+    "+tune" (admm-accurate+tune: the pipeline's preset "accurate+tune", block tuning included)."""
+    from admm_kernels.bench.methods import MethodSpec, parse_methods
+    from admm_kernels.models.block_tune import TUNED_SUFFIX
+
+    items = [t.strip() for t in (text.split(";") if ";" in text or ":" in text else text.split(","))]
+    specs = {}
+    for item in filter(None, items):
+        tuned = item.endswith(TUNED_SUFFIX)
+        (spec,) = parse_methods(item[:-len(TUNED_SUFFIX)] if tuned else item)
+        if tuned:
+            if not spec.options.get("preset"):
+                raise ValueError(f"--methods: {item!r}: {TUNED_SUFFIX} follows a preset "
+                                 "(admm-accurate+tune)")
+            options = {**spec.options, "preset": spec.options["preset"] + TUNED_SUFFIX}
+            spec = MethodSpec(item, spec.method, options)
+        if item in specs:
+            raise ValueError(f"--methods: method given twice: {item}")
+        specs[item] = spec
+    return specs
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -58,7 +84,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--methods", default=",".join(METHODS),
                    help="method specs of admm-prune bench, separated by commas, or by ';' when a spec has "
                         f"options (default {','.join(METHODS)}; e.g. admm-accurate, admm-fast, alps, "
-                        "'admm;admm-accurate:tune_epochs=2,tune_batch=2'); options that are prune_model "
+                        "'admm;admm-accurate:tune_epochs=2,tune_batch=2'; a preset spec may end in +tune: "
+                        "admm-accurate+tune); options that are prune_model "
                         "keywords (tune_epochs, sequential, ...) go to the pipeline, the rest to the method")
     p.add_argument("--profiles", default="uniform",
                    help="comma-separated sparsity profiles, each run for every method: uniform, owl (OWL "
@@ -83,10 +110,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output folder for the markdown and JSON files")
     args = p.parse_args(argv)
-    from admm_kernels.bench.methods import parse_methods
-
     try:
-        args.specs = {m.label: m for m in parse_methods(args.methods)}
+        args.specs = parse_specs(args.methods)
     except ValueError as exc:
         p.error(str(exc))
     args.methods = list(args.specs)
@@ -131,17 +156,40 @@ def text_sources(text: str, folder: Path) -> tuple[str | None, str | None, str]:
     split of admm_kernels.protocols. pydoc's two parts are written to `folder` (calib/eval .txt)."""
     if text == "shakespeare":
         return None, None, "Shakespeare calibration plays; perplexity on the held-out plays"
+    calib, evaluation, cut, count = pydoc_parts()
+    paths = []
+    for part, text_ in (("calib", calib), ("eval", evaluation)):
+        path = folder / f"pydoc-{part}.txt"
+        atomic_write_text(path, text_)
+        paths.append(str(path))
+    return paths[0], paths[1], (f"Python reference topics: the first {cut} of {count} (sorted by name) "
+                                "calibrate; perplexity on the others' paragraphs that calibration did not "
+                                "hold")
+
+
+def _paragraph_key(paragraph: str) -> str:
+    return " ".join(paragraph.split())
+
+
+def pydoc_parts() -> tuple[str, str, int, int]:
+    """(calibration text, evaluation text, topics calibrating, topics) of the Python reference topics.
+    The topics repeat sections of each other (about a quarter of the later topics' long paragraphs occur
+    in earlier ones), so the evaluation text keeps only paragraphs that neither the calibration text nor
+    an earlier evaluation paragraph holds (compared with whitespace collapsed): no evaluated text was
+    calibrated on."""
     from pydoc_data.topics import topics
 
     names = sorted(topics)
     cut = int(len(names) * PYDOC_CALIBRATION_SHARE)
-    paths = []
-    for part, chosen in (("calib", names[:cut]), ("eval", names[cut:])):
-        path = folder / f"pydoc-{part}.txt"
-        atomic_write_text(path, "\n\n".join(topics[n] for n in chosen))
-        paths.append(str(path))
-    return paths[0], paths[1], (f"Python reference topics: the first {cut} of {len(names)} (sorted by "
-                                "name) calibrate; perplexity on the others")
+    calib = "\n\n".join(topics[n] for n in names[:cut])
+    seen = {_paragraph_key(p) for p in calib.split("\n\n")}
+    kept = []
+    for paragraph in (p for n in names[cut:] for p in topics[n].split("\n\n")):
+        key = _paragraph_key(paragraph)
+        if key and key not in seen:
+            seen.add(key)
+            kept.append(paragraph)
+    return calib, "\n\n".join(kept), cut, len(names)
 
 
 def setting_kwargs(setting: str) -> dict:

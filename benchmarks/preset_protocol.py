@@ -32,7 +32,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import model_quality  # noqa: E402  (the runs themselves)
 
 from admm_kernels._io import atomic_write_text  # noqa: E402
-from admm_kernels.bench.methods import parse_methods  # noqa: E402
 
 MATERIALS = {
     "tuning": ["--text", "shakespeare"],
@@ -66,7 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if bad:
         p.error(f"--materials: unknown {bad}; choose from {list(MATERIALS)}")
     try:
-        args.method_labels = [m.label for m in parse_methods(args.methods)]
+        args.method_labels = list(model_quality.parse_specs(args.methods))
     except ValueError as exc:
         p.error(str(exc))
     if "admm" not in args.method_labels or "alps" not in args.method_labels:

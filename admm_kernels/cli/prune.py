@@ -215,7 +215,8 @@ def _add_pipeline_arguments(pr: argparse.ArgumentParser) -> None:
     pr.add_argument("--tune-lr", type=float, default=None, metavar="LR",
                     help=f"block tuning's Adam learning rate (default {DEFAULT_LR:g})")
     pr.add_argument("--tune-batch", type=int, default=None, metavar="WINDOWS",
-                    help="calibration windows per block-tuning step (default 4; 2 with --tune-epochs auto)")
+                    help="calibration windows per block-tuning step (default 4; 2 with --tune-epochs auto; a "
+                         "--preset NAME+tune sets its own)")
     pr.add_argument("--tune-patience", type=int, default=None, metavar="EPOCHS",
                     help="block tuning's early stopping: stop a block once the held-out windows' loss has "
                          "not improved for this many epochs and keep its best epoch's weights (default: off; "

@@ -67,7 +67,7 @@ class PruneConfig:
         over the ranks). tune_patience > 0: early stopping: one calibration window in every tune_holdout
         (default 8) is held out, and a block's tuning stops once their loss has not improved for
         tune_patience epochs, keeping the best epoch's weights (tune_epochs is then the most).
-    tune_epochs="auto": the accurate path's tuning, early-stopped: at most 16 epochs, patience 2, 2
+    tune_epochs="auto": the most gain, early-stopped: at most 16 epochs, patience 2, 2
         windows a step (unless tune_patience / tune_batch are given), 1 window in 8 held out. Measured
         on SmolLM2-135M's first 4 blocks at 70 % with preset "accurate", 32 x 256 tokens, 1 CPU thread
         (benchmarks/RESULTS.md, "Block tuning: early stopping and its cost"): it ran 58 of 64
@@ -75,6 +75,9 @@ class PruneConfig:
         brought the held-out block error to 0.74-0.91x of the untuned block's, against 0.77-0.94x for
         8 epochs at 4 windows a step.
     tune_batch None: 4 windows a step (2 with tune_epochs="auto").
+    tune_epochs / tune_lr / tune_batch None: off / 1e-4 / as above, unless the preset ends in "+tune":
+        preset="accurate+tune" is preset "accurate" (options["preset"] holds "accurate") with block
+        tuning at block_tune.TUNED_PRESET's settings; tune_* arguments given explicitly win.
     moe_calibration: "routed" (each expert's Gram from the tokens the router sends to it) or "all"
         (every token through every expert, for the Grams only); experts with fewer than
         admm_kernels.models.experts.MIN_EXPERT_TOKENS tokens use their module's pooled Gram.
