@@ -147,7 +147,8 @@ def prune_block(block: nn.Module, index: int, layers: dict[str, nn.Module], call
     if ctx.tune.enabled and layers:
         check_tunable(layers, index)
         # Filled by the first stage's Gram forwards, which run the dense block on these very inputs: the
-        # targets cost no pass of their own (tuning 1-2 epochs, that pass was a quarter of its time).
+        # targets cost no pass of their own. With the loss after tuning measured in _propagate, one
+        # epoch after `accurate` on SmolLM2 (70 %) went from 3.02x to 2.50x ADMM-Grad's run time.
         job.targets = (torch.empty_like(acts) if ctx.scratch is None
                        else ctx.scratch(tuple(acts.shape), acts.dtype))
     records = _calibrate_and_solve(job, last)

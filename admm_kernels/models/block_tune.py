@@ -208,18 +208,9 @@ def _loss_sum(block: nn.Module, call: BlockCall, acts: torch.Tensor, targets: to
     return total
 
 
-def global_mean(total, count: int, comm: Comm, device: torch.device, what: str) -> float:
-    """A loss summed over this rank's windows (a tensor or 0.0), summed over the ranks, over `count`
-    (the global number of windows): the same float on every rank."""
-    if comm.distributed:  # the same float on every rank: the early-stopping decisions agree
-        total = torch.as_tensor(total, dtype=torch.float32, device=device).reshape(())
-        comm.all_reduce_sum_(total, what)
-    return float(total / count)
-
-
 def window_mean(total, windows: int, comm: Comm, device: torch.device, what: str) -> float:
     """The mean window loss over every rank: `total` sums this rank's `windows` windows' losses (a
-    tensor, or 0.0 when it holds none)."""
+    tensor, or 0.0 when it holds none). The same float on every rank, so early-stopping decisions agree."""
     if not comm.distributed:
         return float(total / windows)
     both = torch.stack([torch.as_tensor(total, dtype=torch.float32, device=device).reshape(()),
@@ -232,8 +223,8 @@ def window_mean(total, windows: int, comm: Comm, device: torch.device, what: str
 def _mean_loss(block: nn.Module, call: BlockCall, acts: torch.Tensor, targets: torch.Tensor,
                mine: _Windows, windows: list[int], device: torch.device, comm: Comm, what: str) -> float:
     """The mean per-window MSE over the global `windows`, summed over the ranks."""
-    return global_mean(_loss_sum(block, call, acts, targets, mine.local(windows), device), len(windows),
-                       comm, device, what)
+    local = mine.local(windows)
+    return window_mean(_loss_sum(block, call, acts, targets, local, device), len(local), comm, device, what)
 
 
 def _all_reduce_grads(params: list[nn.Parameter], comm: Comm, what: str) -> None:

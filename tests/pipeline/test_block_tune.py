@@ -431,6 +431,9 @@ def test_tuned_preset_is_the_preset_plus_block_tuning_and_explicit_settings_win(
     assert err.value.argument == "preset"
     with pytest.raises(ValueError, match="unknown preset 'sharp' for method 'admm'"):
         ak.prune_model(tiny_model("llama"), tiny_tokens(2, 16), preset="sharp+tune")
+    w = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="unknown preset 'accurate\\+tune'"):  # one layer has no block
+        ak.prune_layer(w, w.T @ w, sparsity=0.5, preset="accurate+tune")
 
 
 def test_tuned_preset_prunes_like_its_preset_and_tunes_every_block():
