@@ -73,6 +73,8 @@ MIRRORED = (
     "csrc",
     "tools",
     "tests",
+    "benchmarks/model_quality.py",  # the presets' protocol, whose materials tests/unit checks
+    "benchmarks/preset_protocol.py",
 )
 
 
