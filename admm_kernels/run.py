@@ -52,7 +52,6 @@ PYTHON_NAMES = MappingProxyType({
 })
 
 
-
 class RunError(ValueError):
     """A run refused its inputs or could not do its work; the message names the arguments (as
     Frontend.names words them) and what to do."""

@@ -53,14 +53,13 @@ def label(run: str) -> str:
 def parse_specs(text: str) -> dict:
     """{label: MethodSpec} from --methods: admm-prune bench's method specs, where a preset spec may end in
     "+tune" (admm-accurate+tune: the pipeline's preset "accurate+tune", block tuning included)."""
-    from admm_kernels.bench.methods import MethodSpec, parse_methods
+    from admm_kernels.bench.methods import MethodSpec, parse_method, split_specs
     from admm_kernels.models.block_tune import TUNED_SUFFIX
 
-    items = [t.strip() for t in (text.split(";") if ";" in text or ":" in text else text.split(","))]
     specs = {}
-    for item in filter(None, items):
+    for item in split_specs(text):
         tuned = item.endswith(TUNED_SUFFIX)
-        (spec,) = parse_methods(item[:-len(TUNED_SUFFIX)] if tuned else item)
+        spec = parse_method(item[:-len(TUNED_SUFFIX)] if tuned else item)
         if tuned:
             if not spec.options.get("preset"):
                 raise ValueError(f"--methods: {item!r}: {TUNED_SUFFIX} follows a preset "

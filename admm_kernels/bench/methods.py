@@ -88,14 +88,19 @@ def parse_method(spec: str, name: str = "--methods") -> MethodSpec:
     return MethodSpec(label, method, options)
 
 
+def split_specs(text: str | list[str]) -> list[str]:
+    """The method specs in `text` (one string, or a list from argparse nargs="+"), unparsed: each item
+    split at ';' when it has options (':') or ';', else at commas; empty pieces dropped."""
+    items = text if isinstance(text, (list, tuple)) else [text]
+    parts = [p for item in items
+             for p in (item.split(";") if ";" in item or ":" in item else item.split(","))]
+    return [p.strip() for p in parts if p.strip()]
+
+
 def parse_methods(text: str | list[str], name: str = "--methods") -> list[MethodSpec]:
     """Comma-separated specs are ambiguous with options, so specs are separated by spaces or ';' (a
     list from argparse nargs="+"), or by commas when no spec has options."""
-    items = text if isinstance(text, (list, tuple)) else [text]
-    out: list[MethodSpec] = []
-    for item in items:
-        parts = item.split(";") if ";" in item or ":" in item else item.split(",")
-        out.extend(parse_method(p, name) for p in parts if p.strip())
+    out = [parse_method(p, name) for p in split_specs(text)]
     labels = [m.label for m in out]
     dup = sorted({x for x in labels if labels.count(x) > 1})
     if dup:

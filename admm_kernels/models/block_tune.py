@@ -50,6 +50,8 @@ from .distributed import LOCAL, Comm
 from .experts import ExpertProjection
 from .plain_params import ParamLinear
 
+DEFAULT_LR = 1e-4  # block tuning's Adam learning rate unless a run or a "+tune" preset gives one
+
 
 @dataclass(frozen=True)
 class BlockTune:
@@ -60,7 +62,7 @@ class BlockTune:
     auto: made by tune_epochs="auto" (AUTO_EPOCHS, AUTO_PATIENCE)."""
 
     epochs: int = 0
-    lr: float = 1e-4
+    lr: float = DEFAULT_LR
     batch: int = 4
     patience: int = 0
     holdout: int = 8
@@ -98,7 +100,6 @@ AUTO_PATIENCE = 2
 AUTO_BATCH = 2
 DEFAULT_BATCH = 4
 DEFAULT_HOLDOUT = 8
-DEFAULT_LR = 1e-4
 # A method preset named "PRESET+tune" (preset="accurate+tune") is PRESET's options plus block tuning
 # with TUNED_PRESET's settings (the run's own tune_* arguments override them). Chosen under the presets'
 # protocol (benchmarks/preset_protocol.py; RESULTS.md, "The accurate path within 3x ADMM-Grad's time"):
