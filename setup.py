@@ -1,6 +1,7 @@
 """Build admm_kernels._C: the C++ CPU kernels always, the CUDA kernels when possible.
 
-CUDA sources (csrc/cuda/*.cu) are compiled only when torch is a CUDA build and nvcc is found.
+CUDA sources (csrc/cuda: kernels in .cu, their torch glue in .cpp) are compiled only when torch is a CUDA
+build and nvcc is found.
 ADMM_KERNELS_CUDA=1 forces them (and fails loudly without a toolkit), ADMM_KERNELS_CUDA=0 skips them.
 ADMM_KERNELS_NO_EXT=1 skips the extension entirely (the package then runs on its pure-torch reference).
 ADMM_KERNELS_CPU_ARCH=native|portable chooses -march=native or the portable x86-64 baseline; by default
@@ -69,6 +70,9 @@ def _extensions():
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     flags = _load_build_flags()
+    switched, why_compiler = flags.compilers(os.environ)
+    os.environ.update(switched)  # read by torch's BuildExtension (CXX) and given to nvcc as -ccbin (CC)
+    _say(f"C++ compiler: {why_compiler}")
     mode, why_mode = flags.cpu_arch_mode(sys.argv, os.environ)
     cxx = flags.cxx_flags(torch.__version__, mode)
     _say(
@@ -94,7 +98,8 @@ def _extensions():
             os.environ["TORCH_CUDA_ARCH_LIST"] = archs  # read by torch's BuildExtension
         _say(f"CUDA kernels for TORCH_CUDA_ARCH_LIST={archs or '(detected)'}: {why_archs}")
         info["cuda_arch_list"] = archs or "detected"
-        cu = sorted(glob.glob("csrc/cuda/*.cu"))
+        # The kernels (.cu) go through nvcc; their torch glue (csrc/cuda/*.cpp) through the host compiler.
+        cu = sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
         ext = CUDAExtension(
             "admm_kernels._C",
             cpp + cu,

@@ -51,15 +51,17 @@ def label(run: str) -> str:
 
 
 def parse_specs(text: str) -> dict:
-    """{label: MethodSpec} from --methods: admm-prune bench's method specs, where a preset spec may end in
-    "+tune" (admm-accurate+tune: the pipeline's preset "accurate+tune", block tuning included)."""
+    """{label: MethodSpec} from --methods: admm-prune bench's method specs, where a preset's name may end in
+    "+tune" (admm-accurate+tune: the pipeline's preset "accurate+tune", block tuning included), options
+    after it (admm-accurate+tune:tune_lr=1e-3) overriding the preset's."""
     from admm_kernels.bench.methods import MethodSpec, parse_method, split_specs
     from admm_kernels.models.block_tune import TUNED_SUFFIX
 
     specs = {}
     for item in split_specs(text):
-        tuned = item.endswith(TUNED_SUFFIX)
-        spec = parse_method(item[:-len(TUNED_SUFFIX)] if tuned else item)
+        name, colon, options = item.partition(":")
+        tuned = name.endswith(TUNED_SUFFIX)
+        spec = parse_method((name[:-len(TUNED_SUFFIX)] if tuned else name) + colon + options)
         if tuned:
             if not spec.options.get("preset"):
                 raise ValueError(f"--methods: {item!r}: {TUNED_SUFFIX} follows a preset "

@@ -19,13 +19,27 @@ Three choices, each printed by setup.py with its reason:
   being built against ships kernels for, the last one also as PTX so newer GPUs can JIT it: a GPU
   build of torch runs on exactly those, so the extension then runs wherever that torch does
   (torch 2.14.1+cu130: 7.5;8.0;8.6;9.0;10.0;12.0+PTX).
+
+And one check of the compiler itself (`compilers`): the extension must share the C++ runtime of the torch
+it is loaded into. A compiler that links libstdc++ statically into a shared object gives _C a second,
+private copy of the runtime; on the H100 machine this project was first run on (CXX=/opt/gcc/bin/g++, a
+newer gcc set up that way) every argument check that formatted a number (`TORCH_CHECK_VALUE(..., n)`)
+crashed the process with a segmentation fault inside that copy's std::ostream instead of raising.
+So the compiler is probed (a one-line shared object, its NEEDED entries read with readelf); when it
+links libstdc++ statically, the system's g++/gcc are used if they link it dynamically, else the build
+stops and says why.
 """
 
 from __future__ import annotations
 
+import os
 import platform
 import re
-from collections.abc import Mapping, Sequence
+import shlex
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
 
 CPU_ARCH_ENV = "ADMM_KERNELS_CPU_ARCH"
 CPU_ARCH_MODES = ("native", "portable")
@@ -137,3 +151,67 @@ def gencode_flags(arch_list: str) -> list[str]:
         if m.group(4):
             flags += ["-gencode", f"arch=compute_{num},code=compute_{num}"]
     return flags
+
+
+# A shared object that needs the C++ runtime (std::ostringstream, as c10::str uses in every TORCH_CHECK).
+_PROBE_SOURCE = """#include <sstream>
+#include <string>
+std::string admm_probe(long v) { std::ostringstream s; s << v; return s.str(); }
+"""
+# The system's compilers, tried when CXX links libstdc++ statically: (C++ compiler, C compiler for nvcc).
+SYSTEM_COMPILERS = (("/usr/bin/g++", "/usr/bin/gcc"), ("/usr/bin/c++", "/usr/bin/cc"))
+
+
+def needed_libraries(readelf_dynamic: str) -> list[str]:
+    """The NEEDED entries of `readelf -d` output: ['libstdc++.so.6', 'libc.so.6', ...]."""
+    return re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]", readelf_dynamic)
+
+
+def links_cxx_runtime_dynamically(cxx: str) -> bool | None:
+    """True when the C++ compiler command `cxx` (may carry words, e.g. 'ccache g++') links libstdc++ (or
+    libc++) into a shared object as a shared library, False when it links it statically, None when the
+    probe cannot tell (the compiler or readelf missing, the probe failing to build)."""
+    words = shlex.split(cxx)
+    if not words or shutil.which(words[0]) is None or shutil.which("readelf") is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        src, lib = os.path.join(tmp, "probe.cpp"), os.path.join(tmp, "probe.so")
+        with open(src, "w", encoding="utf-8") as f:
+            f.write(_PROBE_SOURCE)
+        try:
+            built = subprocess.run([*words, "-shared", "-fPIC", src, "-o", lib], capture_output=True,
+                                   timeout=120)
+            if built.returncode != 0:
+                return None
+            dynamic = subprocess.run(["readelf", "-d", lib], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+    needed = needed_libraries(dynamic.stdout)
+    return any(name.startswith(("libstdc++.so", "libc++.so")) for name in needed)
+
+
+def compilers(
+    environ: Mapping[str, str], probe: Callable[[str], bool | None] = links_cxx_runtime_dynamically
+) -> tuple[dict[str, str], str]:
+    """(environment variables to set, why) so that _C links the C++ runtime dynamically. torch's
+    BuildExtension compiles with $CXX (default c++) and hands $CC to nvcc as its host compiler (-ccbin),
+    so both are switched together. Raises RuntimeError when only static-runtime compilers are found."""
+    cxx = environ.get("CXX", "").strip() or "c++"
+    verdict = probe(cxx)
+    if verdict is None:
+        return {}, f"{cxx}: could not probe how it links the C++ runtime (no compiler or readelf); used as is"
+    if verdict:
+        return {}, f"{cxx} links the C++ runtime dynamically"
+    for sys_cxx, sys_cc in SYSTEM_COMPILERS:
+        if os.path.exists(sys_cxx) and os.path.exists(sys_cc) and probe(sys_cxx):
+            return {"CXX": sys_cxx, "CC": sys_cc}, (
+                f"{cxx} links libstdc++ statically (a private copy of the C++ runtime in _C crashes on the "
+                f"first failed argument check); using {sys_cxx} and {sys_cc}, which link it dynamically"
+            )
+    raise RuntimeError(
+        f"the C++ compiler {cxx!r} links libstdc++ statically into shared objects, so admm_kernels._C would "
+        "carry a private copy of the C++ runtime beside torch's (it crashes on the first failed argument "
+        "check), and no system compiler that links it dynamically was found at "
+        f"{', '.join(c for c, _ in SYSTEM_COMPILERS)}. Set CXX and CC to such a compiler, or build without "
+        "the extension: ADMM_KERNELS_NO_EXT=1"
+    )

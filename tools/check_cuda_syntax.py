@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Compile-check every csrc/cuda/*.cu with `nvcc -fdevice-syntax-only` against the installed torch's headers.
+"""Compile-check csrc/cuda against the installed torch's headers: every .cu with `nvcc -fdevice-syntax-only`,
+the torch glue (.cpp) with the host compiler's -fsyntax-only and CUDA's headers.
 
 A CPU build of torch cannot build a CUDAExtension, so this is the fast CI check that keeps the CUDA
 sources honest: host and device code are parsed and type-checked for sm_90 (H100/H200) without generating
@@ -53,15 +54,40 @@ def nvcc_command(nvcc: str, source: str, includes: list[str], std: str = "c++17"
     ]
 
 
+def cuda_include_dir(nvcc: str) -> str:
+    """CUDA's header folder: $CUDA_HOME/include, else beside nvcc (a wrapper script on PATH may hide the
+    toolkit, hence /usr/local/cuda last); the first that holds cuda_runtime_api.h."""
+    candidates = [os.path.join(os.environ["CUDA_HOME"], "include")] if os.environ.get("CUDA_HOME") else []
+    candidates += [os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), "include"),
+                   "/usr/local/cuda/include"]
+    for path in candidates:
+        if os.path.exists(os.path.join(path, "cuda_runtime_api.h")):
+            return path
+    return candidates[0]  # the compile then fails and names the missing header
+
+
+def host_command(cxx: str, nvcc: str, source: str, includes: list[str], std: str = "c++17") -> list[str]:
+    """The glue is plain C++ (setup.py compiles it with the host compiler) that needs CUDA's headers."""
+    cuda_include = cuda_include_dir(nvcc)
+    return [
+        cxx, f"-std={std}", "-fsyntax-only", "-DADMM_SYNTAX_CHECK_ONLY",
+        f"-I{os.path.join(ROOT, 'csrc')}", f"-I{cuda_include}", *includes, source,
+    ]
+
+
 def check(nvcc: str, source: str, includes: list[str], std: str) -> tuple[str, bool, float, str]:
     t0 = time.perf_counter()
-    proc = subprocess.run(nvcc_command(nvcc, source, includes, std), capture_output=True, text=True)
+    if source.endswith(".cu"):
+        cmd = nvcc_command(nvcc, source, includes, std)
+    else:
+        cmd = host_command(os.environ.get("CXX", "c++"), nvcc, source, includes, std)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
     return source, proc.returncode == 0, time.perf_counter() - t0, (proc.stdout + proc.stderr).strip()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("files", nargs="*", help="sources to check (default: csrc/cuda/*.cu)")
+    parser.add_argument("files", nargs="*", help="sources to check (default: csrc/cuda/*.cu and *.cpp)")
     parser.add_argument("--jobs", type=int, default=2, help="files checked at once (default 2)")
     parser.add_argument("--nvcc", default=os.environ.get("NVCC", "nvcc"), help="nvcc executable")
     args = parser.parse_args(argv)
@@ -71,9 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     if nvcc is None:
         print(f"nvcc not found ({args.nvcc!r}); nothing checked", file=sys.stderr)
         return 2
-    files = args.files or sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
+    cuda_dir = os.path.join(ROOT, "csrc", "cuda")
+    sources = glob.glob(os.path.join(cuda_dir, "*.cu")) + glob.glob(os.path.join(cuda_dir, "*.cpp"))
+    files = args.files or sorted(sources)
     if not files:
-        print("no .cu files to check", file=sys.stderr)
+        print("no CUDA sources to check", file=sys.stderr)
         return 1
     includes = torch_includes()
     std = cxx_standard()

@@ -2,8 +2,8 @@
 """ptxas resource report of the CUDA kernels (csrc/cuda/*_kernel.cu): registers, spills, stack and shared
 memory per kernel and architecture, from `nvcc -Xptxas -v`, with the flags setup.py builds with.
 
-The kernel files include no torch header, so each compiles in seconds; the torch glue (ops_cuda.cu) holds
-no __global__ function. The architectures are the ones setup.py picks without a visible GPU
+The kernel files include no torch header, so each compiles in seconds; the torch glue (ops_cuda.cpp, plain
+C++) holds no __global__ function. The architectures are the ones setup.py picks without a visible GPU
 (tools/build_flags.py), or --arch-list. Writes OUT/ptxas.json and OUT/ptxas.txt (the raw ptxas log);
 exit status 1 when a kernel spills registers (every kernel here is on the hot path of a solve) or a
 compile fails, 2 when nvcc is missing.

@@ -274,16 +274,17 @@ def _same_values(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
         raise Mismatch(f"{what}: differs from the reference ({got.dtype} vs {want.dtype})")
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def _timed(run: Callable[[], object], device: torch.device) -> float:
-    _sync(device)
+def timed(run: Callable[[], object], device: torch.device) -> float:
+    """Seconds of one call of `run`, the device synchronised before and after."""
+    synchronize(device)
     t0 = time.perf_counter()
     run()
-    _sync(device)
+    synchronize(device)
     return time.perf_counter() - t0
 
 
@@ -309,7 +310,7 @@ def check(
     try:
         t0 = time.perf_counter()
         outs = run_all(fn)
-        _sync(device)
+        synchronize(device)
         seconds = time.perf_counter() - t0
         for (label, inputs), out in zip(cases, outs):
             spec.compare(out, *inputs, what=label)
@@ -318,12 +319,12 @@ def check(
     except Exception as exc:  # noqa: BLE001 - any failure of an untested kernel must fall back, not crash
         error = f"raised {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
     try:
-        ref_seconds = _timed(lambda: run_all(ref_fn), device)
+        ref_seconds = timed(lambda: run_all(ref_fn), device)
     except Exception:  # noqa: BLE001 - e.g. a CUDA context the kernel left broken
         ref_seconds = float("nan")
     if repeat > 0 and not error:
-        seconds = sorted(_timed(lambda: run_all(fn), device) for _ in range(repeat))[repeat // 2]
-        ref_seconds = sorted(_timed(lambda: run_all(ref_fn), device) for _ in range(repeat))[repeat // 2]
+        seconds = sorted(timed(lambda: run_all(fn), device) for _ in range(repeat))[repeat // 2]
+        ref_seconds = sorted(timed(lambda: run_all(ref_fn), device) for _ in range(repeat))[repeat // 2]
     return CheckResult(backend, op, str(device), not error, error, seconds, ref_seconds)
 
 

@@ -76,7 +76,11 @@ def format_text(rep: dict) -> str:
                      f"{_ms(c['seconds'])} ms, one at a time {_ms(c['looped_seconds'])} ms, {speed})")
         if not c["ok"]:
             lines.append(f"      {c['error']}")
-    checks = rep["checks"] + rep.get("solver_checks", [])
+    for c in rep.get("error_path_checks", []):
+        lines.append(f"  {c['check']} on {c['device']}: {'ok' if c['ok'] else 'FAIL'}")
+        if not c["ok"]:
+            lines.append(f"      {c['error']}")
+    checks = doctor.all_checks(rep)
     failed = sum(not c["ok"] for c in checks)
     lines.append(f"{len(checks) - failed} of {len(checks)} checks passed")
     return "\n".join(lines)
@@ -100,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(_json_safe(rep), indent=2, allow_nan=False))
     else:
         print(format_text(rep))
-    return 0 if all(c["ok"] for c in rep["checks"] + rep["solver_checks"]) else 1
+    return 0 if all(c["ok"] for c in doctor.all_checks(rep)) else 1
 
 
 def _json_safe(obj):

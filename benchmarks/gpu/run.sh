@@ -43,7 +43,7 @@ step() {
   return 0
 }
 
-step env 30 bash -c "nvidia-smi; $PY -c 'import torch, sys; print(sys.version); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else \"-\")'; $PY -c 'import triton; print(\"triton\", triton.__version__)'; nvcc --version | tail -2"
+step env 30 bash -c "nvidia-smi; echo CC=\${CC-} CXX=\${CXX-}; $PY -c 'import torch, sys; print(sys.version); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else \"-\")'; $PY -c 'import triton; print(\"triton\", triton.__version__)'; nvcc --version | tail -2"
 
 # Only what is missing, never torch; offline machines skip this step gracefully.
 missing=""

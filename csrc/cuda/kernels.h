@@ -1,7 +1,7 @@
 // Launchers of the CUDA kernels (csrc/cuda/*_kernel.cu), plain C++ with raw pointers.
 //
 // The kernel translation units include no torch header at all, so `nvcc -fdevice-syntax-only` checks
-// them in seconds; the torch glue (checks, allocation, dispatcher registration) is in ops_cuda.cu.
+// them in seconds; the torch glue (checks, allocation, dispatcher registration) is in ops_cuda.cpp, plain C++.
 // Every launcher enqueues on `stream` and returns the launch status (cudaGetLastError()).
 #pragma once
 

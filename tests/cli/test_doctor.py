@@ -86,3 +86,18 @@ def test_batched_expert_solve_is_checked_against_one_expert_at_a_time(capsys, mo
     monkeypatch.setattr(batched, "run_batched", off_by_one)
     rc, out = _doctor(capsys)
     assert rc == 1 and "batched experts (ADMM-Grad) on cpu: FAIL" in out and "experts [1] differ" in out
+
+
+def test_error_path_check_reports_a_crash(capsys, monkeypatch):
+    """Bad input to a compiled kernel raises in a child process (ok); a child that dies of a signal, as
+    every failed argument check did with a private C++ runtime in _C, is a failed check."""
+    from admm_kernels import doctor
+    from admm_kernels.backends import _extension
+
+    if _extension.load() is None:
+        pytest.skip("no compiled extension")
+    assert [(c["device"], c["ok"]) for c in doctor.error_path_checks()] == [("cpu", True)]
+    monkeypatch.setattr(doctor, "_BAD_INPUT_PROBE", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")
+    rc, out = _doctor(capsys)
+    assert rc == 1 and "bad input raises, not crashes (child process) on cpu: FAIL" in out
+    assert "exit status -11" in out

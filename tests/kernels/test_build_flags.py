@@ -186,3 +186,43 @@ def test_sparse_kernels_without_avx2_match_the_reference():
         proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                               timeout=300)
         assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stdout + proc.stderr
+
+
+READELF_D = """
+Dynamic section at offset 0x2dd8 contains 27 entries:
+  Tag        Type                         Name/Value
+ 0x0000000000000001 (NEEDED)             Shared library: [libstdc++.so.6]
+ 0x0000000000000001 (NEEDED)             Shared library: [libgcc_s.so.1]
+ 0x000000000000000e (SONAME)             Library soname: [probe.so]
+"""
+
+
+def test_needed_libraries_reads_readelf():
+    assert bf.needed_libraries(READELF_D) == ["libstdc++.so.6", "libgcc_s.so.1"]
+    assert bf.needed_libraries("") == []
+
+
+@pytest.mark.skipif(subprocess.run(["g++", "-print-file-name=libstdc++.a"], capture_output=True,
+                                   text=True).stdout.strip() in ("", "libstdc++.a"),
+                    reason="no static libstdc++ to link against")
+def test_probe_tells_a_static_cxx_runtime_from_a_shared_one():
+    """The probe really links: plain g++ needs libstdc++.so; with -static-libstdc++ (what the H100 image's
+    /opt/gcc/bin/g++ does by default) the shared object carries its own copy."""
+    assert bf.links_cxx_runtime_dynamically("g++") is True
+    assert bf.links_cxx_runtime_dynamically("g++ -static-libstdc++") is False
+    assert bf.links_cxx_runtime_dynamically("no-such-compiler-xyz") is None
+
+
+def test_compilers_switch_away_from_a_static_runtime(monkeypatch, tmp_path):
+    sys_cxx, sys_cc = tmp_path / "g++", tmp_path / "gcc"
+    sys_cxx.touch()
+    sys_cc.touch()
+    monkeypatch.setattr(bf, "SYSTEM_COMPILERS", ((str(sys_cxx), str(sys_cc)),))
+    verdicts = {"/opt/gcc/bin/g++": False, str(sys_cxx): True, "c++": True}
+    env, why = bf.compilers({"CXX": "/opt/gcc/bin/g++", "CC": "/opt/gcc/bin/gcc"}, verdicts.get)
+    assert env == {"CXX": str(sys_cxx), "CC": str(sys_cc)} and "statically" in why
+    assert bf.compilers({}, verdicts.get) == ({}, "c++ links the C++ runtime dynamically")
+    assert bf.compilers({"CXX": "weird"}, lambda cxx: None)[0] == {}  # cannot tell: left alone
+    verdicts[str(sys_cxx)] = False
+    with pytest.raises(RuntimeError, match="links libstdc\\+\\+ statically.*ADMM_KERNELS_NO_EXT=1"):
+        bf.compilers({"CXX": "/opt/gcc/bin/g++"}, verdicts.get)

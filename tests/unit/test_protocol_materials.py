@@ -46,3 +46,13 @@ def test_every_material_is_judged_against_admm_grad_and_alps():
         preset_protocol.parse_args(["--methods", "admm,admm-accurate", "--out", "x"])
     args = preset_protocol.parse_args(["--methods", "admm;alps;admm-accurate+tune", "--out", "x"])
     assert args.method_labels == ["admm", "alps", "admm-accurate+tune"]
+
+
+def test_tuned_preset_specs_take_options():
+    """admm-accurate+tune:tune_lr=1e-3 is the tuned preset with one option overridden (a learning-rate
+    sweep under the protocol); +tune after a method without a preset is refused."""
+    specs = model_quality.parse_specs("admm;admm-accurate+tune:tune_lr=1e-3;admm-accurate+tune")
+    assert specs["admm-accurate+tune:tune_lr=1e-3"].options == {"preset": "accurate+tune", "tune_lr": 1e-3}
+    assert specs["admm-accurate+tune"].options == {"preset": "accurate+tune"}
+    with pytest.raises(ValueError, match="follows a preset"):
+        model_quality.parse_specs("admm+tune:tune_lr=1e-3")

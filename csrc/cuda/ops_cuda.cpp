@@ -2,10 +2,15 @@
 //
 // Registered for the CUDA dispatch key: admm_dual_step, nm_mask, prune_mask (schemas in admm_kernels/_ops.py).
 // gram_update has no CUDA C++ kernel: on CUDA the registry uses the Triton triangle kernel (half the FLOPs)
-// and otherwise the reference's cuBLAS GEMM (CompositeExplicitAutograd), which already runs at the
-// tensor-core peak; a hand-written CUDA GEMM would not beat either.
+// and otherwise the reference's cuBLAS GEMM (CompositeExplicitAutograd); a hand-written CUDA GEMM would
+// not beat either.
 //
-// Only light headers (no torch/extension.h, no ATen/cuda/*) so `nvcc -fdevice-syntax-only` stays fast.
+// This file is plain C++, compiled by the host compiler like csrc/cpu/*.cpp; only the kernels
+// (csrc/cuda/*_kernel.cu, behind kernels.h) go through nvcc, and no exception is thrown from a .cu file
+// (the launchers return a cudaError_t). The syntax check of this file takes 4.4 s with g++ against 21.8 s
+// for the same code as a .cu through nvcc (2 cores, one file at a time).
+//
+// Only light headers (no torch/extension.h, no ATen/cuda/*) so the syntax check stays fast.
 #include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
