@@ -284,6 +284,7 @@ def _run_model(args, model, tag: str, calib, ev, device, results: dict) -> None:
                     "pruned_weights": sum(r["numel"] for r in report["layers"] if r["error"] is not None),
                     "coverage": report["coverage"]["share"],
                     "mean_layer_error": sum(errors) / len(errors), "layers": report["layers"],
+                    "block_tune": report.get("block_tune"),  # per block: loss before/after (and held out)
                 }
                 tm = report["timings"]
                 print(f"{run_name:>18} @ {setting:<4}: perplexity {value:9.3f}  time {wall:7.1f} s "

@@ -330,7 +330,7 @@ def _sparsity_flags(args, comm) -> None:
 
 
 def _tuned_words() -> str:
-    """TUNED_PRESET in the flags' words ('--tune-epochs 1 --tune-batch 1 --tune-lr 0.003')."""
+    """TUNED_PRESET in the flags' words ('--tune-epochs 1 --tune-batch 1 --tune-lr 0.001')."""
     from ..models.block_tune import TUNED_PRESET
 
     return " ".join(f"{FLAGS[k]} {v:g}" for k, v in TUNED_PRESET.items())

@@ -420,8 +420,9 @@ def test_tuned_preset_is_the_preset_plus_block_tuning_and_explicit_settings_win(
     assert (config.tune_epochs, config.tune_batch, config.tune_lr) == (
         TUNED_PRESET["tune_epochs"], TUNED_PRESET["tune_batch"], TUNED_PRESET["tune_lr"])
     assert ak.PruneConfig(**config.keywords()) == config  # the expansion round-trips
-    mine = ak.PruneConfig(preset="fast+tune", tune_epochs=3, tune_lr=1e-3)
-    assert (mine.options["preset"], mine.tune_epochs, mine.tune_lr) == ("fast", 3, 1e-3)
+    mine = ak.PruneConfig(preset="fast+tune", tune_epochs=3, tune_lr=5e-4)  # neither is the preset's
+    assert TUNED_PRESET["tune_epochs"] != 3 and TUNED_PRESET["tune_lr"] != 5e-4
+    assert (mine.options["preset"], mine.tune_epochs, mine.tune_lr) == ("fast", 3, 5e-4)
     assert mine.tune_batch == TUNED_PRESET["tune_batch"]
     assert ak.PruneConfig(preset="accurate+tune", tune_epochs=0).tune_epochs == 0  # off on request
     plain = ak.PruneConfig(preset="accurate")
