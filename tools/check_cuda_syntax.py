@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import glob
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -67,10 +68,11 @@ def cuda_include_dir(nvcc: str) -> str:
 
 
 def host_command(cxx: str, nvcc: str, source: str, includes: list[str], std: str = "c++17") -> list[str]:
-    """The glue is plain C++ (setup.py compiles it with the host compiler) that needs CUDA's headers."""
+    """The glue is plain C++ (setup.py compiles it with the host compiler, `cxx` may carry words such as
+    'ccache g++') that needs CUDA's headers."""
     cuda_include = cuda_include_dir(nvcc)
     return [
-        cxx, f"-std={std}", "-fsyntax-only", "-DADMM_SYNTAX_CHECK_ONLY",
+        *shlex.split(cxx), f"-std={std}", "-fsyntax-only", "-DADMM_SYNTAX_CHECK_ONLY",
         f"-I{os.path.join(ROOT, 'csrc')}", f"-I{cuda_include}", *includes, source,
     ]
 
@@ -81,7 +83,10 @@ def check(nvcc: str, source: str, includes: list[str], std: str) -> tuple[str, b
         cmd = nvcc_command(nvcc, source, includes, std)
     else:
         cmd = host_command(os.environ.get("CXX", "c++"), nvcc, source, includes, std)
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+    except OSError as exc:  # the compiler itself is missing: that file fails, the others are still checked
+        return source, False, time.perf_counter() - t0, f"{cmd[0]}: {exc}"
     return source, proc.returncode == 0, time.perf_counter() - t0, (proc.stdout + proc.stderr).strip()
 
 
