@@ -125,9 +125,9 @@ def add_parser(sub) -> None:
                          f"optionally followed by {TUNED_SUFFIX} for block tuning at its preset settings "
                          f"({_tuned_words()}; --tune-* flags override them); admm accurate: lowest layer "
                          "error at about 1.8x ADMM-Grad's time; admm accurate+tune: below ALPS's perplexity "
-                         "at 60-80%% and 2:4 out of sample in 2.4-3x ADMM-Grad's time (at 50%% worse than "
-                         "accurate alone: its tuning step is sized for 70%%); admm fast: ADMM-Grad's error "
-                         "at half its time. -o options override the preset's")
+                         "out of sample at 50-80%% and 2:4 on another text and at 70%% on a MoE (not at 50%% "
+                         "and 2:4 there), in 2.2-3.03x ADMM-Grad's time; admm fast: ADMM-Grad's error at "
+                         "half its time. -o options override the preset's")
     pr.add_argument("--sparsity-profile", default="uniform", metavar="PROFILE",
                     help="how sparse each decoder block is pruned: 'uniform' (default, every block at "
                          "--sparsity); 'owl' (OWL, Yin et al. 2024: blocks with a larger share of outlier "
