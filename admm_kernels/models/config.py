@@ -29,6 +29,7 @@ from .block_tune import (
     DEFAULT_HOLDOUT,
     DEFAULT_LR,
     TUNED_PRESET,
+    TUNED_SOLVER_OPTIONS,
     TUNED_SUFFIX,
     BlockTune,
     check_block_tune,
@@ -76,8 +77,9 @@ class PruneConfig:
         8 epochs at 4 windows a step.
     tune_batch None: 4 windows a step (2 with tune_epochs="auto").
     tune_epochs / tune_lr / tune_batch None: off / 1e-4 / as above, unless the preset ends in "+tune":
-        preset="accurate+tune" is preset "accurate" (options["preset"] holds "accurate") with block
-        tuning at block_tune.TUNED_PRESET's settings; tune_* arguments given explicitly win.
+        preset="accurate+tune" is preset "accurate" (options["preset"] holds "accurate") with the solver
+        options of block_tune.TUNED_SOLVER_OPTIONS (damping 0.1) and block tuning at
+        block_tune.TUNED_PRESET's settings; options and tune_* arguments given explicitly win.
     moe_calibration: "routed" (each expert's Gram from the tokens the router sends to it) or "all"
         (every token through every expert, for the Grams only); experts with fewer than
         admm_kernels.models.experts.MIN_EXPERT_TOKENS tokens use their module's pooled Gram.
@@ -173,7 +175,8 @@ class PruneConfig:
 
 
 def tuned_preset(options: dict) -> dict:
-    """For options["preset"] == "NAME+tune": set the preset to NAME (in `options`) and return the block
+    """For options["preset"] == "NAME+tune": set the preset to NAME (in `options`), add the solver options
+    the tuned path changes in NAME (TUNED_SOLVER_OPTIONS, unless `options` gives them) and return the block
     tuning settings the suffix stands for (TUNED_PRESET); {} for any other preset. ArgumentError when
     nothing comes before the suffix."""
     preset = options.get("preset")
@@ -184,6 +187,8 @@ def tuned_preset(options: dict) -> dict:
         raise ArgumentError(f"preset {preset!r}: name the method's preset before {TUNED_SUFFIX!r} (e.g. "
                             f"'accurate{TUNED_SUFFIX}')", "preset")
     options["preset"] = name
+    for key, value in TUNED_SOLVER_OPTIONS.get(name.lower(), {}).items():
+        options.setdefault(key, value)  # the tuned path's solver settings; an explicit option wins
     return dict(TUNED_PRESET)
 
 

@@ -413,10 +413,15 @@ def test_targets_are_the_dense_blocks_outputs_and_loss_after_is_measured(arch, s
 
 def test_tuned_preset_is_the_preset_plus_block_tuning_and_explicit_settings_win():
     from admm_kernels.errors import ArgumentError
-    from admm_kernels.models.block_tune import TUNED_PRESET
+    from admm_kernels.models.block_tune import TUNED_PRESET, TUNED_SOLVER_OPTIONS
 
     config = ak.PruneConfig(sparsity=0.7, preset="accurate+tune")
     assert config.options["preset"] == "accurate"
+    # the tuned path's damping replaces the preset's (0.003); an explicit option wins; "fast" has none
+    assert config.options["percdamp"] == TUNED_SOLVER_OPTIONS["accurate"]["percdamp"] == 0.1
+    assert ak.PruneConfig(preset="accurate+tune", percdamp=0.02).options["percdamp"] == 0.02
+    assert "percdamp" not in ak.PruneConfig(preset="fast+tune").options
+    assert "percdamp" not in ak.PruneConfig(preset="accurate").options
     assert (config.tune_epochs, config.tune_batch, config.tune_lr) == (
         TUNED_PRESET["tune_epochs"], TUNED_PRESET["tune_batch"], TUNED_PRESET["tune_lr"])
     assert ak.PruneConfig(**config.keywords()) == config  # the expansion round-trips
@@ -454,6 +459,22 @@ def test_tuned_preset_prunes_like_its_preset_and_tunes_every_block():
     for name in (n for n in tuned if n.startswith("0.")):
         assert torch.equal(tuned[name] == 0, plain[name] == 0), name
         assert not torch.equal(tuned[name], plain[name]), name
+
+
+def test_accurate_tuned_preset_solves_with_its_damping():
+    """accurate+tune's block 0 is solved with damping 0.1 (TUNED_SOLVER_OPTIONS): its masks are those of
+    preset "accurate" at percdamp 0.1, and the report records the damping the solves used."""
+    from admm_kernels.models.block_tune import TUNED_SOLVER_OPTIONS
+
+    damping = TUNED_SOLVER_OPTIONS["accurate"]["percdamp"]
+    ids = tiny_tokens(4, 16)
+    tuned_model, plain_model = tiny_model("llama"), tiny_model("llama")
+    report = ak.prune_model(tuned_model, ids, sparsity=0.6, preset="accurate+tune")
+    ak.prune_model(plain_model, ids, sparsity=0.6, preset="accurate", percdamp=damping)
+    tuned, plain = _weights(tuned_model), _weights(plain_model)
+    for name in (n for n in tuned if n.startswith("0.")):
+        assert torch.equal(tuned[name] == 0, plain[name] == 0), name
+    assert report["options"]["percdamp"] == damping
 
 
 def test_cli_tuned_preset(tiny_model_root, tmp_path):
