@@ -124,9 +124,9 @@ def add_parser(sub) -> None:
                     help="a named option set of --method (available: " + ", ".join(presets) + "), "
                          f"optionally followed by {TUNED_SUFFIX} for block tuning at its preset settings "
                          f"({_tuned_words()}; --tune-* flags override them); admm accurate: lowest layer "
-                         "error at about 1.8x ADMM-Grad's time; admm accurate+tune: accurate damped with 0.1, "
-                         "then block tuning: below ALPS's perplexity out of sample at 50-80%% and 2:4 on "
-                         "another text and on a MoE, in 2.6-2.9x ADMM-Grad's time; admm fast: "
+                         "error at about 1.8x ADMM-Grad's time; admm accurate+tune: accurate damped with "
+                         "0.1, then block tuning: below ALPS's perplexity out of sample at 50-80%% and 2:4 "
+                         "on another text and on a MoE, in 2.6-2.9x ADMM-Grad's time; admm fast: "
                          "ADMM-Grad's error at half its time. -o options override the preset's")
     pr.add_argument("--sparsity-profile", default="uniform", metavar="PROFILE",
                     help="how sparse each decoder block is pruned: 'uniform' (default, every block at "
