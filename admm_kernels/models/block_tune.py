@@ -119,7 +119,7 @@ TUNED_PRESET = {"tune_epochs": 1, "tune_batch": 1, "tune_lr": 1e-3}
 # preset's damping chosen across settings"): with one epoch at lr 1e-3, damping 0.003 / 0.03 / 0.1 gave
 # perplexity 61.11 / 60.71 / 60.38 at 50 %, 85.92 / 85.50 / 84.26 at 70 % and 113.60 / 114.88 / 112.82
 # at 80 %: 0.1 is the best at every setting. (Without tuning, 0.1 lost to 0.003 at 70 %: RESULTS.md,
-# "Out of sample", so `accurate` itself keeps 0.003.)
+# "Presets out of sample", so `accurate` itself keeps 0.003.)
 TUNED_SOLVER_OPTIONS = {"accurate": {"percdamp": 0.1}}
 
 
