@@ -112,7 +112,7 @@ class PruneConfig:
                  tune_holdout: int = DEFAULT_HOLDOUT, moe_calibration: str = "routed",
                  options: Mapping[str, object] | None = None, **method_options: object):
         options = {**(options or {}), **method_options}
-        tuning = tuned_preset(options)  # "accurate+tune": preset "accurate" + TUNED_PRESET's tuning
+        tuning = tuned_preset(options, method)  # "accurate+tune": preset "accurate" + TUNED_PRESET's tuning
         tune_epochs = tuning.get("tune_epochs", 0) if tune_epochs is None else tune_epochs
         tune_lr = tuning.get("tune_lr", DEFAULT_LR) if tune_lr is None else tune_lr
         tune_batch = tuning.get("tune_batch") if tune_batch is None else tune_batch
@@ -174,11 +174,11 @@ class PruneConfig:
         return PrunePlan(blocks_name, blocks, selected, rows, request, tune)
 
 
-def tuned_preset(options: dict) -> dict:
+def tuned_preset(options: dict, method: str) -> dict:
     """For options["preset"] == "NAME+tune": set the preset to NAME (in `options`), add the solver options
-    the tuned path changes in NAME (TUNED_SOLVER_OPTIONS, unless `options` gives them) and return the block
-    tuning settings the suffix stands for (TUNED_PRESET); {} for any other preset. ArgumentError when
-    nothing comes before the suffix."""
+    the tuned path changes in `method`'s preset NAME (TUNED_SOLVER_OPTIONS, unless `options` gives them)
+    and return the block tuning settings the suffix stands for (TUNED_PRESET); {} for any other preset.
+    ArgumentError when nothing comes before the suffix."""
     preset = options.get("preset")
     if not isinstance(preset, str) or not preset.strip().lower().endswith(TUNED_SUFFIX):
         return {}
@@ -187,7 +187,8 @@ def tuned_preset(options: dict) -> dict:
         raise ArgumentError(f"preset {preset!r}: name the method's preset before {TUNED_SUFFIX!r} (e.g. "
                             f"'accurate{TUNED_SUFFIX}')", "preset")
     options["preset"] = name
-    for key, value in TUNED_SOLVER_OPTIONS.get(name.lower(), {}).items():
+    changes = TUNED_SOLVER_OPTIONS.get(str(method).strip().lower(), {}).get(name.lower(), {})
+    for key, value in changes.items():
         options.setdefault(key, value)  # the tuned path's solver settings; an explicit option wins
     return dict(TUNED_PRESET)
 

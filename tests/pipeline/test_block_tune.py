@@ -418,7 +418,8 @@ def test_tuned_preset_is_the_preset_plus_block_tuning_and_explicit_settings_win(
     config = ak.PruneConfig(sparsity=0.7, preset="accurate+tune")
     assert config.options["preset"] == "accurate"
     # the tuned path's damping replaces the preset's (0.003); an explicit option wins; "fast" has none
-    assert config.options["percdamp"] == TUNED_SOLVER_OPTIONS["accurate"]["percdamp"] == 0.1
+    assert config.options["percdamp"] == TUNED_SOLVER_OPTIONS["admm"]["accurate"]["percdamp"] == 0.1
+    assert "percdamp" not in ak.PruneConfig(method="alps", preset="accurate+tune").options  # admm's preset
     assert ak.PruneConfig(preset="accurate+tune", percdamp=0.02).options["percdamp"] == 0.02
     assert "percdamp" not in ak.PruneConfig(preset="fast+tune").options
     assert "percdamp" not in ak.PruneConfig(preset="accurate").options
@@ -466,7 +467,7 @@ def test_accurate_tuned_preset_solves_with_its_damping():
     preset "accurate" at percdamp 0.1, and the report records the damping the solves used."""
     from admm_kernels.models.block_tune import TUNED_SOLVER_OPTIONS
 
-    damping = TUNED_SOLVER_OPTIONS["accurate"]["percdamp"]
+    damping = TUNED_SOLVER_OPTIONS["admm"]["accurate"]["percdamp"]
     ids = tiny_tokens(4, 16)
     tuned_model, plain_model = tiny_model("llama"), tiny_model("llama")
     report = ak.prune_model(tuned_model, ids, sparsity=0.6, preset="accurate+tune")
